@@ -1,0 +1,1 @@
+"""mtmm kernels: variable-length multi-modal packing and grouped per-task GEMMs (Triton)."""

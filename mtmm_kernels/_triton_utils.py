@@ -1,0 +1,78 @@
+"""Device and interpreter detection shared by every kernel module.
+
+A Triton kernel can run on a tensor when the tensor is on a CUDA device (and Triton is
+installed), or when the tensor is on the CPU and ``TRITON_INTERPRET=1`` was set before Triton
+was imported (Triton's interpreter, slow but exact for fp32/fp16). Everything else falls back
+to the pure-torch references in ``mtmm_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = [
+    "has_triton",
+    "triton_version",
+    "is_interpreter",
+    "cuda_available",
+    "triton_runs_on",
+    "device_name",
+    "element_bytes",
+    "next_power_of_2",
+]
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether the ``triton`` package can be imported at all."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_version() -> str | None:
+    if not has_triton():
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def is_interpreter() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def triton_runs_on(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take these tensors: all on CUDA, or all on CPU under the
+    interpreter. Meta and other devices are not Triton's business."""
+    if not has_triton() or not tensors:
+        return False
+    types = {t.device.type for t in tensors}
+    if types == {"cuda"}:
+        return True
+    return types == {"cpu"} and is_interpreter()
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A human name for the device: the GPU's marketing name, or 'cpu'."""
+    device = torch.device(device) if device is not None else None
+    if device is None:
+        device = torch.device("cuda" if cuda_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -1,0 +1,1 @@
+"""mtmm planner: MetaOps, allocation, wavefront scheduling, placement, simulation, runtime."""
