@@ -1,0 +1,129 @@
+"""Grouped GEMM, bf16, TFLOP/s of useful work (2 * rows * K * N per GEMM; x3 with backward).
+
+Per case, side by side in one session: this kernel, ``torch._grouped_mm`` (where present), a
+Python loop of per-group matmuls, a padded ``bmm`` (pad, bmm, unpad) and one dense GEMM of the
+same FLOPs (the ceiling). Targets (issue 4): >= 1.0x ``torch._grouped_mm`` everywhere and
+>= 1.3x on the 32-small-groups case, >= 90% of the dense GEMM on the large-group cases, and
+by ids >= 1.3x faster than sort + ``torch._grouped_mm`` + unsort.
+
+    python -m pytest bench/bench_grouped_gemm.py --benchmark-json=out.json
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtmm_kernels import grouped_mm, grouped_mm_by_ids
+
+DTYPE = torch.bfloat16
+
+
+def _lognormal_sizes(count: int, mean: float, sigma: float = 1.0, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    draws = rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, size=count)
+    return [int(round(v)) for v in draws]
+
+
+CASES = {  # name: (group sizes, K, N)
+    "skewed8_k4096": ([8192, 512, 4096, 128, 16384, 2048, 64, 1024], 4096, 4096),
+    "equal8_k4096": ([4096] * 8, 4096, 4096),
+    "lognormal32_k1024": (_lognormal_sizes(32, 500), 1024, 1024),
+    "empty2of8_k2048": ([3000, 0, 700, 5000, 0, 64, 1500, 9000], 2048, 2048),
+}
+BY_IDS_CASE = "lognormal32_k1024"
+MODES = ["fwd", "fwd+bwd"]
+METHODS = ["mtmm", "torch_grouped_mm", "loop", "padded_bmm", "dense"]
+BY_IDS_METHODS = ["mtmm_by_ids", "sort_torch_grouped_mm_unsort", "dense"]
+
+
+@functools.lru_cache(maxsize=1)  # one case's tensors alive at a time; tests run case by case
+def _problem(case: str):
+    sizes, K, N = CASES[case]
+    G, T = len(sizes), sum(sizes)
+    device = torch.device("cuda")
+    x = torch.randn(T, K, device=device, dtype=DTYPE)
+    # [G, N, K] storage seen as [G, K, N]: the layout torch._grouped_mm prefers; ours takes any.
+    w = torch.randn(G, N, K, device=device, dtype=DTYPE).transpose(1, 2).mul_(K**-0.5)
+    offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    dy = torch.randn(T, N, device=device, dtype=DTYPE)
+    counts = torch.tensor(sizes, device=device)
+    ids = torch.repeat_interleave(torch.arange(G, device=device), counts)
+    ids = ids[torch.randperm(T, device=device)]
+    return sizes, x, w, offsets, dy, ids
+
+
+def _forward_fn(method: str, sizes, x, w, offsets, ids):
+    """A callable x, w -> y for each method; host-side bookkeeping is done here, once."""
+    G, K, N = w.shape
+    if method == "mtmm":
+        return lambda x, w: grouped_mm(x, w, offsets)
+    if method == "torch_grouped_mm":
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("torch._grouped_mm is not in this torch")
+        return lambda x, w: torch._grouped_mm(x, w, offs=offsets)
+    if method == "loop":
+        bounds = list(zip([0] + list(np.cumsum(sizes)[:-1]), np.cumsum(sizes)))
+        return lambda x, w: torch.cat([x[int(s):int(e)] @ w[g] for g, (s, e) in enumerate(bounds)])
+    if method == "padded_bmm":
+        m_max = max(max(sizes), 1)
+        slot = torch.cat([g * m_max + torch.arange(n) for g, n in enumerate(sizes)]).to(x.device)
+
+        def padded(x, w):
+            x_pad = x.new_zeros((G * m_max, K)).index_copy(0, slot, x).view(G, m_max, K)
+            return torch.bmm(x_pad, w).view(G * m_max, N).index_select(0, slot)
+        return padded
+    if method == "dense":  # same FLOPs, one GEMM: the ceiling (w is one [K, N] matrix here)
+        return lambda x, w: x @ w
+    if method == "mtmm_by_ids":
+        return lambda x, w: grouped_mm_by_ids(x, w, ids)
+    if method == "sort_torch_grouped_mm_unsort":
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("torch._grouped_mm is not in this torch")
+        groups = torch.arange(G, device=x.device)
+
+        def sort_then_grouped(x, w):
+            sorted_ids, perm = torch.sort(ids, stable=True)
+            offs = torch.searchsorted(sorted_ids, groups, right=True, out_int32=True)
+            y_sorted = torch._grouped_mm(x.index_select(0, perm), w, offs=offs)
+            return y_sorted.new_empty(y_sorted.shape).index_copy(0, perm, y_sorted)
+        return sort_then_grouped
+    raise AssertionError(method)
+
+
+def _run(measure, case: str, mode: str, method: str, label: str):
+    sizes, x, w, offsets, dy, ids = _problem(case)
+    _, K, N = w.shape
+    fwd = _forward_fn(method, sizes, x, w, offsets, ids)
+    if method == "dense":
+        w = w[0]
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return fwd(x, w)
+    else:
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+        def fn():
+            return torch.autograd.grad(fwd(xg, wg), (xg, wg), dy)
+    flops = 2.0 * sum(sizes) * K * N * (1 if mode == "fwd" else 3)
+    measure(fn, dtype=DTYPE, shape=f"G={len(sizes)} T={sum(sizes)} K={K} N={N}", flops=flops,
+            method=method, case=f"{label} {mode}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,mode,method",
+                         [(c, m, f) for c in CASES for m in MODES for f in METHODS])
+def test_grouped_gemm(measure, case, mode, method):
+    _run(measure, case, mode, method, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,method", [(m, f) for m in MODES for f in BY_IDS_METHODS])
+def test_grouped_gemm_by_ids(measure, mode, method):
+    """Tokens in random order (the ids are a shuffled grouping of the case's rows)."""
+    _run(measure, BY_IDS_CASE, mode, method, f"{BY_IDS_CASE} by_ids")

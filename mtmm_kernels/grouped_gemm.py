@@ -1,0 +1,556 @@
+"""Grouped per-task GEMMs: every group's own weights applied to its own rows, in one launch.
+
+Layout: one contiguous buffer of rows x [T, K], weights w [G, K, N] (any strides), and int32 or
+int64 cumulative END offsets [G] exactly like ``torch.nn.functional.grouped_mm``'s ``offs``.
+
+Kernels:
+- forward and dX share one persistent kernel. Each program walks a tile schedule it derives
+  itself from the offsets (group sizes -> M-tiles per group -> prefix sum -> tile to group by a
+  vectorised search), so nothing is read back to the host and the op is CUDA-graph capturable.
+  A pseudo-group after the last one covers the rows past offsets[-1] and writes their zeros.
+- dW (and dBias) is a grouped GEMM with a ragged reduction dimension: one program per
+  (group, K-tile, N-tile) loops over its group's rows in a fixed order. Deterministic, no
+  atomics; an empty group's loop is empty and stores exact zeros.
+``grouped_mm_by_ids`` sorts the group ids once (stable) and hands the permutation to the same
+kernels, which gather x rows and scatter y rows through it inside their loads and stores.
+
+Values of offsets and group ids are checked on the CPU only (on a GPU a check is a host sync);
+on a GPU the kernels clamp them so that bad values can never address outside the buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_utils import is_interpreter, next_power_of_2, triton_runs_on
+
+__all__ = ["grouped_mm", "grouped_mm_by_ids"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per group g <= G: first row, end row, first M-tile and end M-tile. Entry G is the pseudo-
+    group of rows past offsets[-1]; entries past G are empty. Offsets are clamped into [0, T]."""
+    idx_G = tl.arange(0, BLOCK_G)
+    end_G = tl.load(offsets_ptr + idx_G, mask=idx_G < G, other=0)
+    start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G <= G), other=0)
+    end_G = tl.where(idx_G == G, T, end_G)
+    end_G = tl.minimum(tl.maximum(end_G, 0), T).to(tl.int32)
+    start_G = tl.minimum(tl.maximum(start_G, 0), T).to(tl.int32)
+    tiles_G = tl.where(idx_G <= G, tl.cdiv(tl.maximum(end_G - start_G, 0), BLOCK_M), 0)
+    tile_end_G = tl.cumsum(tiles_G, 0)
+    return idx_G, start_G, end_G, tile_end_G - tiles_G, tile_end_G
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, y_ptr, offsets_ptr, perm_ptr,
+    # sizes (M_BUCKET only keys the autotuner: log2 of the mean group size)
+    T, K, N, G, M_BUCKET,
+    # strides
+    stride_xt, stride_xk,
+    stride_wg, stride_wk, stride_wn,
+    stride_bg, stride_bn,
+    stride_yt, stride_yn,
+    # meta
+    HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
+):
+    """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
+    With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]]."""
+    idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
+        offsets_ptr, G, T, BLOCK_M, BLOCK_G)
+    num_m = tl.max(tile_end_G, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * num_n
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        # --- swizzle: GROUP_M consecutive M-tiles share each N-tile of w while it is in L2
+        band = tile // per_band
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_m - first_m, GROUP_M)
+        tile_m = first_m + (tile % per_band) % band_m
+        tile_n = (tile % per_band) // band_m
+
+        # --- the group of this M-tile, and its rows
+        g = tl.sum((tile_end_G <= tile_m).to(tl.int32), 0)
+        is_g = idx_G == g
+        row0 = tl.sum(tl.where(is_g, start_G + (tile_m - tile_begin_G) * BLOCK_M, 0), 0)
+        row_end = tl.sum(tl.where(is_g, end_G, 0), 0)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        if GATHER:
+            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            rows_x = rows.to(tl.int64)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+
+        # --- main loop; the pseudo-group G (rows past offsets[-1]) skips it and stores zeros
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xt + offs_k[None, :].to(tl.int64) * stride_xk
+        w_ptrs = (w_ptr + g.to(tl.int64) * stride_wg + offs_k[:, None].to(tl.int64) * stride_wk
+                  + cols[None, :].to(tl.int64) * stride_wn)
+        k_stop = tl.where(g < G, K, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_stop, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < K - k0
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        # --- epilogue
+        if HAS_BIAS:
+            b_ptrs = bias_ptr + g.to(tl.int64) * stride_bg + cols.to(tl.int64) * stride_bn
+            # a block-shaped mask: the interpreter rejects (block & scalar)
+            b_ok = col_ok & ((cols * 0 + g) < G)
+            acc += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows_x[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_mm_dw_kernel(
+    # pointers
+    x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
+    # sizes (M_BUCKET only keys the autotuner: log2 of the mean group size)
+    T, K, N, G, M_BUCKET,
+    # strides
+    stride_xt, stride_xk,
+    stride_dyt, stride_dyn,
+    stride_dwg, stride_dwk, stride_dwn,
+    stride_dbg, stride_dbn,
+    # meta
+    HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
+    dBias[g] = column sums of dy_g, stored by the K-tile-0 programs."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    g = pid // (num_k * num_n)
+    tile = pid % (num_k * num_n)
+    tile_k = tile // num_n
+    tile_n = tile % num_n
+
+    # --- the group's rows, clamped so that bad offsets stay inside [0, T]
+    start = tl.load(offsets_ptr + g - 1, mask=g > 0, other=0)
+    end = tl.load(offsets_ptr + g)
+    start = tl.minimum(tl.maximum(start, 0), T).to(tl.int32)
+    end = tl.minimum(tl.maximum(end, start), T).to(tl.int32)
+
+    ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        if GATHER:
+            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            rows_x = rows.to(tl.int64)
+        a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            db_acc += tl.sum(d.to(tl.float32), 0)
+
+    g64 = g.to(tl.int64)
+    dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
+               + cols[None, :].to(tl.int64) * stride_dwn)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        db_ptrs = db_ptr + g64 * stride_dbg + cols.to(tl.int64) * stride_dbn
+        db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward kernel
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
+
+
+# --- autotuning -----------------------------------------------------------------------------
+
+
+def _mm_configs(interpreter: bool) -> list[triton.Config]:
+    if interpreter:  # one small config: the interpreter's time goes into every tile op
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, PROGS_PER_SM=1),
+                              num_warps=4, num_stages=1)]
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM
+        (128, 256, 64, 8, 3, 1),
+        (128, 128, 64, 4, 4, 1),
+        (64, 128, 64, 4, 4, 2),
+        (64, 256, 64, 8, 3, 1),
+    ]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p),
+                          num_warps=w, num_stages=s) for m, n, k, w, s, p in shapes]
+
+
+def _dw_configs(interpreter: bool) -> list[triton.Config]:
+    if interpreter:
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), num_warps=4, num_stages=1)]
+    shapes = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows), warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]
+    return [triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m), num_warps=w, num_stages=s)
+            for k, n, m, w, s in shapes]
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    """Tile height from the mean group size (M_BUCKET = log2 of it); fp32 halves BLOCK_K to fit
+    shared memory. The autotuner passes positional kernel arguments as ``named_args`` and
+    keyword ones as ``kwargs``: the launchers use keywords."""
+    named_args = {**named_args, **kwargs}
+    bucket = named_args["M_BUCKET"]
+    keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
+            and (bucket < 11 or c.kwargs["BLOCK_M"] >= 128)] or list(configs)
+    if named_args["x_ptr"].dtype == torch.float32:
+        keep = [triton.Config({**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], 32)},
+                              num_warps=c.num_warps, num_stages=c.num_stages) for c in keep]
+    return keep
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    """fp32 halves the reduction tile to fit shared memory."""
+    if {**named_args, **kwargs}["x_ptr"].dtype != torch.float32:
+        return configs
+    return [triton.Config({**c.kwargs, "BLOCK_M": min(c.kwargs["BLOCK_M"], 32)},
+                          num_warps=c.num_warps, num_stages=min(c.num_stages, 3)) for c in configs]
+
+
+# Autotuning (the first call per key benchmarks every surviving config) is on by default on a
+# GPU; MTMM_AUTOTUNE=0, or setting AUTOTUNE = False, uses the first surviving config instead
+# (the interpreter always does: a single config).
+AUTOTUNE = os.environ.get("MTMM_AUTOTUNE", "1") != "0" and not is_interpreter()
+
+
+def _short_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotune(configs, prune, heuristics=None):
+    def wrap(kernel):
+        inner = triton.heuristics(heuristics)(kernel) if heuristics else kernel
+        options = {"do_bench": _short_bench}
+        if "do_bench" not in inspect.signature(triton.autotune).parameters:  # older Triton
+            options = {}
+        # The autotuner also keys on every tensor argument's dtype.
+        return triton.autotune(configs=configs, key=["K", "N", "M_BUCKET"],
+                               prune_configs_by={"early_config_prune": prune}, **options)(inner)
+    return wrap
+
+
+_MM_CONFIGS, _DW_CONFIGS = _mm_configs(is_interpreter()), _dw_configs(is_interpreter())
+_EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+_grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _EVEN_K)(_grouped_mm_kernel)
+_grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw)(_grouped_mm_dw_kernel)
+
+
+def _launch(kernel, tuned, configs, prune, grid, args: dict, even_k: bool = False) -> None:
+    """Launch through the autotuner, or with the first config that survives pruning."""
+    if AUTOTUNE:
+        tuned[grid](**args)
+        return
+    config = prune(configs, args)[0]
+    meta = dict(config.kwargs)
+    if even_k:
+        meta["EVEN_K"] = args["K"] % meta["BLOCK_K"] == 0
+    kernel[grid(meta)](**args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# --- launchers ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs, so the persistent loop is exercised
+
+
+def _block_g(num_groups: int) -> int:
+    # Width of the in-kernel schedule vectors (groups + the tail pseudo-group). At least 64, so
+    # that every G up to 63 shares one compiled kernel.
+    return max(64, next_power_of_2(num_groups + 1))
+
+
+def _m_bucket(num_rows: int, num_groups: int) -> int:
+    return int(math.log2(max(num_rows / max(num_groups, 1), 1.0)))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own switch: exact fp32 unless the user allowed TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
+    T, K = x_TK.shape
+    G, N = w_GKN.shape[0], w_GKN.shape[2]
+    y_TN = torch.empty((T, N), dtype=x_TK.dtype, device=x_TK.device)
+    if T == 0 or N == 0:
+        return y_TN
+    if G == 0:
+        return y_TN.zero_()
+    max_progs = _num_sms(x_TK.device)
+
+    def grid(meta):
+        # Upper bound of the M-tiles: every group and the tail add at most one partial tile.
+        m_tiles = triton.cdiv(T, meta["BLOCK_M"]) + G + 1
+        tiles = m_tiles * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, max_progs * meta["PROGS_PER_SM"]),)
+
+    bias = bias_GN if bias_GN is not None else y_TN  # never read: HAS_BIAS=False
+    perm = perm_T if perm_T is not None else offsets_G  # never read: GATHER=False
+    args = dict(
+        x_ptr=x_TK, w_ptr=w_GKN, bias_ptr=bias, y_ptr=y_TN, offsets_ptr=offsets_G, perm_ptr=perm,
+        T=T, K=K, N=N, G=G, M_BUCKET=_m_bucket(T, G),
+        stride_xt=x_TK.stride(0), stride_xk=x_TK.stride(1),
+        stride_wg=w_GKN.stride(0), stride_wk=w_GKN.stride(1), stride_wn=w_GKN.stride(2),
+        stride_bg=bias.stride(0), stride_bn=bias.stride(1),
+        stride_yt=y_TN.stride(0), stride_yn=y_TN.stride(1),
+        HAS_BIAS=bias_GN is not None, GATHER=perm_T is not None,
+        INPUT_PRECISION=_input_precision(x_TK.dtype), BLOCK_G=_block_g(G),
+    )
+    _launch(_grouped_mm_kernel, _grouped_mm_tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
+    return y_TN
+
+
+def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
+    T, K = x_TK.shape
+    N, G = dy_TN.shape[1], offsets_G.shape[0]
+    dw_GKN = torch.empty((G, K, N), dtype=x_TK.dtype, device=x_TK.device)
+    db_GN = torch.empty((G, N) if need_bias else (0,), dtype=dy_TN.dtype, device=x_TK.device)
+    if G == 0 or N == 0:
+        return dw_GKN, db_GN
+    if K == 0:  # dW is empty, dBias still needs its sums: use K = 1 of zeros for the launch
+        _, db = _launch_grouped_mm_dw(x_TK.new_zeros((T, 1)), dy_TN, offsets_G, perm_T, need_bias)
+        return dw_GKN, db
+
+    def grid(meta):
+        return (G * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    perm = perm_T if perm_T is not None else offsets_G  # never read: GATHER=False
+    db = db_GN if need_bias else dw_GKN.view(G, K * N)  # never written: HAS_BIAS=False
+    args = dict(
+        x_ptr=x_TK, dy_ptr=dy_TN, offsets_ptr=offsets_G, perm_ptr=perm, dw_ptr=dw_GKN, db_ptr=db,
+        T=T, K=K, N=N, G=G, M_BUCKET=_m_bucket(T, G),
+        stride_xt=x_TK.stride(0), stride_xk=x_TK.stride(1),
+        stride_dyt=dy_TN.stride(0), stride_dyn=dy_TN.stride(1),
+        stride_dwg=dw_GKN.stride(0), stride_dwk=dw_GKN.stride(1), stride_dwn=dw_GKN.stride(2),
+        stride_dbg=db.stride(0), stride_dbn=db.stride(1),
+        HAS_BIAS=need_bias, GATHER=perm_T is not None,
+        INPUT_PRECISION=_input_precision(x_TK.dtype),
+    )
+    _launch(_grouped_mm_dw_kernel, _grouped_mm_dw_tuned, _DW_CONFIGS, _prune_dw, grid, args)
+    return dw_GKN, db_GN
+
+
+def _fallback_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T):
+    if perm_T is None:
+        return reference.grouped_mm_reference(x_TK, w_GKN, offsets_G, bias_GN)
+    y_sorted = reference.grouped_mm_reference(x_TK[perm_T], w_GKN, offsets_G, bias_GN)
+    return torch.empty_like(y_sorted).index_copy_(0, perm_T, y_sorted)
+
+
+def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
+    if perm_T is not None:
+        x_TK, dy_TN = x_TK[perm_T], dy_TN[perm_T]
+    dw_GKN, db_GN = reference.grouped_mm_dw_reference(x_TK, dy_TN, offsets_G, need_bias)
+    return dw_GKN, (db_GN if need_bias else dy_TN.new_empty((0,)))
+
+
+# --- torch.library ops and autograd ---------------------------------------------------------
+
+
+@torch.library.custom_op("mtmm::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   bias: Optional[torch.Tensor], perm: Optional[torch.Tensor]) -> torch.Tensor:
+    tensors = [t for t in (x, w, offsets, bias, perm) if t is not None]
+    if triton_runs_on(*tensors):
+        return _launch_grouped_mm(x, w, offsets, bias, perm)
+    return _fallback_grouped_mm(x, w, offsets, bias, perm)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offsets, bias, perm):
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("mtmm::grouped_mm_dw", mutates_args=())
+def _grouped_mm_dw_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
+                      perm: Optional[torch.Tensor], need_bias: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = [t for t in (x, dy, offsets, perm) if t is not None]
+    if triton_runs_on(*tensors):
+        return _launch_grouped_mm_dw(x, dy, offsets, perm, need_bias)
+    return _fallback_grouped_mm_dw(x, dy, offsets, perm, need_bias)
+
+
+@_grouped_mm_dw_op.register_fake
+def _(x, dy, offsets, perm, need_bias):
+    G = offsets.shape[0]
+    db_shape = (G, dy.shape[1]) if need_bias else (0,)
+    return x.new_empty((G, x.shape[1], dy.shape[1])), dy.new_empty(db_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offsets, bias, perm = inputs
+    ctx.save_for_backward(x, w, offsets, perm)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy_TN):
+    x_TK, w_GKN, offsets_G, perm_T = ctx.saved_tensors
+    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    dx_TK = dw_GKN = db_GN = None
+    if need_x:
+        dx_TK = torch.ops.mtmm.grouped_mm(dy_TN, w_GKN.transpose(1, 2), offsets_G, None, perm_T)
+    if need_w or (need_b and ctx.has_bias):
+        dw, db = torch.ops.mtmm.grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T,
+                                              bool(need_b and ctx.has_bias))
+        dw_GKN = dw if need_w else None
+        db_GN = db if (need_b and ctx.has_bias) else None
+    return dx_TK, dw_GKN, None, db_GN, None
+
+
+torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_setup_context)
+
+
+# --- public functions -----------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_operands(x, w, bias, index_name: str, index) -> None:
+    """Ranks, sizes, dtypes and devices of the operands (no values: those need the data)."""
+    _check_tensor("x", x, 2)
+    _check_tensor("w", w, 3)
+    _check_tensor(index_name, index, 1)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{index_name} must be int32 or int64, got {index.dtype}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must be [G, K={x.shape[1]}, N] to match x [T, K], "
+                         f"got shape {tuple(w.shape)}")
+    if x.shape[0] >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 rows, got {x.shape[0]}")
+    if bias is not None:
+        _check_tensor("bias", bias, 2)
+        if bias.shape != (w.shape[0], w.shape[2]):
+            raise ValueError(f"bias must be [G, N] = {[w.shape[0], w.shape[2]]}, "
+                             f"got {list(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    for name, t in (("w", w), (index_name, index), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Values are checked where reading them costs no device synchronisation."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped GEMM over contiguous row groups: one launch for every group.
+
+    Args:
+        x: [T, K] float16, bfloat16 or float32; the rows of group g are
+            ``x[offsets[g-1]:offsets[g]]`` (``offsets[-1]`` counts as 0 for g = 0).
+        w: [G, K, N], x's dtype, any strides (``w_GNK.transpose(1, 2)`` needs no copy).
+        offsets: [G] int32 or int64, cumulative END row of each group, non-decreasing, at most
+            T (``torch.nn.functional.grouped_mm``'s ``offs``). Checked on the CPU only: on a
+            GPU a check would be a host synchronisation; there bad values are clamped into
+            [0, T] (never an out-of-bounds access) and give unspecified results.
+        bias: optional [G, N], x's dtype.
+
+    Returns:
+        [T, N] in x's dtype, accumulated in fp32: ``x[rows_g] @ w[g] + bias[g]``; rows at or
+        past ``offsets[-1]`` are zero. Differentiable in x, w and bias (deterministic dW and
+        dBias; an empty group gets exact zeros).
+    """
+    _check_operands(x, w, bias, "offsets", offsets)
+    if offsets.shape[0] != w.shape[0]:
+        raise ValueError(f"offsets must have one entry per group of w (G={w.shape[0]}), "
+                         f"got {offsets.shape[0]}")
+    if _values_checkable(offsets) and offsets.numel() > 0:
+        if int(offsets.min()) < 0 or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("offsets must be non-negative and non-decreasing, "
+                             f"got {offsets.tolist()}")
+        if int(offsets[-1]) > x.shape[0]:
+            raise ValueError(f"offsets[-1] must be at most T={x.shape[0]} (rows of x), "
+                             f"got {int(offsets[-1])}")
+    return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, None)
+
+
+def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped GEMM with tokens in any order: ``y[t] = x[t] @ w[group_ids[t]] + bias[...]``.
+
+    The ids are sorted once (stable, on the device); the kernels gather x rows and scatter y
+    rows through the permutation inside their loads and stores, so no permuted copy of x or y
+    is ever materialised.
+
+    Args:
+        x: [T, K] float16, bfloat16 or float32.
+        w: [G, K, N], x's dtype, any strides.
+        group_ids: [T] int32 or int64, each in [0, G). Checked on the CPU only; on a GPU, ids
+            outside [0, G) give zero rows (and no gradient) instead of an error, since checking
+            would synchronise with the host.
+        bias: optional [G, N], x's dtype.
+
+    Returns:
+        [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias.
+    """
+    _check_operands(x, w, bias, "group_ids", group_ids)
+    G = w.shape[0]
+    if group_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"group_ids must have one entry per row of x (T={x.shape[0]}), "
+                         f"got {group_ids.shape[0]}")
+    ids_T = group_ids
+    if _values_checkable(group_ids):
+        if ids_T.numel() > 0 and (int(ids_T.min()) < 0 or int(ids_T.max()) >= G):
+            raise ValueError(f"group_ids must lie in [0, G={G}), got values in "
+                             f"[{int(ids_T.min())}, {int(ids_T.max())}]")
+    else:  # out-of-range ids go past the last group, where rows are zero
+        ids_T = torch.where((ids_T >= 0) & (ids_T < G), ids_T, G)
+    sorted_T, perm_T = torch.sort(ids_T, stable=True)
+    groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
+    offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
+    return torch.ops.mtmm.grouped_mm(x, w, offsets_G, bias, perm_T)

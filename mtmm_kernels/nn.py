@@ -1,0 +1,72 @@
+"""Modules built on the mtmm ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .grouped_gemm import grouped_mm, grouped_mm_by_ids
+
+__all__ = ["GroupedLinear"]
+
+
+class GroupedLinear(nn.Module):
+    """G independent linear layers (one per task, modality or expert) applied in one launch.
+
+    ``weight`` is [G, in_features, out_features] (x @ W layout, so a group's slice is the
+    transpose of an ``nn.Linear`` weight) and ``bias`` is [G, out_features]; each group is
+    initialised like ``nn.Linear(in_features, out_features)``: U(-1/sqrt(in), 1/sqrt(in)).
+
+    Args:
+        num_groups: G >= 0.
+        in_features: K >= 0.
+        out_features: N >= 0.
+        bias: whether to learn a per-group additive bias.
+        dtype, device: of the parameters.
+    """
+
+    def __init__(self, num_groups: int, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        for name, value in (("num_groups", num_groups), ("in_features", in_features),
+                            ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.num_groups, self.in_features, self.out_features = num_groups, in_features, out_features
+        factory = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty((num_groups, in_features, out_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty((num_groups, out_features), **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's kaiming_uniform_(a=sqrt(5)) and its bias rule both reduce to
+        # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with fan_in = in_features for every group.
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor | None = None,
+                group_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, in_features]. Exactly one of ``offsets`` ([G] int, cumulative END rows of
+        rows sorted by group; see ``grouped_mm``) or ``group_ids`` ([T] int in [0, G), rows in
+        any order; see ``grouped_mm_by_ids``). Returns [T, out_features]."""
+        if (offsets is None) == (group_ids is None):
+            raise ValueError("GroupedLinear.forward needs exactly one of offsets or group_ids")
+        if isinstance(x, torch.Tensor) and (x.dim() != 2 or x.shape[1] != self.in_features):
+            raise ValueError(f"x must be [T, in_features={self.in_features}], got {tuple(x.shape)}")
+        if offsets is not None:
+            return grouped_mm(x, self.weight, offsets, self.bias)
+        return grouped_mm_by_ids(x, self.weight, group_ids, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"num_groups={self.num_groups}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, bias={self.bias is not None}")

@@ -1,0 +1,460 @@
+"""grouped_mm and grouped_mm_by_ids against a float64 loop reference (forward, dX, dW, dBias).
+
+On the CPU the Triton kernels run under the interpreter (tests/conftest.py sets it), in fp32 and
+fp16; bf16, torch.compile and CUDA-graph replay need a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
+from mtmm_kernels import reference as ref
+
+
+@pytest.fixture(autouse=True)
+def _single_config(monkeypatch):
+    """One config per kernel instead of autotuning: the GPU test run must stay short (each
+    config is a compilation). test_autotuned_path covers the autotuner."""
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error; an all-zero expectation demands an all-zero result."""
+    out, expected = out.double(), expected.double()
+    scale = expected.norm().item()
+    diff = (out - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def make_problem(sizes, K, N, dtype, device, *, tail=0, bias=True, w_transposed=False,
+                 offsets_dtype=torch.int32):
+    G = len(sizes)
+    T = sum(sizes) + tail
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    if w_transposed:  # [G, N, K] storage seen as [G, K, N]: the layout torch._grouped_mm likes
+        w = torch.randn(G, N, K, dtype=dtype, device=device).transpose(1, 2)
+    else:
+        w = torch.randn(G, K, N, dtype=dtype, device=device)
+    b = torch.randn(G, N, dtype=dtype, device=device) if bias else None
+    offsets = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(offsets_dtype).to(device)
+    return x, w, b, offsets
+
+
+def leaf(t):
+    """A fresh autograd leaf sharing t's storage and strides (a clone would densify views)."""
+    return None if t is None else t.detach().requires_grad_()
+
+
+def check_against_reference(x, w, b, offsets, *, tail=0):
+    """Forward and every gradient against autograd through the float64 loop reference."""
+    tol = TOL[x.dtype]
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm(x, w, offsets, b)
+    x64, w64, b64 = (None if t is None else t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = ref.grouped_mm_reference(x64, w64, offsets.cpu(), b64)
+    assert y.shape == y64.shape and y.dtype == x.dtype
+    assert rel_err(y, y64) < tol
+    if tail:
+        assert torch.equal(y[-tail:], torch.zeros_like(y[-tail:]))
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    if y64.requires_grad:
+        y64.backward(dy.double())
+    else:  # no group and no bias: the loop reference never touched its inputs
+        for t in (x64, w64, b64):
+            if t is not None:
+                t.grad = torch.zeros_like(t)
+    assert rel_err(x.grad, x64.grad) < tol
+    assert rel_err(w.grad, w64.grad) < tol
+    if b is not None:
+        assert rel_err(b.grad, b64.grad) < tol
+    sizes = torch.diff(offsets.cpu().long(), prepend=torch.zeros(1, dtype=torch.long))
+    for g in torch.nonzero(sizes == 0).flatten().tolist():  # empty groups: exact zeros
+        assert torch.equal(w.grad[g], torch.zeros_like(w.grad[g]))
+        if b is not None:
+            assert torch.equal(b.grad[g], torch.zeros_like(b.grad[g]))
+    if tail:
+        assert torch.equal(x.grad[-tail:], torch.zeros_like(x.grad[-tail:]))
+
+
+# --- forward, dX, dW, dBias ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_skewed_groups_with_empty_ones(device, dtype, bias):
+    x, w, b, offsets = make_problem([5, 0, 40, 1, 0, 17], 19, 23, dtype, device, tail=7,
+                                    bias=bias, w_transposed=True)
+    check_against_reference(x, w, b, offsets, tail=7)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_one_group(device, dtype):
+    x, w, b, offsets = make_problem([45], 16, 9, dtype, device)
+    check_against_reference(x, w, b, offsets)
+
+
+def test_many_groups(device):
+    sizes = torch.randint(0, 4, (120,)).tolist()
+    sizes[7] = 0
+    x, w, b, offsets = make_problem(sizes, 5, 7, torch.float32, device, tail=3)
+    check_against_reference(x, w, b, offsets, tail=3)
+
+
+@pytest.mark.parametrize("K,N", [(64, 32), (33, 70), (1, 1)])
+def test_tile_edges(device, K, N):
+    """Groups exactly one tile tall, more than one tile tall, K a multiple of the K tile (the
+    unmasked loop) and not, N spanning several column tiles."""
+    x, w, b, offsets = make_problem([32, 3, 65], K, N, torch.float32, device, tail=1)
+    check_against_reference(x, w, b, offsets, tail=1)
+
+
+def test_int64_offsets_and_strided_x(device):
+    x, w, b, offsets = make_problem([9, 0, 14], 12, 10, torch.float32, device,
+                                    offsets_dtype=torch.int64)
+    x_strided = torch.randn(x.shape[0], 2 * x.shape[1], device=device)[:, ::2]
+    assert x_strided.stride() == (24, 2)
+    check_against_reference(x_strided, w, b, offsets)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_poisoned_outputs_are_fully_written(device, dtype, monkeypatch):
+    """Every output the kernels allocate is NaN-filled before they run, as a reused buffer
+    might be: rows past offsets[-1], empty groups' dW and dBias must still come out exact."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    x, w, b, offsets = make_problem([3, 0, 11, 0], 10, 6, dtype, device, tail=5)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    check_against_reference(x, w, b, offsets, tail=5)
+    ids = torch.randint(0, 4, (x.shape[0],), device=device)
+    y = grouped_mm_by_ids(x, w, ids, b)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert not y.isnan().any()
+    expected = ref.grouped_mm_by_ids_reference(x.double(), w.double(), ids, b.double())
+    assert rel_err(y, expected) < TOL[dtype]
+
+
+def test_dw_bitwise_identical_on_two_runs(device):
+    x, w, b, offsets = make_problem([70, 0, 5, 41], 24, 20, torch.float32, device)
+    grads = []
+    for _ in range(2):
+        wl, bl = leaf(w), leaf(b)
+        grouped_mm(x, wl, offsets, bl).square().sum().backward()
+        grads.append((wl.grad, bl.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
+def test_random_problems_property(device):
+    """Random group counts and sizes (empty groups, tails, odd K and N) against the float64
+    reference, in both routings."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.given(sizes=st.lists(st.integers(0, 40), max_size=10), tail=st.integers(0, 5),
+                      K=st.integers(1, 40), N=st.integers(1, 40), bias=st.booleans())
+    def run(sizes, tail, K, N, bias):
+        x, w, b, offsets = make_problem(sizes, K, N, torch.float32, device, tail=tail, bias=bias)
+        check_against_reference(x, w, b, offsets, tail=tail)
+        if sizes:
+            ids = torch.randint(0, len(sizes), (x.shape[0],), device=device)
+            y = grouped_mm_by_ids(x, w, ids, b)
+            expected = ref.grouped_mm_by_ids_reference(
+                x.double(), w.double(), ids, None if b is None else b.double())
+            assert rel_err(y, expected) < TOL[torch.float32]
+
+    run()
+
+
+# --- by ids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_by_ids_matches_sort_then_grouped_mm(device, dtype):
+    G, T, K, N = 5, 53, 13, 11
+    ids = torch.randint(0, G, (T,), device=device)
+    ids[ids == 3] = 2  # an empty group
+    x, w, b = (torch.randn(*s, dtype=dtype, device=device) for s in ((T, K), (G, K, N), (G, N)))
+
+    xl, wl, bl = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm_by_ids(xl, wl, ids, bl)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    order = torch.argsort(ids, stable=True)
+    offsets = torch.bincount(ids, minlength=G).cumsum(0).to(torch.int32)
+    xs, ws, bs = leaf(x[order]), leaf(w), leaf(b)
+    ys = grouped_mm(xs, ws, offsets, bs)
+    ys.backward(dy[order])
+    tol = TOL[dtype]
+    assert rel_err(y[order], ys) < tol
+    assert rel_err(xl.grad[order], xs.grad) < tol
+    assert rel_err(wl.grad, ws.grad) < tol
+    assert rel_err(bl.grad, bs.grad) < tol
+
+    x64, w64, b64 = (leaf(t.double()) for t in (x, w, b))
+    y64 = ref.grouped_mm_by_ids_reference(x64, w64, ids, b64)
+    y64.backward(dy.double())
+    assert rel_err(y, y64) < tol
+    assert rel_err(xl.grad, x64.grad) < tol
+    assert rel_err(wl.grad, w64.grad) < tol
+    assert torch.equal(wl.grad[3], torch.zeros_like(wl.grad[3]))
+    assert torch.equal(bl.grad[3], torch.zeros_like(bl.grad[3]))
+
+
+# --- degenerate sizes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes,tail,K,N", [
+    ([], 6, 4, 5),          # zero groups: every row is past the (absent) last group
+    ([0, 0, 0], 4, 4, 5),   # all groups empty
+    ([0, 0], 0, 4, 5),      # zero rows
+    ([3, 0, 2], 1, 0, 5),   # K = 0: y is the bias, dW is empty
+    ([3, 2], 0, 4, 0),      # N = 0
+])
+def test_degenerate_sizes(device, sizes, tail, K, N):
+    x, w, b, offsets = make_problem(sizes, K, N, torch.float32, device, tail=tail)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm(x, w, offsets, b)
+    expected = ref.grouped_mm_reference(x.detach(), w.detach(), offsets, b.detach())
+    assert y.shape == (x.shape[0], N)
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    counts = torch.tensor(sizes, dtype=torch.float32).reshape(-1, 1)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, counts.expand(len(sizes), N).to(device))
+
+
+def test_by_ids_zero_rows_and_zero_groups(device):
+    x = torch.randn(0, 3, device=device)
+    assert grouped_mm_by_ids(x, torch.randn(2, 3, 4, device=device),
+                             torch.zeros(0, dtype=torch.long, device=device)).shape == (0, 4)
+    assert grouped_mm_by_ids(x, torch.randn(0, 3, 4, device=device),
+                             torch.zeros(0, dtype=torch.long, device=device)).shape == (0, 4)
+
+
+# --- fallback and registration --------------------------------------------------------------
+
+
+def test_reference_fallback_without_triton(device, monkeypatch):
+    """CPU tensors without the interpreter take the pure-torch path, gradients included."""
+    x, w, b, offsets = make_problem([4, 0, 9], 7, 5, torch.float32, "cpu", tail=2)
+    monkeypatch.setattr(grouped_gemm, "triton_runs_on", lambda *t: False)
+    check_against_reference(x, w, b, offsets, tail=2)
+    ids = torch.tensor([2, 0, 2, 1, 0, 2])
+    xi = leaf(x[:6])
+    y = grouped_mm_by_ids(xi, w, ids, b)
+    expected = ref.grouped_mm_by_ids_reference(x[:6].double(), w.double(), ids, b.double())
+    assert rel_err(y, expected) < 1e-5
+    y.sum().backward()
+    assert xi.grad.shape == xi.shape
+
+
+def test_autotuned_path(device, monkeypatch):
+    """Through triton.autotune and triton.heuristics (one config under the interpreter, every
+    surviving config on a GPU)."""
+    tuned = grouped_gemm.is_interpreter() or device.type == "cuda"
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", tuned)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, w, b, offsets = make_problem([30, 0, 97, 5], 64, 40, dtype, device, tail=2)
+    check_against_reference(x, w, b, offsets, tail=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_config_pruning(dtype):
+    """The GPU autotuner's pruning, called the way triton.autotune calls it (every kernel
+    argument by keyword): tile height follows the mean group size, fp32 shrinks BLOCK_K."""
+    tuner = triton.autotune(configs=grouped_gemm._mm_configs(interpreter=False), key=["K"],
+                            prune_configs_by={"early_config_prune": grouped_gemm._prune_mm})(
+                                grouped_gemm._grouped_mm_kernel)
+    x = torch.empty(1, 1, dtype=dtype)
+    tuner.nargs = {}
+    for bucket, heights in ((3, {64}), (9, {64, 128}), (13, {128})):
+        kept = tuner.prune_configs({"M_BUCKET": bucket, "x_ptr": x})
+        assert {c.kwargs["BLOCK_M"] for c in kept} == heights
+        assert all(c.kwargs["BLOCK_K"] <= (32 if dtype == torch.float32 else 64) for c in kept)
+    dw_tuner = triton.autotune(configs=grouped_gemm._dw_configs(interpreter=False), key=["K"],
+                               prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(
+                                   grouped_gemm._grouped_mm_dw_kernel)
+    dw_tuner.nargs = {}
+    kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x})
+    assert len(kept) == len(grouped_gemm._dw_configs(interpreter=False))
+    assert all(c.kwargs["BLOCK_M"] <= (32 if dtype == torch.float32 else 64) for c in kept)
+
+
+def test_fake_implementations_trace(device):
+    """The registered fake kernels give the right shapes under FakeTensorMode (what
+    torch.compile sees)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(10, 4)
+        w = torch.empty(3, 4, 6)
+        offsets = torch.empty(3, dtype=torch.int32)
+        y = torch.ops.mtmm.grouped_mm(x, w, offsets, None, None)
+        dw, db = torch.ops.mtmm.grouped_mm_dw(x, y, offsets, None, True)
+    assert y.shape == (10, 6)
+    assert dw.shape == (3, 4, 6) and db.shape == (3, 6)
+
+
+def test_opcheck(device):
+    x, w, b, offsets = make_problem([3, 0, 4], 5, 6, torch.float32, device, tail=1)
+    ops = torch.ops.mtmm
+    torch.library.opcheck(ops.grouped_mm.default, (leaf(x), leaf(w), offsets, leaf(b), None))
+    dy = torch.randn(8, 6, device=device)
+    torch.library.opcheck(ops.grouped_mm_dw.default, (x, dy, offsets, None, True))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x, w, o = torch.randn(6, 4), torch.randn(2, 4, 5), torch.tensor([2, 6], dtype=torch.int32)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    return [
+        ("x rank", lambda: grouped_mm(x[0], w, o), ValueError, "x"),
+        ("w rank", lambda: grouped_mm(x, w[0], o), ValueError, "w"),
+        ("w K", lambda: grouped_mm(x, torch.randn(2, 3, 5), o), ValueError, "w"),
+        ("x type", lambda: grouped_mm(x.numpy(), w, o), TypeError, "x"),
+        ("x int", lambda: grouped_mm(x.long(), w.long(), o), TypeError, "x"),
+        ("dtype mix", lambda: grouped_mm(x, w.half(), o), TypeError, "w"),
+        ("offsets float", lambda: grouped_mm(x, w, o.float()), TypeError, "offsets"),
+        ("offsets rank", lambda: grouped_mm(x, w, o[None]), ValueError, "offsets"),
+        ("G mismatch", lambda: grouped_mm(x, w, o[:1]), ValueError, "offsets"),
+        ("decreasing", lambda: grouped_mm(x, w, torch.tensor([4, 3])), ValueError, "offsets"),
+        ("negative", lambda: grouped_mm(x, w, torch.tensor([-1, 3])), ValueError, "offsets"),
+        ("past T", lambda: grouped_mm(x, w, torch.tensor([2, 7])), ValueError, "offsets"),
+        ("bias shape", lambda: grouped_mm(x, w, o, torch.randn(2, 4)), ValueError, "bias"),
+        ("bias dtype", lambda: grouped_mm(x, w, o, torch.randn(2, 5).double()), TypeError, "bias"),
+        ("device", lambda: grouped_mm(x, w.to("meta"), o), ValueError, "w"),
+        ("ids range", lambda: grouped_mm_by_ids(x, w, ids + 1), ValueError, "group_ids"),
+        ("ids negative", lambda: grouped_mm_by_ids(x, w, ids - 1), ValueError, "group_ids"),
+        ("ids length", lambda: grouped_mm_by_ids(x, w, ids[:5]), ValueError, "group_ids"),
+        ("ids float", lambda: grouped_mm_by_ids(x, w, ids.float()), TypeError, "group_ids"),
+        ("ids on no groups", lambda: grouped_mm_by_ids(x, w[:0], ids), ValueError, "group_ids"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_names_the_argument(case):
+    _, call, exc, name = case
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        call()
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_bf16_skewed_groups():
+    sizes = [700, 0, 129, 1, 2048, 0, 63, 300]
+    x, w, b, offsets = make_problem(sizes, 520, 392, torch.bfloat16, "cuda", tail=17,
+                                    w_transposed=True)
+    check_against_reference(x, w, b, offsets, tail=17)
+
+
+@pytest.mark.gpu
+def test_gpu_many_groups_fp32():
+    sizes = torch.randint(0, 200, (130,)).tolist()
+    x, w, b, offsets = make_problem(sizes, 72, 136, torch.float32, "cuda", tail=5)
+    check_against_reference(x, w, b, offsets, tail=5)
+
+
+@pytest.mark.gpu
+def test_gpu_by_ids_bf16():
+    G, T, K, N = 9, 3000, 256, 384
+    ids = torch.randint(0, G, (T,), device="cuda")
+    x, w, b = (torch.randn(*s, dtype=torch.bfloat16, device="cuda")
+               for s in ((T, K), (G, K, N), (G, N)))
+    xl, wl, bl = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm_by_ids(xl, wl, ids, bl)
+    y.float().square().sum().backward()
+    x64, w64, b64 = (leaf(t.double()) for t in (x, w, b))
+    y64 = ref.grouped_mm_by_ids_reference(x64, w64, ids, b64)
+    y64.square().sum().backward()
+    assert rel_err(y, y64) < 1e-2
+    assert rel_err(xl.grad, x64.grad) < 1e-2 and rel_err(wl.grad, w64.grad) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_dw_bitwise_identical_on_two_runs():
+    x, w, b, offsets = make_problem([4000, 0, 513, 9000], 256, 320, torch.bfloat16, "cuda")
+    grads = []
+    for _ in range(2):
+        wl, bl = leaf(w), leaf(b)
+        grouped_mm(x, wl, offsets, bl).float().square().sum().backward()
+        grads.append((wl.grad, bl.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_follows_new_offsets():
+    """The tile schedule lives on the device: a captured graph replayed after the offsets
+    (same G, same T) change in place computes the new grouping."""
+    G, T, K, N = 6, 1000, 128, 96
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(G, N, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([100, 100, 400, 650, 900, 990], dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and compilation happen outside capture
+        for _ in range(2):
+            grouped_mm(x, w, offsets, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = grouped_mm(x, w, offsets, b)
+    for new in ([10, 500, 500, 501, 700, 1000], [0, 0, 0, 0, 0, 3], [1000] * 6):
+        offsets.copy_(torch.tensor(new, dtype=torch.int32))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ref.grouped_mm_reference(x.double(), w.double(), offsets.cpu(), b.double())
+        assert rel_err(y, expected) < 1e-2
+        assert not y.isnan().any()
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_forward_backward():
+    x, w, b, offsets = make_problem([300, 0, 77, 1000], 128, 64, torch.bfloat16, "cuda", tail=3)
+
+    def step(x, w, b, offsets):
+        return grouped_mm(x, w, offsets, b).float().square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_args = [leaf(x), leaf(w), leaf(b)]
+    compiled_args = [leaf(x), leaf(w), leaf(b)]
+    step(*eager_args, offsets).backward()
+    compiled(*compiled_args, offsets).backward()
+    for e, c in zip(eager_args, compiled_args):
+        assert rel_err(c.grad, e.grad) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64bit_addressing():
+    """x has more than 2**31 elements: row offsets must be computed in 64 bits."""
+    T, K, N = 70_000, 32_768, 16
+    x = torch.empty(T, K, device="cuda", dtype=torch.bfloat16).normal_()
+    w = torch.randn(2, K, N, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([5, T], dtype=torch.int32, device="cuda")
+    y = grouped_mm(x, w, offsets)
+    last = slice(T - 40, T)
+    expected = x[last].double() @ w[1].double()
+    assert rel_err(y[last], expected) < 1e-2
+    assert rel_err(y[:5], x[:5].double() @ w[0].double()) < 1e-2

@@ -1,0 +1,129 @@
+"""GroupedLinear: initialisation, both routing modes against per-group nn.functional.linear."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtmm_kernels import GroupedLinear, grouped_gemm
+
+
+@pytest.fixture(autouse=True)
+def _single_config(monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)  # keep the GPU run short
+
+
+def rel_err(out, expected):
+    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def per_group_linear(module, x, group_of_row):
+    """Each row through its group's slice as an nn.functional.linear, in float64."""
+    w64 = module.weight.detach().double()
+    b64 = module.bias.detach().double() if module.bias is not None else None
+    rows = []
+    for t in range(x.shape[0]):
+        g = int(group_of_row[t])
+        bias = None if b64 is None else b64[g]
+        rows.append(torch.nn.functional.linear(x[t].double(), w64[g].t(), bias))
+    return torch.stack(rows)
+
+
+def test_parameters_and_init():
+    m = GroupedLinear(4, 256, 48)
+    assert m.weight.shape == (4, 256, 48) and m.bias.shape == (4, 48)
+    assert {n for n, _ in m.named_parameters()} == {"weight", "bias"}
+    bound = 1 / math.sqrt(256)
+    for p in (m.weight, m.bias):
+        assert p.abs().max() <= bound
+        # U(-b, b) has std b / sqrt(3); 4 * 256 * 48 samples pin it to about 1%.
+    assert abs(m.weight.std().item() - bound / math.sqrt(3)) < 0.03 * bound
+    # every group is drawn independently, like G separate nn.Linear layers
+    assert not torch.equal(m.weight[0], m.weight[1])
+    assert "num_groups=4, in_features=256, out_features=48, bias=True" in repr(m)
+
+
+def test_factory_kwargs_and_no_bias():
+    m = GroupedLinear(2, 3, 5, bias=False, dtype=torch.float16, device="cpu")
+    assert m.bias is None and m.weight.dtype == torch.float16
+    assert [n for n, _ in m.named_parameters()] == ["weight"]
+    assert GroupedLinear(0, 0, 3).weight.shape == (0, 0, 3)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_with_offsets(device, bias):
+    m = GroupedLinear(3, 11, 7, bias=bias, device=device)
+    sizes = [4, 0, 9]
+    x = torch.randn(15, 11, device=device)  # two rows past the last group
+    offsets = torch.tensor(sizes, device=device).cumsum(0)
+    group_of_row = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    y = m(x, offsets=offsets)
+    assert rel_err(y[:13], per_group_linear(m, x[:13], group_of_row)) < 1e-5
+    assert torch.equal(y[13:], torch.zeros_like(y[13:]))
+    y.square().sum().backward()
+    assert m.weight.grad.shape == m.weight.shape
+    assert torch.equal(m.weight.grad[1], torch.zeros_like(m.weight.grad[1]))
+
+
+def test_forward_with_group_ids(device):
+    m = GroupedLinear(4, 6, 5, device=device)
+    ids = torch.tensor([3, 0, 3, 1, 1, 0, 3, 2, 0], device=device)
+    x = torch.randn(9, 6, device=device, requires_grad=True)
+    y = m(x, group_ids=ids)
+    assert rel_err(y, per_group_linear(m, x.detach(), ids.cpu())) < 1e-5
+    y.sum().backward()
+    assert x.grad.shape == x.shape and m.bias.grad.shape == m.bias.shape
+    # dBias[g] is the number of rows of group g times the all-ones upstream gradient
+    counts = torch.bincount(ids.cpu(), minlength=4).float()
+    assert torch.equal(m.bias.grad.cpu(), counts[:, None].expand(4, 5))
+
+
+def test_routing_arguments():
+    m = GroupedLinear(2, 3, 4)
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="exactly one of offsets or group_ids"):
+        m(x)
+    with pytest.raises(ValueError, match="exactly one of offsets or group_ids"):
+        m(x, offsets=torch.tensor([2, 5]), group_ids=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="^x"):
+        m(torch.randn(5, 4), offsets=torch.tensor([2, 5]))
+
+
+@pytest.mark.parametrize("args,exc,name", [
+    ((-1, 3, 4), ValueError, "num_groups"),
+    ((2, 3.0, 4), TypeError, "in_features"),
+    ((2, 3, -4), ValueError, "out_features"),
+])
+def test_bad_constructor_arguments(args, exc, name):
+    with pytest.raises(exc, match=f"^{name}"):
+        GroupedLinear(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["offsets", "group_ids"])
+def test_compile_fullgraph_grouped_linear(routing):
+    """torch.compile(fullgraph=True) over a GroupedLinear, forward and backward, in bf16."""
+    torch.manual_seed(0)
+    eager = GroupedLinear(5, 256, 192, dtype=torch.bfloat16, device="cuda")
+    compiled_module = GroupedLinear(5, 256, 192, dtype=torch.bfloat16, device="cuda")
+    compiled_module.load_state_dict(eager.state_dict())
+    x = torch.randn(900, 256, dtype=torch.bfloat16, device="cuda")
+    if routing == "offsets":
+        offsets = torch.tensor([100, 100, 450, 460, 890], device="cuda", dtype=torch.int32)
+        route = {"offsets": offsets}
+    else:
+        route = {"group_ids": torch.randint(0, 5, (900,), device="cuda")}
+
+    def step(module, x):
+        return module(x, **route).float().square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    step(eager, xe).backward()
+    loss = compiled(compiled_module, xc)
+    loss.backward()
+    assert rel_err(xc.grad, xe.grad) < 1e-2
+    assert rel_err(compiled_module.weight.grad, eager.weight.grad) < 1e-2
+    assert rel_err(compiled_module.bias.grad, eager.bias.grad) < 1e-2
