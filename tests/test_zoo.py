@@ -1,0 +1,100 @@
+"""The paper's three models as planner problems."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import zoo
+from scheduler.plan import Problem
+
+
+def test_models_and_task_variants():
+    assert set(zoo.MODELS) == {"multitask-clip", "ofasys", "qwen-val"}
+    assert [len(zoo.model_spec("multitask-clip", k).tasks) for k in (4, 7, 10)] == [4, 7, 10]
+    assert [t.name for t in zoo.model_spec("qwen-val").tasks] == ["VL", "AL", "VAL"]
+    assert len(zoo.model_spec("ofasys").tasks) == 7
+    # Variants are prefixes: the 4-task CLIP is the first four pairs of the 10-task one.
+    clip10 = zoo.model_spec("multitask-clip", 10)
+    assert zoo.model_spec("multitask-clip", 4).tasks == clip10.tasks[:4]
+    named = zoo.model_spec("qwen-val", ["VAL", "VL"])
+    assert [t.name for t in named.tasks] == ["VAL", "VL"]
+
+
+@pytest.mark.parametrize("name, published_b, rel", [
+    ("multitask-clip", 1.2, 0.10),
+    ("ofasys", 0.66, 0.10),
+    ("qwen-val", 9.25, 0.05),
+])
+def test_sizes_match_the_paper(name, published_b, rel):
+    assert zoo.model_spec(name).params / 1e9 == pytest.approx(published_b, rel=rel)
+
+
+def test_published_architecture_facts():
+    clip = zoo.model_spec("multitask-clip")
+    v = clip.component("vision")
+    assert (v.layers, v.hidden, v.heads) == (32, 1280, 16)
+    t = next(t for t in clip.tasks if t.name == "vision-text")
+    assert t.seq_lens == {"vision": 257, "text": 77, "loss": 1}
+    q = zoo.model_spec("qwen-val")
+    llm = q.component("llm")
+    assert (llm.layers, llm.hidden, llm.mlp, llm.gated) == (32, 4096, 11008, True)
+    assert (q.component("vision").layers, q.component("vision").hidden) == (48, 1664)
+    assert (q.component("audio").layers, q.component("audio").hidden) == (32, 1280)
+    # LLM input = resampled vision 256 + pooled audio 750 + text.
+    llm_in = {t.name: t.seq_lens["llm"] for t in q.tasks}
+    assert llm_in["VAL"] - llm_in["VL"] == 750 and llm_in["VAL"] - llm_in["AL"] == 256
+
+
+def test_paper_grid():
+    grid = zoo.paper_grid()
+    assert ("multitask-clip", 4, 8) in grid and ("multitask-clip", 7, 16) in grid
+    assert ("multitask-clip", 10, 32) in grid
+    assert {(k, g) for m, k, g in grid if m == "qwen-val"} == {(3, 32), (3, 64)}
+    assert all(k in (4, 7) and 8 <= g <= 32 for m, k, g in grid if m == "ofasys")
+
+
+@pytest.mark.parametrize("model, tasks, gpus", zoo.paper_grid())
+def test_grid_problems_parse_and_are_whole(model, tasks, gpus):
+    spec = zoo.model_spec(model, tasks)
+    p = Problem.from_dict(zoo.build_problem(model, tasks, gpus))
+    assert p.num_devices == gpus and p.island_size == 8
+    # One MetaOp per (task, component it uses), with the component's full depth.
+    assert len(p.metaops) == sum(len(t.seq_lens) for t in spec.tasks)
+    for m in p.metaops:
+        assert m.layers == spec.component(m.component).layers
+        batch = next(t.batch for t in spec.tasks if t.name == m.task)
+        assert m.counts == tuple(n for n in range(1, gpus + 1) if batch % n == 0)
+        assert gpus in m.counts  # every batch is a multiple of 64
+        assert m.param_gb >= 0 and m.activation_gb > 0 and m.output_mb > 0
+    assert len(p.flows) == sum(len(t.flows) for t in spec.tasks)
+
+
+def test_shared_components_give_separate_metaops():
+    p = Problem.from_dict(zoo.build_problem("qwen-val", gpus=32))
+    llm = [m for m in p.metaops if m.component == "llm"]
+    assert [m.name for m in llm] == ["VL/llm", "AL/llm", "VAL/llm"]
+    # Same weights, different shapes: VAL's LLM input is the longest, so it is the slowest.
+    assert llm[2].time_ms[1] > llm[1].time_ms[1]
+    assert len({m.param_gb for m in llm}) == 1
+
+
+def test_the_llm_dominates_qwen_val():
+    p = Problem.from_dict(zoo.build_problem("qwen-val", gpus=64))
+    work = {}
+    for m in p.metaops:
+        work[m.component] = work.get(m.component, 0.0) + m.layers * m.time_ms[1]
+    assert max(work, key=work.get) == "llm"
+    assert work["llm"] > 0.5 * sum(work.values())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="name must be one of"):
+        zoo.model_spec("gpt")
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        zoo.model_spec("qwen-val", 4)
+    with pytest.raises(ValueError, match="distinct names"):
+        zoo.model_spec("qwen-val", ["VL", "XL"])
+    with pytest.raises(TypeError, match="tasks"):
+        zoo.model_spec("qwen-val", "VL")
+    with pytest.raises(ValueError, match="num_devices"):
+        zoo.build_problem("ofasys", 4, gpus=0)
