@@ -1,0 +1,974 @@
+"""Variable-length multi-modal packing: ragged batches in one buffer of rows, no padding.
+
+A packed batch is a [T, H] buffer of the real rows of B sequences plus int32 ``cu_seqlens``
+(length B + 1, leading 0: FlashAttention's varlen convention) and per-token ``position_ids``
+that restart at 0 in each sequence (HuggingFace's flattening collator). A sequence may be the
+concatenation of several modality streams (image tokens, then audio, then text), and sequences
+may be ordered by task (``group_offsets`` then feeds the grouped GEMM directly).
+
+Every pack is two launches whatever B and the number of streams (plus one host-to-device copy
+when the lengths are on the CPU): a one-program *plan* kernel (lengths -> clamped int32
+lengths, cu_seqlens, order, group_offsets, totals and error counts) and a copy kernel that
+also writes the per-token metadata. The pack kernel walks the packed
+rows (no program is spent on padding; each row finds its sequence by binary search over
+cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
+and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
+the backward of each is the other, computed by the same kernels. Rows are copied as
+[BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride is a multiple of 16 bytes
+the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors.
+
+Synchronisation: the host must know T (to allocate) and ``max_seqlen`` (a Python int).
+- lengths on the CPU: both come from the CPU copy; the lengths reach the device by one
+  non-blocking copy from pinned memory. Nothing syncs.
+- lengths on the GPU, ``total`` not given: one device-to-host read of four numbers after the
+  plan kernel (T, max_seqlen and the error counts that validation needs).
+- lengths on the GPU, ``total=T`` given: no sync (CUDA-graph capturable, torch.compile
+  friendly). ``max_seqlen`` is then the caller's, else the padded bound sum_s L_s. Values on
+  the device are not checked in this mode; the kernels clamp lengths to [0, L_s] and group ids
+  to [0, G) and never touch memory outside their buffers, but the result of bad values is
+  unspecified.
+``unpack``/``unpack_multimodal`` read their metadata to validate it (free on the CPU, one sync
+on the GPU); pass ``validate=False`` to skip that. While torch.compile traces, checks that
+would read values are skipped (they would be graph breaks): give the packs ``total=`` there.
+
+Inputs whose last dimension is not contiguous are copied once with ``.contiguous()``; other
+strides (a slice along L, a transposed batch) are read in place.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mtmm_kernels import reference
+from mtmm_kernels._triton_utils import has_triton, next_power_of_2, triton_runs_on
+
+if has_triton():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - the CPU fallback needs no Triton
+    triton = tl = None
+
+__all__ = ["PackedBatch", "pack", "pack_padded", "pack_multimodal", "unpack", "unpack_multimodal"]
+
+_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                 torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Tests flip this to run the device-side plan path (stats read back, no host-side checks) on
+# CPU tensors under the interpreter.
+_FORCE_DEVICE_PLAN = False
+
+
+# ============================================================================================
+# Triton kernels
+# ============================================================================================
+if triton is not None:
+
+    @triton.jit
+    def _find_sequence(cu_seqlens_ptr, rows, B, search_steps):
+        """Largest p in [0, B) with cu_seqlens[p] <= row: the packed sequence holding the row.
+        Empty sequences repeat a start; the last of equal starts is the non-empty one."""
+        p = tl.zeros_like(rows)
+        for i in range(search_steps):
+            cand = p + (1 << (search_steps - 1 - i))
+            in_range = cand < B
+            start = tl.load(cu_seqlens_ptr + cand, mask=in_range, other=0)
+            p = tl.where(in_range & (start <= rows), cand, p)
+        return p
+
+    # Sizes that change every batch are not specialised on (no recompiles per batch).
+    @triton.jit(do_not_specialize=["B", "G"])
+    def _varlen_plan_kernel(
+        # --- pointers
+        lens_ptrs,          # S pointers, each [B] int32/int64: raw lengths of stream s
+        group_ids_ptr,      # [B] int32/int64 task of each sample (unused unless GROUPED)
+        lens_out_ptr,       # [S, B] int32: lengths clamped to [0, L_s]
+        seqlen_ptr,         # [B] int32 scratch: length of sample b's whole sequence
+        cu_seqlens_ptr,     # [B + 1] int32
+        order_ptr,          # [B] int64: sample of each packed sequence
+        group_offsets_ptr,  # [G] int32: cumulative END token offset of each group
+        stats_ptr,          # [4] int64: T, max_seqlen, #lengths out of range, #group ids out
+        # --- sizes
+        max_lens,           # S ints: L_s
+        B, G,
+        # --- meta
+        S: tl.constexpr, GROUPED: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        # One program: B is at most a few thousand, and a single program needs no
+        # inter-program scan.
+        offs = tl.arange(0, BLOCK_B)
+        running = tl.zeros([], dtype=tl.int32)
+        max_seq = tl.zeros([], dtype=tl.int32)
+        bad_len = tl.zeros([], dtype=tl.int32)
+        bad_gid = tl.zeros([], dtype=tl.int32)
+        total = tl.zeros([], dtype=tl.int64)  # int32 sums wrap past 2**31: the host checks this
+        # --- pass 1: clamp and sum lengths; the ungrouped prefix sum
+        for b0 in range(0, B, BLOCK_B):
+            b = b0 + offs
+            in_b = b < B
+            seq = tl.zeros([BLOCK_B], dtype=tl.int32)
+            for s in tl.static_range(S):
+                raw = tl.load(lens_ptrs[s] + b, mask=in_b, other=0).to(tl.int64)
+                bad_len += tl.sum(((raw < 0) | (raw > max_lens[s])).to(tl.int32), axis=0)
+                n = tl.minimum(tl.maximum(raw, 0), max_lens[s]).to(tl.int32)
+                tl.store(lens_out_ptr + s * B + b, n, mask=in_b)
+                seq += n
+            max_seq = tl.maximum(max_seq, tl.max(seq, axis=0))
+            total += tl.sum(seq.to(tl.int64), axis=0)
+            if GROUPED:
+                gid = tl.load(group_ids_ptr + b, mask=in_b, other=0)
+                bad_gid += tl.sum((in_b & ((gid < 0) | (gid >= G))).to(tl.int32), axis=0)
+                tl.store(seqlen_ptr + b, seq, mask=in_b)
+            else:
+                tl.store(cu_seqlens_ptr + 1 + b, running + tl.cumsum(seq, axis=0), mask=in_b)
+                tl.store(order_ptr + b, b.to(tl.int64), mask=in_b)
+                running += tl.sum(seq, axis=0)
+        # --- pass 2 (grouped): stable counting sort by group; group g's sequences follow
+        # those of groups < g, so one running count and one running token offset suffice.
+        if GROUPED:
+            tl.debug_barrier()  # pass 1's seqlen stores are read back by other threads
+            count = tl.zeros([], dtype=tl.int32)
+            for g in range(G):
+                for b0 in range(0, B, BLOCK_B):
+                    b = b0 + offs
+                    in_b = b < B
+                    gid = tl.load(group_ids_ptr + b, mask=in_b, other=0)
+                    gid = tl.minimum(tl.maximum(gid, 0), G - 1)
+                    seq = tl.load(seqlen_ptr + b, mask=in_b, other=0)
+                    mine = in_b & (gid == g)
+                    n_mine = tl.where(mine, seq, 0)
+                    p = count + tl.cumsum(mine.to(tl.int32), axis=0) - 1
+                    start = running + tl.cumsum(n_mine, axis=0) - n_mine
+                    tl.store(order_ptr + p, b.to(tl.int64), mask=mine)
+                    tl.store(cu_seqlens_ptr + p, start, mask=mine)
+                    count += tl.sum(mine.to(tl.int32), axis=0)
+                    running += tl.sum(n_mine, axis=0)
+                tl.store(group_offsets_ptr + g, running)
+        else:
+            tl.store(cu_seqlens_ptr, 0)
+        tl.store(cu_seqlens_ptr + B, running)
+        tl.store(stats_ptr + 0, total)
+        tl.store(stats_ptr + 1, max_seq.to(tl.int64))
+        tl.store(stats_ptr + 2, bad_len.to(tl.int64))
+        tl.store(stats_ptr + 3, bad_gid.to(tl.int64))
+
+    @triton.jit(do_not_specialize=["T", "B", "search_steps"])
+    def _varlen_pack_kernel(
+        # --- pointers
+        src_ptrs,           # S padded streams x_s [B, L_s, H], last stride 1
+        lens_ptr,           # [S, B] int32 clamped lengths (unused when LENS_FROM_CU)
+        cu_seqlens_ptr,     # [B + 1] int32
+        order_ptr,          # [B] int64 sample of each packed sequence (unused unless HAS_ORDER)
+        dst_ptr,            # [T, H] packed rows, row stride stride_t
+        position_ids_ptr,   # [T] int64
+        seq_ids_ptr,        # [T] int32
+        modality_ids_ptr,   # [T] int32
+        # --- sizes
+        T, H, B, search_steps,
+        max_lens,           # S ints: L_s
+        # --- strides (elements)
+        stride_b, stride_l,  # S ints each: batch and row stride of stream s
+        stride_t,
+        # --- meta
+        S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
+        WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # T < 2**31 (int32 cu_seqlens)
+        cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        # --- the packed sequence of each row, its sample and the row's position in it
+        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
+        seq_start = tl.load(cu_seqlens_ptr + p)
+        row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
+        pos = rows - seq_start
+        if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
+            b = tl.load(order_ptr + p, mask=row_ok, other=0)
+            b = tl.minimum(tl.maximum(b, 0), B - 1)
+        else:
+            b = p.to(tl.int64)
+        # --- gather each row from the stream that holds it (the masks are disjoint, so every
+        # element is read once whatever S)
+        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=dst_ptr.dtype.element_ty)
+        modality = tl.zeros([BLOCK_R], dtype=tl.int32)
+        stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for s in tl.static_range(S):
+            if LENS_FROM_CU:
+                n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
+            else:
+                n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
+            r = pos - stream_start
+            sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
+            src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
+            if ROW_ALIGN > 1:
+                src_off = tl.multiple_of(src_off, ROW_ALIGN)
+            x = tl.load(src_ptrs[s] + src_off[:, None] + cols[None, :],
+                        mask=sel[:, None] & col_ok[None, :], other=0)
+            acc = tl.where(sel[:, None], x, acc)
+            modality = tl.where(sel, s, modality)
+            stream_start += n
+        # --- store every row below T: rows past cu_seqlens[B] (a wrong `total`) get zeros
+        dst_off = rows.to(tl.int64) * stride_t
+        if ROW_ALIGN > 1:
+            dst_off = tl.multiple_of(dst_off, ROW_ALIGN)
+        in_t = rows < T
+        tl.store(dst_ptr + dst_off[:, None] + cols[None, :], acc,
+                 mask=in_t[:, None] & col_ok[None, :])
+        if WRITE_META:
+            if pid_h == 0:
+                tl.store(position_ids_ptr + rows, tl.where(row_ok, pos, 0).to(tl.int64), mask=in_t)
+                tl.store(seq_ids_ptr + rows, tl.where(row_ok, p, 0), mask=in_t)
+                tl.store(modality_ids_ptr + rows, modality, mask=in_t)
+
+    @triton.jit(do_not_specialize=["T", "B"])
+    def _varlen_unpack_kernel(
+        # --- pointers
+        src_ptr,            # [T, H] packed rows, row stride stride_t
+        lens_ptr,           # [S, B] int32 clamped lengths (unused when LENS_FROM_CU)
+        cu_seqlens_ptr,     # [B + 1] int32
+        order_ptr,          # [B] int64 (unused unless HAS_ORDER)
+        dst_ptrs,           # S padded outputs [B, L_s, H], contiguous
+        # --- sizes
+        T, H, B,
+        max_lens,           # S ints: L_s
+        # --- strides (elements)
+        stride_t,
+        # --- meta
+        S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
+        ROW_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # Row blocks are laid out stream after stream; inside stream s, flat row i of the
+        # block range is (packed sequence p, row r) = divmod(i, L_s), so every padded row is
+        # written exactly once (zeros in the padding) when order is a permutation.
+        pid_r = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        first_block = tl.zeros([], dtype=tl.int64)
+        for s in tl.static_range(S):
+            L = max_lens[s]
+            n_rows = (tl.zeros([], dtype=tl.int64) + B) * L  # B, L may be constexpr 1
+            n_blocks = tl.cdiv(n_rows, BLOCK_R)
+            if (pid_r >= first_block) & (pid_r < first_block + n_blocks):
+                flat = (pid_r - first_block) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+                in_rows = flat < n_rows
+                p = (flat // L).to(tl.int32)
+                r = (flat % L).to(tl.int32)
+                p = tl.where(in_rows, p, 0)
+                if HAS_ORDER:  # clamped: a caller's unchecked order must not move the stores
+                    b = tl.load(order_ptr + p, mask=in_rows, other=0)
+                    b = tl.minimum(tl.maximum(b, 0), B - 1)
+                else:
+                    b = p.to(tl.int64)
+                seq_start = tl.load(cu_seqlens_ptr + p, mask=in_rows, other=0)
+                if LENS_FROM_CU:
+                    n = tl.load(cu_seqlens_ptr + p + 1, mask=in_rows, other=0) - seq_start
+                    prefix = tl.zeros_like(n)
+                else:
+                    n = tl.load(lens_ptr + s * B + b, mask=in_rows, other=0)
+                    prefix = tl.zeros_like(n)
+                    for s_before in tl.static_range(s):
+                        prefix += tl.load(lens_ptr + s_before * B + b, mask=in_rows, other=0)
+                src_row = seq_start + prefix + r
+                valid = in_rows & (r < n) & (src_row >= 0) & (src_row < T)
+                src_off = src_row.to(tl.int64) * stride_t
+                dst_off = (b * L + r.to(tl.int64)) * H
+                if ROW_ALIGN > 1:
+                    src_off = tl.multiple_of(src_off, ROW_ALIGN)
+                    dst_off = tl.multiple_of(dst_off, ROW_ALIGN)
+                x = tl.load(src_ptr + src_off[:, None] + cols[None, :],
+                            mask=valid[:, None] & col_ok[None, :], other=0)
+                tl.store(dst_ptrs[s] + dst_off[:, None] + cols[None, :], x,
+                         mask=in_rows[:, None] & col_ok[None, :])
+            first_block += n_blocks
+
+    @triton.jit(do_not_specialize=["T", "B", "search_steps"])
+    def _varlen_token_meta_kernel(
+        # --- pointers
+        cu_seqlens_ptr,     # [B + 1] int32
+        position_ids_ptr,   # [T] int64
+        seq_ids_ptr,        # [T] int32
+        # --- sizes
+        T, B, search_steps,
+        # --- meta
+        BLOCK: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_t = rows < T
+        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
+        pos = rows - tl.load(cu_seqlens_ptr + p)
+        tl.store(position_ids_ptr + rows, pos.to(tl.int64), mask=in_t)
+        tl.store(seq_ids_ptr + rows, p, mask=in_t)
+
+
+# ============================================================================================
+# Launchers: check, allocate, launch
+# ============================================================================================
+def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps) of the copy kernels: up to 4 KiB of a row per program
+    column and about 16 KiB per program, enough bytes in flight per SM to reach copy
+    bandwidth without a register-heavy tile. For an H that is no power of two the column
+    block shrinks until at most 1/8 of its lanes fall past H (H = 1152: 256, not 2048 with
+    44% idle). bench_varlen.py sweeps alternatives."""
+    block_h = min(next_power_of_2(H), max(1, 4096 // element_size))
+    while block_h > 64 and (-(-H // block_h) * block_h - H) * 8 > H:
+        block_h //= 2
+    block_r = max(1, min(64, 16384 // (block_h * element_size)))
+    return block_r, block_h, 4
+
+
+def _row_align(element_size: int, *strides: int) -> int:
+    """Largest power of two (elements, at most one 16-byte vector) dividing every row
+    stride: what the kernels may promise Triton with tl.multiple_of."""
+    align = max(1, 16 // element_size)
+    for stride in strides:
+        while align > 1 and stride % align:
+            align //= 2
+    return align
+
+
+def _search_steps(B: int) -> int:
+    return max(B - 1, 0).bit_length()
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return triton is not None and triton_runs_on(*tensors)
+
+
+def _launch_plan(lengths: list[torch.Tensor], group_ids: Optional[torch.Tensor],
+                 num_groups: int, max_lens: list[int]):
+    S, B = len(lengths), lengths[0].shape[0]
+    device = lengths[0].device
+    lens_SB = torch.empty(S, B, dtype=torch.int32, device=device)
+    seqlen_B = torch.empty(B, dtype=torch.int32, device=device)
+    cu_seqlens = torch.empty(B + 1, dtype=torch.int32, device=device)
+    order = torch.empty(B, dtype=torch.int64, device=device)
+    group_offsets = torch.empty(num_groups, dtype=torch.int32, device=device)
+    stats = torch.empty(4, dtype=torch.int64, device=device)
+    grouped = num_groups > 0
+    _varlen_plan_kernel[(1,)](
+        tuple(lengths), group_ids if grouped else cu_seqlens,
+        lens_SB, seqlen_B, cu_seqlens, order, group_offsets, stats,
+        tuple(max_lens), B, num_groups,
+        S=S, GROUPED=grouped, BLOCK_B=min(max(next_power_of_2(B), 16), 1024), num_warps=4,
+    )
+    return lens_SB, cu_seqlens, order, group_offsets, stats
+
+
+def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
+                 cu_seqlens: torch.Tensor, order: Optional[torch.Tensor], total: int):
+    x0 = streams[0]
+    B, H = x0.shape[0], x0.shape[2]
+    device = x0.device
+    values = torch.empty(total, H, dtype=x0.dtype, device=device)
+    position_ids = torch.empty(total, dtype=torch.int64, device=device)
+    seq_ids = torch.empty(total, dtype=torch.int32, device=device)
+    modality_ids = torch.empty(total, dtype=torch.int32, device=device)
+    if total == 0:
+        return values, position_ids, seq_ids, modality_ids
+    block_r, block_h, num_warps = _tile_config(H, x0.element_size())
+    strides = [x.stride(0) for x in streams] + [x.stride(1) for x in streams] + [H]
+    # H == 0 still needs one column of programs: the metadata is owed
+    grid = (triton.cdiv(total, block_r), max(1, triton.cdiv(H, block_h)))
+    _varlen_pack_kernel[grid](
+        tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
+        order if order is not None else cu_seqlens,
+        values, position_ids, seq_ids, modality_ids,
+        total, H, B, _search_steps(B),
+        tuple(x.shape[1] for x in streams),
+        tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
+        S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
+        WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), *strides),
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return values, position_ids, seq_ids, modality_ids
+
+
+def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
+                   cu_seqlens: torch.Tensor, order: Optional[torch.Tensor],
+                   max_lens: list[int]) -> list[torch.Tensor]:
+    T, H = values.shape
+    B = cu_seqlens.shape[0] - 1
+    outs = [values.new_empty(B, L, H) for L in max_lens]
+    block_r, block_h, num_warps = _tile_config(H, values.element_size())
+    n_blocks = sum(triton.cdiv(B * L, block_r) for L in max_lens)
+    if n_blocks == 0 or H == 0:
+        return outs
+    _varlen_unpack_kernel[(n_blocks, triton.cdiv(H, block_h))](
+        values, lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
+        order if order is not None else cu_seqlens, tuple(outs),
+        T, H, B, tuple(max_lens), values.stride(0),
+        S=len(max_lens), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
+        ROW_ALIGN=_row_align(values.element_size(), values.stride(0), H),
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return outs
+
+
+def _launch_token_meta(cu_seqlens: torch.Tensor, total: int):
+    B = cu_seqlens.shape[0] - 1
+    position_ids = torch.empty(total, dtype=torch.int64, device=cu_seqlens.device)
+    seq_ids = torch.empty(total, dtype=torch.int32, device=cu_seqlens.device)
+    if total > 0:
+        block = 1024
+        _varlen_token_meta_kernel[(triton.cdiv(total, block),)](
+            cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B), BLOCK=block,
+            num_warps=4,
+        )
+    return position_ids, seq_ids
+
+
+# ============================================================================================
+# Dispatch (Triton or the pure-torch fallback), autograd, torch.library ops
+# ============================================================================================
+# The kernels index the small metadata tensors with unit stride: .contiguous() is a no-op on
+# everything this module builds and one small copy on a caller's strided view.
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _plan_impl(lengths, group_ids, num_groups, max_lens):
+    lengths, group_ids = [l.contiguous() for l in lengths], _contiguous(group_ids)
+    tensors = lengths + ([group_ids] if group_ids is not None else [])
+    if _use_triton(*tensors):
+        return _launch_plan(list(lengths), group_ids, num_groups, list(max_lens))
+    return reference.varlen_plan_fallback(list(lengths), group_ids, num_groups, list(max_lens))
+
+
+def _pack_impl(streams, lens_SB, cu_seqlens, order, total):
+    streams = [x if x.stride(-1) == 1 else x.contiguous() for x in streams]
+    lens_SB, cu_seqlens, order = _contiguous(lens_SB), cu_seqlens.contiguous(), _contiguous(order)
+    if _use_triton(*streams, cu_seqlens):
+        return _launch_pack(streams, lens_SB, cu_seqlens, order, total)
+    return reference.varlen_pack_fallback(streams, lens_SB, cu_seqlens, order, total)
+
+
+def _unpack_impl(values, lens_SB, cu_seqlens, order, max_lens):
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    lens_SB, cu_seqlens, order = _contiguous(lens_SB), cu_seqlens.contiguous(), _contiguous(order)
+    if _use_triton(values, cu_seqlens):
+        return _launch_unpack(values, lens_SB, cu_seqlens, order, list(max_lens))
+    return reference.varlen_unpack_fallback(values, lens_SB, cu_seqlens, order, list(max_lens))
+
+
+def _token_meta_impl(cu_seqlens, total):
+    cu_seqlens = cu_seqlens.contiguous()
+    if _use_triton(cu_seqlens):
+        return _launch_token_meta(cu_seqlens, total)
+    return reference.varlen_token_meta_fallback(cu_seqlens, total)
+
+
+class _PackFunction(torch.autograd.Function):
+    """Eager autograd of the pack (cheaper to dispatch than the custom op below): the
+    backward is an unpack of the gradient."""
+
+    @staticmethod
+    def forward(ctx, lens_SB, cu_seqlens, order, total, *streams):
+        ctx.save_for_backward(lens_SB, cu_seqlens, order)
+        ctx.max_lens = [x.shape[1] for x in streams]
+        outs = _pack_impl(list(streams), lens_SB, cu_seqlens, order, total)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_values, *_grad_metadata):
+        lens_SB, cu_seqlens, order = ctx.saved_tensors
+        grads = _unpack(grad_values, lens_SB, cu_seqlens, order, ctx.max_lens)
+        return (None, None, None, None, *grads)
+
+
+class _UnpackFunction(torch.autograd.Function):
+    """Eager autograd of the unpack: the backward is a pack of the gradients."""
+
+    @staticmethod
+    def forward(ctx, values, lens_SB, cu_seqlens, order, max_lens):
+        ctx.save_for_backward(lens_SB, cu_seqlens, order)
+        ctx.total = values.shape[0]
+        return tuple(_unpack_impl(values, lens_SB, cu_seqlens, order, max_lens))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        lens_SB, cu_seqlens, order = ctx.saved_tensors
+        grad_values = _pack(list(grads), lens_SB, cu_seqlens, order, ctx.total)[0]
+        return grad_values, None, None, None, None
+
+
+@torch.library.custom_op("mtmm::varlen_plan", mutates_args=())
+def _plan_op(lengths: list[torch.Tensor], group_ids: Optional[torch.Tensor], num_groups: int,
+             max_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
+    """(lens_SB int32 [S, B], cu_seqlens int32 [B+1], order int64 [B], group_offsets int32 [G],
+    stats int64 [4] = T, max_seqlen, #lengths out of [0, L_s], #group ids out of [0, G))."""
+    return _plan_impl(lengths, group_ids, num_groups, max_lens)
+
+
+@_plan_op.register_fake
+def _(lengths, group_ids, num_groups, max_lens):
+    S, B = len(lengths), lengths[0].shape[0]
+    new = lengths[0].new_empty
+    return (new(S, B, dtype=torch.int32), new(B + 1, dtype=torch.int32),
+            new(B, dtype=torch.int64), new(num_groups, dtype=torch.int32),
+            new(4, dtype=torch.int64))
+
+
+@torch.library.custom_op("mtmm::varlen_pack", mutates_args=())
+def _pack_op(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
+             cu_seqlens: torch.Tensor, order: Optional[torch.Tensor],
+             total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the valid rows of the padded streams into [total, H]: (values, position_ids,
+    seq_ids, modality_ids). lens_SB None means one stream whose lengths are cu_seqlens'
+    differences."""
+    return _pack_impl(streams, lens_SB, cu_seqlens, order, total)
+
+
+@_pack_op.register_fake
+def _(streams, lens_SB, cu_seqlens, order, total):
+    x0 = streams[0]
+    return (x0.new_empty(total, x0.shape[2]), x0.new_empty(total, dtype=torch.int64),
+            x0.new_empty(total, dtype=torch.int32), x0.new_empty(total, dtype=torch.int32))
+
+
+@torch.library.custom_op("mtmm::varlen_unpack", mutates_args=())
+def _unpack_op(values: torch.Tensor, lens_SB: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
+               order: Optional[torch.Tensor], max_lens: list[int]) -> list[torch.Tensor]:
+    """Scatter packed rows into S zero-padded streams [B, L_s, H] (the adjoint of _pack_op)."""
+    return _unpack_impl(values, lens_SB, cu_seqlens, order, max_lens)
+
+
+@_unpack_op.register_fake
+def _(values, lens_SB, cu_seqlens, order, max_lens):
+    B = cu_seqlens.shape[0] - 1
+    return [values.new_empty(B, L, values.shape[1]) for L in max_lens]
+
+
+@torch.library.custom_op("mtmm::varlen_token_meta", mutates_args=())
+def _token_meta_op(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids int64 [total], seq_ids int32 [total]) of a packed buffer."""
+    return _token_meta_impl(cu_seqlens, total)
+
+
+@_token_meta_op.register_fake
+def _(cu_seqlens, total):
+    return (cu_seqlens.new_empty(total, dtype=torch.int64),
+            cu_seqlens.new_empty(total, dtype=torch.int32))
+
+
+def _pack_setup_context(ctx, inputs, output):
+    streams, lens_SB, cu_seqlens, order, _total = inputs
+    ctx.save_for_backward(lens_SB, cu_seqlens, order)
+    ctx.max_lens = [x.shape[1] for x in streams]
+
+
+def _pack_backward(ctx, grad_values, *_grad_metadata):
+    lens_SB, cu_seqlens, order = ctx.saved_tensors
+    grads = _unpack_op(grad_values, lens_SB, cu_seqlens, order, ctx.max_lens)
+    return list(grads), None, None, None, None
+
+
+def _unpack_setup_context(ctx, inputs, output):
+    values, lens_SB, cu_seqlens, order, _max_lens = inputs
+    ctx.save_for_backward(lens_SB, cu_seqlens, order)
+    ctx.total = values.shape[0]
+
+
+def _unpack_backward(ctx, grads):
+    lens_SB, cu_seqlens, order = ctx.saved_tensors
+    grad_values = _pack_op(list(grads), lens_SB, cu_seqlens, order, ctx.total)[0]
+    return grad_values, None, None, None, None
+
+
+_pack_op.register_autograd(_pack_backward, setup_context=_pack_setup_context)
+_unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup_context)
+
+
+# Eager calls take the autograd.Functions (a few microseconds to dispatch); torch.compile
+# traces the custom ops, whose fake implementations give it the output shapes.
+def _plan(lengths, group_ids, num_groups, max_lens):
+    if torch.compiler.is_compiling():
+        return _plan_op(lengths, group_ids, num_groups, max_lens)
+    return _plan_impl(lengths, group_ids, num_groups, max_lens)
+
+
+def _pack(streams, lens_SB, cu_seqlens, order, total):
+    if torch.compiler.is_compiling():
+        return _pack_op(streams, lens_SB, cu_seqlens, order, total)
+    return _PackFunction.apply(lens_SB, cu_seqlens, order, total, *streams)
+
+
+def _unpack(values, lens_SB, cu_seqlens, order, max_lens):
+    if torch.compiler.is_compiling():
+        return _unpack_op(values, lens_SB, cu_seqlens, order, max_lens)
+    return _UnpackFunction.apply(values, lens_SB, cu_seqlens, order, list(max_lens))
+
+
+def _token_meta(cu_seqlens, total):
+    if torch.compiler.is_compiling():
+        return _token_meta_op(cu_seqlens, total)
+    return _token_meta_impl(cu_seqlens, total)
+
+
+# ============================================================================================
+# Public API
+# ============================================================================================
+@dataclasses.dataclass
+class PackedBatch:
+    """A packed ragged batch.
+
+    values:        [T, H] the real rows of every sequence, back to back.
+    cu_seqlens:    int32 [B + 1], leading 0: sequence p is values[cu_seqlens[p]:cu_seqlens[p+1]]
+                   (FlashAttention's varlen convention).
+    max_seqlen:    Python int, the longest sequence (an upper bound when the caller gave
+                   ``total`` without ``max_seqlen``).
+    position_ids:  int64 [T], restarting at 0 in each sequence (HuggingFace's convention).
+    seq_ids:       int32 [T], the packed sequence each token belongs to.
+    modality_ids:  int32 [T], the stream each token came from (pack_multimodal only).
+    group_offsets: int32 [G], cumulative END token offset of each group (calls with group_ids),
+                   the ``offs`` of a grouped GEMM over the packed rows.
+    order:         int64 [B], the input sample of each packed sequence (calls with group_ids).
+    """
+
+    values: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    position_ids: torch.Tensor
+    seq_ids: torch.Tensor
+    modality_ids: Optional[torch.Tensor] = None
+    group_offsets: Optional[torch.Tensor] = None
+    order: Optional[torch.Tensor] = None
+
+
+def _as_index_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {value.dtype}")
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, int) for v in value):
+        return torch.tensor(list(value), dtype=torch.int64)
+    raise TypeError(f"{name} must be an int32/int64 tensor or a list of ints, "
+                    f"got {type(value).__name__}")
+
+
+def _check_values(x, name: str, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {x.dtype}")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to the device without a sync: staged through pinned memory."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _check_int(value, name: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def pack_multimodal(streams: Sequence[torch.Tensor], lengths: Sequence, group_ids=None,
+                    num_groups: Optional[int] = None, *, total: Optional[int] = None,
+                    max_seqlen: Optional[int] = None) -> PackedBatch:
+    """Pack S padded modality streams into one ragged batch.
+
+    Packed sequence b is x_0[b, :len_0[b]], x_1[b, :len_1[b]], ... in stream order (with
+    group_ids: sequences stably sorted by group). Differentiable in the streams; the backward
+    is an unpack of the gradient by the same kernels.
+
+    Args:
+        streams: S tensors x_s [B, L_s, H], same B, H, dtype (fp16/bf16/fp32/fp64 or integer)
+            and device.
+        lengths: S int32/int64 tensors [B] (or lists of ints), 0 <= len_s[b] <= L_s; on the
+            CPU (no sync) or on the streams' device.
+        group_ids: optional int32/int64 [B], the task of each sample, in [0, num_groups).
+        num_groups: G; when None it is max(group_ids) + 1 (a sync if group_ids is on the GPU).
+        total: T when the caller knows it: with lengths on the GPU this removes the only sync
+            (and the device-side value checks, see the module docstring).
+        max_seqlen: the longest sequence when the caller knows it (used with ``total``).
+
+    Returns:
+        PackedBatch with values [T, H], cu_seqlens, max_seqlen, position_ids, seq_ids,
+        modality_ids and, with group_ids, group_offsets and order.
+    """
+    return _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen,
+                         names=("streams", "lengths"), multimodal=True)
+
+
+def pack_padded(x: torch.Tensor, lengths, group_ids=None, num_groups: Optional[int] = None, *,
+                total: Optional[int] = None, max_seqlen: Optional[int] = None) -> PackedBatch:
+    """Pack a padded batch x [B, L, H] with lengths [B] (int32/int64 tensor or list of ints,
+    CPU or device) into a PackedBatch; rows past each length are dropped.
+
+    With group_ids (int32/int64 [B], values in [0, num_groups)) the sequences are stably sorted
+    by group and group_offsets and order are filled. ``total`` and ``max_seqlen`` as in
+    pack_multimodal. Differentiable in x.
+    """
+    _check_values(x, "x", 3)
+    batch = _pack_streams([x], [lengths], group_ids, num_groups, total, max_seqlen,
+                          names=("x", "lengths"), multimodal=False)
+    return batch
+
+
+def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *, names,
+                  multimodal: bool) -> PackedBatch:
+    x_name, len_name = names
+    if not isinstance(streams, Sequence) or len(streams) == 0:
+        raise ValueError(f"{x_name} must be a non-empty list of [B, L, H] tensors")
+    if not isinstance(lengths, Sequence) or len(lengths) != len(streams):
+        raise ValueError(f"{len_name} must be a list of {len(streams)} tensors (one per stream), "
+                         f"got {type(lengths).__name__} of length "
+                         f"{len(lengths) if isinstance(lengths, Sequence) else '?'}")
+    streams = list(streams)
+    for s, x in enumerate(streams):
+        _check_values(x, f"{x_name}[{s}]" if multimodal else x_name, 3)
+    B, H = streams[0].shape[0], streams[0].shape[2]
+    device, dtype = streams[0].device, streams[0].dtype
+    for s, x in enumerate(streams[1:], 1):
+        if x.shape[0] != B:
+            raise ValueError(f"{x_name}[{s}] has batch size {x.shape[0]}, {x_name}[0] has {B}")
+        if x.shape[2] != H:
+            raise ValueError(f"{x_name}[{s}] has H={x.shape[2]}, {x_name}[0] has H={H}")
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(f"{x_name}[{s}] is {x.dtype} on {x.device}, "
+                             f"{x_name}[0] is {dtype} on {device}")
+    max_lens = [x.shape[1] for x in streams]
+    lens = []
+    for s, l in enumerate(lengths):
+        name = f"{len_name}[{s}]" if multimodal else len_name
+        l = _as_index_tensor(l, name)
+        if l.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},), got {tuple(l.shape)}")
+        if l.device.type != "cpu" and l.device != device:
+            raise ValueError(f"{name} is on {l.device}, the values on {device}")
+        lens.append(l)
+    grouped = group_ids is not None
+    if grouped:
+        group_ids = _as_index_tensor(group_ids, "group_ids")
+        if group_ids.shape != (B,):
+            raise ValueError(f"group_ids must have shape ({B},), got {tuple(group_ids.shape)}")
+        if group_ids.device.type != "cpu" and group_ids.device != device:
+            raise ValueError(f"group_ids is on {group_ids.device}, the values on {device}")
+        if num_groups is None:
+            num_groups = int(group_ids.max()) + 1 if B else 1  # a sync on the GPU
+        _check_int(num_groups, "num_groups", 1)
+    elif num_groups is not None:
+        raise ValueError("num_groups is given without group_ids")
+    if total is not None:
+        _check_int(total, "total")
+    if max_seqlen is not None:
+        _check_int(max_seqlen, "max_seqlen")
+
+    # --- host-side checks and sizes when the lengths are on the CPU: no sync
+    # Under torch.compile the value checks would be graph breaks: tracing takes the device path.
+    tracing = torch.compiler.is_compiling()
+    host = all(l.device.type == "cpu" for l in lens) and not (_FORCE_DEVICE_PLAN or tracing)
+    if host:
+        lens_host = torch.stack([l.to(torch.int64) for l in lens])
+        a = lens_host.numpy()  # numpy: a few microseconds for what torch CPU ops take tens
+        Ls = np.asarray(max_lens, dtype=np.int64)[:, None]
+        bad = (a < 0) | (a > Ls)
+        if bad.any():
+            s, b = (int(i[0]) for i in np.nonzero(bad))
+            name = f"{len_name}[{s}]" if multimodal else len_name
+            raise ValueError(f"{name}[{b}] = {int(a[s, b])} is outside [0, {max_lens[s]}]")
+        seq = a.sum(0)
+        host_total = int(seq.sum())
+        if total is not None and total != host_total:
+            raise ValueError(f"total={total} but the lengths sum to {host_total}")
+        total = host_total
+        if max_seqlen is None:
+            max_seqlen = int(seq.max()) if B else 0
+        lens = list(_to_device(lens_host, device).unbind(0))  # one copy for all streams
+    if grouped and group_ids.device.type == "cpu" and not (_FORCE_DEVICE_PLAN or tracing):
+        bad = (group_ids < 0) | (group_ids >= num_groups)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"group_ids[{b}] = {int(group_ids[b])} is outside "
+                             f"[0, num_groups={num_groups})")
+        group_ids = _to_device(group_ids, device)
+    if total is not None and total >= 2**31:
+        raise ValueError(f"total={total} rows do not fit int32 cu_seqlens")
+
+    lens_SB, cu_seqlens, order, group_offsets, stats = _plan(
+        [_to_device(l, device) for l in lens], group_ids if grouped else None,
+        num_groups if grouped else 0, max_lens)
+    if total is None:  # lengths on the device: the one sync, which also validates
+        T, longest, bad_len, bad_gid = stats.tolist()
+        if bad_len:
+            raise ValueError(f"{len_name}: {bad_len} length(s) outside [0, L_s] "
+                             f"(L_s = {max_lens})")
+        if bad_gid:
+            raise ValueError(f"group_ids: {bad_gid} id(s) outside [0, num_groups={num_groups})")
+        if T >= 2**31:
+            raise ValueError(f"total={T} rows do not fit int32 cu_seqlens")
+        total = T
+        if max_seqlen is None:
+            max_seqlen = longest
+    if max_seqlen is None:
+        max_seqlen = sum(max_lens)
+    values, position_ids, seq_ids, modality_ids = _pack(
+        streams, lens_SB, cu_seqlens, order if grouped else None, total)
+    return PackedBatch(
+        values=values, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
+        seq_ids=seq_ids, modality_ids=modality_ids if multimodal else None,
+        group_offsets=group_offsets if grouped else None, order=order if grouped else None,
+    )
+
+
+def pack(seqs: Sequence[torch.Tensor]) -> PackedBatch:
+    """Pack a list of sequences [L_i, H] (L_i may be 0; same H, dtype, device) into a
+    PackedBatch.
+
+    The values are ``torch.cat(seqs)``: with separate source tensors a concatenation is the
+    pack, and its backward (slices of the gradient) moves no data. cu_seqlens comes from the
+    host-known shapes (no sync); position_ids and seq_ids are written by one kernel.
+    """
+    if not isinstance(seqs, Sequence) or len(seqs) == 0:
+        raise ValueError("seqs must be a non-empty list of [L_i, H] tensors")
+    for i, x in enumerate(seqs):
+        _check_values(x, f"seqs[{i}]", 2)
+    H, dtype, device = seqs[0].shape[1], seqs[0].dtype, seqs[0].device
+    for i, x in enumerate(seqs):
+        if x.shape[1] != H:
+            raise ValueError(f"seqs[{i}] has H={x.shape[1]}, seqs[0] has H={H}")
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(f"seqs[{i}] is {x.dtype} on {x.device}, seqs[0] is {dtype} on "
+                             f"{device}")
+    sizes = [x.shape[0] for x in seqs]
+    cu = [0]
+    for n in sizes:
+        cu.append(cu[-1] + n)
+    if cu[-1] >= 2**31:
+        raise ValueError(f"seqs hold {cu[-1]} rows, more than int32 cu_seqlens can index")
+    cu_seqlens = _to_device(torch.tensor(cu, dtype=torch.int32), device)
+    values = torch.cat(list(seqs))
+    position_ids, seq_ids = _token_meta(cu_seqlens, cu[-1])
+    return PackedBatch(values=values, cu_seqlens=cu_seqlens, max_seqlen=max(sizes),
+                       position_ids=position_ids, seq_ids=seq_ids)
+
+
+def _check_cu_seqlens(cu_seqlens, T: int, name: str = "cu_seqlens") -> None:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's convention), "
+                        f"got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length B + 1 >= 1, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+
+
+def _check_cu_values(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int]) -> None:
+    """Reads the values (one sync on the GPU)."""
+    cu = cu_seqlens.to(torch.int64).cpu()
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    diffs = cu[1:] - cu[:-1]
+    if bool((diffs < 0).any()):
+        p = int((diffs < 0).nonzero()[0, 0])
+        raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{p + 1}] = "
+                         f"{int(cu[p + 1])} < cu_seqlens[{p}] = {int(cu[p])}")
+    if int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but values has {T} rows")
+    if max_seqlen is not None and diffs.numel() and int(diffs.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence "
+                         f"({int(diffs.max())})")
+
+
+def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+           validate: bool = True) -> torch.Tensor:
+    """Scatter packed rows back to a padded batch.
+
+    Args:
+        values: [T, H] packed rows (fp16/bf16/fp32/fp64 or integer).
+        cu_seqlens: int32 [B + 1], 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T, on values'
+            device.
+        max_seqlen: L of the output, at least the longest sequence.
+        validate: check the cu_seqlens values (one sync on the GPU); with False, bad values give
+            an unspecified (but memory-safe) result.
+
+    Returns:
+        [B, max_seqlen, H]: sequence b in row b, zeros after its end. Differentiable in values;
+        the backward is a pack of the gradient.
+    """
+    _check_values(values, "values", 2)
+    _check_cu_seqlens(cu_seqlens, values.shape[0])
+    _check_int(max_seqlen, "max_seqlen")
+    if cu_seqlens.device != values.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, values on {values.device}")
+    if validate and not torch.compiler.is_compiling():
+        _check_cu_values(cu_seqlens, values.shape[0], max_seqlen)
+    return _unpack(values, None, cu_seqlens, None, [max_seqlen])[0]
+
+
+def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence[int], *,
+                      validate: bool = True) -> list[torch.Tensor]:
+    """The inverse of pack_multimodal: S padded streams from a packed batch.
+
+    Args:
+        packed: a PackedBatch (its values [T, H], cu_seqlens and, if grouped, order are used).
+        lengths: S int32/int64 tensors [B] (or lists of ints), the per-stream lengths it was
+            packed with; CPU or values' device.
+        max_lens: S ints, L_s of each output, len_s[b] <= L_s.
+        validate: check the lengths against max_lens and cu_seqlens and that order is a
+            permutation (one sync on the GPU); with False, bad values give an unspecified (but
+            memory-safe) result.
+
+    Returns:
+        S tensors [B, L_s, H] indexed by input sample, zeros in the padding. Differentiable in
+        packed.values; the backward is a pack of the gradients.
+    """
+    if not isinstance(packed, PackedBatch):
+        raise TypeError(f"packed must be a PackedBatch, got {type(packed).__name__}")
+    values, cu_seqlens, order = packed.values, packed.cu_seqlens, packed.order
+    _check_values(values, "packed.values", 2)
+    _check_cu_seqlens(cu_seqlens, values.shape[0], "packed.cu_seqlens")
+    B = cu_seqlens.shape[0] - 1
+    if not isinstance(max_lens, Sequence) or len(max_lens) == 0:
+        raise ValueError("max_lens must be a non-empty list of ints")
+    max_lens = [_check_int(L, f"max_lens[{s}]") for s, L in enumerate(max_lens)]
+    if not isinstance(lengths, Sequence) or len(lengths) != len(max_lens):
+        raise ValueError(f"lengths must be a list of {len(max_lens)} tensors (one per max_lens)")
+    lens = []
+    for s, l in enumerate(lengths):
+        l = _as_index_tensor(l, f"lengths[{s}]")
+        if l.shape != (B,):
+            raise ValueError(f"lengths[{s}] must have shape ({B},) (B from packed.cu_seqlens), "
+                             f"got {tuple(l.shape)}")
+        lens.append(l)
+    if order is not None and (order.dtype != torch.int64 or order.shape != (B,)):
+        raise ValueError(f"packed.order must be int64 [{B}], got {order.dtype} "
+                         f"{tuple(order.shape)}")
+    device = values.device
+    lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens]) if B else \
+        torch.zeros(len(lens), 0, dtype=torch.int32, device=device)
+    if validate and not torch.compiler.is_compiling():
+        _check_cu_values(cu_seqlens, values.shape[0], None)
+        host = lens_SB.to(torch.int64).cpu()
+        for s, L in enumerate(max_lens):
+            bad = (host[s] < 0) | (host[s] > L)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"lengths[{s}][{b}] = {int(host[s, b])} is outside [0, {L}]")
+        perm = torch.arange(B) if order is None else order.cpu()
+        if order is not None and not torch.equal(torch.sort(perm).values, torch.arange(B)):
+            raise ValueError("packed.order is not a permutation of range(B)")
+        cu = cu_seqlens.to(torch.int64).cpu()
+        if not torch.equal(host.sum(0)[perm], cu[1:] - cu[:-1]):
+            raise ValueError("lengths do not add up to the sequence lengths in "
+                             "packed.cu_seqlens")
+    return list(_unpack(values, lens_SB, cu_seqlens, order, max_lens))
