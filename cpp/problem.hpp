@@ -1,0 +1,61 @@
+// The planner's input and output as flat arrays; scheduler/reference.py's CoreInput/Schedule.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mtmm {
+
+// A problem the caller got wrong (or one that cannot fit in memory). bindings.cpp maps it to
+// ValueError.
+struct PlanningError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+struct CoreInput {
+    int num_devices = 0;
+    int island_size = 1;
+    std::vector<std::string> names;
+    std::vector<int> layers;
+    std::vector<std::vector<int>> counts;     // usable valid counts (<= num_devices), ascending
+    std::vector<std::vector<double>> times;   // times[m][j]: ms of one layer on counts[m][j]
+    std::vector<int> component;               // component id of each MetaOp
+    std::vector<double> param_gb;             // per component, per layer
+    std::vector<double> activation_gb;        // per MetaOp, one layer, whole batch
+    std::vector<double> output_mb;            // per MetaOp
+    std::vector<std::pair<int, int>> flows;
+    double device_memory_gb = -1.0;           // < 0: unlimited
+
+    // Throws PlanningError when the arrays disagree in length or break the format's rules.
+    void check() const;
+};
+
+struct Slice {
+    int metaop;
+    int layer_begin;
+    int layer_end;
+    std::vector<int> devices;  // ascending
+};
+
+struct Wave {
+    double start_ms;
+    double duration_ms;
+    std::vector<Slice> slices;
+};
+
+struct Schedule {
+    std::vector<Wave> waves;
+    std::vector<double> level_cstar;
+    std::vector<int> levels;
+    double relaxed_ms = 0.0;
+    double lower_bound_ms = 0.0;
+    double makespan_ms = 0.0;
+    // The variant that produced it (see PlanOptions).
+    bool overlap_levels = false;
+    bool least_idle = false;
+    bool single_tuple = false;
+    bool fastest = false;
+};
+
+}  // namespace mtmm

@@ -1,0 +1,72 @@
+"""`mtmm plan`: plan one training iteration.
+
+    mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
+    mtmm plan --model NAME [--tasks K] [--gpus N] [--method M] [-o PLAN.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _summary(plan: dict) -> str:
+    lines = [
+        f"method       {plan['method']} ({plan.get('backend', 'python')})",
+        f"makespan     {plan['makespan_ms']:.3f} ms",
+    ]
+    if "relaxed_ms" in plan:
+        lines.append(f"relaxed C*   {plan['relaxed_ms']:.3f} ms "
+                     f"(makespan / relaxed = {plan['makespan_ms'] / plan['relaxed_ms']:.4f})")
+    lines.append(f"lower bound  {plan['lower_bound_ms']:.3f} ms")
+    lines.append(f"planner      {plan['planner_ms']:.3f} ms")
+    lines.append(f"waves        {len(plan['waves'])} "
+                 f"({sum(len(w['slices']) for w in plan['waves'])} slices)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scheduler.planner import plan_problem
+
+    if (args.problem is None) == (args.model is None):
+        print("mtmm plan: give PROBLEM.json or --model NAME (not both)", file=sys.stderr)
+        return 2
+    try:
+        if args.model is not None:
+            from scheduler import zoo
+
+            problem = zoo.build_problem(args.model, args.tasks, args.gpus)
+        else:
+            with open(args.problem) as f:
+                problem = json.load(f)
+        options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio")
+                   if getattr(args, k) is not None}
+        plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
+    except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+        print(f"mtmm plan: {e}", file=sys.stderr)
+        return 1
+    print(_summary(plan))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(plan, f, indent=1)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from scheduler.planner import BACKENDS, METHODS
+
+    p = sub.add_parser("plan", help="plan one training iteration (Spindle / mtmm / baselines)")
+    p.add_argument("problem", nargs="?", help="problem JSON (docs/formats.md)")
+    p.add_argument("--model",
+                   help="a zoo model instead of a file (multitask-clip, ofasys, qwen-val)")
+    p.add_argument("--tasks", type=int, default=None, help="tasks of the zoo model")
+    p.add_argument("--gpus", type=int, default=8, help="devices for the zoo model (default 8)")
+    p.add_argument("--method", choices=METHODS, default="spindle")
+    p.add_argument("--backend", choices=BACKENDS, default="cpp")
+    p.add_argument("--overlap-levels", dest="overlap_levels", action=argparse.BooleanOptionalAction,
+                   default=None, help="override the method's default (spindle/mtmm only)")
+    p.add_argument("--portfolio", action=argparse.BooleanOptionalAction, default=None,
+                   help="mtmm: plan every variant and keep the best (default on)")
+    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.set_defaults(func=run)

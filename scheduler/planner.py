@@ -1,0 +1,181 @@
+"""The planner API: ``plan_problem(problem, method, backend, **options) -> plan dict``.
+
+Methods:
+  ``spindle``  the paper's algorithm (per-level allocation, wavefront scheduling, placement),
+               MetaLevels concatenated in time;
+  ``mtmm``     mtmm's best: a portfolio of spindle variants (``least_idle`` wave lengths,
+               ``single_tuple`` allocation, ``overlap_levels``: a MetaOp starts as soon as its
+               own predecessors are done, with critical-path priority; and every MetaOp at its
+               fastest count), keeping the plan with the smallest makespan;
+  ``sequential``, ``distmm``, ``optimus``, ``uniform``: the baselines (scheduler.baselines).
+Back ends for spindle/mtmm: ``cpp`` (scheduler._core) and ``python`` (scheduler.reference); they
+return the same plan. Every plan is checked with ``plan.validate`` before it is returned.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Mapping
+
+from .plan import Problem, lower_bound, validate
+from .reference import CoreInput, core_input, plan_core
+
+__all__ = ["METHODS", "BACKENDS", "DEFAULT_OPTIONS", "plan_problem", "check_memory"]
+
+METHODS = ("spindle", "mtmm", "sequential", "distmm", "optimus", "uniform")
+BACKENDS = ("cpp", "python")
+# mtmm's portfolio plans with and without overlap_levels and keeps the better plan. Alone
+# (portfolio=False), overlap_levels is off by default: it loses on every zoo model and wins
+# on deep random DAGs (bench/bench_planner.py's ablation; numbers in docs/planner.md).
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "spindle": {"overlap_levels": False, "least_idle": False, "single_tuple": False,
+                "portfolio": False},
+    "mtmm": {"overlap_levels": False, "least_idle": True, "single_tuple": True,
+             "portfolio": True},
+}
+
+
+def check_memory(p: Problem) -> None:
+    """Reject problems that cannot fit in device memory under any plan (ValueError naming the
+    MetaOp): one layer on the largest usable count must fit one device, and everything must
+    fit all devices together."""
+    cap = p.device_memory_gb
+    if cap is None:
+        return
+    param = p.component_param_gb()
+    max_layers: dict[str, int] = {}
+    total = 0.0
+    worst, worst_gb = None, -1.0
+    for i, m in enumerate(p.metaops):
+        n_max = p.usable_counts(i)[-1]
+        need = param[m.component] + m.activation_gb / n_max
+        if need > cap:
+            raise ValueError(
+                f"MetaOp {m.name!r} cannot fit in memory: one layer needs {need:.6g} GB per "
+                f"device even on {n_max} devices (param_gb {param[m.component]:.6g} + "
+                f"activation_gb {m.activation_gb:.6g} / {n_max}), device_memory_gb = {cap}")
+        max_layers[m.component] = max(max_layers.get(m.component, 0), m.layers)
+        total += m.layers * m.activation_gb
+        if m.layers * (m.activation_gb + param[m.component]) > worst_gb:
+            worst, worst_gb = m.name, m.layers * (m.activation_gb + param[m.component])
+    for c, layers in max_layers.items():
+        total += layers * param[c]
+    if total > cap * p.num_devices:
+        raise ValueError(
+            f"the problem cannot fit in memory: it needs at least {total:.6g} GB, the "
+            f"{p.num_devices} devices hold {cap * p.num_devices:.6g} GB (largest MetaOp: "
+            f"{worst!r}, {worst_gb:.6g} GB)")
+
+
+_VARIANT_KEYS = ("overlap_levels", "least_idle", "single_tuple", "fastest")
+
+
+def _fields(waves: list, sched_like) -> dict:
+    return {
+        "makespan_ms": sched_like["makespan_ms"],
+        "lower_bound_ms": sched_like["lower_bound_ms"],
+        "relaxed_ms": sched_like["relaxed_ms"],
+        "level_cstar_ms": list(sched_like["level_cstar"]),
+        "variant": dict(zip(_VARIANT_KEYS, sched_like["variant"])),
+        "waves": waves,
+    }
+
+
+def _run_cpp(inp: CoreInput, opts: dict) -> tuple[dict, float]:
+    from . import _core
+
+    r = _core.plan_core(
+        inp.num_devices, inp.island_size, inp.names, inp.layers, inp.counts, inp.times,
+        inp.component, inp.param_gb, inp.activation_gb, inp.output_mb, inp.flows,
+        inp.device_memory_gb, bool(opts["overlap_levels"]), bool(opts["least_idle"]),
+        bool(opts["single_tuple"]), bool(opts["portfolio"]),
+    )
+    return _fields(r["waves"], r), r["core_ms"]
+
+
+def _run_python(inp: CoreInput, opts: dict) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    sched = plan_core(inp, overlap_levels=bool(opts["overlap_levels"]),
+                      least_idle=bool(opts["least_idle"]),
+                      single_tuple=bool(opts["single_tuple"]), portfolio=bool(opts["portfolio"]))
+    core_ms = (time.perf_counter() - t0) * 1e3
+    names = inp.names
+    waves = [
+        {"start_ms": start, "duration_ms": dur,
+         "slices": [{"metaop": names[m], "layer_begin": b, "layer_end": e, "devices": d}
+                    for m, b, e, d in slices]}
+        for start, dur, slices in sched.waves
+    ]
+    return _fields(waves, vars(sched)), core_ms
+
+
+def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: str = "cpp",
+                 *, check: bool = True, **options) -> dict:
+    """Plan one training iteration of ``problem`` (a problem dict or ``Problem``).
+
+    Args:
+        problem: the problem (docs/formats.md).
+        method: one of ``METHODS``.
+        backend: ``"cpp"`` or ``"python"`` (spindle and mtmm only; the baselines are Python).
+        check: validate the plan before returning it (on by default; benchmarks of very large
+            problems may turn it off, the tests never do).
+        **options: spindle/mtmm only: ``overlap_levels``, ``least_idle``, ``single_tuple``,
+            ``portfolio`` (bools; defaults in DEFAULT_OPTIONS, meanings in docs/planner.md).
+
+    Returns:
+        The plan dict (docs/formats.md) with ``method``, ``backend``, ``options``,
+        ``makespan_ms``, ``lower_bound_ms``, ``relaxed_ms`` (spindle/mtmm), ``planner_ms`` (the
+        planning call: core plus conversion to the plan dict, not parsing or validation),
+        ``core_ms`` (the algorithm alone) and ``waves``.
+
+    Raises:
+        ValueError: bad problem (naming the MetaOp and why), a problem that cannot fit in memory,
+            an unknown method or backend. TypeError: an unknown option.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    p = problem if isinstance(problem, Problem) else Problem.from_dict(problem)
+    check_memory(p)
+    if method in DEFAULT_OPTIONS:
+        unknown = set(options) - set(DEFAULT_OPTIONS[method])
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)} for method {method!r}; "
+                            f"known: {sorted(DEFAULT_OPTIONS[method])}")
+        for key, value in options.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"option {key!r} must be a bool, got {value!r}")
+        opts = {**DEFAULT_OPTIONS[method], **options}
+        gc_was_on = gc.isenabled()
+        gc.disable()  # building a large plan must not trigger collections of what it builds
+        try:
+            t0 = time.perf_counter()
+            inp = core_input(p)
+            run = _run_cpp if backend == "cpp" else _run_python
+            fields, core_ms = run(inp, opts)
+            plan = {"method": method, "backend": backend, "options": opts, **fields}
+            plan["planner_ms"] = (time.perf_counter() - t0) * 1e3
+            plan["core_ms"] = core_ms
+        finally:
+            if gc_was_on:
+                gc.enable()
+    else:
+        if options:
+            raise TypeError(f"method {method!r} takes no options, got {sorted(options)}")
+        from . import baselines
+
+        t0 = time.perf_counter()
+        plan = dict(getattr(baselines, f"plan_{method}")(p))
+        elapsed = (time.perf_counter() - t0) * 1e3
+        plan.setdefault("method", method)
+        plan.setdefault("backend", "python")
+        plan.setdefault("planner_ms", elapsed)
+        plan.setdefault("lower_bound_ms", lower_bound(p))
+        if "makespan_ms" not in plan:
+            plan["makespan_ms"] = max((w["start_ms"] + w["duration_ms"] for w in plan["waves"]),
+                                      default=0.0)
+    if check:
+        validate(p, plan)
+    return plan

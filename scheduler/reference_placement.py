@@ -1,0 +1,160 @@
+"""Placement for the Python twin of the planner (scheduler/reference.py; C++: cpp/placement.cpp).
+
+Maps every wave's device groups to device ids, wave by wave: continuing groups keep their
+devices; the others go where their inputs and their component's parameters are (affinity),
+inside one island when they fit one, within device memory, falling back to smaller counts.
+The rules and tie-breaks are listed in docs/planner.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .reference import CoreInput
+
+__all__ = ["Placer", "layers_fitting"]
+
+
+def layers_fitting(D: float, T: float, cap: int) -> int:
+    """The most layers k <= cap with k * T <= D."""
+    q = D / T
+    k = cap if q >= cap else int(q)
+    while k < cap and (k + 1) * T <= D:
+        k += 1
+    while k > 0 and k * T > D:
+        k -= 1
+    return k
+
+
+class Placer:
+    """Maps each wave's groups to device ids, wave by wave, tracking memory."""
+
+    def __init__(self, inp: CoreInput, preds: list[list[int]]):
+        self.inp = inp
+        self.preds = preds
+        N = inp.num_devices
+        self.used = [0.0] * N
+        self.held: dict[tuple[int, int], bytearray] = {}
+        self.last_dev: list[list[int]] = [[] for _ in inp.layers]
+        self.last_wave = [-1] * len(inp.layers)
+        self.comp_last: list[list[int]] = [[] for _ in inp.param_gb]
+        self.max_layers = [0] * len(inp.param_gb)
+        for m, c in enumerate(inp.component):
+            self.max_layers[c] = max(self.max_layers[c], inp.layers[m])
+
+    def _cost(self, d: int, m: int, b: int, k: int, n: int) -> tuple[float, float]:
+        """Activation and parameter GB that slice [b, b + k) of m adds to device d."""
+        inp = self.inp
+        c = inp.component[m]
+        act = k * inp.activation_gb[m] / n
+        if inp.param_gb[c] == 0.0:
+            return act, 0.0
+        held = self.held.get((d, c))
+        new = k if held is None else sum(1 for j in range(b, b + k) if not held[j])
+        return act, inp.param_gb[c] * new
+
+    def _fits(self, d: int, m: int, b: int, k: int, n: int) -> bool:
+        if self.inp.device_memory_gb < 0:
+            return True
+        act, par = self._cost(d, m, b, k, n)
+        return self.used[d] + act + par <= self.inp.device_memory_gb
+
+    def _commit(self, w: int, m: int, b: int, k: int, devices: list[int]) -> None:
+        inp = self.inp
+        c = inp.component[m]
+        if inp.device_memory_gb >= 0:
+            for d in devices:
+                act, par = self._cost(d, m, b, k, len(devices))
+                self.used[d] = self.used[d] + act + par
+                held = self.held.setdefault((d, c), bytearray(self.max_layers[c]))
+                for j in range(b, b + k):
+                    held[j] = 1
+        self.last_dev[m] = devices
+        self.last_wave[m] = w
+        self.comp_last[c] = devices
+
+    def _choose(self, room: list[int], n: int, aff: dict[int, float]) -> list[int]:
+        S = self.inp.island_size
+        islands: dict[int, list[int]] = {}
+        for d in room:  # room is ascending, so every island's list is ascending
+            islands.setdefault(d // S, []).append(d)
+        aff_sum = {}
+        for i, devs in islands.items():
+            s = 0.0
+            for d in devs:
+                s += aff.get(d, 0.0)
+            aff_sum[i] = s
+
+        def best_first(devs):
+            return sorted(devs, key=lambda d: (-aff.get(d, 0.0), d))
+
+        if n <= S:
+            fitting = [i for i in islands if len(islands[i]) >= n]
+            if fitting:
+                # Most affinity, then the tightest fit (keeps whole islands free), then lowest id.
+                i = min(fitting, key=lambda i: (-aff_sum[i], len(islands[i]), i))
+                return sorted(best_first(islands[i])[:n])
+        chosen: list[int] = []
+        for i in sorted(islands, key=lambda i: (-aff_sum[i], -len(islands[i]), i)):
+            for d in best_first(islands[i]):
+                chosen.append(d)
+                if len(chosen) == n:
+                    return sorted(chosen)
+        raise AssertionError("room holds fewer than n devices")
+
+    def place_wave(self, w: int, groups, done: list[int], rem_layers, D: float):
+        """groups: [m, count index, k] in scheduling order. Returns placed
+        (m, count index, k, devices) in placement order; groups that cannot fit memory at any
+        smaller count are dropped (the scheduler keeps their layers)."""
+        inp = self.inp
+        N = inp.num_devices
+        free = [True] * N
+        cont = [g for g in groups if self.last_wave[g[0]] == w - 1
+                and len(self.last_dev[g[0]]) == inp.counts[g[0]][g[1]]]
+        cont.sort(key=lambda g: g[0])
+        cont_ids = {g[0] for g in cont}
+        rest = sorted((g for g in groups if g[0] not in cont_ids),
+                      key=lambda g: (-inp.counts[g[0]][g[1]], g[0]))
+        placed = []
+        for m, ci, k in cont:
+            n = inp.counts[m][ci]
+            devs = self.last_dev[m]
+            if all(self._fits(d, m, done[m], k, n) for d in devs):
+                for d in devs:
+                    free[d] = False
+                self._commit(w, m, done[m], k, devs)
+                placed.append((m, ci, k, devs))
+            else:
+                rest.append((m, ci, k))  # retried below, after the others, on any devices
+        for m, ci, k in rest:
+            aff: dict[int, float] = {}
+            sources = []
+            if done[m] > 0:
+                sources.append((self.last_dev[m], 1.0 + inp.output_mb[m]))
+            else:
+                for p in self.preds[m]:
+                    sources.append((self.last_dev[p], 1.0 + inp.output_mb[p]))
+            c = inp.component[m]
+            if inp.param_gb[c] > 0.0:
+                sources.append((self.comp_last[c], 1024.0 * inp.param_gb[c]))
+            for devs, weight in sources:
+                for d in devs:
+                    aff[d] = aff.get(d, 0.0) + weight
+            # Largest count first; on out-of-memory fall back to smaller counts (more
+            # activation per device but fewer layers in this wave), else drop the group.
+            for cj in range(ci, -1, -1):
+                n = inp.counts[m][cj]
+                kj = k if cj == ci else layers_fitting(D, inp.times[m][cj], rem_layers(m))
+                if kj == 0:
+                    break
+                room = [d for d in range(N) if free[d] and self._fits(d, m, done[m], kj, n)]
+                if len(room) < n:
+                    continue
+                devs = self._choose(room, n, aff)
+                for d in devs:
+                    free[d] = False
+                self._commit(w, m, done[m], kj, devs)
+                placed.append((m, cj, kj, devs))
+                break
+        return placed

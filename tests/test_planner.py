@@ -1,0 +1,354 @@
+"""The Spindle planner (scheduler.planner): hand-checked cases, the C++ core against its Python
+twin on hundreds of random problems, validate on every plan, bounds, placement, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler import reference
+from scheduler.plan import Problem, lower_bound, validate
+from scheduler.planner import plan_problem
+from scheduler.random_problem import random_problem
+
+METHODS = ("spindle", "mtmm")
+_TIMING_KEYS = ("planner_ms", "core_ms", "backend")
+
+
+def _op(name, layers, times, **kw):
+    return {"name": name, "layers": layers, "time_ms": {str(k): v for k, v in times.items()}, **kw}
+
+
+_T = {1: 4.0, 2: 2.2, 4: 1.3}
+
+
+def _waves(plan):
+    return [[(s["metaop"], s["layer_begin"], s["layer_end"], s["devices"]) for s in w["slices"]]
+            for w in plan["waves"]]
+
+
+def _without_timing(plan):
+    return {k: v for k, v in plan.items() if k not in _TIMING_KEYS}
+
+
+def _both(problem, method):
+    """Plan with both back ends; check they agree exactly and the plan is valid."""
+    a = plan_problem(problem, method, "cpp")
+    b = plan_problem(problem, method, "python")
+    assert _without_timing(a) == _without_timing(b)
+    validate(problem, a)
+    return a
+
+
+# --- hand-checked cases ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_metaop_takes_all_devices(method):
+    d = {"num_devices": 4, "island_size": 2, "metaops": [_op("a", 8, _T)]}
+    plan = _both(d, method)
+    # C* = 8 x T(4) = 10.4: the whole MetaOp on 4 devices, one wave; nothing can beat it.
+    assert _waves(plan) == [[("a", 0, 8, [0, 1, 2, 3])]]
+    assert plan["makespan_ms"] == pytest.approx(10.4, rel=1e-12)
+    assert plan["relaxed_ms"] == pytest.approx(10.4, rel=1e-12)
+    assert plan["lower_bound_ms"] == pytest.approx(10.4, rel=1e-12)
+    assert plan["method"] == method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_independent_metaops_split_four_devices(method):
+    d = {"num_devices": 4, "island_size": 2, "metaops": [_op("a", 8, _T), _op("b", 8, _T)]}
+    plan = _both(d, method)
+    # Symmetric: n = 2 each, C* = 8 x 2.2; each MetaOp inside its own island.
+    assert _waves(plan) == [[("a", 0, 8, [0, 1]), ("b", 0, 8, [2, 3])]]
+    assert plan["relaxed_ms"] == pytest.approx(17.6, rel=1e-12)
+    assert plan["makespan_ms"] == pytest.approx(17.6, rel=1e-12)
+    # Least device-time: 2 x (1 x 4.0 x 8) / 4 devices = 16.
+    assert plan["lower_bound_ms"] == pytest.approx(16.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chain_runs_in_order_on_the_same_devices(method):
+    d = {"num_devices": 4, "island_size": 4,
+         "metaops": [_op("a", 4, {1: 2.0, 2: 1.2, 4: 0.8}), _op("b", 2, {1: 1.0, 4: 0.4})],
+         "flows": [["a", "b"]]}
+    plan = _both(d, method)
+    assert _waves(plan) == [[("a", 0, 4, [0, 1, 2, 3])], [("b", 0, 2, [0, 1, 2, 3])]]
+    assert plan["level_cstar_ms"] == pytest.approx([3.2, 0.8], rel=1e-12)
+    assert plan["makespan_ms"] == pytest.approx(4.0, rel=1e-12)
+    assert plan["lower_bound_ms"] == pytest.approx(4.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_diamond(method):
+    d = {"num_devices": 4, "island_size": 2,
+         "metaops": [_op("a", 2, {1: 2.0, 2: 1.0, 4: 0.5}), _op("b", 4, _T), _op("c", 4, _T),
+                     _op("d", 1, {1: 1.0, 2: 0.6, 4: 0.4})],
+         "flows": [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]]}
+    plan = _both(d, method)
+    assert _waves(plan) == [
+        [("a", 0, 2, [0, 1, 2, 3])],
+        [("b", 0, 4, [0, 1]), ("c", 0, 4, [2, 3])],
+        [("d", 0, 1, [0, 1, 2, 3])],
+    ]
+    assert plan["level_cstar_ms"] == pytest.approx([1.0, 8.8, 0.4], rel=1e-12)
+    # Critical path 1.0 + 5.2 + 0.4 = 6.6; device-time (4 + 16 + 16 + 1) / 4 = 9.25.
+    assert plan["lower_bound_ms"] == pytest.approx(9.25, rel=1e-12)
+    assert plan["makespan_ms"] == pytest.approx(10.2, rel=1e-12)
+
+
+def test_bisection_inverts_the_interpolated_time():
+    # f_a = {1: 8, 2: 4, 4: 2}, f_b = {1: 4, 2: 2, 4: 1}. For C in [2, 4): n_a = 6 - C and
+    # n_b = 3 - C / 2, so n_a + n_b = 4 at C* = 10/3 (n_a = 8/3, n_b = 4/3).
+    d = {"num_devices": 4, "island_size": 4,
+         "metaops": [_op("a", 1, {1: 8.0, 2: 4.0, 4: 2.0}), _op("b", 1, {1: 4.0, 2: 2.0, 4: 1.0})]}
+    for backend in ("cpp", "python"):
+        plan = plan_problem(d, "spindle", backend)
+        assert plan["relaxed_ms"] == pytest.approx(10 / 3, rel=1e-12)
+    inp = reference.core_input(Problem.from_dict(d))
+    assert reference._devices_for([1, 2, 4], [8.0, 4.0, 2.0], 10 / 3) == pytest.approx(8 / 3)
+    assert reference._devices_for([1, 2, 4], [4.0, 2.0, 1.0], 10 / 3) == pytest.approx(4 / 3)
+    # Above the slowest time a MetaOp time-shares: device-time stays c0 * f0.
+    assert reference._devices_for([1, 2, 4], [4.0, 2.0, 1.0], 8.0) == pytest.approx(0.5)
+    # Bi-point: l_hi = (f(lo) - C) / (T(lo) - T(hi)) rounded: a: (4 - 10/3) / 2 -> 0 at 4.
+    assert reference._bipoint(inp, 0, 10 / 3) == [[1, 1]]
+
+
+def test_bipoint_splits_layers_between_neighbouring_counts():
+    d = {"num_devices": 4, "island_size": 4, "metaops": [_op("a", 10, {1: 4.0, 2: 2.0, 4: 1.0})]}
+    inp = reference.core_input(Problem.from_dict(d))
+    # C = 30: between f(2) = 20 and f(1) = 40; l_hi = (40 - 30) / (4 - 2) = 5 layers on 2.
+    assert reference._bipoint(inp, 0, 30.0) == [[0, 5], [1, 5]]
+    # l_hi = (40 - 33) / 2 = 3.5 rounds half up to 4.
+    assert reference._bipoint(inp, 0, 33.0) == [[0, 6], [1, 4]]
+    assert reference._bipoint(inp, 0, 50.0) == [[0, 10]]
+    assert reference._bipoint(inp, 0, 10.0) == [[2, 10]]
+
+
+# --- placement -------------------------------------------------------------------------------
+
+def test_groups_stay_inside_islands():
+    d = {"num_devices": 16, "island_size": 8,
+         "metaops": [_op(f"m{i}", 12, {1: 8.0, 2: 4.2, 4: 2.3, 8: 1.4}) for i in range(4)]}
+    for method in METHODS:
+        plan = _both(d, method)
+        for w in plan["waves"]:
+            for s in w["slices"]:
+                if len(s["devices"]) <= 8:
+                    assert len({dev // 8 for dev in s["devices"]}) == 1, s
+
+
+def test_consumer_lands_on_its_producers_devices():
+    # Two producers on 4 devices each, then one consumer each on 4 devices: each consumer
+    # should sit where its producer's output is (largest flows first).
+    d = {"num_devices": 8, "island_size": 4,
+         "metaops": [_op("p0", 4, {4: 1.0}, output_mb=100.0),
+                     _op("p1", 4, {4: 1.0}, output_mb=900.0),
+                     _op("c0", 4, {4: 1.0}), _op("c1", 4, {4: 1.0})],
+         "flows": [["p0", "c0"], ["p1", "c1"]]}
+    plan = _both(d, "spindle")
+    where = {s["metaop"]: s["devices"] for w in plan["waves"] for s in w["slices"]}
+    assert where["c0"] == where["p0"] and where["c1"] == where["p1"]
+
+
+def test_shared_parameters_reuse_devices():
+    # Two MetaOps of one component in different levels: the second is placed where the
+    # component's parameters already are.
+    d = {"num_devices": 8, "island_size": 2,
+         "metaops": [_op("t1/enc", 4, {2: 1.0}, component="enc", param_gb=1.0),
+                     _op("t1/x", 2, {2: 1.0}),
+                     _op("t2/enc", 4, {2: 1.0}, component="enc", param_gb=1.0)],
+         "flows": [["t1/enc", "t1/x"], ["t1/x", "t2/enc"]]}
+    plan = _both(d, "spindle")
+    where = {s["metaop"]: s["devices"] for w in plan["waves"] for s in w["slices"]}
+    assert where["t2/enc"] == where["t1/enc"]
+
+
+def test_memory_limit_is_respected_or_refused():
+    rng = random.Random(11)
+    planned = refused = 0
+    for _ in range(40):
+        d = random_problem(rng, rng.randint(2, 20), rng.choice([4, 8, 16]), memory=True)
+        for method in METHODS:
+            try:
+                a = plan_problem(d, method, "cpp")
+            except ValueError as e:
+                assert "memory" in str(e)
+                with pytest.raises(ValueError, match="memory"):
+                    plan_problem(d, method, "python")
+                refused += 1
+                continue
+            validate(d, a)  # includes the memory check
+            assert _without_timing(a) == _without_timing(plan_problem(d, method, "python"))
+            planned += 1
+    assert planned > refused
+
+
+# --- C++ == Python, validity and bounds on random problems ---------------------------------
+
+def test_cpp_equals_python_on_random_problems():
+    rng = random.Random(2024)
+    checked = 0
+    for i in range(250):
+        d = random_problem(rng, rng.randint(1, 30), rng.choice([1, 2, 3, 4, 8, 16, 64]),
+                           island_size=rng.choice([1, 2, 4, 8]), memory=i % 4 == 0,
+                           avg_out_degree=rng.choice([0.0, 0.8, 1.5, 3.0]))
+        p = Problem.from_dict(d)
+        for method in METHODS:
+            try:
+                a = plan_problem(p, method, "cpp")
+            except ValueError as e:
+                assert "memory" in str(e)
+                continue
+            b = plan_problem(p, method, "python")
+            assert _without_timing(a) == _without_timing(b), (i, method)
+            validate(p, a)
+            assert a["makespan_ms"] >= a["lower_bound_ms"] * (1 - 1e-12)
+            assert a["lower_bound_ms"] == lower_bound(p)
+            checked += 1
+    assert checked > 400
+
+
+def test_at_most_two_waves_per_metaop_in_each_level():
+    rng = random.Random(5)
+    for _ in range(60):
+        d = random_problem(rng, rng.randint(1, 40), rng.choice([2, 8, 32, 128]))
+        p = Problem.from_dict(d)
+        plan = plan_problem(p, "spindle", "cpp")
+        levels = p.levels()
+        waves_per_level: dict[int, int] = {}
+        for w in plan["waves"]:
+            lv = {levels[p.index(s["metaop"])] for s in w["slices"]}
+            assert len(lv) == 1  # spindle: levels do not share waves
+            (only,) = lv
+            waves_per_level[only] = waves_per_level.get(only, 0) + 1
+        for lv, n in waves_per_level.items():
+            assert n <= 2 * levels.count(lv)
+
+
+def test_overlap_lets_a_successor_start_before_the_level_ends():
+    # a -> c is short, b is long: with overlap, c runs next to b.
+    d = {"num_devices": 2, "island_size": 2,
+         "metaops": [_op("a", 1, {1: 1.0}), _op("b", 10, {1: 1.0}), _op("c", 1, {1: 1.0})],
+         "flows": [["a", "c"]]}
+    spindle = _both(d, "spindle")
+    mtmm = _both(d, "mtmm")
+    assert spindle["makespan_ms"] == pytest.approx(11.0)
+    assert mtmm["makespan_ms"] == pytest.approx(10.0)
+
+
+# --- the zoo ---------------------------------------------------------------------------------
+
+def test_zoo_models_plan_validly_and_identically():
+    zoo = pytest.importorskip("scheduler.zoo")
+    for name, tasks, gpus in zoo.paper_grid():
+        d = zoo.build_problem(name, tasks, gpus)
+        for method in METHODS:
+            plan = _both(d, method)
+            assert plan["lower_bound_ms"] <= plan["makespan_ms"]
+            if method == "mtmm":
+                # Its portfolio holds "every MetaOp alone at its fastest count", which is the
+                # sequential baseline when that count is all devices; it can only do better.
+                seq = plan_problem(d, "sequential")
+                assert plan["makespan_ms"] <= seq["makespan_ms"], (name, tasks, gpus)
+
+
+# --- API and bad input ------------------------------------------------------------------------
+
+def test_bad_problems_raise_value_errors_naming_the_metaop():
+    base = {"num_devices": 4, "island_size": 2, "metaops": [_op("a", 2, _T), _op("b", 2, _T)],
+            "flows": [["a", "b"]]}
+    cases = [
+        (dict(base, flows=[["a", "b"], ["b", "a"]]), "cycle"),
+        (dict(base, flows=[["a", "zz"]]), "unknown MetaOp 'zz'"),
+        (dict(base, metaops=[_op("a", 2, {8: 1.0}), _op("b", 2, _T)]),
+         "'a'.*no valid device count"),
+        (dict(base, metaops=[_op("a", 0, _T), _op("b", 2, _T)]), "'a'.*layers"),
+        (dict(base, metaops=[_op("a", 2, {1: 1.0, 2: 2.0}), _op("b", 2, _T)]),
+         "'a'.*non-monotonic"),
+        (dict(base, metaops=[_op("a", 2, _T, param_gb=70.0), _op("b", 2, _T)], device_memory_gb=64),
+         "'a' cannot fit in memory"),
+        (dict(base, metaops=[_op("a", 40, _T, activation_gb=10.0), _op("b", 2, _T)],
+              device_memory_gb=64), "cannot fit in memory.*'a'"),
+    ]
+    for d, match in cases:
+        for backend in ("cpp", "python"):
+            with pytest.raises(ValueError, match=match):
+                plan_problem(d, "spindle", backend)
+
+
+def test_bad_arguments():
+    d = {"num_devices": 1, "island_size": 1, "metaops": [_op("a", 1, {1: 1.0})]}
+    with pytest.raises(ValueError, match="method"):
+        plan_problem(d, "magic")
+    with pytest.raises(ValueError, match="backend"):
+        plan_problem(d, backend="rust")
+    with pytest.raises(TypeError, match="unknown option"):
+        plan_problem(d, "spindle", turbo=True)
+    with pytest.raises(TypeError, match="'overlap_levels' must be a bool"):
+        plan_problem(d, "spindle", overlap_levels=1)
+    with pytest.raises(TypeError, match="takes no options"):
+        plan_problem(d, "uniform", overlap_levels=True)
+    with pytest.raises(TypeError, match="problem must be a dict"):
+        plan_problem([1, 2])
+
+
+def test_options_override_defaults_and_are_recorded():
+    d = random_problem(3, 12, 8)
+    a = plan_problem(d, "mtmm", overlap_levels=True, portfolio=False)
+    assert a["options"] == {"overlap_levels": True, "least_idle": True, "single_tuple": True,
+                            "portfolio": False}
+    assert a["variant"] == {"overlap_levels": True, "least_idle": True, "single_tuple": True,
+                            "fastest": False}
+    # The portfolio keeps the smallest makespan of its variants, each a plan of its own.
+    best = plan_problem(d, "mtmm")
+    singles = [plan_problem(d, "mtmm", portfolio=False, overlap_levels=o, least_idle=li,
+                            single_tuple=st)["makespan_ms"]
+               for o, li, st, fastest in reference.PORTFOLIO if not fastest]
+    assert best["makespan_ms"] <= min(singles)
+    assert best["makespan_ms"] in singles or best["variant"]["fastest"]
+
+
+def test_core_rejects_inconsistent_arrays():
+    from scheduler import _core
+
+    with pytest.raises(ValueError, match="one entry per MetaOp"):
+        _core.plan_core(2, 1, ["a"], [1, 1], [[1]], [[1.0]], [0], [0.0], [0.0], [0.0], [],
+                        -1.0, False, False, False, False)
+    with pytest.raises(ValueError, match="'a'.*non-monotonic"):
+        _core.plan_core(2, 1, ["a"], [1], [[1, 2]], [[1.0, 2.0]], [0], [0.0], [0.0], [0.0], [],
+                        -1.0, False, False, False, False)
+    with pytest.raises(ValueError, match="cycle"):
+        _core.plan_core(2, 1, ["a", "b"], [1, 1], [[1], [1]], [[1.0], [1.0]], [0, 1], [0.0, 0.0],
+                        [0.0, 0.0], [0.0, 0.0], [(0, 1), (1, 0)], -1.0, False, False, False, False)
+
+
+def test_cli_plan(tmp_path, capsys):
+    import json
+
+    from scheduler.cli import main
+
+    prob = tmp_path / "p.json"
+    prob.write_text(json.dumps(random_problem(1, 10, 8)))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(prob), "--method", "mtmm", "--backend", "python", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mtmm" in text and "makespan" in text and "lower bound" in text and "waves" in text
+    plan = json.loads(out.read_text())
+    validate(json.loads(prob.read_text()), plan)
+    assert main(["plan", str(tmp_path / "missing.json")]) == 1
+    assert main(["plan"]) == 2
+
+
+def test_portfolio_branch_and_bound_equals_planning_every_variant():
+    rng = random.Random(77)
+    for _ in range(30):
+        p = Problem.from_dict(random_problem(rng, rng.randint(2, 30), rng.choice([4, 16, 64])))
+        inp = reference.core_input(p)
+        full = [reference._plan_once(inp, *v) for v in reference.PORTFOLIO]
+        best = min(full, key=lambda s: s.makespan_ms)  # min keeps the first of equals
+        got = reference.plan_core(inp, portfolio=True)
+        assert got.variant == best.variant and got.waves == best.waves
+        cpp = plan_problem(p, "mtmm", "cpp")
+        assert tuple(cpp["variant"].values()) == best.variant
+        assert cpp["makespan_ms"] == best.makespan_ms

@@ -1,0 +1,76 @@
+"""Property tests of the planner on hypothesis-generated DAGs (1-200 MetaOps, 1-1024 devices):
+every plan validates, its makespan is at least the lower bound, and on the smaller problems the
+C++ core and the Python twin give the same plan."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("hypothesis")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from scheduler.plan import Problem, lower_bound, validate  # noqa: E402
+from scheduler.planner import plan_problem  # noqa: E402
+
+_TIMING_KEYS = ("planner_ms", "core_ms", "backend")
+
+
+@st.composite
+def problems(draw):
+    n_ops = draw(st.integers(1, 200))
+    n_dev = draw(st.integers(1, 1024))
+    island = draw(st.integers(1, 16))
+    metaops = []
+    for i in range(n_ops):
+        counts = sorted(draw(st.sets(st.integers(1, n_dev), min_size=1, max_size=5)))
+        t = draw(st.floats(0.01, 100.0))
+        times = {}
+        for c in counts:
+            times[str(c)] = t
+            t = t * draw(st.floats(0.3, 1.0))  # never slower with more devices
+        metaops.append({
+            "name": f"m{i}", "component": f"c{draw(st.integers(0, max(0, n_ops // 3)))}",
+            "layers": draw(st.integers(1, 64)), "time_ms": times,
+            "param_gb": draw(st.sampled_from([0.0, 0.1, 1.0])),
+            "activation_gb": draw(st.sampled_from([0.0, 0.5, 4.0])),
+            "output_mb": draw(st.floats(0.0, 500.0)),
+        })
+    # A DAG: edges only go forward in a hidden order.
+    perm = draw(st.permutations(range(n_ops)))
+    n_edges = draw(st.integers(0, min(3 * n_ops, 400)))
+    flows = set()
+    for _ in range(n_edges):
+        a = draw(st.integers(0, n_ops - 1))
+        b = draw(st.integers(0, n_ops - 1))
+        if a != b:
+            a, b = min(a, b), max(a, b)
+            flows.add((perm[a], perm[b]))
+    d = {"num_devices": n_dev, "island_size": island, "metaops": metaops,
+         "flows": [[f"m{s}", f"m{t}"] for s, t in sorted(flows)]}
+    if draw(st.booleans()):
+        d["device_memory_gb"] = draw(st.sampled_from([8.0, 40.0, 80.0, 1000.0]))
+    return d
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.data_too_large])
+@given(problems(), st.sampled_from(["spindle", "mtmm"]))
+def test_every_plan_is_valid_and_above_the_lower_bound(d, method):
+    p = Problem.from_dict(d)
+    try:
+        plan = plan_problem(p, method, "cpp")
+    except ValueError as e:
+        # Only memory may make a well-formed problem unplannable, and the twin must agree.
+        assert "memory" in str(e)
+        with pytest.raises(ValueError, match="memory"):
+            plan_problem(p, method, "python")
+        return
+    validate(p, plan)
+    assert plan["makespan_ms"] >= plan["lower_bound_ms"] * (1 - 1e-12)
+    assert plan["lower_bound_ms"] == lower_bound(p)
+    if len(p.metaops) <= 60 and p.num_devices <= 256:
+        twin = plan_problem(p, method, "python")
+        assert ({k: v for k, v in plan.items() if k not in _TIMING_KEYS}
+                == {k: v for k, v in twin.items() if k not in _TIMING_KEYS})
