@@ -1,0 +1,66 @@
+"""`mtmm train`: train a built-in multi-task multi-modal model with a plan, on every local
+device (one gloo process per requested CPU rank, one NCCL process per GPU) or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from scheduler import launch
+    from scheduler.trainer import TrainConfig, train
+
+    plan = None
+    if args.plan_file:
+        with open(args.plan_file) as f:
+            plan = json.load(f)
+    cfg = TrainConfig(
+        model=args.model, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
+        precision=args.precision, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
+    )
+    if launch.init_from_env():  # under torchrun: this process is one rank
+        result = train(cfg)
+        results = [result]
+    else:
+        nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else min(4, os.cpu_count() or 1))
+        try:
+            results = launch.run_local(train, nproc, cfg, timeout_s=args.timeout)
+        except launch.RankFailedError as e:
+            print(f"mtmm train: {e}")
+            return 1
+    hist = results[0]["history"]
+    if hist and results[0]["rank"] == 0:
+        first, last = hist[0], hist[-1]
+        tok_s = sum(h["tokens_per_s"] for h in hist[1:] or hist) / len(hist[1:] or hist)
+        print(f"trained {cfg.model} with plan {results[0]['plan_method']}: loss {first['loss']:.4f} -> "
+              f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from scheduler.tiny_models import DEFAULT_MODEL, MODELS
+
+    p = sub.add_parser("train", help="train a built-in model with a plan on local devices or under torchrun")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in model")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="processes (default: one per GPU, else one gloo rank per CPU core, at most 4)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--plan", default="spindle", help="plan method: spindle, mtmm, sequential, distmm, optimus, uniform")
+    p.add_argument("--plan-file", help="a plan JSON (issue-5 format) to run instead of planning")
+    p.add_argument("--cost", choices=["model", "profile"], default="model",
+                   help="per-layer times for the planner: the analytic model, or each MetaOp timed here first")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--checkpoint", help="checkpoint file (written atomically)")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung rank is declared dead")
+    p.set_defaults(func=run)

@@ -1,0 +1,146 @@
+"""Multi-task data for the runtime: the built-in synthetic stream and a loader over any datasets.
+
+A step's data is ``{task: batch}``, each batch a dict of tensors whose dim 0 is the task's batch
+size. Every rank computes the same full step (data is cheap next to the model) and slices its
+own shard, so no rank ever waits for data from another.
+
+- :class:`SyntheticStream`: the model's ``synthetic(task, generator)`` seeded by (seed, step,
+  task): any rank, any process count and any restart see the same batches.
+- :class:`MultiTaskLoader`: one map-style dataset (``__getitem__`` + ``__len__``) or iterable
+  per task; samples are dicts of tensors; variable-length dim 0 is padded and its lengths
+  stored under ``<key>_len``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+Step = dict[str, dict[str, torch.Tensor]]
+
+
+class SyntheticStream:
+    """Deterministic synthetic multi-task batches for a built-in model (heterogeneous lengths
+    across tasks and, for text, across samples)."""
+
+    def __init__(self, model, seed: int = 0):
+        if not callable(getattr(model, "synthetic", None)):
+            raise ValueError(f"model: {model.name!r} has no synthetic data; pass datasets to MultiTaskLoader")
+        self.model, self.seed = model, seed
+
+    def step(self, index: int) -> Step:
+        out = {}
+        for task in self.model.tasks:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{index}/{task}".encode()))
+            out[task] = self.model.synthetic(task, gen)
+        return out
+
+    def __iter__(self) -> Iterator[Step]:
+        i = 0
+        while True:
+            yield self.step(i)
+            i += 1
+
+
+def collate(samples: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks samples; a key whose dim 0 varies is right-padded with zeros and gets
+    ``<key>_len`` (int64 [B])."""
+    if not samples:
+        raise ValueError("samples: empty")
+    out = {}
+    for key in samples[0]:
+        xs = [torch.as_tensor(s[key]) for s in samples]
+        if all(x.shape == xs[0].shape for x in xs):
+            out[key] = torch.stack(xs)
+            continue
+        if any(x.dim() == 0 or x.shape[1:] != xs[0].shape[1:] for x in xs):
+            raise ValueError(f"samples[{key!r}]: shapes differ beyond dim 0: {[tuple(x.shape) for x in xs]}")
+        lens = torch.tensor([x.shape[0] for x in xs])
+        pad = xs[0].new_zeros((len(xs), int(lens.max()), *xs[0].shape[1:]))
+        for i, x in enumerate(xs):
+            pad[i, : x.shape[0]] = x
+        out[key], out[f"{key}_len"] = pad, lens
+    return out
+
+
+class MultiTaskLoader:
+    """Draws each task's batch from its own dataset, step after step.
+
+    Args:
+        datasets: task -> map-style dataset (sampled in a seeded permutation per epoch) or
+            iterable dataset (read in order, restarted when exhausted).
+        batch_sizes: task -> samples per step (the model's ``Task.batch``).
+        seed: shuffling seed; the same on every rank.
+    """
+
+    def __init__(self, datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], seed: int = 0):
+        missing = set(batch_sizes) - set(datasets)
+        if missing:
+            raise ValueError(f"datasets: no dataset for tasks {sorted(missing)}")
+        self.datasets, self.batch_sizes, self.seed = dict(datasets), dict(batch_sizes), seed
+        self._iters: dict[str, Iterator] = {}
+        self._pos: dict[str, int] = {t: 0 for t in batch_sizes}
+
+    def _draw(self, task: str) -> Mapping[str, torch.Tensor]:
+        ds = self.datasets[task]
+        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):
+            n = len(ds)
+            if n == 0:
+                raise ValueError(f"datasets[{task!r}]: empty")
+            epoch, i = divmod(self._pos[task], n)
+            self._pos[task] += 1
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{task}/{epoch}".encode()))
+            return ds[int(torch.randperm(n, generator=gen)[i])]
+        it = self._iters.get(task)
+        for _ in range(2):
+            if it is None:
+                it = self._iters[task] = iter(ds)
+            try:
+                return next(it)
+            except StopIteration:
+                it = None
+        raise ValueError(f"datasets[{task!r}]: iterable yields nothing")
+
+    def step(self) -> Step:
+        return {t: collate([self._draw(t) for _ in range(b)]) for t, b in self.batch_sizes.items()}
+
+    def __iter__(self) -> Iterator[Step]:
+        while True:
+            yield self.step()
+
+
+def shard_batch(batch: Mapping[str, torch.Tensor], begin: int, end: int) -> dict[str, torch.Tensor]:
+    """Samples [begin, end) of a batch. Padded dims keep the whole batch's length, so the
+    shapes of activations do not depend on how the batch is split."""
+    return {k: v[begin:end] for k, v in batch.items()}
+
+
+def batch_tokens(step: Step, model) -> int:
+    """Tokens in a step: every modality's real tokens (lengths where declared) over all tasks."""
+    n = 0
+    for task, batch in step.items():
+        for key, x in batch.items():
+            if key.endswith("_len"):
+                continue
+            if f"{key}_len" in batch:
+                n += int(batch[f"{key}_len"].sum())
+            elif x.dim() >= 2:
+                n += x.shape[0] * x.shape[1]
+            else:
+                n += x.shape[0]
+    return n
+
+
+def iterate(source: Iterable[Step] | SyntheticStream, start: int = 0) -> Iterator[Step]:
+    """Steps from ``start`` on (a resumed run picks up the stream where it stopped)."""
+    if isinstance(source, SyntheticStream):
+        i = start
+        while True:
+            yield source.step(i)
+            i += 1
+    it = iter(source)
+    for _ in range(start):
+        next(it)
+    yield from it

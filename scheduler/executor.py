@@ -1,0 +1,504 @@
+"""Executes a wavefront plan (issue-5 format) for one training step across torch.distributed ranks.
+
+Rank r plays device r of the plan. Each rank:
+- builds only the layers its slices run (plus a component's pre part with its layer 0 and
+  post part with its last layer): selective parameter storage;
+- runs forward wave by wave: its slice (at most one per wave) on its shard of the MetaOp's
+  batch (a MetaOp on n devices splits the task's samples into n contiguous ranges);
+- after each wave, moves the activations produced in it to the ranks of the consuming slices
+  with point-to-point ops, re-sharding when the device count changes (each receiver gets
+  exactly the rows of its samples, from one or several senders); a piece that stays on the
+  same rank is a local view, no copy;
+- runs backward wave by wave in reverse; the gradient of every received activation goes back
+  to the rank that sent it, the exact reverse of the forward moves;
+- all-reduces each parameter's gradient (summed) inside the group of ranks that hold it; one
+  group per distinct holder set, created once, in the same order on every rank.
+
+Transfers: every rank derives the same ordered list of messages from the plan, so each pair of
+ranks posts its sends and receives in the same order (no tags, no deadlock). A forward message
+is preceded by a small header with the piece's shape and dtype; backward shapes are known.
+The loss of a task is its loss summed over each shard divided by the units of its whole batch,
+so shard losses add up to the single-process loss and gradients add up by the all-reduce.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from scheduler.data import shard_batch
+from scheduler.modelapi import MultiTaskModel
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_HEADER = 10  # ndim, dtype code, up to 8 dims
+
+
+class PlanMismatchError(ValueError):
+    """The plan does not fit this model or this world size."""
+
+
+def split_range(total: int, parts: int, k: int) -> tuple[int, int]:
+    """Samples of shard k when ``total`` samples are split into ``parts`` contiguous ranges
+    whose sizes differ by at most one (the larger ones first)."""
+    base, extra = divmod(total, parts)
+    start = k * base + min(k, extra)
+    return start, start + base + (1 if k < extra else 0)
+
+
+@dataclass(frozen=True)
+class Slice:
+    id: int
+    wave: int
+    metaop: str
+    task: str
+    component: str
+    begin: int
+    end: int
+    devices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Message:
+    """Samples [s0, s1) of producer's output going to one consumer shard (forward)."""
+
+    src: int
+    dst: int
+    producer: int  # slice id
+    consumer: int  # slice id
+    key: str  # the consumer's input: the upstream component, or "" for its own earlier layers
+    s0: int
+    s1: int
+
+
+@dataclass
+class _Record:
+    shard: tuple[int, int] = (0, 0)
+    leaves: dict[str, torch.Tensor] = field(default_factory=dict)
+    out: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+class Schedule:
+    """The plan checked against the model and world size, turned into slices, messages and
+    parameter holder sets; identical on every rank."""
+
+    def __init__(self, model: MultiTaskModel, plan: Mapping, world_size: int):
+        if not isinstance(plan, Mapping) or not isinstance(plan.get("waves"), list):
+            raise PlanMismatchError("plan: expected a dict with a list under 'waves'")
+        if "num_devices" in plan and plan["num_devices"] != world_size:
+            raise PlanMismatchError(
+                f"plan: made for {plan['num_devices']} devices, but the world has {world_size} processes"
+            )
+        if "model" in plan and plan["model"] != model.name:
+            raise PlanMismatchError(f"plan: made for model {plan['model']!r}, not {model.name!r}")
+        self.model, self.world_size = model, world_size
+        self._sinks = {t: model.sink(t) for t in model.tasks}
+        names = model.metaops()
+        self.slices: list[Slice] = []
+        self.by_metaop: dict[str, list[Slice]] = {m: [] for m in names}
+        for w, wave in enumerate(plan["waves"]):
+            used: set[int] = set()
+            for s in wave.get("slices", []):
+                m = s.get("metaop")
+                if m not in self.by_metaop:
+                    raise PlanMismatchError(
+                        f"plan wave {w}: MetaOp {m!r} is not in model {model.name!r} (its MetaOps: {names})"
+                    )
+                task, comp = m.split("/", 1)
+                devs = tuple(int(d) for d in s["devices"])
+                bad = [d for d in devs if not 0 <= d < world_size]
+                if bad:
+                    raise PlanMismatchError(
+                        f"plan wave {w}, MetaOp {m!r}: devices {bad} outside the world of {world_size} processes"
+                    )
+                if used & set(devs) or len(set(devs)) != len(devs):
+                    raise PlanMismatchError(f"plan wave {w}: device sets overlap (MetaOp {m!r})")
+                used |= set(devs)
+                n_ok = 1 if not model.components[comp].splittable else model.tasks[task].batch
+                if not 1 <= len(devs) <= n_ok:
+                    raise PlanMismatchError(
+                        f"plan wave {w}, MetaOp {m!r}: {len(devs)} devices, but it can use 1 to {n_ok}"
+                    )
+                sl = Slice(len(self.slices), w, m, task, comp, int(s["layer_begin"]), int(s["layer_end"]), devs)
+                prev = self.by_metaop[m]
+                expect = prev[-1].end if prev else 0
+                if sl.begin != expect or sl.end <= sl.begin:
+                    raise PlanMismatchError(
+                        f"plan wave {w}, MetaOp {m!r}: layers [{sl.begin}, {sl.end}) do not continue at layer {expect}"
+                    )
+                if prev and prev[-1].wave == w:
+                    raise PlanMismatchError(f"plan wave {w}: two slices of MetaOp {m!r}")
+                self.slices.append(sl)
+                prev.append(sl)
+        self.num_waves = len(plan["waves"])
+        for m, sls in self.by_metaop.items():
+            layers = model.components[m.split("/", 1)[1]].num_layers
+            if not sls or sls[-1].end != layers:
+                done = sls[-1].end if sls else 0
+                raise PlanMismatchError(f"plan: MetaOp {m!r} runs {done} of its {layers} layers")
+        self._build_messages()
+        self._build_holders()
+
+    def _producers(self, sl: Slice) -> list[tuple[Slice, str]]:
+        if sl.begin > 0:
+            prev = self.by_metaop[sl.metaop]
+            return [(prev[prev.index(sl) - 1], "")]
+        task = self.model.tasks[sl.task]
+        out = []
+        for src in task.predecessors(sl.component):
+            p = self.by_metaop[f"{sl.task}/{src}"][-1]
+            if p.wave >= sl.wave:
+                raise PlanMismatchError(
+                    f"plan: MetaOp {sl.metaop!r} starts in wave {sl.wave} before its input {p.metaop!r} "
+                    f"ends (wave {p.wave})"
+                )
+            out.append((p, src))
+        return out
+
+    def _build_messages(self) -> None:
+        self.inputs: dict[int, list[tuple[int, str]]] = {}
+        self.fwd: list[list[Message]] = [[] for _ in range(self.num_waves)]
+        self.bwd: list[list[Message]] = [[] for _ in range(self.num_waves)]
+        for c in self.slices:
+            self.inputs[c.id] = []
+            b = self.model.tasks[c.task].batch
+            for p, key in self._producers(c):
+                self.inputs[c.id].append((p.id, key))
+                for kc, dst in enumerate(c.devices):
+                    c0, c1 = split_range(b, len(c.devices), kc)
+                    for kp, src in enumerate(p.devices):
+                        p0, p1 = split_range(b, len(p.devices), kp)
+                        s0, s1 = max(c0, p0), min(c1, p1)
+                        if s0 < s1:
+                            msg = Message(src, dst, p.id, c.id, key, s0, s1)
+                            self.fwd[p.wave].append(msg)
+                            self.bwd[c.wave].append(msg)
+
+    def _build_holders(self) -> None:
+        holders: dict[tuple[str, int], set[int]] = {}
+        for sl in self.slices:
+            for i in range(sl.begin, sl.end):
+                holders.setdefault((sl.component, i), set()).update(sl.devices)
+        self.holders = {k: tuple(sorted(v)) for k, v in holders.items()}
+        self.groups = sorted({h for h in self.holders.values() if len(h) > 1}, key=lambda h: (len(h), h))
+
+    def holdings(self, rank: int) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for (comp, i), h in sorted(self.holders.items()):
+            if rank in h:
+                out.setdefault(comp, []).append(i)
+        return out
+
+    def slice_of(self, rank: int, wave: int) -> Slice | None:
+        for sl in self.slices:
+            if sl.wave == wave and rank in sl.devices:
+                return sl
+        return None
+
+    def is_sink(self, sl: Slice) -> bool:
+        layers = self.model.components[sl.component].num_layers
+        return sl.end == layers and self._sinks[sl.task] == sl.component
+
+
+def _rows_prefix(model: MultiTaskModel, sl: Slice, batch) -> list[int]:
+    rows = model.components[sl.component].rows(sl.task, batch)
+    n = model.tasks[sl.task].batch
+    return list(range(n + 1)) if rows is None else [0, *itertools.accumulate(rows)]
+
+
+class Executor:
+    """Runs steps of ``plan`` for ``model`` on the current process group.
+
+    ``model`` must be unbuilt; the executor builds this rank's share on ``device``. Use
+    ``parameters()``/``named_parameters()`` for the optimizer, ``step(data)`` for one forward
+    and backward (gradients reduced), ``owned(name)`` to count each parameter once."""
+
+    def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None):
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.schedule = Schedule(model, plan, self.world)
+        self.model = model.build(self.schedule.holdings(self.rank)).to(device)
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        # Groups: every rank creates every group, in the same order (torch requires it).
+        self._groups = {}
+        for ranks in self.schedule.groups:
+            g = dist.new_group(list(ranks))
+            if self.rank in ranks:
+                self._groups[ranks] = g
+        self._buckets = self._make_buckets()
+        if self.world > 1:
+            # The first batched p2p call on a group must involve every rank (NCCL) unless a
+            # collective ran before it: this barrier is that collective.
+            dist.barrier()
+
+    # --- parameters ----------------------------------------------------------------------
+    def _param_holders(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for (comp, i), h in self.schedule.holders.items():
+            c = self.model.components[comp]
+            for part in c.part_names(i):
+                out[f"components.{comp}.{part}"] = h
+        return out
+
+    def holders_of(self, name: str) -> tuple[int, ...]:
+        prefix = name
+        while prefix:
+            if prefix in self._part_holders:
+                return self._part_holders[prefix]
+            prefix = prefix.rpartition(".")[0]
+        raise KeyError(name)
+
+    def _make_buckets(self) -> list[tuple[tuple[int, ...], list[torch.nn.Parameter]]]:
+        self._part_holders = self._param_holders()
+        by_group: dict[tuple[int, ...], list] = {}
+        for name, p in sorted(self.model.named_parameters()):
+            by_group.setdefault(self.holders_of(name), []).append(p)
+        return [(g, by_group[g]) for g in self.schedule.groups if g in by_group]
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def owned(self, name: str) -> bool:
+        """True on exactly one holder of each parameter (the lowest rank)."""
+        return self.holders_of(name)[0] == self.rank
+
+    # --- one step ----------------------------------------------------------------------------
+    def step(self, data: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward and backward of every task on its whole batch; gradients are accumulated
+        into ``.grad`` and reduced among holders. Returns each task's loss (the same on every
+        rank)."""
+        model, sched = self.model, self.schedule
+        for task in model.tasks:
+            if task not in data:
+                raise ValueError(f"data: no batch for task {task!r}")
+            model.check_batch(task, data[task])
+        self._data = data
+        self._rec: dict[int, _Record] = {}
+        self._inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+        self._grad_out: dict[int, torch.Tensor] = {}
+        self._prefix: dict[int, list[int]] = {}
+        clock = time.perf_counter
+        stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
+        for w in range(sched.num_waves):
+            sl = sched.slice_of(self.rank, w)
+            t0 = clock()
+            if sl is not None:
+                self._forward(sl)
+            t1 = clock()
+            self._exchange_forward(w)
+            stats["compute_s"] += t1 - t0
+            stats["transfer_s"] += clock() - t1
+        for w in reversed(range(sched.num_waves)):
+            sl = sched.slice_of(self.rank, w)
+            t0 = clock()
+            if sl is not None:
+                self._backward(sl)
+            t1 = clock()
+            self._exchange_backward(w)
+            stats["compute_s"] += t1 - t0
+            stats["transfer_s"] += clock() - t1
+        t0 = clock()
+        self._reduce_grads()
+        stats["reduce_s"] = clock() - t0
+        # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
+        # Waiting for a slower peer counts as transfer time.
+        self.last_stats = stats
+        losses = torch.zeros(len(model.tasks), dtype=torch.float64, device=self.device)
+        names = list(model.tasks)
+        for sid, rec in self._rec.items():
+            if rec.loss is not None:
+                losses[names.index(sched.slices[sid].task)] += rec.loss.detach().double()
+        if self.world > 1:
+            dist.all_reduce(losses)
+        self._rec, self._inbox, self._grad_out, self._prefix, self._data = {}, {}, {}, {}, None
+        return dict(zip(names, losses.tolist()))
+
+    def _shard(self, sl: Slice) -> tuple[int, int]:
+        k = sl.devices.index(self.rank)
+        return split_range(self.model.tasks[sl.task].batch, len(sl.devices), k)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, sl: Slice) -> None:
+        model = self.model
+        comp, task = model.components[sl.component], model.tasks[sl.task]
+        full = self._data[sl.task]
+        s0, s1 = self._shard(sl)
+        batch = shard_batch(full, s0, s1)
+        rec = _Record(shard=(s0, s1))
+        for pid, key in self.schedule.inputs[sl.id]:
+            pieces = sorted(self._inbox.pop((sl.id, key)), key=lambda t: t[0])
+            x = pieces[0][1] if len(pieces) == 1 else torch.cat([t for _, t in pieces])
+            rec.leaves[key] = x.detach().requires_grad_(x.is_floating_point())
+        with self._autocast():
+            ctx = comp.context(sl.task, batch)
+            if sl.begin == 0:
+                x = comp.run_pre({k: v for k, v in rec.leaves.items()}, batch, ctx)
+            else:
+                x = rec.leaves[""]
+            x = comp.run_layers(x, sl.begin, sl.end, ctx)
+            if sl.end == comp.num_layers:
+                x = comp.run_post(x, ctx)
+            if self.schedule.is_sink(sl):
+                rec.loss = task.loss({sl.component: x}, batch).float() * (task.weight / task.count_units(full))
+        rec.out = x
+        self._rec[sl.id] = rec
+
+    def _backward(self, sl: Slice) -> None:
+        rec = self._rec[sl.id]
+        if rec.loss is not None:
+            target, grad = rec.loss, None
+        else:
+            target = rec.out
+            grad = self._grad_out.pop(sl.id, None)
+            if grad is None:
+                grad = torch.zeros_like(target)
+        if target.requires_grad:
+            torch.autograd.backward(target, grad)
+        rec.out = None
+
+    # --- transfers -----------------------------------------------------------------------------
+    def _piece_rows(self, msg: Message, slice_id: int, shard: tuple[int, int]) -> tuple[int, int]:
+        """Rows of the message's samples inside the shard tensor of slice ``slice_id`` (the
+        activation rows are the producer component's)."""
+        prefix = self._prefix.get(msg.producer)
+        if prefix is None:
+            p = self.schedule.slices[msg.producer]
+            prefix = self._prefix[msg.producer] = _rows_prefix(self.model, p, self._data[p.task])
+        return prefix[msg.s0] - prefix[shard[0]], prefix[msg.s1] - prefix[shard[0]]
+
+    def _exchange_forward(self, wave: int) -> None:
+        msgs = self.schedule.fwd[wave]
+        sends, recvs = [], []
+        for m in msgs:
+            if m.src == self.rank:
+                rec = self._rec[m.producer]
+                r0, r1 = self._piece_rows(m, m.producer, rec.shard)
+                piece = rec.out.detach()[r0:r1]
+                if m.dst == self.rank:
+                    self._inbox.setdefault((m.consumer, m.key), []).append((m.s0, piece))
+                else:
+                    sends.append((m, piece.contiguous()))
+            elif m.dst == self.rank:
+                recvs.append(m)
+        if not sends and not recvs:
+            return
+        headers_out = []
+        for _, piece in sends:
+            if piece.dim() > _HEADER - 2:
+                raise ValueError(f"activation with {piece.dim()} dims: at most {_HEADER - 2} supported")
+            h = [piece.dim(), _DTYPES.index(piece.dtype), *piece.shape]
+            headers_out.append(torch.tensor(h + [0] * (_HEADER - len(h)), dtype=torch.int64, device=self.device))
+        headers_in = [torch.empty(_HEADER, dtype=torch.int64, device=self.device) for _ in recvs]
+        self._p2p([(m, h) for (m, _), h in zip(sends, headers_out)], list(zip(recvs, headers_in)))
+        bufs = []
+        for h in headers_in:
+            nd, code, *dims = h.tolist()
+            bufs.append(torch.empty(dims[:nd], dtype=_DTYPES[code], device=self.device))
+        self._p2p(sends, list(zip(recvs, bufs)))
+        for m, buf in zip(recvs, bufs):
+            self._inbox.setdefault((m.consumer, m.key), []).append((m.s0, buf))
+
+    def _p2p(self, sends, recvs) -> None:
+        """Posts ``sends`` and ``recvs`` ([(message, tensor)], in message order, which is the
+        same on both ends of every pair) and waits for all of them."""
+        ops = [dist.P2POp(dist.isend, t, m.dst) for m, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, m.src) for m, t in recvs]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+    def _exchange_backward(self, wave: int) -> None:
+        msgs = self.schedule.bwd[wave]
+        sends, recvs = [], []
+        for m in msgs:
+            if m.dst == self.rank:
+                rec = self._rec[m.consumer]
+                leaf = rec.leaves[m.key]
+                g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                r0, r1 = self._piece_rows(m, m.consumer, rec.shard)
+                piece = g[r0:r1]
+                if m.src == self.rank:
+                    self._add_grad(m, piece)
+                else:
+                    sends.append((_Flip(m), piece.contiguous()))
+            elif m.src == self.rank:
+                out = self._rec[m.producer].out
+                r0, r1 = self._piece_rows(m, m.producer, self._rec[m.producer].shard)
+                recvs.append((_Flip(m), torch.empty((r1 - r0, *out.shape[1:]), dtype=out.dtype, device=self.device)))
+        if sends or recvs:
+            self._p2p(sends, recvs)
+            for fm, buf in recvs:
+                self._add_grad(fm.msg, buf)
+        # Inputs of this wave's slice are no longer needed.
+        sl = self.schedule.slice_of(self.rank, wave)
+        if sl is not None:
+            self._rec[sl.id].leaves.clear()
+
+    def _add_grad(self, m: Message, piece: torch.Tensor) -> None:
+        rec = self._rec[m.producer]
+        if m.producer not in self._grad_out:
+            self._grad_out[m.producer] = torch.zeros_like(rec.out)
+        r0, r1 = self._piece_rows(m, m.producer, rec.shard)
+        self._grad_out[m.producer][r0:r1] += piece.to(rec.out.dtype)
+
+    def _reduce_grads(self) -> None:
+        """One flat all-reduce per holder group, all in flight at once (issued in the global
+        group order, each on its own communicator, so their latencies overlap)."""
+        pending = []
+        for ranks, params in self._buckets:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            pending.append((dist.all_reduce(flat, group=self._groups[ranks], async_op=True), flat, params))
+        for work, flat, params in pending:
+            work.wait()
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+
+@dataclass(frozen=True)
+class _Flip:
+    """A forward message travelling backward: the consumer sends, the producer receives."""
+
+    msg: Message
+
+    @property
+    def dst(self) -> int:
+        return self.msg.src
+
+    @property
+    def src(self) -> int:
+        return self.msg.dst
+
+
+# --- plans for a model ------------------------------------------------------------------------
+def plan_methods() -> list[str]:
+    """The plan methods the executor accepts: every method of the planner."""
+    from scheduler.planner import METHODS
+
+    return list(METHODS)
+
+
+def make_plan(model: MultiTaskModel, num_devices: int, method: str = "spindle", *, problem: dict | None = None,
+              cost=None) -> dict:
+    """A plan of ``method`` for ``model`` on ``num_devices`` devices, stamped with the model
+    name and device count (the executor refuses a plan made for something else)."""
+    from scheduler.planner import plan_problem
+
+    problem = problem or model.to_problem(num_devices, cost=cost)
+    plan = dict(plan_problem(problem, method=method))
+    plan["num_devices"], plan["model"] = num_devices, model.name
+    return plan

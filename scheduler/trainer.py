@@ -1,0 +1,166 @@
+"""The training loop on top of the executor: optimizer, clipping, mixed precision, logging,
+checkpoints. Runs inside each rank (see ``scheduler.launch``).
+
+Gradient clipping uses the global norm: each parameter is counted once (by its lowest
+holder), the squares are summed over all ranks, and every rank applies the same factor, so
+the update equals a single-process ``clip_grad_norm_``. On GPUs the forward runs under bf16
+autocast (parameters and optimizer stay fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scheduler import checkpoint as ckpt
+from scheduler.data import SyntheticStream, batch_tokens
+from scheduler.executor import Executor, make_plan
+from scheduler.launch import local_device
+from scheduler.modelapi import profiled_cost
+from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
+
+
+@dataclass
+class TrainConfig:
+    """What one training run does (picklable: it travels to every rank)."""
+
+    model: str = DEFAULT_MODEL
+    model_options: dict = field(default_factory=dict)
+    steps: int = 40
+    method: str = "spindle"
+    plan: dict | None = None  # an explicit plan wins over ``method``
+    cost: str = "model"  # per-layer times for planning: "model" (analytic) or "profile" (timed here)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    seed: int = 0
+    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 on GPUs, fp32 on CPUs
+    checkpoint: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 10
+    return_state: bool = False  # rank 0 returns the whole final state (tests)
+    die_at_step: int | None = None  # test hook: rank ``die_rank`` exits hard at this step
+    die_rank: int = 1
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def clip_global(executor: Executor, max_norm: float) -> float:
+    """Scales every local gradient by min(1, max_norm / (global norm + 1e-6)); returns the
+    global norm (the same on every rank)."""
+    sq = torch.zeros((), dtype=torch.float64, device=executor.device)
+    for name, p in executor.named_parameters():
+        if p.grad is not None and executor.owned(name):
+            sq += p.grad.double().pow(2).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    norm = math.sqrt(float(sq))
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for p in executor.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs ``cfg`` on the current process group (or alone). Returns the history (per step:
+    per-task losses, total, tokens/s, grad norm) and, with ``return_state``, rank 0's gathered
+    final state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        device = local_device(rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    else:
+        device = local_device(0)
+    model = get_trainable_model(cfg.model, **cfg.model_options)
+    model.seed = cfg.seed
+    plan = cfg.plan
+    if plan is None and rank == 0:
+        cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
+        plan = make_plan(model, world, cfg.method, cost=cost)
+    if world > 1:
+        # Rank 0's plan for everyone: profiled times differ between processes.
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None)
+    named = sorted(ex.named_parameters())
+    opt = make_optimizer([p for _, p in named], cfg)
+    start = 0
+    if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)
+    stream = SyntheticStream(model, seed=cfg.seed)
+    bar = _progress(cfg, rank, start)
+    history = []
+    for step in range(start, cfg.steps):
+        if cfg.die_at_step == step and rank == cfg.die_rank:
+            os._exit(17)
+        t0 = time.perf_counter()
+        data = {t: {k: v.to(device) for k, v in b.items()} for t, b in stream.step(step).items()}
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        losses = ex.step(data)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_exec = time.perf_counter() - t1
+        norm = clip_global(ex, cfg.clip) if cfg.clip else float("nan")
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm,
+               "seconds": dt, "executor_seconds": t_exec, **ex.last_stats,
+               "tokens_per_s": batch_tokens(data, model) / dt}
+        history.append(rec)
+        if rank == 0:
+            _log(cfg, bar, rec)
+        if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            ckpt.save(ex, opt, cfg.checkpoint, step=step + 1, model_name=cfg.model)
+    if bar is not None:
+        bar.close()
+    if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
+        ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model)
+    out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method")}
+    if cfg.return_state:
+        out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
+    return out
+
+
+def _progress(cfg: TrainConfig, rank: int, start: int):
+    if rank != 0 or not cfg.progress or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
+
+
+def _log(cfg: TrainConfig, bar, rec: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    step = rec["step"]
+    if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+        per_task = " ".join(f"{t}={v:.4f}" for t, v in rec["losses"].items())
+        msg = f"step {step:4d}  loss {rec['loss']:.4f}  [{per_task}]  {rec['tokens_per_s']:.0f} tok/s"
+        (bar.write if bar is not None else print)(msg)
+
+
+def train_many(cfgs: list[TrainConfig]) -> list[dict[str, Any]]:
+    """Several runs one after the other in the same process group (saves process start-up in
+    tests and benchmarks)."""
+    return [train(c) for c in cfgs]

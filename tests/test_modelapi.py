@@ -1,0 +1,241 @@
+"""Model API: declaring a model, its MetaOps and planner problem, selective building, batch
+checks; the synthetic stream and the dataset loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from scheduler.data import MultiTaskLoader, SyntheticStream, collate, shard_batch
+from scheduler.modelapi import Component, MultiTaskModel, Task
+from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
+
+
+# --- a model declared in a few lines, checked against a hand-written float64 forward --------
+class Affine(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x, ctx):
+        return torch.tanh(self.lin(x))
+
+
+class Read(nn.Module):
+    def __init__(self, key, d_in, d):
+        super().__init__()
+        self.key, self.lin = key, nn.Linear(d_in, d)
+
+    def forward(self, inputs, batch, ctx):
+        return self.lin(batch[self.key])
+
+
+class Half(nn.Module):
+    def forward(self, x, ctx):
+        return 0.5 * x
+
+
+class Sum(nn.Module):
+    def forward(self, inputs, batch, ctx):
+        return sum(inputs[k] for k in sorted(inputs))
+
+
+def mse_sum(outputs, batch):
+    (y,) = outputs.values()
+    return ((y - batch["y"]) ** 2).sum()
+
+
+def small_model() -> MultiTaskModel:
+    comps = [
+        Component("a", layer=lambda i: Affine(4), num_layers=2, pre=lambda: Read("xa", 3, 4), hidden=4),
+        Component("b", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Read("xb", 5, 4), hidden=4),
+        Component("top", layer=lambda i: Affine(4), num_layers=3, pre=lambda: Sum(), post=lambda: Half(),
+                  hidden=4),
+    ]
+    mods = {"xa": ((3,), "float"), "xb": ((5,), "float"), "y": ((4,), "float")}
+    tasks = [
+        Task("ab", batch=6, flows=(("a", "top"), ("b", "top")), modalities=mods, loss=mse_sum),
+        Task("a_only", batch=4, flows=(("a", "top"),), modalities={k: mods[k] for k in ("xa", "y")},
+             loss=mse_sum, units=lambda b: 4 * b["y"].shape[0]),
+    ]
+    return MultiTaskModel("small", comps, tasks, seed=3)
+
+
+def test_metaops_flows_and_order():
+    m = small_model()
+    assert m.metaops() == ["ab/a", "ab/b", "ab/top", "a_only/a", "a_only/top"]
+    assert m.metaop_flows() == [("ab/a", "ab/top"), ("ab/b", "ab/top"), ("a_only/a", "a_only/top")]
+    assert m.sink("ab") == "top" and m.task_order("a_only") == ["a", "top"]
+    assert m.valid_counts("ab", "a", 8) == [1, 2, 3, 6] and m.valid_counts("a_only", "top", 3) == [1, 2]
+
+
+def test_reference_losses_equal_hand_written_forward():
+    m = small_model().build()
+    gen = torch.Generator().manual_seed(1)
+    data = {"ab": {"xa": torch.randn(6, 3, generator=gen), "xb": torch.randn(6, 5, generator=gen),
+                   "y": torch.randn(6, 4, generator=gen)},
+            "a_only": {"xa": torch.randn(4, 3, generator=gen), "y": torch.randn(4, 4, generator=gen)}}
+    got = m.reference_losses(data)
+    P = {n: p.detach().double() for n, p in m.named_parameters()}
+
+    def lin(prefix, x):
+        return x @ P[prefix + ".weight"].T + P[prefix + ".bias"]
+
+    def stack(c, x, n):
+        for i in range(n):
+            x = torch.tanh(lin(f"components.{c}.layers.{i}.lin", x))
+        return x
+
+    def a(b):
+        return stack("a", lin("components.a.pre.lin", b["xa"].double()), 2)
+
+    ab = data["ab"]
+    top = 0.5 * stack("top", a(ab) + stack("b", lin("components.b.pre.lin", ab["xb"].double()), 1), 3)
+    want_ab = ((top - ab["y"].double()) ** 2).sum() / 6
+    ao = data["a_only"]
+    want_ao = ((0.5 * stack("top", a(ao), 3) - ao["y"].double()) ** 2).sum() / 16
+    assert torch.allclose(got["ab"].double(), want_ab, rtol=1e-5)
+    assert torch.allclose(got["a_only"].double(), want_ao, rtol=1e-5)
+
+
+def test_selective_build_gives_the_same_weights():
+    full = dict(get_trainable_model("tiny-clip").build().named_parameters())
+    part = get_trainable_model("tiny-clip").build({"vision": [1], "text": [0]})
+    names = {n for n, _ in part.named_parameters()}
+    assert any(n.startswith("components.vision.layers.1.") for n in names)
+    assert not any(n.startswith("components.vision.layers.0.") or n.startswith("components.vision.pre") for n in names)
+    assert any(n.startswith("components.vision.post.") for n in names)  # post comes with the last layer
+    assert any(n.startswith("components.text.pre.") for n in names)  # pre comes with layer 0
+    assert not any(n.startswith("components.audio") for n in names)
+    for n, p in part.named_parameters():
+        assert torch.equal(p, full[n]), n
+    other_seed = get_trainable_model("tiny-clip", seed=1).build()
+    assert not torch.equal(dict(other_seed.named_parameters())["components.vision.layers.0.fc1.weight"],
+                           full["components.vision.layers.0.fc1.weight"])
+
+
+def test_problem_is_valid_and_matches_graph_model_spec():
+    plan_mod = pytest.importorskip("scheduler.plan")
+    m = get_trainable_model("tiny-clip")
+    problem = m.to_problem(4)
+    p = plan_mod.Problem.from_dict(problem)
+    assert [op.name for op in p.metaops] == m.metaops()
+    by = {op["name"]: op for op in problem["metaops"]}
+    assert list(by["vision-text/vision"]["time_ms"]) == ["1", "2", "4"]  # divisors of batch 8
+    assert list(by["audio-text/text"]["time_ms"]) == ["1", "2", "3"]  # of batch 6, <= 4 devices
+    assert list(by["vision-text/contrast"]["time_ms"]) == ["1"]  # needs its whole batch
+    t = by["vision-text/vision"]["time_ms"]
+    assert t["1"] > t["2"] > t["4"] > 0
+    graph = pytest.importorskip("scheduler.graph")
+    g = graph.to_problem(m.to_model_spec(), 4)
+    assert sorted(op["name"] for op in g["metaops"]) == sorted(m.metaops())
+    assert sorted(map(tuple, g["flows"])) == sorted(map(tuple, problem["flows"]))
+
+
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        ([Task("t", 2, (("a", "zz"),), {}, mse_sum)], "unknown component 'zz'"),
+        ([Task("t", 2, (("a", "top"), ("b", "c2")), {}, mse_sum)], "exactly one sink"),
+        ([Task("t", 2, (("a", "top"), ("top", "a")), {}, mse_sum)], "exactly one sink"),
+        ([Task("t", 2, (("top", "a"),), {}, mse_sum)], "source component 'top' has no pre"),
+        ([Task("t", 0, (("a", "top"),), {}, mse_sum)], "batch of task 't'"),
+        ([Task("t/x", 2, (("a", "top"),), {}, mse_sum)], "bad or duplicate task name"),
+    ],
+)
+def test_bad_declarations(tasks, message):
+    comps = [Component("a", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Read("x", 3, 4), hidden=4),
+             Component("b", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Read("x", 3, 4), hidden=4),
+             Component("c2", layer=lambda i: Affine(4), num_layers=1, hidden=4),
+             Component("top", layer=lambda i: Affine(4), num_layers=1, hidden=4)]
+    with pytest.raises(ValueError, match=message):
+        MultiTaskModel("bad", comps, tasks)
+
+
+def test_cycle_is_refused():
+    comps = [Component("a", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Sum(), hidden=4),
+             Component("b", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Sum(), hidden=4),
+             Component("c", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Sum(), hidden=4)]
+    with pytest.raises(ValueError, match="cycle"):
+        MultiTaskModel("bad", comps, [Task("t", 2, (("a", "b"), ("b", "a"), ("b", "c")), {}, mse_sum)])
+
+
+def test_bad_components():
+    with pytest.raises(ValueError, match="num_layers of component 'x'"):
+        Component("x", layer=lambda i: Affine(4), num_layers=0, hidden=4)
+    with pytest.raises(ValueError, match="without '/'"):
+        Component("x/y", layer=lambda i: Affine(4), num_layers=1, hidden=4)
+    with pytest.raises(ValueError, match="duplicate name 'a'"):
+        c = Component("a", layer=lambda i: Affine(4), num_layers=1, pre=lambda: Read("x", 3, 4), hidden=4)
+        MultiTaskModel("m", [c, c], [])
+
+
+def test_check_batch_names_task_and_modality():
+    m = small_model()
+    good = {"xa": torch.zeros(4, 3), "y": torch.zeros(4, 4)}
+    m.check_batch("a_only", good)
+    with pytest.raises(ValueError, match=r"'a_only', modality 'xa': expected shape \(4, 3\), got \(5, 3\)"):
+        m.check_batch("a_only", {**good, "xa": torch.zeros(5, 3)})
+    with pytest.raises(TypeError, match="expected a tensor"):
+        m.check_batch("a_only", {**good, "y": [0.0]})
+
+
+# --- data ----------------------------------------------------------------------------------
+def test_synthetic_stream_is_deterministic_and_heterogeneous():
+    model = get_trainable_model(DEFAULT_MODEL)
+    a, b = SyntheticStream(model, seed=0), SyntheticStream(model, seed=0)
+    s0, s0b, s1 = a.step(0), b.step(0), a.step(1)
+    for task, batch in s0.items():
+        model.check_batch(task, batch)
+        assert all(torch.equal(batch[k], s0b[task][k]) for k in batch)
+    assert not torch.equal(s0["vision-text"]["vision"], s1["vision-text"]["vision"])
+    lens = s0["vision-text"]["text_len"]
+    assert lens.min() < lens.max()  # lengths vary inside a batch
+    assert {model.tasks[t].batch for t in s0} == {8, 6, 4}  # and batches across tasks
+
+
+def test_loader_over_map_style_and_iterable_datasets():
+    class MapDS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"x": torch.full((i + 1, 2), float(i)), "label": torch.tensor(i)}
+
+    class IterDS(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([{"v": torch.tensor([float(i)])} for i in range(3)])
+
+    loader = MultiTaskLoader({"m": MapDS(), "it": IterDS()}, {"m": 3, "it": 2}, seed=0)
+    steps = [loader.step() for _ in range(4)]
+    assert sorted(steps[0]["m"]["label"].tolist() + steps[1]["m"]["label"].tolist()[:2]) == list(range(5))
+    b = steps[0]["m"]
+    assert b["x"].shape == (3, int(b["x_len"].max()), 2)
+    for i, lbl in enumerate(b["label"].tolist()):
+        assert b["x_len"][i] == lbl + 1 and torch.all(b["x"][i, lbl + 1:] == 0)
+    assert [s["it"]["v"].flatten().tolist() for s in steps] == [[0, 1], [2, 0], [1, 2], [0, 1]]
+    with pytest.raises(ValueError, match=r"no dataset for tasks \['zz'\]"):
+        MultiTaskLoader({}, {"zz": 1})
+
+
+def test_collate_and_shard():
+    b = collate([{"t": torch.tensor([1, 2, 3])}, {"t": torch.tensor([4])}])
+    assert b["t"].tolist() == [[1, 2, 3], [4, 0, 0]] and b["t_len"].tolist() == [3, 1]
+    s = shard_batch(b, 1, 2)
+    assert s["t"].tolist() == [[4, 0, 0]] and s["t_len"].tolist() == [1]
+    with pytest.raises(ValueError, match="shapes differ beyond dim 0"):
+        collate([{"t": torch.zeros(2, 3)}, {"t": torch.zeros(2, 4)}])
+
+
+def test_profiled_cost_times_every_metaop_and_plans():
+    from scheduler.modelapi import profiled_cost
+
+    model = get_trainable_model("tiny-clip")
+    cost = profiled_cost(get_trainable_model("tiny-clip"), reps=2)
+    problem = model.to_problem(2, cost=cost)
+    for op in problem["metaops"]:
+        assert op["time_ms"]["1"] > 0
+        assert list(op["time_ms"]) == sorted(op["time_ms"], key=int)
+    plan_mod = pytest.importorskip("scheduler.plan")
+    plan_mod.Problem.from_dict(problem)

@@ -1,0 +1,126 @@
+"""The training loop: global-norm clipping equals torch's, the built-in models learn, logging,
+the `mtmm train` command, bf16 on GPUs, lazy tqdm."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scheduler.data import SyntheticStream
+from scheduler.executor import Executor, make_plan
+from scheduler.tiny_models import get_trainable_model
+from scheduler.trainer import TrainConfig, clip_global, train
+from test_executor import _has_val_kernels
+
+
+def test_clip_global_equals_clip_grad_norm():
+    model = get_trainable_model("tiny-clip")
+    ex = Executor(model, make_plan(model, 1, "sequential"))
+    ref = get_trainable_model("tiny-clip").build()
+    data = SyntheticStream(ref).step(0)
+    ex.step(data)
+    sum(ref.reference_losses(data).values()).backward()
+    want = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5))
+    got = clip_global(ex, 0.5)
+    assert abs(got - want) / want < 1e-6 and got > 0.5  # the clip was active
+    refp = dict(ref.named_parameters())
+    for name, p in ex.named_parameters():
+        assert torch.allclose(p.grad, refp[name].grad, rtol=1e-5, atol=1e-9), name
+
+
+def _first_last(hist, task):
+    return statistics.mean(h["losses"][task] for h in hist[:5]), statistics.mean(h["losses"][task] for h in hist[-5:])
+
+
+def test_tiny_clip_learns_and_logs(capsys):
+    steps = 40
+    cfg = TrainConfig(model="tiny-clip", steps=steps, method="sequential", progress=False, log_every=10)
+    hist = train(cfg)["history"]
+    out = capsys.readouterr().out
+    for task in hist[0]["losses"]:
+        first, last = _first_last(hist, task)
+        assert last < 0.75 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
+    assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 for h in hist)
+    # one line per 10 steps and the last, each with every task's loss and tokens/s
+    lines = [ln for ln in out.splitlines() if ln.startswith("step")]
+    assert len(lines) == steps // 10 + 1
+    assert all(f"{t}=" in lines[0] for t in hist[0]["losses"]) and "tok/s" in lines[0]
+
+
+def test_tiny_val_learns():
+    """In a fresh process without TRITON_INTERPRET (the kernels' CPU path): the interpreter
+    would make 40 steps take a minute."""
+    if not _has_val_kernels():
+        pytest.skip("mtmm_kernels.pack_multimodal/GroupedLinear missing")
+    import json
+
+    code = ("import json; from scheduler.trainer import TrainConfig, train; "
+            "print(json.dumps(train(TrainConfig(model='tiny-val', steps=40, method='sequential', progress=False, "
+            "log_every=0))['history']))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    hist = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env=env, timeout=300).stdout)
+    for task in ("vl", "al", "val"):
+        first, last = _first_last(hist, task)
+        assert last < 0.85 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_mtmm_train_command_runs_two_gloo_processes(capfd):
+    from scheduler.cli import main
+
+    argv = ["train", "--steps", "3", "--nproc", "2", "--no-progress", "--log-every", "1", "--cost", "profile"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out  # the step lines come from rank 0's process
+    assert "trained tiny-clip with plan spindle" in out and "tokens/s" in out
+    assert sum(line.startswith("step") for line in out.splitlines()) == 3
+
+
+def test_mtmm_train_reports_a_bad_plan_file(tmp_path, capsys):
+    import json
+
+    from scheduler.cli import main
+
+    plan = make_plan(get_trainable_model("tiny-clip"), 3, "sequential")
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    rc = main(["train", "--steps", "1", "--nproc", "2", "--no-progress", "--plan-file", str(tmp_path / "p.json")])
+    assert rc == 1
+    assert "made for 3 devices, but the world has 2 processes" in capsys.readouterr().out
+
+
+def test_progress_bar_is_optional(monkeypatch):
+    """tqdm is imported only when a bar is shown, and its absence (the GPU machine may lack it)
+    only removes the bar."""
+    from scheduler import trainer
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = TrainConfig(steps=3)
+    bar = trainer._progress(cfg, 0, 0)
+    assert bar is not None and bar.total == 3
+    bar.close()
+    assert trainer._progress(cfg, 1, 0) is None  # only rank 0 draws
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    assert trainer._progress(cfg, 0, 0) is None
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu_tracks_fp32():
+    base = dict(model="tiny-clip", steps=3, method="sequential", progress=False, log_every=0)
+    fp32 = train(TrainConfig(precision="fp32", **base))["history"]
+    bf16 = train(TrainConfig(precision="bf16", **base))["history"]
+    for a, b in zip(fp32, bf16):
+        for task in a["losses"]:
+            assert abs(a["losses"][task] - b["losses"][task]) < 5e-2 * abs(a["losses"][task])
+
+
+@pytest.mark.slow
+def test_runs_under_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*torchrun, "-m", "scheduler.cli", "train", "--steps", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained tiny-clip" in r.stdout
