@@ -13,6 +13,9 @@ import sys
 # Order is the order of `mtmm --help`.
 _COMMAND_MODULES = [
     "scheduler.cmd_info",
+    "scheduler.cmd_plan",
+    "scheduler.cmd_train",
+    "scheduler.cmd_simulate",
 ]
 
 

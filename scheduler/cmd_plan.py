@@ -50,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(plan, f, indent=1)
+    if args.gantt or args.trace:  # pictures of the simulated iteration (scheduler/viz.py)
+        from scheduler import viz
+        from scheduler.simulate import simulate
+
+        sim = simulate(problem, plan)
+        if args.gantt:
+            viz.save_gantt(problem, plan, args.gantt, sim=sim)
+        if args.trace:
+            viz.save_trace(problem, plan, args.trace, sim=sim)
     return 0
 
 
@@ -69,4 +78,6 @@ def add_parser(sub) -> None:
     p.add_argument("--portfolio", action=argparse.BooleanOptionalAction, default=None,
                    help="mtmm: plan every variant and keep the best (default on)")
     p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--gantt", help="write a Gantt chart of the simulated plan (PNG)")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace of the simulated plan (JSON)")
     p.set_defaults(func=run)
