@@ -20,13 +20,13 @@ python -m scheduler.cli info --json | tee "$OUT_DIR/info.json"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT_DIR/nvidia-smi.csv" 2>&1
 
 stamp "tests"
-timeout 200 python -m pytest tests -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
+timeout 200 python -m pytest tests -m "gpu or not slow" -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
     >"$OUT_DIR/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$OUT_DIR/tests.log"
 
-stamp "benchmarks"
-timeout 220 python -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT_DIR/bench.json" \
+stamp "benchmarks (GPU ones; the CPU planner and gloo benchmarks run on the CPU machine)"
+timeout 220 python -m pytest bench -m gpu -q -p no:cacheprovider --benchmark-json="$OUT_DIR/bench.json" \
     --benchmark-columns=median,iqr,rounds >"$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
 tail -15 "$OUT_DIR/bench.log"
