@@ -41,10 +41,8 @@ PY_LIMIT = 1000  # the largest random problem the Python twin is timed on
 
 
 def _zoo_grid():
-    try:
-        from scheduler import zoo
-    except ImportError:  # pragma: no cover - the zoo is part of the package
-        return []
+    from scheduler import zoo
+
     return zoo.paper_grid()
 
 

@@ -89,14 +89,6 @@ std::vector<std::pair<int, int>> bipoint(const CoreInput& in, int m, double C) {
     return out;
 }
 
-int layers_fitting(double D, double T, int cap) {
-    const double q = D / T;
-    int k = q >= static_cast<double>(cap) ? cap : static_cast<int>(q);
-    while (k < cap && static_cast<double>(k + 1) * T <= D) ++k;
-    while (k > 0 && static_cast<double>(k) * T > D) --k;
-    return k;
-}
-
 double lower_bound(const CoreInput& in, const std::vector<int>& topo_order,
                    const std::vector<std::vector<int>>& preds) {
     const size_t n = in.layers.size();

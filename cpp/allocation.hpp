@@ -19,8 +19,15 @@ double level_cstar(const CoreInput& in, const std::vector<int>& members);
 // (count index, layers) tuples of MetaOp m for the level optimum C, lower count first.
 std::vector<std::pair<int, int>> bipoint(const CoreInput& in, int m, double C);
 
-// The most layers k <= cap with k * T <= D.
-int layers_fitting(double D, double T, int cap);
+// The most layers k <= cap with k * T <= D (the quotient is only a first guess: exact
+// comparisons decide). Inline: the wave loop calls it for every group and candidate length.
+inline int layers_fitting(double D, double T, int cap) {
+    const double q = D / T;
+    int k = q >= static_cast<double>(cap) ? cap : static_cast<int>(q);
+    while (k < cap && static_cast<double>(k + 1) * T <= D) ++k;
+    while (k > 0 && static_cast<double>(k) * T > D) --k;
+    return k;
+}
 
 // max(critical path at the fastest counts, least total device-time / N).
 double lower_bound(const CoreInput& in, const std::vector<int>& topo_order,

@@ -3,12 +3,102 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <memory>
 
 #include "contract.hpp"
 #include "dag.hpp"
 #include "planner.hpp"
 
 namespace py = pybind11;
+
+namespace {
+
+struct PlannerInput {
+    mtmm::CoreInput in;
+    std::vector<py::str> names_py;  // the plan dict's "metaop" values, shared by every plan
+};
+
+std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
+                                         std::vector<std::string> names, std::vector<int> layers,
+                                         std::vector<std::vector<int>> counts,
+                                         std::vector<std::vector<double>> times,
+                                         std::vector<int> component, std::vector<double> param_gb,
+                                         std::vector<double> activation_gb,
+                                         std::vector<double> output_mb,
+                                         std::vector<mtmm::Edge> flows, double device_memory_gb) {
+    auto pin = std::make_shared<PlannerInput>();
+    mtmm::CoreInput& in = pin->in;
+    in.num_devices = num_devices;
+    in.island_size = island_size;
+    in.names = std::move(names);
+    in.layers = std::move(layers);
+    in.counts = std::move(counts);
+    in.times = std::move(times);
+    in.component = std::move(component);
+    in.param_gb = std::move(param_gb);
+    in.activation_gb = std::move(activation_gb);
+    in.output_mb = std::move(output_mb);
+    in.flows = std::move(flows);
+    in.device_memory_gb = device_memory_gb;
+    pin->names_py.reserve(in.names.size());
+    for (const auto& n : in.names) pin->names_py.emplace_back(n);
+    return pin;
+}
+
+py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_idle,
+                      bool single_tuple, bool portfolio) {
+    mtmm::PlanOptions opt;
+    opt.overlap_levels = overlap_levels;
+    opt.least_idle = least_idle;
+    opt.single_tuple = single_tuple;
+    opt.portfolio = portfolio;
+    mtmm::Schedule s;
+    double core_ms = 0.0;
+    {
+        py::gil_scoped_release release;
+        const auto t0 = std::chrono::steady_clock::now();
+        s = mtmm::plan_core(pin.in, opt);
+        core_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                      .count();
+    }
+    // The plan's waves, built here: much faster than a Python loop over slices.
+    const py::str k_metaop("metaop"), k_begin("layer_begin"), k_end("layer_end"),
+        k_devices("devices"), k_start("start_ms"), k_duration("duration_ms"), k_slices("slices");
+    py::list waves(s.waves.size());
+    for (size_t w = 0; w < s.waves.size(); ++w) {
+        const auto& wave = s.waves[w];
+        py::list slices(wave.slices.size());
+        for (size_t k = 0; k < wave.slices.size(); ++k) {
+            const auto& sl = wave.slices[k];
+            py::list devs(sl.devices.size());
+            for (size_t d = 0; d < sl.devices.size(); ++d)
+                PyList_SET_ITEM(devs.ptr(), d, PyLong_FromLong(sl.devices[d]));
+            py::dict slice;
+            slice[k_metaop] = pin.names_py[sl.metaop];
+            slice[k_begin] = py::int_(sl.layer_begin);
+            slice[k_end] = py::int_(sl.layer_end);
+            slice[k_devices] = std::move(devs);
+            PyList_SET_ITEM(slices.ptr(), k, slice.release().ptr());
+        }
+        py::dict wd;
+        wd[k_start] = py::float_(wave.start_ms);
+        wd[k_duration] = py::float_(wave.duration_ms);
+        wd[k_slices] = std::move(slices);
+        PyList_SET_ITEM(waves.ptr(), w, wd.release().ptr());
+    }
+    py::dict r;
+    r["waves"] = std::move(waves);
+    r["level_cstar"] = s.level_cstar;
+    r["levels"] = s.levels;
+    r["relaxed_ms"] = s.relaxed_ms;
+    r["lower_bound_ms"] = s.lower_bound_ms;
+    r["makespan_ms"] = s.makespan_ms;
+    r["core_ms"] = core_ms;
+    r["variant"] = py::make_tuple(s.overlap_levels, s.least_idle, s.single_tuple, s.fastest);
+    return r;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "mtmm planner core (C++17)";
@@ -34,6 +124,24 @@ PYBIND11_MODULE(_core, m) {
           "j in-degree 1 and keys[i] == keys[j]. ValueError on a cycle or a bad edge.");
     // --- planner (scheduler/planner.py wraps it; the plan's waves are built here)
     py::register_exception<mtmm::PlanningError>(m, "PlanningError", PyExc_ValueError);
+    // A problem converted once (scheduler/planner.py keeps it on the Problem): planning it again
+    // skips converting the nested lists and building the MetaOp names' Python strings.
+    py::class_<PlannerInput, std::shared_ptr<PlannerInput>>(
+        m, "PlannerInput", "The arrays of scheduler.reference.CoreInput, converted once.")
+        .def(py::init(&make_input), py::arg("num_devices"), py::arg("island_size"),
+             py::arg("names"), py::arg("layers"), py::arg("counts"), py::arg("times"),
+             py::arg("component"), py::arg("param_gb"), py::arg("activation_gb"),
+             py::arg("output_mb"), py::arg("flows"), py::arg("device_memory_gb"));
+    m.def("plan_core",
+          [](const PlannerInput& pin, bool overlap_levels, bool least_idle, bool single_tuple,
+             bool portfolio) {
+              return plan_to_dict(pin, overlap_levels, least_idle, single_tuple, portfolio);
+          },
+          py::arg("input"), py::arg("overlap_levels"), py::arg("least_idle"),
+          py::arg("single_tuple"), py::arg("portfolio"),
+          "Spindle planner core on a PlannerInput: a dict with the plan's waves (plan format), "
+          "level_cstar, levels, relaxed_ms, lower_bound_ms, makespan_ms, variant and core_ms "
+          "(the algorithm alone). ValueError (PlanningError) on bad input or out of memory.");
     m.def("plan_core",
           [](int num_devices, int island_size, std::vector<std::string> names,
              std::vector<int> layers, std::vector<std::vector<int>> counts,
@@ -42,81 +150,18 @@ PYBIND11_MODULE(_core, m) {
              std::vector<double> output_mb, std::vector<mtmm::Edge> flows,
              double device_memory_gb, bool overlap_levels, bool least_idle,
              bool single_tuple, bool portfolio) {
-              mtmm::CoreInput in;
-              in.num_devices = num_devices;
-              in.island_size = island_size;
-              in.names = std::move(names);
-              in.layers = std::move(layers);
-              in.counts = std::move(counts);
-              in.times = std::move(times);
-              in.component = std::move(component);
-              in.param_gb = std::move(param_gb);
-              in.activation_gb = std::move(activation_gb);
-              in.output_mb = std::move(output_mb);
-              in.flows = std::move(flows);
-              in.device_memory_gb = device_memory_gb;
-              mtmm::PlanOptions opt;
-              opt.overlap_levels = overlap_levels;
-              opt.least_idle = least_idle;
-              opt.single_tuple = single_tuple;
-              opt.portfolio = portfolio;
-              mtmm::Schedule s;
-              double core_ms = 0.0;
-              {
-                  py::gil_scoped_release release;
-                  const auto t0 = std::chrono::steady_clock::now();
-                  s = mtmm::plan_core(in, opt);
-                  core_ms = std::chrono::duration<double, std::milli>(
-                                std::chrono::steady_clock::now() - t0).count();
-              }
-              // The plan's waves, built here: much faster than a Python loop over slices.
-              std::vector<py::str> names_py;
-              names_py.reserve(in.names.size());
-              for (const auto& n : in.names) names_py.emplace_back(n);
-              const py::str k_metaop("metaop"), k_begin("layer_begin"), k_end("layer_end"),
-                  k_devices("devices"), k_start("start_ms"), k_duration("duration_ms"),
-                  k_slices("slices");
-              py::list waves(s.waves.size());
-              for (size_t w = 0; w < s.waves.size(); ++w) {
-                  const auto& wave = s.waves[w];
-                  py::list slices(wave.slices.size());
-                  for (size_t k = 0; k < wave.slices.size(); ++k) {
-                      const auto& sl = wave.slices[k];
-                      py::list devs(sl.devices.size());
-                      for (size_t d = 0; d < sl.devices.size(); ++d)
-                          PyList_SET_ITEM(devs.ptr(), d, PyLong_FromLong(sl.devices[d]));
-                      py::dict slice;
-                      slice[k_metaop] = names_py[sl.metaop];
-                      slice[k_begin] = sl.layer_begin;
-                      slice[k_end] = sl.layer_end;
-                      slice[k_devices] = std::move(devs);
-                      slices[k] = std::move(slice);
-                  }
-                  py::dict wd;
-                  wd[k_start] = wave.start_ms;
-                  wd[k_duration] = wave.duration_ms;
-                  wd[k_slices] = std::move(slices);
-                  waves[w] = std::move(wd);
-              }
-              py::dict r;
-              r["waves"] = std::move(waves);
-              r["level_cstar"] = s.level_cstar;
-              r["levels"] = s.levels;
-              r["relaxed_ms"] = s.relaxed_ms;
-              r["lower_bound_ms"] = s.lower_bound_ms;
-              r["makespan_ms"] = s.makespan_ms;
-              r["core_ms"] = core_ms;
-              r["variant"] =
-                  py::make_tuple(s.overlap_levels, s.least_idle, s.single_tuple, s.fastest);
-              return r;
+              const auto pin = make_input(num_devices, island_size, std::move(names),
+                                          std::move(layers), std::move(counts),
+                                          std::move(times), std::move(component),
+                                          std::move(param_gb), std::move(activation_gb),
+                                          std::move(output_mb), std::move(flows),
+                                          device_memory_gb);
+              return plan_to_dict(*pin, overlap_levels, least_idle, single_tuple, portfolio);
           },
           py::arg("num_devices"), py::arg("island_size"), py::arg("names"), py::arg("layers"),
           py::arg("counts"), py::arg("times"), py::arg("component"), py::arg("param_gb"),
           py::arg("activation_gb"), py::arg("output_mb"), py::arg("flows"),
           py::arg("device_memory_gb"), py::arg("overlap_levels"), py::arg("least_idle"),
           py::arg("single_tuple"), py::arg("portfolio"),
-          "Spindle planner core (the arrays of scheduler.reference.CoreInput): a dict with the "
-          "plan's waves (plan format), level_cstar, levels, relaxed_ms, lower_bound_ms, "
-          "makespan_ms, variant and core_ms (the algorithm alone). ValueError (PlanningError) "
-          "on bad input or out of memory.");
+          "The same on the arrays themselves (converted for this call only).");
 }

@@ -23,6 +23,8 @@ Placer::Placer(const CoreInput& in, const std::vector<std::vector<int>>& preds)
       island_of_(in.num_devices),
       mark_(in.num_devices, 0) {
     for (int d = 0; d < in.num_devices; ++d) island_of_[d] = d / in.island_size;
+    // commit() copies every placed device list of m here: sized once, never reallocated.
+    for (size_t m = 0; m < in.layers.size(); ++m) last_dev_[m].reserve(in.counts[m].back());
     for (size_t m = 0; m < in.layers.size(); ++m)
         max_layers_[in.component[m]] = std::max(max_layers_[in.component[m]], in.layers[m]);
 }
@@ -142,10 +144,17 @@ void Placer::take(const std::vector<int>& devices) {
 // positive affinity (touched_) and the per-island free counts matter.
 std::vector<int> Placer::choose_free(int n) {
     const int S = in_.island_size, N = in_.num_devices;
+    // The free devices with a positive affinity, ascending: sort the few, or scan all N when
+    // they are many (same list; touched_ holds each device once, exactly those with aff_ > 0).
     tf_.clear();
-    for (int d : touched_)
-        if (free_[d]) tf_.push_back(d);
-    std::sort(tf_.begin(), tf_.end());
+    if (touched_.size() * 16 < static_cast<size_t>(N)) {
+        for (int d : touched_)
+            if (free_[d]) tf_.push_back(d);
+        std::sort(tf_.begin(), tf_.end());
+    } else {
+        for (int d = 0; d < N; ++d)
+            if (free_[d] && aff_[d] > 0.0) tf_.push_back(d);
+    }
     // Affinity sum per island, added in ascending device order like the full scan (zeros add
     // nothing, so skipping them changes no bit).
     ti_.clear();
@@ -230,7 +239,7 @@ std::vector<int> Placer::choose_free(int n) {
     return chosen;
 }
 
-std::vector<Placed> Placer::place_wave(int wave, const std::vector<Group>& groups,
+std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& groups,
                                        const std::vector<int>& done,
                                        const std::function<int(int)>& rem_layers, double D) {
     const int N = in_.num_devices;
@@ -255,8 +264,8 @@ std::vector<Placed> Placer::place_wave(int wave, const std::vector<Group>& group
         if (na != nb) return na > nb;
         return a.metaop < b.metaop;
     });
-    std::vector<Placed> placed;
-    placed.reserve(groups.size());
+    std::vector<Placed>& placed = placed_;
+    placed.clear();
     for (const Group& g : cont) {
         const int m = g.metaop, n = in_.counts[m][g.count_index];
         const std::vector<int>& devs = last_dev_[m];

@@ -33,7 +33,8 @@ class Placer {
     // groups: in scheduling order. done[m]: layers of m finished before this wave;
     // rem_layers(m): layers left in m's current tuple; D: the wave length. Groups that cannot
     // fit memory at any smaller count are dropped (the scheduler keeps their layers).
-    std::vector<Placed> place_wave(int wave, const std::vector<Group>& groups,
+    // The result lives in the Placer until the next call (its device lists may be moved out).
+    std::vector<Placed>& place_wave(int wave, const std::vector<Group>& groups,
                                    const std::vector<int>& done,
                                    const std::function<int(int)>& rem_layers, double D);
 
@@ -65,6 +66,7 @@ class Placer {
     std::vector<int> room_, tf_, ti_, devs_, order_;
     std::vector<double> tsum_, isum_;
     std::vector<Group> cont_, rest_;
+    std::vector<Placed> placed_;
 };
 
 }  // namespace mtmm

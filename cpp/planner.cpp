@@ -1,10 +1,10 @@
 #include "planner.hpp"
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <set>
 #include <string>
 
 #include "allocation.hpp"
@@ -21,25 +21,27 @@ void CoreInput::check() const {
     if (names.size() != n || counts.size() != n || times.size() != n || component.size() != n ||
         activation_gb.size() != n || output_mb.size() != n)
         throw PlanningError("per-MetaOp arrays must all have one entry per MetaOp");
+    // The message is built only on failure: check() runs on every plan.
+    auto fail = [&](size_t m, const char* why) {
+        throw PlanningError("MetaOp '" + names[m] + "': " + why);
+    };
     for (size_t m = 0; m < n; ++m) {
-        const std::string who = "MetaOp '" + names[m] + "': ";
-        if (layers[m] < 1) throw PlanningError(who + "layers must be >= 1");
-        if (counts[m].empty()) throw PlanningError(who + "no valid device count <= num_devices");
-        if (counts[m].size() != times[m].size())
-            throw PlanningError(who + "counts and times differ in length");
+        if (layers[m] < 1) fail(m, "layers must be >= 1");
+        if (counts[m].empty()) fail(m, "no valid device count <= num_devices");
+        if (counts[m].size() != times[m].size()) fail(m, "counts and times differ in length");
         for (size_t j = 0; j < counts[m].size(); ++j) {
             if (counts[m][j] < 1 || counts[m][j] > num_devices ||
                 (j > 0 && counts[m][j] <= counts[m][j - 1]))
-                throw PlanningError(who + "counts must ascend inside [1, num_devices]");
+                fail(m, "counts must ascend inside [1, num_devices]");
             if (!(times[m][j] > 0.0) || !std::isfinite(times[m][j]))
-                throw PlanningError(who + "times must be positive and finite");
+                fail(m, "times must be positive and finite");
             if (j > 0 && times[m][j] > times[m][j - 1])
-                throw PlanningError(who + "non-monotonic times (a larger count is slower)");
+                fail(m, "non-monotonic times (a larger count is slower)");
         }
         if (component[m] < 0 || component[m] >= static_cast<int>(param_gb.size()))
-            throw PlanningError(who + "component id out of range");
+            fail(m, "component id out of range");
         if (!(activation_gb[m] >= 0.0) || !(output_mb[m] >= 0.0))
-            throw PlanningError(who + "activation_gb and output_mb must be >= 0");
+            fail(m, "activation_gb and output_mb must be >= 0");
     }
     for (double p : param_gb)
         if (!(p >= 0.0)) throw PlanningError("param_gb must be >= 0");
@@ -47,15 +49,39 @@ void CoreInput::check() const {
 
 namespace {
 
+// A MetaOp's bi-point tuples (at most two), inline: no allocation per MetaOp and variant.
+struct Tuples {
+    int size = 0;
+    int cur = 0;               // current tuple
+    int count_index[2] = {0, 0};
+    int left[2] = {0, 0};      // layers left
+
+    void assign(const std::vector<std::pair<int, int>>& t) {
+        assert(t.size() >= 1 && t.size() <= 2);
+        size = static_cast<int>(t.size());
+        cur = 0;
+        for (int i = 0; i < size; ++i) {
+            count_index[i] = t[i].first;
+            left[i] = t[i].second;
+        }
+    }
+    void assign_one(int ci, int layers) {
+        size = 1;
+        cur = 0;
+        count_index[0] = ci;
+        left[0] = layers;
+    }
+};
+
 struct State {
-    std::vector<std::vector<std::pair<int, int>>> tuples;  // (count index, layers left)
-    std::vector<int> cur;                                   // current tuple
+    std::vector<Tuples> tuples;
     const CoreInput* in;
 
     double rem_time(int m) const {
+        const Tuples& t = tuples[m];
         double s = 0.0;
-        for (size_t t = cur[m]; t < tuples[m].size(); ++t)
-            s += static_cast<double>(tuples[m][t].second) * in->times[m][tuples[m][t].first];
+        for (int i = t.cur; i < t.size; ++i)
+            s += static_cast<double>(t.left[i]) * in->times[m][t.count_index[i]];
         return s;
     }
 };
@@ -67,8 +93,8 @@ constexpr size_t kIdleCandidates = 8;
 
 template <class RemLayers>
 double least_idle_length(const CoreInput& in, const std::vector<Group>& groups, double D0,
-                         const RemLayers& rem_layers) {
-    std::vector<double> ends;
+                         const RemLayers& rem_layers, std::vector<double>& ends) {
+    ends.clear();
     for (const Group& g : groups) {
         const double T = in.times[g.metaop][g.count_index];
         const double e = static_cast<double>(rem_layers(g.metaop)) * T;
@@ -155,17 +181,16 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
     State st;
     st.in = &in;
     st.tuples.resize(n_ops);
-    st.cur.assign(n_ops, 0);
     for (int m = 0; m < n_ops; ++m) {
+        Tuples& t = st.tuples[m];
         if (fastest)
-            st.tuples[m] = {{static_cast<int>(in.counts[m].size()) - 1, in.layers[m]}};
+            t.assign_one(static_cast<int>(in.counts[m].size()) - 1, in.layers[m]);
         else
-            st.tuples[m] = prep.tuples[m];
-        if (options.single_tuple && !fastest && st.tuples[m].size() == 2) {
+            t.assign(prep.tuples[m]);
+        if (options.single_tuple && !fastest && t.size == 2) {
             // The tuple with more layers (ties: the lower count) takes all the layers.
-            const auto& t = st.tuples[m];
-            const int ci = t[0].second >= t[1].second ? t[0].first : t[1].first;
-            st.tuples[m] = {{ci, in.layers[m]}};
+            t.assign_one(t.left[0] >= t.left[1] ? t.count_index[0] : t.count_index[1],
+                         in.layers[m]);
         }
     }
     std::vector<int> done(n_ops, 0);
@@ -180,25 +205,35 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
     for (int m = 0; m < n_ops; ++m) pred_left[m] = static_cast<int>(dag.pred[m].size());
     std::vector<char> finished(n_ops, 0);
     Placer placer(in, dag.pred);
-    auto rem_layers = [&](int m) { return st.tuples[m][st.cur[m]].second; };
+    auto rem_layers = [&](int m) { return st.tuples[m].left[st.tuples[m].cur]; };
 
-    // Candidates kept sorted by (priority descending, index ascending): a set, updated only for
-    // the MetaOps a wave touched (the Python twin re-sorts every wave; the order is the same).
+    // Candidates kept sorted by (priority descending, index ascending): a sorted vector (no
+    // node allocations; a wave touches few), updated only for the MetaOps a wave touched (the
+    // Python twin re-sorts every wave; the order is the same).
     auto cmp = [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
         if (a.first != b.first) return a.first > b.first;
         return a.second < b.second;
     };
-    std::set<std::pair<double, int>, decltype(cmp)> cands(cmp);
+    std::vector<std::pair<double, int>> cands;
+    cands.reserve(n_ops);
     std::vector<double> key(n_ops, 0.0);
     auto enter = [&](int m) {
         key[m] = st.rem_time(m) + tail[m];
-        cands.emplace(key[m], m);
+        const std::pair<double, int> e{key[m], m};
+        cands.insert(std::lower_bound(cands.begin(), cands.end(), e, cmp), e);
+    };
+    auto leave = [&](int m) {
+        const std::pair<double, int> e{key[m], m};
+        auto it = std::lower_bound(cands.begin(), cands.end(), e, cmp);
+        assert(it != cands.end() && it->second == m);
+        cands.erase(it);
     };
     if (options.overlap_levels) {
         for (int m = 0; m < n_ops; ++m)
             if (pred_left[m] == 0) enter(m);
     }
     std::vector<Group> groups, sized;
+    std::vector<double> ends;
     std::vector<std::pair<double, int>> heap;
     double t_now = 0.0;
     int current_level = -1, remaining = n_ops;
@@ -211,7 +246,7 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
         int free = N;
         groups.clear();
         for (const auto& [prio, m] : cands) {
-            const int ci = st.tuples[m][st.cur[m]].first;
+            const int ci = st.tuples[m].count_index[st.tuples[m].cur];
             const int n = in.counts[m][ci];
             if (n <= free) {
                 groups.push_back({m, ci, 0});
@@ -256,7 +291,7 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
                 static_cast<double>(rem_layers(m)) * in.times[m][groups[g].count_index];
             D = g == 0 ? r : std::min(D, r);
         }
-        if (options.least_idle) D = least_idle_length(in, groups, D, rem_layers);
+        if (options.least_idle) D = least_idle_length(in, groups, D, rem_layers, ends);
         sized.clear();
         for (const Group& g : groups) {
             const int k =
@@ -264,7 +299,7 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
             if (k > 0) sized.push_back({g.metaop, g.count_index, k});
         }
         const int wave_index = static_cast<int>(out.waves.size());
-        std::vector<Placed> placed = placer.place_wave(wave_index, sized, done, rem_layers, D);
+        std::vector<Placed>& placed = placer.place_wave(wave_index, sized, done, rem_layers, D);
         if (placed.empty()) {
             const int m = sized[0].metaop;
             throw PlanningError("cannot fit in memory: MetaOp '" + in.names[m] + "' (layers from " +
@@ -282,12 +317,12 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
                          static_cast<double>(p.layers) * in.times[m][p.count_index]);
             wave.slices.push_back({m, done[m], done[m] + p.layers, std::move(p.devices)});
             done[m] += p.layers;
-            cands.erase({key[m], m});
-            auto& tup = st.tuples[m][st.cur[m]];
-            tup.second -= p.layers;
-            if (tup.second == 0) {
-                ++st.cur[m];
-                if (st.cur[m] == static_cast<int>(st.tuples[m].size())) {
+            leave(m);
+            Tuples& tup = st.tuples[m];
+            tup.left[tup.cur] -= p.layers;
+            if (tup.left[tup.cur] == 0) {
+                ++tup.cur;
+                if (tup.cur == tup.size) {
                     finished[m] = 1;
                     --remaining;
                     for (int s : dag.succ[m])

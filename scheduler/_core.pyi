@@ -1,5 +1,7 @@
 """Type stub of the C++ planner core (cpp/, built by CMake into scheduler/_core)."""
 
+from typing import overload
+
 class GraphError(ValueError): ...
 
 def topological_order(num_nodes: int, edges: list[tuple[int, int]]) -> list[int]: ...
@@ -10,6 +12,23 @@ def contract(
 
 class PlanningError(ValueError): ...
 
+class PlannerInput:
+    """The arrays of scheduler.reference.CoreInput converted to C++ once (scheduler.planner
+    keeps one per Problem); checked when planned."""
+
+    def __init__(
+        self, num_devices: int, island_size: int, names: list[str], layers: list[int],
+        counts: list[list[int]], times: list[list[float]], component: list[int],
+        param_gb: list[float], activation_gb: list[float], output_mb: list[float],
+        flows: list[tuple[int, int]], device_memory_gb: float,
+    ) -> None: ...
+
+@overload
+def plan_core(
+    input: PlannerInput, overlap_levels: bool, least_idle: bool, single_tuple: bool,
+    portfolio: bool,
+) -> dict: ...
+@overload
 def plan_core(
     num_devices: int, island_size: int, names: list[str], layers: list[int],
     counts: list[list[int]], times: list[list[float]], component: list[int],

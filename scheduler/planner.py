@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from typing import Any, Mapping
 
 from .plan import Problem, lower_bound, validate
@@ -82,15 +83,41 @@ def _fields(waves: list, sched_like) -> dict:
     }
 
 
-def _run_cpp(inp: CoreInput, opts: dict) -> tuple[dict, float]:
+# id(problem) -> (weak reference, {"python": CoreInput, "cpp": _core.PlannerInput}). Kept off
+# the Problem itself so that copying or pickling a Problem never meets the C++ handle.
+_INPUTS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _cached_input(p: Problem, backend: str):
+    """The core's input arrays for ``p``, built once per Problem object (it is frozen, so they
+    never go stale; the entry leaves with the Problem): ``reference.CoreInput`` for the Python
+    twin, ``_core.PlannerInput`` (the same arrays already converted to C++) for the C++ core."""
+    key = id(p)
+    entry = _INPUTS.get(key)
+    if entry is None or entry[0]() is not p:
+        entry = (weakref.ref(p, lambda _, key=key: _INPUTS.pop(key, None)), {})
+        _INPUTS[key] = entry
+    cache = entry[1]
+    inp = cache.get(backend)
+    if inp is None:
+        inp = cache.get("python") or core_input(p)
+        cache["python"] = inp
+        if backend == "cpp":
+            from . import _core
+
+            inp = _core.PlannerInput(
+                inp.num_devices, inp.island_size, inp.names, inp.layers, inp.counts, inp.times,
+                inp.component, inp.param_gb, inp.activation_gb, inp.output_mb, inp.flows,
+                inp.device_memory_gb)
+            cache["cpp"] = inp
+    return inp
+
+
+def _run_cpp(inp, opts: dict) -> tuple[dict, float]:
     from . import _core
 
-    r = _core.plan_core(
-        inp.num_devices, inp.island_size, inp.names, inp.layers, inp.counts, inp.times,
-        inp.component, inp.param_gb, inp.activation_gb, inp.output_mb, inp.flows,
-        inp.device_memory_gb, bool(opts["overlap_levels"]), bool(opts["least_idle"]),
-        bool(opts["single_tuple"]), bool(opts["portfolio"]),
-    )
+    r = _core.plan_core(inp, opts["overlap_levels"], opts["least_idle"], opts["single_tuple"],
+                        opts["portfolio"])
     return _fields(r["waves"], r), r["core_ms"]
 
 
@@ -152,7 +179,7 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         gc.disable()  # building a large plan must not trigger collections of what it builds
         try:
             t0 = time.perf_counter()
-            inp = core_input(p)
+            inp = _cached_input(p, backend)
             run = _run_cpp if backend == "cpp" else _run_python
             fields, core_ms = run(inp, opts)
             plan = {"method": method, "backend": backend, "options": opts, **fields}

@@ -323,6 +323,35 @@ def test_core_rejects_inconsistent_arrays():
                         [0.0, 0.0], [0.0, 0.0], [(0, 1), (1, 0)], -1.0, False, False, False, False)
 
 
+def test_planner_input_is_built_once_per_problem_and_released_with_it():
+    import gc
+
+    from scheduler import _core, planner
+
+    d = random_problem(11, 30, 16, memory=True)
+    p = Problem.from_dict(d)
+    first = [_without_timing(plan_problem(p, m, b)) for m in ("mtmm", "spindle")
+             for b in ("cpp", "python")]
+    again = [_without_timing(plan_problem(p, m, b)) for m in ("mtmm", "spindle")
+             for b in ("cpp", "python")]
+    fresh = [_without_timing(plan_problem(Problem.from_dict(d), m, b))
+             for m in ("mtmm", "spindle") for b in ("cpp", "python")]
+    assert first == again == fresh
+    assert first[0]["waves"] == first[1]["waves"] and first[2]["waves"] == first[3]["waves"]
+    cache = planner._INPUTS[id(p)][1]
+    assert isinstance(cache["cpp"], _core.PlannerInput)
+    assert isinstance(cache["python"], reference.CoreInput)
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in planner._INPUTS
+    # A converted input is checked when planned, like the arrays themselves.
+    bad = _core.PlannerInput(2, 1, ["a"], [1], [[1, 2]], [[1.0, 2.0]], [0], [0.0], [0.0],
+                             [0.0], [], -1.0)
+    with pytest.raises(ValueError, match="'a'.*non-monotonic"):
+        _core.plan_core(bad, False, False, False, False)
+
+
 def test_cli_plan(tmp_path, capsys):
     import json
 
