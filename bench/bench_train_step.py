@@ -302,12 +302,9 @@ def _measure(plans, steps=8):
 def test_cpu_iteration_time_vs_simulator(benchmark):
     from scheduler.executor import make_plan, plan_methods
     from scheduler.launch import run_local
+    from scheduler.simulate import Cluster, simulate
     from scheduler.tiny_models import get_trainable_model
 
-    try:
-        from scheduler.simulate import Cluster, simulate
-    except ImportError:
-        pytest.skip("scheduler.simulate missing")
     cal = run_local(_calibrate, 4, "tiny-clip", timeout_s=600)
     table = {k: statistics.median(c["table"][k] for c in cal) for k in cal[0]["table"]}
     p2p_us = statistics.median(c["p2p_us"] for c in cal)
