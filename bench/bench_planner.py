@@ -117,23 +117,23 @@ def test_print_summary():
 
 def test_overlap_levels_ablation():
     """Each portfolio variant alone (C++), as makespan / relaxed_ms: where overlap_levels,
-    least_idle and single_tuple win. Printed, not asserted (a measurement, not a test)."""
+    least_idle, single_tuple and defer_short win. Printed, not asserted (a measurement, not a test)."""
     from scheduler.reference import PORTFOLIO
 
     variants = [v for v in PORTFOLIO if not v[3]]  # "fastest" cannot be asked for alone
     cases = CASES[:-1]  # the 10,000-MetaOp problem takes seconds per variant; skipped
     print("\n| case | " + " | ".join(
-        f"overlap={int(o)} least_idle={int(li)} single_tuple={int(st)}"
-        for o, li, st, _ in variants)
+        f"overlap={int(o)} least_idle={int(li)} single_tuple={int(st)} defer_short={int(ds)}"
+        for o, li, st, _, ds in variants)
         + " | mtmm (portfolio) | spindle |")
     print("|---" * (len(variants) + 3) + "|")
     wins = dict.fromkeys(variants, 0)
     for case in cases:
         p = _problem(case)
         row = []
-        for o, li, st, _ in variants:
+        for o, li, st, _, ds in variants:
             plan = plan_problem(p, "mtmm", check=False, portfolio=False, overlap_levels=o,
-                                least_idle=li, single_tuple=st)
+                                least_idle=li, single_tuple=st, defer_short=ds)
             row.append(plan["makespan_ms"] / plan["relaxed_ms"])
         for v, x in zip(variants, row):
             wins[v] += x == min(row)
@@ -143,5 +143,6 @@ def test_overlap_levels_ablation():
         print(f"| {case} | " + " | ".join(f"{x:.4f}" for x in row)
               + f" | {mtmm:.4f} | {spindle:.4f} |")
     print("times each variant was best:",
-          {f"overlap={int(v[0])},least_idle={int(v[1])},single_tuple={int(v[2])}": n
+          {f"overlap={int(v[0])},least_idle={int(v[1])},single_tuple={int(v[2])},"
+           f"defer_short={int(v[4])}": n
            for v, n in wins.items()})

@@ -46,8 +46,9 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
 }
 
 py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_idle,
-                      bool single_tuple, bool portfolio) {
+                      bool single_tuple, bool portfolio, bool defer_short) {
     mtmm::PlanOptions opt;
+    opt.defer_short = defer_short;
     opt.overlap_levels = overlap_levels;
     opt.least_idle = least_idle;
     opt.single_tuple = single_tuple;
@@ -94,7 +95,8 @@ py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_i
     r["lower_bound_ms"] = s.lower_bound_ms;
     r["makespan_ms"] = s.makespan_ms;
     r["core_ms"] = core_ms;
-    r["variant"] = py::make_tuple(s.overlap_levels, s.least_idle, s.single_tuple, s.fastest);
+    r["variant"] = py::make_tuple(s.overlap_levels, s.least_idle, s.single_tuple, s.fastest,
+                                  s.defer_short);
     return r;
 }
 
@@ -134,11 +136,12 @@ PYBIND11_MODULE(_core, m) {
              py::arg("output_mb"), py::arg("flows"), py::arg("device_memory_gb"));
     m.def("plan_core",
           [](const PlannerInput& pin, bool overlap_levels, bool least_idle, bool single_tuple,
-             bool portfolio) {
-              return plan_to_dict(pin, overlap_levels, least_idle, single_tuple, portfolio);
+             bool portfolio, bool defer_short) {
+              return plan_to_dict(pin, overlap_levels, least_idle, single_tuple, portfolio,
+                                  defer_short);
           },
           py::arg("input"), py::arg("overlap_levels"), py::arg("least_idle"),
-          py::arg("single_tuple"), py::arg("portfolio"),
+          py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short") = false,
           "Spindle planner core on a PlannerInput: a dict with the plan's waves (plan format), "
           "level_cstar, levels, relaxed_ms, lower_bound_ms, makespan_ms, variant and core_ms "
           "(the algorithm alone). ValueError (PlanningError) on bad input or out of memory.");
@@ -149,19 +152,20 @@ PYBIND11_MODULE(_core, m) {
              std::vector<double> param_gb, std::vector<double> activation_gb,
              std::vector<double> output_mb, std::vector<mtmm::Edge> flows,
              double device_memory_gb, bool overlap_levels, bool least_idle,
-             bool single_tuple, bool portfolio) {
+             bool single_tuple, bool portfolio, bool defer_short) {
               const auto pin = make_input(num_devices, island_size, std::move(names),
                                           std::move(layers), std::move(counts),
                                           std::move(times), std::move(component),
                                           std::move(param_gb), std::move(activation_gb),
                                           std::move(output_mb), std::move(flows),
                                           device_memory_gb);
-              return plan_to_dict(*pin, overlap_levels, least_idle, single_tuple, portfolio);
+              return plan_to_dict(*pin, overlap_levels, least_idle, single_tuple, portfolio,
+                                  defer_short);
           },
           py::arg("num_devices"), py::arg("island_size"), py::arg("names"), py::arg("layers"),
           py::arg("counts"), py::arg("times"), py::arg("component"), py::arg("param_gb"),
           py::arg("activation_gb"), py::arg("output_mb"), py::arg("flows"),
           py::arg("device_memory_gb"), py::arg("overlap_levels"), py::arg("least_idle"),
-          py::arg("single_tuple"), py::arg("portfolio"),
+          py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short") = false,
           "The same on the arrays themselves (converted for this call only).");
 }

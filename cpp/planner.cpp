@@ -243,17 +243,24 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
             for (int m : members[current_level]) enter(m);
         }
         // Propose each candidate's current tuple, highest priority first, while it fits.
-        int free = N;
-        groups.clear();
-        for (const auto& [prio, m] : cands) {
-            const int ci = st.tuples[m].count_index[st.tuples[m].cur];
-            const int n = in.counts[m][ci];
-            if (n <= free) {
-                groups.push_back({m, ci, 0});
-                free -= n;
+        // defer_short: the short candidates (priority under half the top one's) wait for the
+        // second pass, after resource extension.
+        const double top = cands.empty() ? 0.0 : cands.front().first;
+        auto propose = [&](int free, bool pass_short) {
+            for (const auto& [prio, m] : cands) {
                 if (free == 0) break;
+                if (options.defer_short && (2.0 * prio < top) != pass_short) continue;
+                const int ci = st.tuples[m].count_index[st.tuples[m].cur];
+                const int n = in.counts[m][ci];
+                if (n <= free) {
+                    groups.push_back({m, ci, 0});
+                    free -= n;
+                }
             }
-        }
+            return free;
+        };
+        groups.clear();
+        int free = propose(N, false);
         // Resource extension: grow the group with the most remaining time of its tuple to its
         // next valid count, one step at a time, while devices stay idle; only a step that makes
         // the layer faster counts. Ties: earlier group. (A max-heap on (r, -position) gives the
@@ -283,6 +290,7 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
                 std::push_heap(heap.begin(), heap.end());
             }
         }
+        if (options.defer_short) free = propose(free, true);
         // The wave lasts until the first group finishes its tuple; the others are sliced.
         double D = 0.0;
         for (size_t g = 0; g < groups.size(); ++g) {
@@ -341,6 +349,7 @@ std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
     out.least_idle = options.least_idle;
     out.single_tuple = options.single_tuple;
     out.fastest = fastest;
+    out.defer_short = options.defer_short;
     return out;
 }
 
@@ -352,12 +361,14 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
     const Prepared prep(in);
     if (!options.portfolio) return *plan_once(in, prep, options, false, inf);
     // Same variants, same order as reference.PORTFOLIO: overlap_levels, least_idle,
-    // single_tuple, fastest. Branch and bound: a variant stops as soon as it cannot beat the
-    // best plan so far; the result is the same as planning every variant to the end.
-    static const bool kVariants[4][4] = {{false, true, true, false},
-                                         {true, true, true, false},
-                                         {true, false, true, false},
-                                         {false, false, false, true}};
+    // single_tuple, fastest, defer_short. Branch and bound: a variant stops as soon as it
+    // cannot beat the best plan so far; the result is the same as planning every variant to
+    // the end.
+    static const bool kVariants[5][5] = {{false, true, true, false, false},
+                                         {true, true, true, false, false},
+                                         {true, false, true, false, false},
+                                         {false, false, false, true, false},
+                                         {false, true, true, false, true}};
     std::optional<Schedule> best;
     std::string first_error;
     for (const auto& v : kVariants) {
@@ -365,6 +376,7 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
         o.overlap_levels = v[0];
         o.least_idle = v[1];
         o.single_tuple = v[2];
+        o.defer_short = v[4];
         try {
             std::optional<Schedule> s =
                 plan_once(in, prep, o, v[3], best ? best->makespan_ms : inf);

@@ -15,6 +15,9 @@ struct PlanOptions {
     bool least_idle = false;
     // Each MetaOp keeps only the bi-point tuple with more layers, for all its layers.
     bool single_tuple = false;
+    // A candidate whose priority is under half the top candidate's joins a wave only after
+    // resource extension, on the devices left idle (reference._short).
+    bool defer_short = false;
     // Plan the variants of reference.PORTFOLIO and keep the smallest makespan; the flags above
     // are then ignored.
     bool portfolio = false;

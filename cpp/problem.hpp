@@ -56,6 +56,7 @@ struct Schedule {
     bool least_idle = false;
     bool single_tuple = false;
     bool fastest = false;
+    bool defer_short = false;
 };
 
 }  // namespace mtmm

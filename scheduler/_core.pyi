@@ -26,7 +26,7 @@ class PlannerInput:
 @overload
 def plan_core(
     input: PlannerInput, overlap_levels: bool, least_idle: bool, single_tuple: bool,
-    portfolio: bool,
+    portfolio: bool, defer_short: bool = False,
 ) -> dict: ...
 @overload
 def plan_core(
@@ -34,5 +34,5 @@ def plan_core(
     counts: list[list[int]], times: list[list[float]], component: list[int],
     param_gb: list[float], activation_gb: list[float], output_mb: list[float],
     flows: list[tuple[int, int]], device_memory_gb: float, overlap_levels: bool,
-    least_idle: bool, single_tuple: bool, portfolio: bool,
+    least_idle: bool, single_tuple: bool, portfolio: bool, defer_short: bool = False,
 ) -> dict: ...

@@ -5,8 +5,9 @@ Methods:
                MetaLevels concatenated in time;
   ``mtmm``     mtmm's best: a portfolio of spindle variants (``least_idle`` wave lengths,
                ``single_tuple`` allocation, ``overlap_levels``: a MetaOp starts as soon as its
-               own predecessors are done, with critical-path priority; and every MetaOp at its
-               fastest count), keeping the plan with the smallest makespan;
+               own predecessors are done, with critical-path priority; ``defer_short``: short
+               MetaOps take only the devices left idle; and every MetaOp at its fastest count),
+               keeping the plan with the smallest makespan;
   ``sequential``, ``distmm``, ``optimus``, ``uniform``: the baselines (scheduler.baselines).
 Back ends for spindle/mtmm: ``cpp`` (scheduler._core) and ``python`` (scheduler.reference); they
 return the same plan. Every plan is checked with ``plan.validate`` before it is returned.
@@ -31,9 +32,9 @@ BACKENDS = ("cpp", "python")
 # on deep random DAGs (bench/bench_planner.py's ablation; numbers in docs/planner.md).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "spindle": {"overlap_levels": False, "least_idle": False, "single_tuple": False,
-                "portfolio": False},
+                "defer_short": False, "portfolio": False},
     "mtmm": {"overlap_levels": False, "least_idle": True, "single_tuple": True,
-             "portfolio": True},
+             "defer_short": False, "portfolio": True},
 }
 
 
@@ -69,7 +70,7 @@ def check_memory(p: Problem) -> None:
             f"{worst!r}, {worst_gb:.6g} GB)")
 
 
-_VARIANT_KEYS = ("overlap_levels", "least_idle", "single_tuple", "fastest")
+_VARIANT_KEYS = ("overlap_levels", "least_idle", "single_tuple", "fastest", "defer_short")
 
 
 def _fields(waves: list, sched_like) -> dict:
@@ -117,7 +118,7 @@ def _run_cpp(inp, opts: dict) -> tuple[dict, float]:
     from . import _core
 
     r = _core.plan_core(inp, opts["overlap_levels"], opts["least_idle"], opts["single_tuple"],
-                        opts["portfolio"])
+                        opts["portfolio"], opts["defer_short"])
     return _fields(r["waves"], r), r["core_ms"]
 
 
@@ -125,7 +126,8 @@ def _run_python(inp: CoreInput, opts: dict) -> tuple[dict, float]:
     t0 = time.perf_counter()
     sched = plan_core(inp, overlap_levels=bool(opts["overlap_levels"]),
                       least_idle=bool(opts["least_idle"]),
-                      single_tuple=bool(opts["single_tuple"]), portfolio=bool(opts["portfolio"]))
+                      single_tuple=bool(opts["single_tuple"]), portfolio=bool(opts["portfolio"]),
+                      defer_short=bool(opts["defer_short"]))
     core_ms = (time.perf_counter() - t0) * 1e3
     names = inp.names
     waves = [
@@ -148,7 +150,7 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         check: validate the plan before returning it (on by default; benchmarks of very large
             problems may turn it off, the tests never do).
         **options: spindle/mtmm only: ``overlap_levels``, ``least_idle``, ``single_tuple``,
-            ``portfolio`` (bools; defaults in DEFAULT_OPTIONS, meanings in docs/planner.md).
+            ``defer_short``, ``portfolio`` (bools; defaults in DEFAULT_OPTIONS, meanings in docs/planner.md).
 
     Returns:
         The plan dict (docs/formats.md) with ``method``, ``backend``, ``options``,

@@ -53,8 +53,8 @@ class Schedule:
     lower_bound_ms: float
     makespan_ms: float
     levels: list[int] = field(default_factory=list)
-    # overlap_levels, least_idle, single_tuple, fastest
-    variant: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    # overlap_levels, least_idle, single_tuple, fastest, defer_short
+    variant: tuple[bool, bool, bool, bool, bool] = (False, False, False, False, False)
 
 
 def core_input(problem: Problem) -> CoreInput:
@@ -217,37 +217,49 @@ def _least_idle_length(inp: CoreInput, groups, D0: float, rem_layers) -> float:
 
 
 # The variants the portfolio tries, in order: (overlap_levels, least_idle, single_tuple,
-# fastest). The first plan with the smallest makespan wins. bench/bench_planner.py measures
-# each variant alone; docs/planner.md records why these four.
+# fastest, defer_short). The first plan with the smallest makespan wins. bench/bench_planner.py
+# measures each variant alone; docs/planner.md records why these five.
 PORTFOLIO = (
-    (False, True, True, False),
-    (True, True, True, False),
-    (True, False, True, False),
-    (False, False, False, True),
+    (False, True, True, False, False),
+    (True, True, True, False, False),
+    (True, False, True, False, False),
+    (False, False, False, True, False),
+    (False, True, True, False, True),
 )
 
 
+def _short(priority: float, top: float) -> bool:
+    """defer_short: a candidate whose priority is under half the highest candidate's would keep
+    its devices busy for less than half of what the wave's longest work still needs; it waits
+    for devices that nothing longer can use."""
+    return 2.0 * priority < top
+
+
 def plan_core(inp: CoreInput, overlap_levels: bool = False, least_idle: bool = False,
-              single_tuple: bool = False, portfolio: bool = False) -> Schedule:
+              single_tuple: bool = False, portfolio: bool = False,
+              defer_short: bool = False) -> Schedule:
     """Plan one iteration.
 
     ``overlap_levels``: a MetaOp becomes ready as soon as its own predecessors are done (else:
     levels run one after another, as in the paper). ``least_idle``: wave length by
     ``_least_idle_length`` (else the shortest tuple, the paper). ``single_tuple``: each MetaOp
     keeps only the bi-point tuple with more layers, for all its layers (fewer wave boundaries,
-    so less slack from slicing at layer granularity). ``portfolio``: plan every variant of
+    so less slack from slicing at layer granularity). ``defer_short``: a candidate whose
+    priority is under half the top candidate's joins a wave only after resource extension, on
+    devices left idle (docs/planner.md, section 4). ``portfolio``: plan every variant of
     PORTFOLIO (the flags above are then ignored) and return the one with the smallest makespan;
     variants that run out of memory are skipped.
     """
     if not portfolio:
-        return _plan_once(inp, overlap_levels, least_idle, single_tuple, False)
+        return _plan_once(inp, overlap_levels, least_idle, single_tuple, False,
+                          defer_short=defer_short)
     best, error = None, None
-    for variant in PORTFOLIO:
+    for *flags, defer in PORTFOLIO:
         # Branch and bound: a variant stops as soon as it cannot beat the best plan so far
         # (it returns None); the result is the same as planning every variant to the end.
         bound = math.inf if best is None else best.makespan_ms
         try:
-            s = _plan_once(inp, *variant, bound=bound)
+            s = _plan_once(inp, *flags, bound=bound, defer_short=defer)
         except ValueError as e:
             error = error or e
             continue
@@ -258,8 +270,23 @@ def plan_core(inp: CoreInput, overlap_levels: bool = False, least_idle: bool = F
     return best
 
 
+def _propose(inp: CoreInput, cands: list[int], tuples, cur, groups: list[list[int]],
+             free: int) -> int:
+    """Each candidate's current tuple joins ``groups`` in order while its count fits the free
+    devices; returns the devices left free."""
+    for m in cands:
+        if free == 0:
+            break
+        n = inp.counts[m][tuples[m][cur[m]][0]]
+        if n <= free:
+            groups.append([m, tuples[m][cur[m]][0]])
+            free -= n
+    return free
+
+
 def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tuple: bool,
-               fastest: bool, bound: float = math.inf) -> Schedule | None:
+               fastest: bool, bound: float = math.inf,
+               defer_short: bool = False) -> Schedule | None:
     """One variant. ``fastest``: every MetaOp as one tuple at its largest count (no bisection:
     the plan the portfolio falls back to when splitting devices does not pay). Returns None
     as soon as the plan's end reaches ``bound`` with work left (it cannot beat it)."""
@@ -319,16 +346,14 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
                 current_level += 1
             cands = [m for m in members[current_level] if not finished[m]]
         cands.sort(key=lambda m: (-(rem_time(m) + tail[m]), m))
+        late: list[int] = []
+        if defer_short:
+            top = rem_time(cands[0]) + tail[cands[0]]
+            late = [m for m in cands if _short(rem_time(m) + tail[m], top)]
+            cands = [m for m in cands if not _short(rem_time(m) + tail[m], top)]
         # Propose each candidate's current tuple, highest priority first, while it fits.
-        free = N
         groups: list[list[int]] = []
-        for m in cands:
-            n = inp.counts[m][tuples[m][cur[m]][0]]
-            if n <= free:
-                groups.append([m, tuples[m][cur[m]][0]])
-                free -= n
-                if free == 0:
-                    break
+        free = _propose(inp, cands, tuples, cur, groups, N)
         # Resource extension: grow the group with the most remaining time of its tuple to its
         # next valid count, one step at a time, while devices stay idle; only a step that makes
         # the layer faster counts (a flat time curve gains nothing). Ties: earlier group.
@@ -346,6 +371,8 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
             m, ci = best
             free -= inp.counts[m][ci + 1] - inp.counts[m][ci]
             best[1] = ci + 1
+        # defer_short: the short candidates take the devices nothing longer could use.
+        free = _propose(inp, late, tuples, cur, groups, free)
         # The wave lasts until the first group finishes its tuple; the others are sliced.
         D = min(tuples[m][cur[m]][1] * inp.times[m][ci] for m, ci in groups)
         if least_idle:
@@ -382,4 +409,5 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
             return None
     return Schedule(waves=waves, level_cstar=cstar, relaxed_ms=relaxed,
                     lower_bound_ms=_lower_bound(inp, order, preds), makespan_ms=t_now,
-                    levels=level, variant=(overlap_levels, least_idle, single_tuple, fastest))
+                    levels=level,
+                    variant=(overlap_levels, least_idle, single_tuple, fastest, defer_short))
