@@ -663,6 +663,17 @@ def _check_values(x, name: str, ndim: int) -> None:
         raise TypeError(f"{name} has unsupported dtype {x.dtype}")
 
 
+def _check_alike(xs, name: str, h_dim: int) -> None:
+    """Every tensor of the list has the first one's H (dimension ``h_dim``), dtype and device."""
+    H, dtype, device = xs[0].shape[h_dim], xs[0].dtype, xs[0].device
+    for i, x in enumerate(xs[1:], 1):
+        if x.shape[h_dim] != H:
+            raise ValueError(f"{name}[{i}] has H={x.shape[h_dim]}, {name}[0] has H={H}")
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(f"{name}[{i}] is {x.dtype} on {x.device}, "
+                             f"{name}[0] is {dtype} on {device}")
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor to the device without a sync: staged through pinned memory."""
     if t.device == device:
@@ -735,16 +746,11 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     streams = list(streams)
     for s, x in enumerate(streams):
         _check_values(x, f"{x_name}[{s}]" if multimodal else x_name, 3)
-    B, H = streams[0].shape[0], streams[0].shape[2]
-    device, dtype = streams[0].device, streams[0].dtype
+    B, device = streams[0].shape[0], streams[0].device
     for s, x in enumerate(streams[1:], 1):
         if x.shape[0] != B:
             raise ValueError(f"{x_name}[{s}] has batch size {x.shape[0]}, {x_name}[0] has {B}")
-        if x.shape[2] != H:
-            raise ValueError(f"{x_name}[{s}] has H={x.shape[2]}, {x_name}[0] has H={H}")
-        if x.dtype != dtype or x.device != device:
-            raise ValueError(f"{x_name}[{s}] is {x.dtype} on {x.device}, "
-                             f"{x_name}[0] is {dtype} on {device}")
+    _check_alike(streams, x_name, 2)
     max_lens = [x.shape[1] for x in streams]
     lens = []
     for s, l in enumerate(lengths):
@@ -841,13 +847,8 @@ def pack(seqs: Sequence[torch.Tensor]) -> PackedBatch:
         raise ValueError("seqs must be a non-empty list of [L_i, H] tensors")
     for i, x in enumerate(seqs):
         _check_values(x, f"seqs[{i}]", 2)
-    H, dtype, device = seqs[0].shape[1], seqs[0].dtype, seqs[0].device
-    for i, x in enumerate(seqs):
-        if x.shape[1] != H:
-            raise ValueError(f"seqs[{i}] has H={x.shape[1]}, seqs[0] has H={H}")
-        if x.dtype != dtype or x.device != device:
-            raise ValueError(f"seqs[{i}] is {x.dtype} on {x.device}, seqs[0] is {dtype} on "
-                             f"{device}")
+    _check_alike(seqs, "seqs", 1)
+    device = seqs[0].device
     sizes = [x.shape[0] for x in seqs]
     cu = [0]
     for n in sizes:
