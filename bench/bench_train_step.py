@@ -268,7 +268,7 @@ def _calibrate(name: str) -> dict:
         for c in model.task_order(t.name):
             for n in model.valid_counts(t.name, c, 4):
                 table[c, t.name, n] = cost(model.components[c], t, 0, n)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     x, y = torch.zeros(256), torch.zeros(256)
     peer = rank ^ 1
     times = []

@@ -80,7 +80,6 @@ def ceilings(bench_device) -> dict[str, float]:
     a = torch.randn(mm_n, mm_n, device=bench_device, dtype=mm_dtype)
     b = torch.randn(mm_n, mm_n, device=bench_device, dtype=mm_dtype)
     mm_ms = device_time_ms(lambda: a @ b)
-    del src, dst, a, b
     return {
         "copy_gbps": 2 * n_bytes / copy_ms / 1e6,
         "matmul_tflops": 2 * mm_n**3 / mm_ms / 1e9,

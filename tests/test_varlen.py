@@ -176,7 +176,7 @@ def test_unpack_matches_reference(device, max_seqlen):
 
 
 def test_unpack_multimodal_matches_reference(device):
-    B, H, Ls = 5, 3, (2, 4)
+    H, Ls = 3, (2, 4)
     lens = [torch.tensor([2, 0, 1, 2, 0]), torch.tensor([4, 1, 0, 3, 0])]
     order = torch.tensor([3, 0, 4, 2, 1])
     seq = (lens[0] + lens[1])[order]
