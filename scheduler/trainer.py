@@ -53,7 +53,10 @@ class TrainConfig:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    # One explicit param group: a rank that the plan leaves without any layer has no
+    # parameters, and torch refuses a bare empty list but accepts an empty group.
+    return torch.optim.AdamW([{"params": list(params)}], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             foreach=False)
 
 
 def clip_global(executor: Executor, max_norm: float) -> float:

@@ -155,6 +155,12 @@ def test_val_packed_resharding_on_3_gloo_ranks_matches_reference():
         assert_matches_reference("tiny-val", r)
 
 
+def test_rank_without_any_layer_matches_reference():
+    """CLIP_PLAN_3 on 4 ranks never uses rank 3: it holds no parameter and only takes part in
+    the collectives (clipping, checkpoints)."""
+    assert_matches_reference("tiny-clip", run_plans("tiny-clip", 4, [CLIP_PLAN_3])[0])
+
+
 def test_clip_four_ranks_matches_reference():
     model = get_trainable_model("tiny-clip")
     for r in run_plans("tiny-clip", 4, [make_plan(model, 4, "optimus")]):
