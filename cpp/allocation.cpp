@@ -9,29 +9,14 @@ namespace mtmm {
 namespace {
 constexpr int kBisectionSteps = 200;
 
-// The last index j with f[j] > C; f never increases, so those indices form a prefix.
-// The caller guarantees f[0] > C.
-size_t last_above(const std::vector<double>& f, double C) {
-    size_t j = 0;
-    while (j + 1 < f.size() && f[j + 1] > C) ++j;
-    return j;
-}
-
-std::vector<double> layer_times(const CoreInput& in, int m) {
-    std::vector<double> f(in.times[m].size());
-    for (size_t j = 0; j < f.size(); ++j)
-        f[j] = in.times[m][j] * static_cast<double>(in.layers[m]);
-    return f;
-}
-
-// devices_for with the segment searched from `j` (updated): the bisection's C changes little
-// between calls, and the segment found is the same whatever the start (it is unique).
-double devices_from(const std::vector<int>& counts, const std::vector<double>& f, double C,
-                    size_t& j) {
+// devices_for on f[0, size) with the segment searched from `j` (updated): the bisection's C
+// changes little between calls, and the segment found is the same whatever the start (it is
+// unique).
+double devices_from(const int* counts, const double* f, size_t size, double C, size_t& j) {
     if (C >= f[0]) return static_cast<double>(counts[0]) * f[0] / C;
     while (j > 0 && !(f[j] > C)) --j;
-    while (j + 1 < f.size() && f[j + 1] > C) ++j;
-    if (j + 1 == f.size()) return static_cast<double>(counts[j]);
+    while (j + 1 < size && f[j + 1] > C) ++j;
+    if (j + 1 == size) return static_cast<double>(counts[j]);
     return static_cast<double>(counts[j]) +
            static_cast<double>(counts[j + 1] - counts[j]) * (f[j] - C) / (f[j] - f[j + 1]);
 }
@@ -39,26 +24,33 @@ double devices_from(const std::vector<int>& counts, const std::vector<double>& f
 
 double devices_for(const std::vector<int>& counts, const std::vector<double>& f, double C) {
     size_t j = 0;
-    return devices_from(counts, f, C, j);
+    return devices_from(counts.data(), f.data(), f.size(), C, j);
 }
 
-double level_cstar(const CoreInput& in, const std::vector<int>& members) {
-    std::vector<std::vector<double>> f;
-    f.reserve(members.size());
-    for (int m : members) f.push_back(layer_times(in, m));
+double level_cstar(const CoreInput& in, Range members, std::vector<double>& f) {
+    // f: the members' f(c_j) = T(c_j) * L one after another; member i's start at f_at[i].
+    const size_t n = members.size();
+    std::vector<size_t> f_at(n + 1), hint(n, 0);
+    f.clear();
+    for (size_t i = 0; i < n; ++i) {
+        const int m = members[i];
+        f_at[i] = f.size();
+        for (double t : in.times[m]) f.push_back(t * static_cast<double>(in.layers[m]));
+    }
+    f_at[n] = f.size();
     const double N = static_cast<double>(in.num_devices);
-    std::vector<size_t> hint(members.size(), 0);
     auto total = [&](double C) {
         double s = 0.0;
-        for (size_t i = 0; i < members.size(); ++i)
-            s += devices_from(in.counts[members[i]], f[i], C, hint[i]);
+        for (size_t i = 0; i < n; ++i)
+            s += devices_from(in.counts[members[i]].data(), f.data() + f_at[i],
+                              f_at[i + 1] - f_at[i], C, hint[i]);
         return s;
     };
     double lo = -std::numeric_limits<double>::infinity();
     double hi = 0.0;
-    for (const auto& fm : f) {
-        lo = std::max(lo, fm.back());
-        hi += fm[0];
+    for (size_t i = 0; i < n; ++i) {
+        lo = std::max(lo, f[f_at[i + 1] - 1]);
+        hi += f[f_at[i]];
     }
     hi = std::max(hi, lo);
     if (total(lo) <= N) return lo;
@@ -73,24 +65,39 @@ double level_cstar(const CoreInput& in, const std::vector<int>& members) {
     return hi;
 }
 
-std::vector<std::pair<int, int>> bipoint(const CoreInput& in, int m, double C) {
+BiPoint bipoint(const CoreInput& in, int m, double C) {
     const int L = in.layers[m];
-    const std::vector<double> f = layer_times(in, m);
-    if (C >= f[0]) return {{0, L}};
-    const size_t j = last_above(f, C);
-    if (j + 1 == f.size()) return {{static_cast<int>(j), L}};
-    const double t_lo = in.times[m][j], t_hi = in.times[m][j + 1];
-    double x = std::floor((f[j] - C) / (t_lo - t_hi) + 0.5);
+    const std::vector<double>& T = in.times[m];
+    const size_t size = T.size();
+    auto f = [&](size_t j) { return T[j] * static_cast<double>(L); };
+    BiPoint out;
+    auto add = [&](int count_index, int layers) {
+        out.count_index[out.size] = count_index;
+        out.layers[out.size] = layers;
+        ++out.size;
+    };
+    if (C >= f(0)) {
+        add(0, L);
+        return out;
+    }
+    // The last index j with f[j] > C; f never increases, so those indices form a prefix.
+    size_t j = 0;
+    while (j + 1 < size && f(j + 1) > C) ++j;
+    if (j + 1 == size) {
+        add(static_cast<int>(j), L);
+        return out;
+    }
+    const double t_lo = T[j], t_hi = T[j + 1];
+    double x = std::floor((f(j) - C) / (t_lo - t_hi) + 0.5);
     x = std::min(std::max(x, 0.0), static_cast<double>(L));
     const int l_hi = static_cast<int>(x);
-    std::vector<std::pair<int, int>> out;
-    if (L - l_hi > 0) out.emplace_back(static_cast<int>(j), L - l_hi);
-    if (l_hi > 0) out.emplace_back(static_cast<int>(j + 1), l_hi);
+    if (L - l_hi > 0) add(static_cast<int>(j), L - l_hi);
+    if (l_hi > 0) add(static_cast<int>(j + 1), l_hi);
     return out;
 }
 
 double lower_bound(const CoreInput& in, const std::vector<int>& topo_order,
-                   const std::vector<std::vector<int>>& preds) {
+                   const Adjacency& preds) {
     const size_t n = in.layers.size();
     std::vector<double> fastest(n), finish(n, 0.0);
     double device_time = 0.0;

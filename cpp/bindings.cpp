@@ -2,8 +2,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
+#include <optional>
 
 #include "contract.hpp"
 #include "dag.hpp"
@@ -15,8 +17,30 @@ namespace {
 
 struct PlannerInput {
     mtmm::CoreInput in;
-    std::vector<py::str> names_py;  // the plan dict's "metaop" values, shared by every plan
+    std::vector<py::str> names_py;      // the plan dict's "metaop" values, shared by every plan
+    std::vector<py::object> device_ids;  // the ints 0 .. num_devices - 1, shared likewise
 };
+
+// The plan dict's keys, interned once (user code's literal keys then match by identity).
+struct PlanKeys {
+    py::str metaop, layer_begin, layer_end, devices, start_ms, duration_ms, slices;
+};
+
+const PlanKeys& plan_keys() {
+    auto interned = [](const char* s) {
+        return py::reinterpret_steal<py::str>(PyUnicode_InternFromString(s));
+    };
+    // Never freed: the module keeps them for the interpreter's lifetime.
+    static const PlanKeys* keys =
+        new PlanKeys{interned("metaop"),   interned("layer_begin"), interned("layer_end"),
+                     interned("devices"),  interned("start_ms"),    interned("duration_ms"),
+                     interned("slices")};
+    return *keys;
+}
+
+void set_item(const py::dict& d, const py::str& key, PyObject* value) {
+    if (PyDict_SetItem(d.ptr(), key.ptr(), value) != 0) throw py::error_already_set();
+}
 
 std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
                                          std::vector<std::string> names, std::vector<int> layers,
@@ -42,8 +66,12 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
     in.device_memory_gb = device_memory_gb;
     pin->names_py.reserve(in.names.size());
     for (const auto& n : in.names) pin->names_py.emplace_back(n);
+    pin->device_ids.reserve(std::max(num_devices, 0));
+    for (int d = 0; d < num_devices; ++d) pin->device_ids.push_back(py::int_(d));
     return pin;
 }
+
+constexpr size_t kReleaseGilFrom = 256;  // MetaOps
 
 py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_idle,
                       bool single_tuple, bool portfolio, bool defer_short) {
@@ -56,35 +84,42 @@ py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_i
     mtmm::Schedule s;
     double core_ms = 0.0;
     {
-        py::gil_scoped_release release;
+        // Other Python threads may run while a large problem is planned; on a small one
+        // (microseconds) releasing and taking back the GIL would cost more than it gives.
+        std::optional<py::gil_scoped_release> release;
+        if (pin.in.layers.size() >= kReleaseGilFrom) release.emplace();
         const auto t0 = std::chrono::steady_clock::now();
         s = mtmm::plan_core(pin.in, opt);
         core_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
                       .count();
     }
-    // The plan's waves, built here: much faster than a Python loop over slices.
-    const py::str k_metaop("metaop"), k_begin("layer_begin"), k_end("layer_end"),
-        k_devices("devices"), k_start("start_ms"), k_duration("duration_ms"), k_slices("slices");
+    // The plan's waves, built here with the C API (much faster than a Python loop over slices):
+    // dicts filled with interned keys, device ids from PlannerInput's cached ints.
     py::list waves(s.waves.size());
+    const PlanKeys& k = plan_keys();
     for (size_t w = 0; w < s.waves.size(); ++w) {
-        const auto& wave = s.waves[w];
-        py::list slices(wave.slices.size());
-        for (size_t k = 0; k < wave.slices.size(); ++k) {
-            const auto& sl = wave.slices[k];
-            py::list devs(sl.devices.size());
-            for (size_t d = 0; d < sl.devices.size(); ++d)
-                PyList_SET_ITEM(devs.ptr(), d, PyLong_FromLong(sl.devices[d]));
+        const mtmm::Wave& wave = s.waves[w];
+        py::list slices(wave.slice_count);
+        for (int j = 0; j < wave.slice_count; ++j) {
+            const mtmm::Slice& sl = s.slices[wave.slice_begin + j];
+            PyObject* devs = PyList_New(sl.device_count);
+            if (!devs) throw py::error_already_set();
+            for (int d = 0; d < sl.device_count; ++d) {
+                PyObject* id = pin.device_ids[s.devices[sl.device_begin + d]].ptr();
+                Py_INCREF(id);
+                PyList_SET_ITEM(devs, d, id);
+            }
             py::dict slice;
-            slice[k_metaop] = pin.names_py[sl.metaop];
-            slice[k_begin] = py::int_(sl.layer_begin);
-            slice[k_end] = py::int_(sl.layer_end);
-            slice[k_devices] = std::move(devs);
-            PyList_SET_ITEM(slices.ptr(), k, slice.release().ptr());
+            set_item(slice, k.metaop, pin.names_py[sl.metaop].ptr());
+            set_item(slice, k.layer_begin, py::int_(sl.layer_begin).ptr());
+            set_item(slice, k.layer_end, py::int_(sl.layer_end).ptr());
+            set_item(slice, k.devices, py::reinterpret_steal<py::object>(devs).ptr());
+            PyList_SET_ITEM(slices.ptr(), j, slice.release().ptr());
         }
         py::dict wd;
-        wd[k_start] = py::float_(wave.start_ms);
-        wd[k_duration] = py::float_(wave.duration_ms);
-        wd[k_slices] = std::move(slices);
+        set_item(wd, k.start_ms, py::float_(wave.start_ms).ptr());
+        set_item(wd, k.duration_ms, py::float_(wave.duration_ms).ptr());
+        set_item(wd, k.slices, slices.ptr());
         PyList_SET_ITEM(waves.ptr(), w, wd.release().ptr());
     }
     py::dict r;

@@ -12,8 +12,9 @@ static int checked_node_count(int n) {
     return n;
 }
 
-Dag::Dag(int n, const std::vector<Edge>& edges)
-    : num_nodes(checked_node_count(n)), succ(num_nodes), pred(num_nodes) {
+Dag::Dag(int n, const std::vector<Edge>& edges) : num_nodes(checked_node_count(n)) {
+    succ.offset.assign(num_nodes + 1, 0);
+    pred.offset.assign(num_nodes + 1, 0);
     for (size_t e = 0; e < edges.size(); ++e) {
         const auto [u, v] = edges[e];
         if (u < 0 || u >= n || v < 0 || v >= n) {
@@ -21,8 +22,21 @@ Dag::Dag(int n, const std::vector<Edge>& edges)
                              std::to_string(v) + ") names a node outside [0, " + std::to_string(n) +
                              ")");
         }
-        succ[u].push_back(v);
-        pred[v].push_back(u);
+        ++succ.offset[u + 1];
+        ++pred.offset[v + 1];
+    }
+    for (int u = 0; u < num_nodes; ++u) {
+        succ.offset[u + 1] += succ.offset[u];
+        pred.offset[u + 1] += pred.offset[u];
+    }
+    // Filled in edge order, so each node's neighbours keep the input order.
+    succ.nodes.resize(edges.size());
+    pred.nodes.resize(edges.size());
+    std::vector<int> next_succ(succ.offset.begin(), succ.offset.end() - 1);
+    std::vector<int> next_pred(pred.offset.begin(), pred.offset.end() - 1);
+    for (const auto& [u, v] : edges) {
+        succ.nodes[next_succ[u]++] = v;
+        pred.nodes[next_pred[v]++] = u;
     }
 }
 

@@ -15,10 +15,30 @@ struct GraphError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
 
+// The nodes of a Range are a contiguous run of one array.
+struct Range {
+    const int* first;
+    const int* last;
+    const int* begin() const { return first; }
+    const int* end() const { return last; }
+    size_t size() const { return static_cast<size_t>(last - first); }
+    int operator[](size_t i) const { return first[i]; }
+};
+
+// Each node's neighbours, all in one array (compressed rows: two allocations, not one per
+// node; the planner builds a Dag on every call).
+struct Adjacency {
+    std::vector<int> offset;  // node u's neighbours: nodes[offset[u], offset[u + 1])
+    std::vector<int> nodes;
+    Range operator[](int u) const {
+        return {nodes.data() + offset[u], nodes.data() + offset[u + 1]};
+    }
+};
+
 struct Dag {
     int num_nodes = 0;
-    std::vector<std::vector<int>> succ;  // succ[u]: targets of u's out-edges, in input order
-    std::vector<std::vector<int>> pred;  // pred[v]: sources of v's in-edges, in input order
+    Adjacency succ;  // succ[u]: targets of u's out-edges, in input order
+    Adjacency pred;  // pred[v]: sources of v's in-edges, in input order
 
     // Throws GraphError when an edge names a node outside [0, num_nodes).
     Dag(int num_nodes, const std::vector<Edge>& edges);

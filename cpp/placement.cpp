@@ -7,14 +7,41 @@
 
 namespace mtmm {
 
-Placer::Placer(const CoreInput& in, const std::vector<std::vector<int>>& preds)
+DeviceLists::DeviceLists(const std::vector<int>& capacity)
+    : offset_(capacity.size()), size_(capacity.size(), 0) {
+    int total = 0;
+    for (size_t i = 0; i < capacity.size(); ++i) {
+        offset_[i] = total;
+        total += capacity[i];
+    }
+    pool_.resize(total);
+}
+
+void DeviceLists::assign(int i, const int* devices, int n) {
+    std::copy(devices, devices + n, pool_.begin() + offset_[i]);
+    size_[i] = n;
+}
+
+namespace {
+// The most devices a MetaOp's slice can use, per MetaOp or (by_component) per component.
+std::vector<int> list_capacity(const CoreInput& in, bool by_component) {
+    std::vector<int> cap(by_component ? in.param_gb.size() : in.layers.size(), 0);
+    for (size_t m = 0; m < in.layers.size(); ++m) {
+        const int i = by_component ? in.component[m] : static_cast<int>(m);
+        cap[i] = std::max(cap[i], in.counts[m].back());
+    }
+    return cap;
+}
+}  // namespace
+
+Placer::Placer(const CoreInput& in, const Adjacency& preds)
     : in_(in),
       preds_(preds),
       limited_(in.device_memory_gb >= 0.0),
       used_(in.num_devices, 0.0),
-      last_dev_(in.layers.size()),
+      last_dev_(list_capacity(in, false)),
       last_wave_(in.layers.size(), -1),
-      comp_last_(in.param_gb.size()),
+      comp_last_(list_capacity(in, true)),
       max_layers_(in.param_gb.size(), 0),
       aff_(in.num_devices, 0.0),
       free_(in.num_devices, 1),
@@ -23,8 +50,6 @@ Placer::Placer(const CoreInput& in, const std::vector<std::vector<int>>& preds)
       island_of_(in.num_devices),
       mark_(in.num_devices, 0) {
     for (int d = 0; d < in.num_devices; ++d) island_of_[d] = d / in.island_size;
-    // commit() copies every placed device list of m here: sized once, never reallocated.
-    for (size_t m = 0; m < in.layers.size(); ++m) last_dev_[m].reserve(in.counts[m].back());
     for (size_t m = 0; m < in.layers.size(); ++m)
         max_layers_[in.component[m]] = std::max(max_layers_[in.component[m]], in.layers[m]);
 }
@@ -51,11 +76,16 @@ bool Placer::fits(int d, int m, int b, int k, int n) const {
     return used_[d] + act + par <= in_.device_memory_gb;
 }
 
-void Placer::commit(int wave, int m, int b, int k, const std::vector<int>& devices) {
+void Placer::commit(int wave, int m, int b, int k, int begin, int n) {
     const int c = in_.component[m];
+    const int* devices = out_.data() + begin;
+    for (int i = 0; i < n; ++i) {
+        free_[devices[i]] = 0;
+        --isl_free_[island_of_[devices[i]]];
+    }
     if (limited_) {
-        const int n = static_cast<int>(devices.size());
-        for (int d : devices) {
+        for (int i = 0; i < n; ++i) {
+            const int d = devices[i];
             double act, par;
             cost(d, m, b, k, n, act, par);
             used_[d] = used_[d] + act + par;
@@ -66,83 +96,79 @@ void Placer::commit(int wave, int m, int b, int k, const std::vector<int>& devic
             for (int j = b; j < b + k; ++j) held[j] = 1;
         }
     }
-    last_dev_[m] = devices;
+    last_dev_.assign(m, devices, n);
     last_wave_[m] = wave;
-    comp_last_[c] = devices;
+    comp_last_.assign(c, devices, n);
 }
 
-std::vector<int> Placer::choose(const std::vector<int>& room, int n) {
+void Placer::choose(const std::vector<int>& room, int n) {
     const int S = in_.island_size;
     // Islands present in `room` (ascending), each a contiguous run of room; the affinity sum
     // is taken in ascending device order, exactly as the Python twin adds it.
-    std::vector<int> isl, beg, cnt;
-    std::vector<double> asum;
+    isl_.clear();
+    beg_.clear();
+    cnt_.clear();
+    asum_.clear();
     for (size_t idx = 0; idx < room.size(); ++idx) {
         const int d = room[idx], i = d / S;
-        if (isl.empty() || isl.back() != i) {
-            isl.push_back(i);
-            beg.push_back(static_cast<int>(idx));
-            cnt.push_back(0);
-            asum.push_back(0.0);
+        if (isl_.empty() || isl_.back() != i) {
+            isl_.push_back(i);
+            beg_.push_back(static_cast<int>(idx));
+            cnt_.push_back(0);
+            asum_.push_back(0.0);
         }
-        ++cnt.back();
-        asum.back() += aff_[d];
+        ++cnt_.back();
+        asum_.back() += aff_[d];
     }
+    // The room devices of island `pos` into devs_, by affinity descending, then id.
     auto best_first = [&](size_t pos) {
-        std::vector<int> devs(room.begin() + beg[pos], room.begin() + beg[pos] + cnt[pos]);
-        std::sort(devs.begin(), devs.end(), [&](int a, int b) {
+        devs_.assign(room.begin() + beg_[pos], room.begin() + beg_[pos] + cnt_[pos]);
+        std::sort(devs_.begin(), devs_.end(), [&](int a, int b) {
             if (aff_[a] != aff_[b]) return aff_[a] > aff_[b];
             return a < b;
         });
-        return devs;
     };
+    const size_t begin = out_.size();
     if (n <= S) {
         int best = -1;
-        for (size_t pos = 0; pos < isl.size(); ++pos) {
-            if (cnt[pos] < n) continue;
+        for (size_t pos = 0; pos < isl_.size(); ++pos) {
+            if (cnt_[pos] < n) continue;
             // Most affinity, then the tightest fit, then the lowest id (ascending order).
-            if (best < 0 || asum[pos] > asum[best] ||
-                (asum[pos] == asum[best] && cnt[pos] < cnt[best]))
+            if (best < 0 || asum_[pos] > asum_[best] ||
+                (asum_[pos] == asum_[best] && cnt_[pos] < cnt_[best]))
                 best = static_cast<int>(pos);
         }
         if (best >= 0) {
-            std::vector<int> out = best_first(best);
-            out.resize(n);
-            std::sort(out.begin(), out.end());
-            return out;
+            best_first(best);
+            out_.insert(out_.end(), devs_.begin(), devs_.begin() + n);
+            std::sort(out_.begin() + begin, out_.end());
+            return;
         }
     }
-    std::vector<size_t> order(isl.size());
-    for (size_t pos = 0; pos < isl.size(); ++pos) order[pos] = pos;
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-        if (asum[a] != asum[b]) return asum[a] > asum[b];
-        if (cnt[a] != cnt[b]) return cnt[a] > cnt[b];
-        return isl[a] < isl[b];
+    iorder_.resize(isl_.size());
+    for (size_t pos = 0; pos < isl_.size(); ++pos) iorder_[pos] = pos;
+    std::sort(iorder_.begin(), iorder_.end(), [&](size_t a, size_t b) {
+        if (asum_[a] != asum_[b]) return asum_[a] > asum_[b];
+        if (cnt_[a] != cnt_[b]) return cnt_[a] > cnt_[b];
+        return isl_[a] < isl_[b];
     });
-    std::vector<int> chosen;
-    for (size_t pos : order) {
-        for (int d : best_first(pos)) {
-            chosen.push_back(d);
-            if (static_cast<int>(chosen.size()) == n) {
-                std::sort(chosen.begin(), chosen.end());
-                return chosen;
+    int taken = 0;
+    for (size_t pos : iorder_) {
+        best_first(pos);
+        for (int d : devs_) {
+            out_.push_back(d);
+            if (++taken == n) {
+                std::sort(out_.begin() + begin, out_.end());
+                return;
             }
         }
     }
     assert(false && "room holds fewer than n devices");
-    return chosen;
-}
-
-void Placer::take(const std::vector<int>& devices) {
-    for (int d : devices) {
-        free_[d] = 0;
-        --isl_free_[island_of_[d]];
-    }
 }
 
 // choose(room = every free device, n) without scanning every device: only devices with a
 // positive affinity (touched_) and the per-island free counts matter.
-std::vector<int> Placer::choose_free(int n) {
+void Placer::choose_free(int n) {
     const int S = in_.island_size, N = in_.num_devices;
     // The free devices with a positive affinity, ascending: sort the few, or scan all N when
     // they are many (same list; touched_ holds each device once, exactly those with aff_ > 0).
@@ -197,9 +223,10 @@ std::vector<int> Placer::choose_free(int n) {
         }
         if (best >= 0) {
             island_devices(best, is_touched(best));
-            std::vector<int> out(devs_.begin(), devs_.begin() + n);
-            std::sort(out.begin(), out.end());
-            return out;
+            const size_t begin = out_.size();
+            out_.insert(out_.end(), devs_.begin(), devs_.begin() + n);
+            std::sort(out_.begin() + begin, out_.end());
+            return;
         }
     }
     // Spanning: islands by (affinity desc, free count desc, id asc).
@@ -226,22 +253,20 @@ std::vector<int> Placer::choose_free(int n) {
     }
     assert(taken == n && "fewer than n free devices");
     std::sort(order_.begin(), order_.begin() + used);
-    std::vector<int> chosen;
-    chosen.reserve(n);
     for (size_t k = 0; k < used; ++k) {
         const int i = order_[k];
         for (int d = i * S; d < std::min(N, (i + 1) * S); ++d)
             if (mark_[d]) {
-                chosen.push_back(d);
+                out_.push_back(d);
                 mark_[d] = 0;
             }
     }
-    return chosen;
 }
 
-std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& groups,
-                                       const std::vector<int>& done,
-                                       const std::function<int(int)>& rem_layers, double D) {
+const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& groups,
+                                             const std::vector<int>& done,
+                                             const std::function<int(int)>& rem_layers,
+                                             double D) {
     const int N = in_.num_devices;
     std::fill(free_.begin(), free_.end(), 1);
     for (int i = 0; i < num_islands_; ++i)
@@ -264,17 +289,18 @@ std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& grou
         if (na != nb) return na > nb;
         return a.metaop < b.metaop;
     });
-    std::vector<Placed>& placed = placed_;
-    placed.clear();
+    placed_.clear();
+    out_.clear();
     for (const Group& g : cont) {
         const int m = g.metaop, n = in_.counts[m][g.count_index];
-        const std::vector<int>& devs = last_dev_[m];
+        const Range devs = last_dev_[m];
         bool ok = true;
         for (int d : devs) ok = ok && fits(d, m, done[m], g.layers, n);
         if (ok) {
-            take(devs);
-            placed.push_back({m, g.count_index, g.layers, devs});
-            commit(wave, m, done[m], g.layers, placed.back().devices);
+            const int begin = static_cast<int>(out_.size());
+            out_.insert(out_.end(), devs.begin(), devs.end());
+            commit(wave, m, done[m], g.layers, begin, n);
+            placed_.push_back({m, g.count_index, g.layers, begin, n});
         } else {
             rest.push_back(g);  // retried below, after the others, on any devices
         }
@@ -282,7 +308,7 @@ std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& grou
     for (const Group& g : rest) {
         const int m = g.metaop, c = in_.component[m];
         // Affinity: MB that would not have to move (or be allocated) if placed on a device.
-        auto add = [&](const std::vector<int>& devs, double weight) {
+        auto add = [&](Range devs, double weight) {
             for (int d : devs) {
                 if (aff_[d] == 0.0) touched_.push_back(d);
                 aff_[d] += weight;
@@ -299,27 +325,26 @@ std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>& grou
             const int kj = cj == g.count_index ? g.layers
                                                : layers_fitting(D, in_.times[m][cj], rem_layers(m));
             if (kj == 0) break;
-            std::vector<int> devs;
+            const int begin = static_cast<int>(out_.size());
             if (limited_) {
                 room_.clear();
                 for (int d = 0; d < N; ++d)
                     if (free_[d] && fits(d, m, done[m], kj, n)) room_.push_back(d);
                 if (static_cast<int>(room_.size()) < n) continue;
-                devs = choose(room_, n);
+                choose(room_, n);
             } else {
                 // Without a memory limit every free device is room, and the scheduler never
                 // proposes more than are free: the same choice, from island counts.
-                devs = choose_free(n);
+                choose_free(n);
             }
-            take(devs);
-            commit(wave, m, done[m], kj, devs);
-            placed.push_back({m, cj, kj, std::move(devs)});
+            commit(wave, m, done[m], kj, begin, n);
+            placed_.push_back({m, cj, kj, begin, n});
             break;
         }
         for (int d : touched_) aff_[d] = 0.0;
         touched_.clear();
     }
-    return placed;
+    return placed_;
 }
 
 }  // namespace mtmm

@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dag.hpp"
 #include "problem.hpp"
 
 namespace mtmm {
@@ -23,37 +24,55 @@ struct Placed {
     int metaop;
     int count_index;
     int layers;
-    std::vector<int> devices;  // ascending
+    int device_begin;  // its devices, ascending: Placer::devices()[device_begin, + count]
+    int device_count;
+};
+
+// A device list per MetaOp (or component), all in one pool with room for the largest list
+// each can hold: one allocation instead of one per MetaOp.
+class DeviceLists {
+  public:
+    explicit DeviceLists(const std::vector<int>& capacity);
+    Range operator[](int i) const {
+        return {pool_.data() + offset_[i], pool_.data() + offset_[i] + size_[i]};
+    }
+    void assign(int i, const int* devices, int n);
+
+  private:
+    std::vector<int> offset_, size_, pool_;
 };
 
 class Placer {
   public:
-    Placer(const CoreInput& in, const std::vector<std::vector<int>>& preds);
+    Placer(const CoreInput& in, const Adjacency& preds);
 
     // groups: in scheduling order. done[m]: layers of m finished before this wave;
     // rem_layers(m): layers left in m's current tuple; D: the wave length. Groups that cannot
     // fit memory at any smaller count are dropped (the scheduler keeps their layers).
-    // The result lives in the Placer until the next call (its device lists may be moved out).
-    std::vector<Placed>& place_wave(int wave, const std::vector<Group>& groups,
-                                   const std::vector<int>& done,
-                                   const std::function<int(int)>& rem_layers, double D);
+    // The result lives in the Placer until the next call.
+    const std::vector<Placed>& place_wave(int wave, const std::vector<Group>& groups,
+                                         const std::vector<int>& done,
+                                         const std::function<int(int)>& rem_layers, double D);
+    // The placed groups' device lists, one after another.
+    const std::vector<int>& devices() const { return out_; }
 
   private:
     void cost(int d, int m, int b, int k, int n, double& act, double& par) const;
     bool fits(int d, int m, int b, int k, int n) const;
-    void commit(int wave, int m, int b, int k, const std::vector<int>& devices);
-    std::vector<int> choose(const std::vector<int>& room, int n);
-    std::vector<int> choose_free(int n);
-    void take(const std::vector<int>& devices);
+    // Records the group's devices out_[begin, begin + n) as taken and holding its slice.
+    void commit(int wave, int m, int b, int k, int begin, int n);
+    // Both append the n chosen devices, ascending, to out_.
+    void choose(const std::vector<int>& room, int n);
+    void choose_free(int n);
 
     const CoreInput& in_;
-    const std::vector<std::vector<int>>& preds_;
+    const Adjacency& preds_;
     bool limited_;
     std::vector<double> used_;
     std::unordered_map<int64_t, std::vector<char>> held_;  // key: device * #components + comp
-    std::vector<std::vector<int>> last_dev_;
+    DeviceLists last_dev_;  // per MetaOp: the devices of its latest slice
     std::vector<int> last_wave_;
-    std::vector<std::vector<int>> comp_last_;
+    DeviceLists comp_last_;  // per component: the devices of its latest slice
     std::vector<int> max_layers_;
     // Scratch, sized num_devices.
     std::vector<double> aff_;
@@ -65,8 +84,12 @@ class Placer {
     std::vector<char> mark_;      // scratch, all zero between calls
     std::vector<int> room_, tf_, ti_, devs_, order_;
     std::vector<double> tsum_, isum_;
+    std::vector<int> isl_, beg_, cnt_;  // choose(): islands present in room
+    std::vector<double> asum_;
+    std::vector<size_t> iorder_;
     std::vector<Group> cont_, rest_;
     std::vector<Placed> placed_;
+    std::vector<int> out_;
 };
 
 }  // namespace mtmm

@@ -4,7 +4,8 @@
 #include <cassert>
 #include <cmath>
 #include <limits>
-#include <optional>
+#include <functional>
+#include <memory>
 #include <string>
 
 #include "allocation.hpp"
@@ -56,13 +57,13 @@ struct Tuples {
     int count_index[2] = {0, 0};
     int left[2] = {0, 0};      // layers left
 
-    void assign(const std::vector<std::pair<int, int>>& t) {
-        assert(t.size() >= 1 && t.size() <= 2);
-        size = static_cast<int>(t.size());
+    void assign(const BiPoint& t) {
+        assert(t.size >= 1 && t.size <= 2);
+        size = t.size;
         cur = 0;
         for (int i = 0; i < size; ++i) {
-            count_index[i] = t[i].first;
-            left[i] = t[i].second;
+            count_index[i] = t.count_index[i];
+            left[i] = t.layers[i];
         }
     }
     void assign_one(int ci, int layers) {
@@ -89,30 +90,45 @@ struct State {
 // mtmm's wave length (reference.py's _least_idle_length): among D0 and the smallest few longer
 // ends of a group's tuple or of one layer of a group, the one that leaves the smallest fraction
 // of the groups' device-time idle; ties: the shorter.
-constexpr size_t kIdleCandidates = 8;
+constexpr int kIdleCandidates = 8;
 
 template <class RemLayers>
 double least_idle_length(const CoreInput& in, const std::vector<Group>& groups, double D0,
-                         const RemLayers& rem_layers, std::vector<double>& ends) {
-    ends.clear();
+                         const RemLayers& rem_layers, std::vector<double>& scratch) {
+    // The kIdleCandidates - 1 smallest distinct ends above D0, ascending (the twin sorts them
+    // all and keeps the first ones; a wave may hold hundreds of groups). scratch holds each
+    // group's (T, n, layers left) for the idle sums below.
+    double ends[kIdleCandidates];
+    ends[0] = D0;
+    int size = 1;
+    auto offer = [&](double e) {
+        if (!(e > D0)) return;
+        if (size == kIdleCandidates && !(e < ends[size - 1])) return;
+        int i = size;
+        while (i > 1 && ends[i - 1] > e) --i;
+        if (i > 1 && ends[i - 1] == e) return;
+        if (size < kIdleCandidates) ++size;
+        for (int j = size - 1; j > i; --j) ends[j] = ends[j - 1];
+        ends[i] = e;
+    };
+    scratch.clear();
     for (const Group& g : groups) {
         const double T = in.times[g.metaop][g.count_index];
-        const double e = static_cast<double>(rem_layers(g.metaop)) * T;
-        if (e > D0) ends.push_back(e);
-        if (T > D0) ends.push_back(T);
+        const int left = rem_layers(g.metaop);
+        offer(static_cast<double>(left) * T);
+        offer(T);
+        scratch.push_back(T);
+        scratch.push_back(static_cast<double>(in.counts[g.metaop][g.count_index]));
+        scratch.push_back(static_cast<double>(left));
     }
-    std::sort(ends.begin(), ends.end());
-    ends.erase(std::unique(ends.begin(), ends.end()), ends.end());
-    if (ends.size() > kIdleCandidates - 1) ends.resize(kIdleCandidates - 1);
-    ends.insert(ends.begin(), D0);
     double best = D0, best_frac = 0.0;
-    for (size_t i = 0; i < ends.size(); ++i) {
+    for (int i = 0; i < size; ++i) {
         const double D = ends[i];
         double idle = 0.0;
-        for (const Group& g : groups) {
-            const double T = in.times[g.metaop][g.count_index];
-            const double n = static_cast<double>(in.counts[g.metaop][g.count_index]);
-            idle += n * (D - static_cast<double>(layers_fitting(D, T, rem_layers(g.metaop))) * T);
+        for (size_t g = 0; g < scratch.size(); g += 3) {
+            const double T = scratch[g], n = scratch[g + 1];
+            idle += n * (D - static_cast<double>(
+                                 layers_fitting(D, T, static_cast<int>(scratch[g + 2]))) * T);
         }
         const double frac = idle / D;
         if (i == 0 || frac < best_frac) {
@@ -133,10 +149,10 @@ struct Prepared {
     Dag dag;
     std::vector<int> order;
     std::vector<int> level;
-    std::vector<std::vector<int>> members;
+    Adjacency members;  // members[lv]: the MetaOps of level lv, ascending
     std::vector<double> level_cstar;
     double relaxed_ms = 0.0;
-    std::vector<std::vector<std::pair<int, int>>> tuples;
+    std::vector<BiPoint> tuples;
     double lower_bound_ms = 0.0;
 
     explicit Prepared(const CoreInput& in)
@@ -151,11 +167,18 @@ struct Prepared {
         for (int u : order)
             for (int v : dag.succ[u]) level[v] = std::max(level[v], level[u] + 1);
         const int num_levels = *std::max_element(level.begin(), level.end()) + 1;
-        members.resize(num_levels);
-        for (int m = 0; m < n_ops; ++m) members[level[m]].push_back(m);
+        members.offset.assign(num_levels + 1, 0);
+        for (int m = 0; m < n_ops; ++m) ++members.offset[level[m] + 1];
+        for (int lv = 0; lv < num_levels; ++lv) members.offset[lv + 1] += members.offset[lv];
+        members.nodes.resize(n_ops);
+        {
+            std::vector<int> next(members.offset.begin(), members.offset.end() - 1);
+            for (int m = 0; m < n_ops; ++m) members.nodes[next[level[m]]++] = m;
+        }
         level_cstar.resize(num_levels);
+        std::vector<double> scratch;
         for (int lv = 0; lv < num_levels; ++lv) {
-            level_cstar[lv] = mtmm::level_cstar(in, members[lv]);
+            level_cstar[lv] = mtmm::level_cstar(in, members[lv], scratch);
             relaxed_ms += level_cstar[lv];
         }
         tuples.resize(n_ops);
@@ -164,229 +187,320 @@ struct Prepared {
     }
 };
 
-// One variant. Returns nothing as soon as the plan's end reaches `bound` with work left.
-std::optional<Schedule> plan_once(const CoreInput& in, const Prepared& prep,
-                                  const PlanOptions& options, bool fastest, double bound) {
-    const int n_ops = static_cast<int>(in.layers.size());
-    const int N = in.num_devices;
-    const Dag& dag = prep.dag;
-    const std::vector<int>& order = prep.order;
-    const std::vector<int>& level = prep.level;
-    const std::vector<std::vector<int>>& members = prep.members;
-
-    Schedule out;
-    out.levels = level;
-    out.level_cstar = prep.level_cstar;
-    out.relaxed_ms = prep.relaxed_ms;
-    State st;
-    st.in = &in;
-    st.tuples.resize(n_ops);
-    for (int m = 0; m < n_ops; ++m) {
-        Tuples& t = st.tuples[m];
-        if (fastest)
-            t.assign_one(static_cast<int>(in.counts[m].size()) - 1, in.layers[m]);
-        else
-            t.assign(prep.tuples[m]);
-        if (options.single_tuple && !fastest && t.size == 2) {
-            // The tuple with more layers (ties: the lower count) takes all the layers.
-            t.assign_one(t.left[0] >= t.left[1] ? t.count_index[0] : t.count_index[1],
-                         in.layers[m]);
-        }
-    }
-    std::vector<int> done(n_ops, 0);
-
-    std::vector<double> tail(n_ops, 0.0);
-    if (options.overlap_levels) {
-        for (auto it = order.rbegin(); it != order.rend(); ++it)
-            for (int s : dag.succ[*it]) tail[*it] = std::max(tail[*it], st.rem_time(s) + tail[s]);
-    }
-
-    std::vector<int> pred_left(n_ops);
-    for (int m = 0; m < n_ops; ++m) pred_left[m] = static_cast<int>(dag.pred[m].size());
-    std::vector<char> finished(n_ops, 0);
-    Placer placer(in, dag.pred);
-    auto rem_layers = [&](int m) { return st.tuples[m].left[st.tuples[m].cur]; };
-
-    // Candidates kept sorted by (priority descending, index ascending): a sorted vector (no
-    // node allocations; a wave touches few), updated only for the MetaOps a wave touched (the
-    // Python twin re-sorts every wave; the order is the same).
-    auto cmp = [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
-        if (a.first != b.first) return a.first > b.first;
-        return a.second < b.second;
-    };
-    std::vector<std::pair<double, int>> cands;
-    cands.reserve(n_ops);
-    std::vector<double> key(n_ops, 0.0);
-    auto enter = [&](int m) {
-        key[m] = st.rem_time(m) + tail[m];
-        const std::pair<double, int> e{key[m], m};
-        cands.insert(std::lower_bound(cands.begin(), cands.end(), e, cmp), e);
-    };
-    auto leave = [&](int m) {
-        const std::pair<double, int> e{key[m], m};
-        auto it = std::lower_bound(cands.begin(), cands.end(), e, cmp);
-        assert(it != cands.end() && it->second == m);
-        cands.erase(it);
-    };
-    if (options.overlap_levels) {
-        for (int m = 0; m < n_ops; ++m)
-            if (pred_left[m] == 0) enter(m);
-    }
-    std::vector<Group> groups, sized;
-    std::vector<double> ends;
-    std::vector<std::pair<double, int>> heap;
-    double t_now = 0.0;
-    int current_level = -1, remaining = n_ops;
-    while (remaining > 0) {
-        if (!options.overlap_levels && cands.empty()) {
-            ++current_level;
-            for (int m : members[current_level]) enter(m);
-        }
-        // Propose each candidate's current tuple, highest priority first, while it fits.
-        // defer_short: the short candidates (priority under half the top one's) wait for the
-        // second pass, after resource extension.
-        const double top = cands.empty() ? 0.0 : cands.front().first;
-        auto propose = [&](int free, bool pass_short) {
-            for (const auto& [prio, m] : cands) {
-                if (free == 0) break;
-                if (options.defer_short && (2.0 * prio < top) != pass_short) continue;
-                const int ci = st.tuples[m].count_index[st.tuples[m].cur];
-                const int n = in.counts[m][ci];
-                if (n <= free) {
-                    groups.push_back({m, ci, 0});
-                    free -= n;
-                }
-            }
-            return free;
-        };
-        groups.clear();
-        int free = propose(N, false);
-        // Resource extension: grow the group with the most remaining time of its tuple to its
-        // next valid count, one step at a time, while devices stay idle; only a step that makes
-        // the layer faster counts. Ties: earlier group. (A max-heap on (r, -position) gives the
-        // linear scan's choice: a group that cannot grow now never can, as free only shrinks.)
-        heap.clear();
-        for (size_t g = 0; g < groups.size(); ++g) {
-            const int m = groups[g].metaop, ci = groups[g].count_index;
-            if (ci + 1 < static_cast<int>(in.counts[m].size()) &&
-                in.times[m][ci + 1] < in.times[m][ci])
-                heap.emplace_back(static_cast<double>(rem_layers(m)) * in.times[m][ci],
-                                  -static_cast<int>(g));
-        }
-        std::make_heap(heap.begin(), heap.end());
-        while (free > 0 && !heap.empty()) {
-            std::pop_heap(heap.begin(), heap.end());
-            const int g = -heap.back().second;
-            heap.pop_back();
-            Group& grp = groups[g];
-            const int m = grp.metaop, ci = grp.count_index;
-            const int delta = in.counts[m][ci + 1] - in.counts[m][ci];
-            if (delta > free) continue;
-            free -= delta;
-            ++grp.count_index;
-            if (ci + 2 < static_cast<int>(in.counts[m].size()) &&
-                in.times[m][ci + 2] < in.times[m][ci + 1]) {
-                heap.emplace_back(static_cast<double>(rem_layers(m)) * in.times[m][ci + 1], -g);
-                std::push_heap(heap.begin(), heap.end());
+// One variant, planned one wave at a time, so that the portfolio can advance its variants side
+// by side (plan_core).
+class Run {
+  public:
+    Run(const CoreInput& in, const Prepared& prep, const PlanOptions& options, bool fastest)
+        : in_(in),
+          prep_(prep),
+          opt_(options),
+          fastest_(fastest),
+          n_ops_(static_cast<int>(in.layers.size())),
+          done_(n_ops_, 0),
+          tail_(n_ops_, 0.0),
+          pred_left_(n_ops_),
+          finished_(n_ops_, 0),
+          drop_(n_ops_, 0),
+          placer_(in, prep.dag.pred),
+          rem_layers_([this](int m) { return rem_layers(m); }),
+          remaining_(n_ops_) {
+        st_.in = &in;
+        st_.tuples.resize(n_ops_);
+        for (int m = 0; m < n_ops_; ++m) {
+            Tuples& t = st_.tuples[m];
+            if (fastest)
+                t.assign_one(static_cast<int>(in.counts[m].size()) - 1, in.layers[m]);
+            else
+                t.assign(prep.tuples[m]);
+            if (options.single_tuple && !fastest && t.size == 2) {
+                // The tuple with more layers (ties: the lower count) takes all the layers.
+                t.assign_one(t.left[0] >= t.left[1] ? t.count_index[0] : t.count_index[1],
+                             in.layers[m]);
             }
         }
-        if (options.defer_short) free = propose(free, true);
-        // The wave lasts until the first group finishes its tuple; the others are sliced.
-        double D = 0.0;
-        for (size_t g = 0; g < groups.size(); ++g) {
-            const int m = groups[g].metaop;
-            const double r =
-                static_cast<double>(rem_layers(m)) * in.times[m][groups[g].count_index];
-            D = g == 0 ? r : std::min(D, r);
+        const Dag& dag = prep.dag;
+        if (opt_.overlap_levels) {
+            for (auto it = prep.order.rbegin(); it != prep.order.rend(); ++it)
+                for (int s : dag.succ[*it])
+                    tail_[*it] = std::max(tail_[*it], st_.rem_time(s) + tail_[s]);
         }
-        if (options.least_idle) D = least_idle_length(in, groups, D, rem_layers, ends);
-        sized.clear();
-        for (const Group& g : groups) {
-            const int k =
-                layers_fitting(D, in.times[g.metaop][g.count_index], rem_layers(g.metaop));
-            if (k > 0) sized.push_back({g.metaop, g.count_index, k});
+        for (int m = 0; m < n_ops_; ++m) pred_left_[m] = static_cast<int>(dag.pred[m].size());
+        cands_.reserve(n_ops_);
+        if (opt_.overlap_levels) {
+            for (int m = 0; m < n_ops_; ++m)
+                if (pred_left_[m] == 0) enter(m);
+            update_candidates();
         }
-        const int wave_index = static_cast<int>(out.waves.size());
-        std::vector<Placed>& placed = placer.place_wave(wave_index, sized, done, rem_layers, D);
-        if (placed.empty()) {
-            const int m = sized[0].metaop;
-            throw PlanningError("cannot fit in memory: MetaOp '" + in.names[m] + "' (layers from " +
-                                std::to_string(done[m]) +
-                                ") does not fit the free memory of any " +
-                                std::to_string(in.counts[m][0]) + " devices (device_memory_gb = " +
-                                std::to_string(in.device_memory_gb) + ")");
-        }
-        Wave wave{t_now, 0.0, {}};
-        wave.slices.reserve(placed.size());
-        for (Placed& p : placed) {
-            const int m = p.metaop;
-            wave.duration_ms =
-                std::max(wave.duration_ms,
-                         static_cast<double>(p.layers) * in.times[m][p.count_index]);
-            wave.slices.push_back({m, done[m], done[m] + p.layers, std::move(p.devices)});
-            done[m] += p.layers;
-            leave(m);
-            Tuples& tup = st.tuples[m];
-            tup.left[tup.cur] -= p.layers;
-            if (tup.left[tup.cur] == 0) {
-                ++tup.cur;
-                if (tup.cur == tup.size) {
-                    finished[m] = 1;
-                    --remaining;
-                    for (int s : dag.succ[m])
-                        if (--pred_left[s] == 0 && options.overlap_levels) enter(s);
-                }
-            }
-            if (!finished[m]) enter(m);
-        }
-        t_now += wave.duration_ms;
-        out.waves.push_back(std::move(wave));
-        if (t_now >= bound && remaining > 0) return std::nullopt;
     }
-    out.makespan_ms = t_now;
-    out.lower_bound_ms = prep.lower_bound_ms;
-    out.overlap_levels = options.overlap_levels;
-    out.least_idle = options.least_idle;
-    out.single_tuple = options.single_tuple;
-    out.fastest = fastest;
-    out.defer_short = options.defer_short;
-    return out;
+
+    // rem_layers_ points at this Run.
+    Run(const Run&) = delete;
+    Run& operator=(const Run&) = delete;
+
+    bool finished() const { return remaining_ == 0; }
+    double now() const { return t_now_; }
+    void step();
+    Schedule take();
+
+  private:
+    int rem_layers(int m) const { return st_.tuples[m].left[st_.tuples[m].cur]; }
+    // Candidates kept sorted by (priority descending, index ascending). A wave's changes are
+    // collected (enter, leave) and merged in once by update_candidates: one pass over the
+    // list per wave instead of one per MetaOp the wave touched.
+    void enter(int m) { pending_.emplace_back(st_.rem_time(m) + tail_[m], m); }
+    void leave(int m) { drop_[m] = 1; }
+    void update_candidates();
+    int propose(int free, bool pass_short);
+
+    const CoreInput& in_;
+    const Prepared& prep_;
+    const PlanOptions opt_;
+    const bool fastest_;
+    const int n_ops_;
+    State st_;
+    std::vector<int> done_;
+    std::vector<double> tail_;
+    std::vector<int> pred_left_;
+    std::vector<char> finished_;
+    std::vector<char> drop_;  // left the candidates this wave
+    std::vector<std::pair<double, int>> cands_, pending_, merged_;
+    Placer placer_;
+    const std::function<int(int)> rem_layers_;
+    std::vector<Group> groups_, sized_;
+    std::vector<double> ends_;
+    std::vector<std::pair<double, int>> heap_;
+    Schedule out_;
+    double t_now_ = 0.0;
+    int current_level_ = -1;
+    int remaining_;
+};
+
+bool by_priority(const std::pair<double, int>& a, const std::pair<double, int>& b) {
+    if (a.first != b.first) return a.first > b.first;
+    return a.second < b.second;
+}
+
+void Run::update_candidates() {
+    std::sort(pending_.begin(), pending_.end(), by_priority);
+    merged_.clear();
+    auto p = pending_.begin();
+    for (const auto& c : cands_) {
+        if (drop_[c.second]) {
+            drop_[c.second] = 0;
+            continue;
+        }
+        for (; p != pending_.end() && by_priority(*p, c); ++p) merged_.push_back(*p);
+        merged_.push_back(c);
+    }
+    merged_.insert(merged_.end(), p, pending_.end());
+    pending_.clear();
+    cands_.swap(merged_);
+}
+
+// Each candidate's current tuple joins the wave, highest priority first, while it fits.
+// defer_short: the short candidates (priority under half the top one's) wait for the second
+// pass, after resource extension.
+int Run::propose(int free, bool pass_short) {
+    const double top = cands_.empty() ? 0.0 : cands_.front().first;
+    for (const auto& [prio, m] : cands_) {
+        if (free == 0) break;
+        if (opt_.defer_short && (2.0 * prio < top) != pass_short) continue;
+        const Tuples& t = st_.tuples[m];
+        const int ci = t.count_index[t.cur];
+        const int n = in_.counts[m][ci];
+        if (n <= free) {
+            groups_.push_back({m, ci, 0});
+            free -= n;
+        }
+    }
+    return free;
+}
+
+void Run::step() {
+    if (!opt_.overlap_levels && cands_.empty()) {
+        ++current_level_;
+        for (int m : prep_.members[current_level_]) enter(m);
+        update_candidates();
+    }
+    groups_.clear();
+    int free = propose(in_.num_devices, false);
+    // Resource extension: grow the group with the most remaining time of its tuple to its
+    // next valid count, one step at a time, while devices stay idle; only a step that makes
+    // the layer faster counts. Ties: earlier group. (A max-heap on (r, -position) gives the
+    // linear scan's choice: a group that cannot grow now never can, as free only shrinks.)
+    heap_.clear();
+    for (size_t g = 0; g < groups_.size(); ++g) {
+        const int m = groups_[g].metaop, ci = groups_[g].count_index;
+        if (ci + 1 < static_cast<int>(in_.counts[m].size()) &&
+            in_.times[m][ci + 1] < in_.times[m][ci])
+            heap_.emplace_back(static_cast<double>(rem_layers(m)) * in_.times[m][ci],
+                               -static_cast<int>(g));
+    }
+    std::make_heap(heap_.begin(), heap_.end());
+    while (free > 0 && !heap_.empty()) {
+        std::pop_heap(heap_.begin(), heap_.end());
+        const int g = -heap_.back().second;
+        heap_.pop_back();
+        Group& grp = groups_[g];
+        const int m = grp.metaop, ci = grp.count_index;
+        const int delta = in_.counts[m][ci + 1] - in_.counts[m][ci];
+        if (delta > free) continue;
+        free -= delta;
+        ++grp.count_index;
+        if (ci + 2 < static_cast<int>(in_.counts[m].size()) &&
+            in_.times[m][ci + 2] < in_.times[m][ci + 1]) {
+            heap_.emplace_back(static_cast<double>(rem_layers(m)) * in_.times[m][ci + 1], -g);
+            std::push_heap(heap_.begin(), heap_.end());
+        }
+    }
+    if (opt_.defer_short) free = propose(free, true);
+    // The wave lasts until the first group finishes its tuple; the others are sliced.
+    double D = 0.0;
+    for (size_t g = 0; g < groups_.size(); ++g) {
+        const int m = groups_[g].metaop;
+        const double r = static_cast<double>(rem_layers(m)) * in_.times[m][groups_[g].count_index];
+        D = g == 0 ? r : std::min(D, r);
+    }
+    if (opt_.least_idle)
+        D = least_idle_length(in_, groups_, D, [this](int m) { return rem_layers(m); }, ends_);
+    sized_.clear();
+    for (const Group& g : groups_) {
+        const int k = layers_fitting(D, in_.times[g.metaop][g.count_index], rem_layers(g.metaop));
+        if (k > 0) sized_.push_back({g.metaop, g.count_index, k});
+    }
+    const int wave_index = static_cast<int>(out_.waves.size());
+    const std::vector<Placed>& placed = placer_.place_wave(wave_index, sized_, done_, rem_layers_, D);
+    if (placed.empty()) {
+        const int m = sized_[0].metaop;
+        throw PlanningError("cannot fit in memory: MetaOp '" + in_.names[m] + "' (layers from " +
+                            std::to_string(done_[m]) + ") does not fit the free memory of any " +
+                            std::to_string(in_.counts[m][0]) + " devices (device_memory_gb = " +
+                            std::to_string(in_.device_memory_gb) + ")");
+    }
+    Wave wave{t_now_, 0.0, static_cast<int>(out_.slices.size()), static_cast<int>(placed.size())};
+    const int dev_base = static_cast<int>(out_.devices.size());
+    const std::vector<int>& devices = placer_.devices();
+    out_.devices.insert(out_.devices.end(), devices.begin(), devices.end());
+    const Dag& dag = prep_.dag;
+    for (const Placed& p : placed) {
+        const int m = p.metaop;
+        wave.duration_ms =
+            std::max(wave.duration_ms, static_cast<double>(p.layers) * in_.times[m][p.count_index]);
+        out_.slices.push_back(
+            {m, done_[m], done_[m] + p.layers, dev_base + p.device_begin, p.device_count});
+        done_[m] += p.layers;
+        leave(m);
+        Tuples& tup = st_.tuples[m];
+        tup.left[tup.cur] -= p.layers;
+        if (tup.left[tup.cur] == 0) {
+            ++tup.cur;
+            if (tup.cur == tup.size) {
+                finished_[m] = 1;
+                --remaining_;
+                for (int s : dag.succ[m])
+                    if (--pred_left_[s] == 0 && opt_.overlap_levels) enter(s);
+            }
+        }
+        if (!finished_[m]) enter(m);
+    }
+    update_candidates();
+    t_now_ += wave.duration_ms;
+    out_.waves.push_back(wave);
+}
+
+Schedule Run::take() {
+    out_.levels = prep_.level;
+    out_.level_cstar = prep_.level_cstar;
+    out_.relaxed_ms = prep_.relaxed_ms;
+    out_.makespan_ms = t_now_;
+    out_.lower_bound_ms = prep_.lower_bound_ms;
+    out_.overlap_levels = opt_.overlap_levels;
+    out_.least_idle = opt_.least_idle;
+    out_.single_tuple = opt_.single_tuple;
+    out_.fastest = fastest_;
+    out_.defer_short = opt_.defer_short;
+    return std::move(out_);
 }
 
 }  // namespace
 
 Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
     in.check();
-    const double inf = std::numeric_limits<double>::infinity();
     const Prepared prep(in);
-    if (!options.portfolio) return *plan_once(in, prep, options, false, inf);
+    if (!options.portfolio) {
+        Run run(in, prep, options, false);
+        while (!run.finished()) run.step();
+        return run.take();
+    }
     // Same variants, same order as reference.PORTFOLIO: overlap_levels, least_idle,
-    // single_tuple, fastest, defer_short. Branch and bound: a variant stops as soon as it
-    // cannot beat the best plan so far; the result is the same as planning every variant to
-    // the end.
+    // single_tuple, fastest, defer_short. The result is the first variant (in this order) with
+    // the smallest makespan; the twin plans them one after another, stopping each as soon as
+    // it cannot beat the best so far. Here they advance side by side, always the one whose
+    // plan ends earliest: a variant is dropped once its end, with work left, is past the best
+    // makespan (or reaches it, for a variant that would lose the tie), so every variant plans
+    // about as far as the best makespan and no further, whatever the order. The chosen plan is
+    // the same: a dropped variant's makespan is larger than the best (or equal and later).
     static const bool kVariants[5][5] = {{false, true, true, false, false},
                                          {true, true, true, false, false},
                                          {true, false, true, false, false},
                                          {false, false, false, true, false},
                                          {false, true, true, false, true}};
-    std::optional<Schedule> best;
-    std::string first_error;
-    for (const auto& v : kVariants) {
+    constexpr int kCount = 5;
+    std::vector<std::unique_ptr<Run>> runs(kCount);
+    std::string errors[kCount];
+    for (int v = 0; v < kCount; ++v) {
         PlanOptions o = options;
-        o.overlap_levels = v[0];
-        o.least_idle = v[1];
-        o.single_tuple = v[2];
-        o.defer_short = v[4];
+        o.overlap_levels = kVariants[v][0];
+        o.least_idle = kVariants[v][1];
+        o.single_tuple = kVariants[v][2];
+        o.defer_short = kVariants[v][4];
+        runs[v] = std::make_unique<Run>(in, prep, o, kVariants[v][3]);
+    }
+    std::vector<char> active(kCount, 1);
+    int best = -1;
+    double best_ms = 0.0;
+    for (;;) {
+        int v = -1;
+        for (int i = 0; i < kCount; ++i)
+            if (active[i] && (v < 0 || runs[i]->now() < runs[v]->now())) v = i;
+        if (v < 0) break;
+        Run& run = *runs[v];
         try {
-            std::optional<Schedule> s =
-                plan_once(in, prep, o, v[3], best ? best->makespan_ms : inf);
-            if (s && (!best || s->makespan_ms < best->makespan_ms)) best = std::move(s);
+            run.step();
         } catch (const PlanningError& e) {
-            if (first_error.empty()) first_error = e.what();
+            errors[v] = e.what();
+            active[v] = 0;
+            runs[v].reset();
+            continue;
+        }
+        if (run.finished()) {
+            active[v] = 0;
+            const double t = run.now();
+            if (best < 0 || t < best_ms || (t == best_ms && v < best)) {
+                if (best >= 0) runs[best].reset();
+                best = v;
+                best_ms = t;
+            } else {
+                runs[v].reset();
+            }
+        }
+        // Drop the variants that can no longer win (planned past the best, work left).
+        for (int i = 0; i < kCount; ++i) {
+            if (!active[i] || best < 0) continue;
+            const double t = runs[i]->now();
+            if (t > best_ms || (t == best_ms && i > best)) {
+                active[i] = 0;
+                runs[i].reset();
+            }
         }
     }
-    if (!best) throw PlanningError(first_error);
-    return std::move(*best);
+    if (best < 0) {
+        for (const std::string& e : errors)
+            if (!e.empty()) throw PlanningError(e);
+        throw PlanningError("no variant of the portfolio gave a plan");
+    }
+    return runs[best]->take();
 }
 
 }  // namespace mtmm

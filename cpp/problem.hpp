@@ -31,21 +31,27 @@ struct CoreInput {
     void check() const;
 };
 
+// The plan is stored flat (three arrays instead of a vector per wave and per slice): one
+// allocation per array instead of one per slice, and bindings.cpp walks it in one pass.
 struct Slice {
     int metaop;
     int layer_begin;
     int layer_end;
-    std::vector<int> devices;  // ascending
+    int device_begin;  // its devices: Schedule::devices[device_begin, device_begin + device_count)
+    int device_count;
 };
 
 struct Wave {
     double start_ms;
     double duration_ms;
-    std::vector<Slice> slices;
+    int slice_begin;  // its slices: Schedule::slices[slice_begin, slice_begin + slice_count)
+    int slice_count;
 };
 
 struct Schedule {
     std::vector<Wave> waves;
+    std::vector<Slice> slices;
+    std::vector<int> devices;  // each slice's devices, ascending
     std::vector<double> level_cstar;
     std::vector<int> levels;
     double relaxed_ms = 0.0;

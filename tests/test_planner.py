@@ -446,3 +446,31 @@ def test_portfolio_branch_and_bound_equals_planning_every_variant():
         cpp = plan_problem(p, "mtmm", "cpp")
         assert tuple(cpp["variant"].values()) == best.variant
         assert cpp["makespan_ms"] == best.makespan_ms
+
+
+def test_portfolio_keeps_the_first_of_equal_plans_and_skips_variants_out_of_memory():
+    # The C++ portfolio advances its variants side by side (the twin plans them one after
+    # another); both must keep the first variant of the smallest makespan, ties included, and
+    # skip the variants that run out of memory.
+    rng = random.Random(5)
+    ties = skipped = 0
+    for i in range(60):
+        p = Problem.from_dict(random_problem(rng, rng.randint(1, 40), rng.choice([4, 8, 16, 64]),
+                                             memory=i % 2 == 0))
+        inp = reference.core_input(p)
+        full = []
+        for v in reference.PORTFOLIO:
+            try:
+                full.append(reference._plan_once(inp, *v[:4], defer_short=v[4]))
+            except ValueError:
+                skipped += 1
+        if not full:
+            with pytest.raises(ValueError, match="memory"):
+                plan_problem(p, "mtmm", "cpp")
+            continue
+        best = min(full, key=lambda s: s.makespan_ms)  # min keeps the first of equals
+        ties += sum(s.makespan_ms == best.makespan_ms for s in full) > 1
+        cpp = plan_problem(p, "mtmm", "cpp")
+        assert tuple(cpp["variant"].values()) == best.variant, i
+        assert cpp["makespan_ms"] == best.makespan_ms
+    assert ties > 0 and skipped > 0
