@@ -49,6 +49,7 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
                                          std::vector<int> component, std::vector<double> param_gb,
                                          std::vector<double> activation_gb,
                                          std::vector<double> output_mb,
+                                         std::vector<double> hidden_mb,
                                          std::vector<mtmm::Edge> flows, double device_memory_gb) {
     auto pin = std::make_shared<PlannerInput>();
     mtmm::CoreInput& in = pin->in;
@@ -62,6 +63,7 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
     in.param_gb = std::move(param_gb);
     in.activation_gb = std::move(activation_gb);
     in.output_mb = std::move(output_mb);
+    in.hidden_mb = std::move(hidden_mb);
     in.flows = std::move(flows);
     in.device_memory_gb = device_memory_gb;
     pin->names_py.reserve(in.names.size());
@@ -168,7 +170,8 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init(&make_input), py::arg("num_devices"), py::arg("island_size"),
              py::arg("names"), py::arg("layers"), py::arg("counts"), py::arg("times"),
              py::arg("component"), py::arg("param_gb"), py::arg("activation_gb"),
-             py::arg("output_mb"), py::arg("flows"), py::arg("device_memory_gb"));
+             py::arg("output_mb"), py::arg("hidden_mb"), py::arg("flows"),
+             py::arg("device_memory_gb"));
     m.def("plan_core",
           [](const PlannerInput& pin, bool overlap_levels, bool least_idle, bool single_tuple,
              bool portfolio, bool defer_short) {
@@ -185,21 +188,23 @@ PYBIND11_MODULE(_core, m) {
              std::vector<int> layers, std::vector<std::vector<int>> counts,
              std::vector<std::vector<double>> times, std::vector<int> component,
              std::vector<double> param_gb, std::vector<double> activation_gb,
-             std::vector<double> output_mb, std::vector<mtmm::Edge> flows,
+             std::vector<double> output_mb, std::vector<double> hidden_mb,
+             std::vector<mtmm::Edge> flows,
              double device_memory_gb, bool overlap_levels, bool least_idle,
              bool single_tuple, bool portfolio, bool defer_short) {
               const auto pin = make_input(num_devices, island_size, std::move(names),
                                           std::move(layers), std::move(counts),
                                           std::move(times), std::move(component),
                                           std::move(param_gb), std::move(activation_gb),
-                                          std::move(output_mb), std::move(flows),
+                                          std::move(output_mb), std::move(hidden_mb),
+                                          std::move(flows),
                                           device_memory_gb);
               return plan_to_dict(*pin, overlap_levels, least_idle, single_tuple, portfolio,
                                   defer_short);
           },
           py::arg("num_devices"), py::arg("island_size"), py::arg("names"), py::arg("layers"),
           py::arg("counts"), py::arg("times"), py::arg("component"), py::arg("param_gb"),
-          py::arg("activation_gb"), py::arg("output_mb"), py::arg("flows"),
+          py::arg("activation_gb"), py::arg("output_mb"), py::arg("hidden_mb"), py::arg("flows"),
           py::arg("device_memory_gb"), py::arg("overlap_levels"), py::arg("least_idle"),
           py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short") = false,
           "The same on the arrays themselves (converted for this call only).");

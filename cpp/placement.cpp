@@ -23,6 +23,10 @@ void DeviceLists::assign(int i, const int* devices, int n) {
 }
 
 namespace {
+// MB of gradient per GB of param_gb (16 bytes per parameter, of which the bf16 gradient is 2):
+// what a layer's all-reduce moves. reference_placement.GRAD_MB_PER_PARAM_GB.
+constexpr double kGradMbPerParamGb = 1e3 * 2 / 16;
+
 // The most devices a MetaOp's slice can use, per MetaOp or (by_component) per component.
 std::vector<int> list_capacity(const CoreInput& in, bool by_component) {
     std::vector<int> cap(by_component ? in.param_gb.size() : in.layers.size(), 0);
@@ -275,14 +279,18 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
     std::vector<Group>& rest = rest_;
     cont.clear();
     rest.clear();
+    // Groups that keep their devices: first those that ran in the previous wave at the same
+    // count, then those that ran earlier at the same count (if their devices are still free).
     for (const Group& g : groups) {
-        const bool continuing =
-            last_wave_[g.metaop] == wave - 1 &&
+        const bool same_count =
             static_cast<int>(last_dev_[g.metaop].size()) == in_.counts[g.metaop][g.count_index];
-        (continuing ? cont : rest).push_back(g);
+        (same_count ? cont : rest).push_back(g);
     }
-    std::sort(cont.begin(), cont.end(),
-              [](const Group& a, const Group& b) { return a.metaop < b.metaop; });
+    std::sort(cont.begin(), cont.end(), [&](const Group& a, const Group& b) {
+        const bool pa = last_wave_[a.metaop] == wave - 1, pb = last_wave_[b.metaop] == wave - 1;
+        if (pa != pb) return pa;
+        return a.metaop < b.metaop;
+    });
     std::sort(rest.begin(), rest.end(), [&](const Group& a, const Group& b) {
         const int na = in_.counts[a.metaop][a.count_index];
         const int nb = in_.counts[b.metaop][b.count_index];
@@ -295,7 +303,7 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
         const int m = g.metaop, n = in_.counts[m][g.count_index];
         const Range devs = last_dev_[m];
         bool ok = true;
-        for (int d : devs) ok = ok && fits(d, m, done[m], g.layers, n);
+        for (int d : devs) ok = ok && free_[d] && fits(d, m, done[m], g.layers, n);
         if (ok) {
             const int begin = static_cast<int>(out_.size());
             out_.insert(out_.end(), devs.begin(), devs.end());
@@ -307,7 +315,9 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
     }
     for (const Group& g : rest) {
         const int m = g.metaop, c = in_.component[m];
-        // Affinity: MB that would not have to move (or be allocated) if placed on a device.
+        // Affinity in MB that stay where they are: the MetaOp's own hidden state (or its
+        // predecessors' outputs) and the gradient of the k layers it would otherwise
+        // synchronise with its component's last group.
         auto add = [&](Range devs, double weight) {
             for (int d : devs) {
                 if (aff_[d] == 0.0) touched_.push_back(d);
@@ -315,11 +325,12 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
             }
         };
         if (done[m] > 0) {
-            add(last_dev_[m], 1.0 + in_.output_mb[m]);
+            add(last_dev_[m], 1.0 + in_.hidden_mb[m]);
         } else {
             for (int p : preds_[m]) add(last_dev_[p], 1.0 + in_.output_mb[p]);
         }
-        if (in_.param_gb[c] > 0.0) add(comp_last_[c], 1024.0 * in_.param_gb[c]);
+        if (in_.param_gb[c] > 0.0)
+            add(comp_last_[c], kGradMbPerParamGb * in_.param_gb[c] * static_cast<double>(g.layers));
         for (int cj = g.count_index; cj >= 0; --cj) {
             const int n = in_.counts[m][cj];
             const int kj = cj == g.count_index ? g.layers

@@ -20,7 +20,7 @@ void CoreInput::check() const {
     if (island_size < 1) throw PlanningError("island_size must be >= 1");
     if (n == 0) throw PlanningError("metaops must hold at least one MetaOp");
     if (names.size() != n || counts.size() != n || times.size() != n || component.size() != n ||
-        activation_gb.size() != n || output_mb.size() != n)
+        activation_gb.size() != n || output_mb.size() != n || hidden_mb.size() != n)
         throw PlanningError("per-MetaOp arrays must all have one entry per MetaOp");
     // The message is built only on failure: check() runs on every plan.
     auto fail = [&](size_t m, const char* why) {
@@ -41,8 +41,8 @@ void CoreInput::check() const {
         }
         if (component[m] < 0 || component[m] >= static_cast<int>(param_gb.size()))
             fail(m, "component id out of range");
-        if (!(activation_gb[m] >= 0.0) || !(output_mb[m] >= 0.0))
-            fail(m, "activation_gb and output_mb must be >= 0");
+        if (!(activation_gb[m] >= 0.0) || !(output_mb[m] >= 0.0) || !(hidden_mb[m] >= 0.0))
+            fail(m, "activation_gb, output_mb and hidden_mb must be >= 0");
     }
     for (double p : param_gb)
         if (!(p >= 0.0)) throw PlanningError("param_gb must be >= 0");

@@ -24,6 +24,7 @@ struct CoreInput {
     std::vector<double> param_gb;             // per component, per layer
     std::vector<double> activation_gb;        // per MetaOp, one layer, whole batch
     std::vector<double> output_mb;            // per MetaOp
+    std::vector<double> hidden_mb;            // per MetaOp: between two of its layers
     std::vector<std::pair<int, int>> flows;
     double device_memory_gb = -1.0;           // < 0: unlimited
 

@@ -20,7 +20,7 @@ class PlannerInput:
         self, num_devices: int, island_size: int, names: list[str], layers: list[int],
         counts: list[list[int]], times: list[list[float]], component: list[int],
         param_gb: list[float], activation_gb: list[float], output_mb: list[float],
-        flows: list[tuple[int, int]], device_memory_gb: float,
+        hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
     ) -> None: ...
 
 @overload
@@ -33,6 +33,7 @@ def plan_core(
     num_devices: int, island_size: int, names: list[str], layers: list[int],
     counts: list[list[int]], times: list[list[float]], component: list[int],
     param_gb: list[float], activation_gb: list[float], output_mb: list[float],
-    flows: list[tuple[int, int]], device_memory_gb: float, overlap_levels: bool,
+    hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
+    overlap_levels: bool,
     least_idle: bool, single_tuple: bool, portfolio: bool, defer_short: bool = False,
 ) -> dict: ...

@@ -340,6 +340,8 @@ def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=Non
             "param_gb": round(costmodel.param_gb(c), 9),
             "activation_gb": round(costmodel.activation_gb(c, t.batch, seq), 9),
             "output_mb": round(costmodel.output_mb(c, t.batch, c.out_tokens or seq), 6),
+            # between two layers the whole sequence is live, not only the tokens handed on
+            "hidden_mb": round(costmodel.output_mb(c, t.batch, seq), 6),
         })
     problem = {
         "num_devices": num_devices, "island_size": island_size, "metaops": metaops,

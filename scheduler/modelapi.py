@@ -363,6 +363,7 @@ class MultiTaskModel(nn.Module):
                         "param_gb": params[cname] * 16 / 1e9,  # fp32 weight + grad + 2 Adam moments
                         "activation_gb": act_elems * 4 * 8 / 1e9,
                         "output_mb": act_elems * 4 / 1e6,
+                        "hidden_mb": act_elems * 4 / 1e6,
                     }
                 )
         problem = {

@@ -50,7 +50,8 @@ class MetaOpSpec:
     device counts. Times are positive and never increase with n (a larger count may be as fast,
     never slower). ``param_gb``: weights + gradients + optimizer state of one layer;
     ``activation_gb``: activations of one layer for the whole batch (split over the devices);
-    ``output_mb``: what the MetaOp sends to each successor.
+    ``output_mb``: what the MetaOp sends to each successor; ``hidden_mb``: what one of its layers
+    hands to the next (the hidden state, whole batch), None when unknown.
     """
 
     name: str
@@ -61,6 +62,7 @@ class MetaOpSpec:
     param_gb: float = 0.0
     activation_gb: float = 0.0
     output_mb: float = 0.0
+    hidden_mb: float | None = None
     _counts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,11 @@ class MetaOpSpec:
             if not _finite_number(v) or v < 0:
                 raise ValueError(f"{who}: {key} must be a finite number >= 0, got {v!r}")
             object.__setattr__(self, key, float(v))
+        if self.hidden_mb is not None:
+            if not _finite_number(self.hidden_mb) or self.hidden_mb < 0:
+                raise ValueError(f"{who}: hidden_mb must be a finite number >= 0, got "
+                                 f"{self.hidden_mb!r}")
+            object.__setattr__(self, "hidden_mb", float(self.hidden_mb))
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -114,7 +121,7 @@ class MetaOpSpec:
             raise ValueError(f"a MetaOp must be a JSON object, got {type(d).__name__}")
         name = d.get("name")
         unknown = set(d) - {"name", "task", "component", "layers", "time_ms", "param_gb",
-                            "activation_gb", "output_mb"}
+                            "activation_gb", "output_mb", "hidden_mb"}
         if unknown:
             raise ValueError(f"MetaOp {name!r}: unknown keys {sorted(unknown)}")
         for key in ("name", "layers", "time_ms"):
@@ -125,6 +132,7 @@ class MetaOpSpec:
             name=name, task=task, component=d.get("component", name), layers=d["layers"],
             time_ms=d["time_ms"], param_gb=d.get("param_gb", 0.0),
             activation_gb=d.get("activation_gb", 0.0), output_mb=d.get("output_mb", 0.0),
+            hidden_mb=d.get("hidden_mb"),
         )
 
     def to_dict(self) -> dict:
@@ -133,6 +141,7 @@ class MetaOpSpec:
             "layers": self.layers, "time_ms": {str(n): t for n, t in self.time_ms.items()},
             "param_gb": self.param_gb, "activation_gb": self.activation_gb,
             "output_mb": self.output_mb,
+            **({} if self.hidden_mb is None else {"hidden_mb": self.hidden_mb}),
         }
 
 

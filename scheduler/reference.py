@@ -39,6 +39,7 @@ class CoreInput:
     param_gb: list[float]          # per component: per-layer parameter memory
     activation_gb: list[float]     # per MetaOp: activations of one layer, whole batch
     output_mb: list[float]         # per MetaOp
+    hidden_mb: list[float]         # per MetaOp: between two of its layers (default output_mb)
     flows: list[tuple[int, int]]
     device_memory_gb: float        # < 0: unlimited
 
@@ -74,6 +75,7 @@ def core_input(problem: Problem) -> CoreInput:
         param_gb=[param[c] for c in comp_ids],
         activation_gb=[m.activation_gb for m in problem.metaops],
         output_mb=[m.output_mb for m in problem.metaops],
+        hidden_mb=[m.output_mb if m.hidden_mb is None else m.hidden_mb for m in problem.metaops],
         flows=list(problem.flows),
         device_memory_gb=-1.0 if problem.device_memory_gb is None
         else float(problem.device_memory_gb),

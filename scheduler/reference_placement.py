@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .reference import CoreInput
 
-__all__ = ["Placer", "layers_fitting"]
+__all__ = ["Placer", "layers_fitting", "GRAD_MB_PER_PARAM_GB"]
+
+# MB of gradient per GB of ``param_gb`` (weights, gradients and Adam state at 16 bytes per
+# parameter, of which the bf16 gradient is 2): what a layer's all-reduce moves.
+GRAD_MB_PER_PARAM_GB = 1e3 * 2 / 16
 
 
 def layers_fitting(D: float, T: float, cap: int) -> int:
@@ -110,9 +114,11 @@ class Placer:
         inp = self.inp
         N = inp.num_devices
         free = [True] * N
-        cont = [g for g in groups if self.last_wave[g[0]] == w - 1
-                and len(self.last_dev[g[0]]) == inp.counts[g[0]][g[1]]]
-        cont.sort(key=lambda g: g[0])
+        # Groups that keep their devices: first those that ran in the previous wave at the same
+        # count, then those that ran earlier at the same count (if their devices are free).
+        same = [g for g in groups if len(self.last_dev[g[0]]) == inp.counts[g[0]][g[1]]]
+        cont = sorted((g for g in same if self.last_wave[g[0]] == w - 1), key=lambda g: g[0])
+        cont += sorted((g for g in same if self.last_wave[g[0]] < w - 1), key=lambda g: g[0])
         cont_ids = {g[0] for g in cont}
         rest = sorted((g for g in groups if g[0] not in cont_ids),
                       key=lambda g: (-inp.counts[g[0]][g[1]], g[0]))
@@ -120,7 +126,7 @@ class Placer:
         for m, ci, k in cont:
             n = inp.counts[m][ci]
             devs = self.last_dev[m]
-            if all(self._fits(d, m, done[m], k, n) for d in devs):
+            if all(free[d] and self._fits(d, m, done[m], k, n) for d in devs):
                 for d in devs:
                     free[d] = False
                 self._commit(w, m, done[m], k, devs)
@@ -128,16 +134,19 @@ class Placer:
             else:
                 rest.append((m, ci, k))  # retried below, after the others, on any devices
         for m, ci, k in rest:
+            # Affinity in MB that would not move: the MetaOp's own hidden state (or its
+            # predecessors' outputs) and the gradient of the k layers it would otherwise
+            # synchronise with its component's last group.
             aff: dict[int, float] = {}
             sources = []
             if done[m] > 0:
-                sources.append((self.last_dev[m], 1.0 + inp.output_mb[m]))
+                sources.append((self.last_dev[m], 1.0 + inp.hidden_mb[m]))
             else:
                 for p in self.preds[m]:
                     sources.append((self.last_dev[p], 1.0 + inp.output_mb[p]))
             c = inp.component[m]
             if inp.param_gb[c] > 0.0:
-                sources.append((self.comp_last[c], 1024.0 * inp.param_gb[c]))
+                sources.append((self.comp_last[c], GRAD_MB_PER_PARAM_GB * inp.param_gb[c] * k))
             for devs, weight in sources:
                 for d in devs:
                     aff[d] = aff.get(d, 0.0) + weight

@@ -56,9 +56,9 @@ class Cluster:
     all-reduce (true of ``costmodel.AnalyticCost``), so only parameters shared between
     different groups are synchronised by the simulator; False synchronises every layer held by
     more than one device (for times that are pure compute).
-    ``hidden_fraction``: the hidden state between two layers of a MetaOp as a share of the
-    activations one layer stores (``activation_gb``): bf16 ``2h`` bytes per token of the
-    ``18h + 4 mlp`` that ``costmodel`` counts for a pre-LN layer, 1/17 at mlp = 4h.
+    ``hidden_fraction``: for MetaOps without ``hidden_mb``, the hidden state between two layers
+    as a share of the activations one layer stores (``activation_gb``): bf16 ``2h`` bytes per
+    token of the ``18h + 4 mlp`` that ``costmodel`` counts for a pre-LN layer, 1/17 at mlp = 4h.
     """
 
     devices_per_node: int = 8
@@ -85,7 +85,10 @@ class Cluster:
         return device // self.devices_per_node
 
     def hidden_mb(self, op) -> float:
-        """The activation between two consecutive layers of MetaOp ``op``, whole batch, MB."""
+        """The activation between two consecutive layers of MetaOp ``op``, whole batch, MB: the
+        problem's ``hidden_mb`` when it gives one, else estimated from ``activation_gb``."""
+        if op.hidden_mb is not None:
+            return op.hidden_mb
         return max(op.output_mb, op.activation_gb * 1e3 * self.hidden_fraction)
 
 

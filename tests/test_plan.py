@@ -15,7 +15,7 @@ def _problem(**over) -> dict:
         "metaops": [
             {"name": "t1/vision", "task": "t1", "component": "vision", "layers": 4,
              "time_ms": {"1": 4.0, "2": 2.2, "4": 1.3}, "param_gb": 0.5, "activation_gb": 2.0,
-             "output_mb": 10.0},
+             "output_mb": 10.0, "hidden_mb": 40.0},
             {"name": "t2/vision", "task": "t2", "component": "vision", "layers": 2,
              "time_ms": {"1": 2.0, "2": 1.1}, "param_gb": 0.5, "activation_gb": 1.0},
             {"name": "t1/loss", "task": "t1", "component": "loss", "layers": 1,
@@ -55,6 +55,8 @@ def test_round_trip_and_queries():
     assert p.metaops[0].counts == (1, 2, 4)
     assert p.flows == ((0, 2),)
     assert p.component_param_gb() == {"vision": 0.5, "loss": 0.0}
+    assert p.metaops[0].hidden_mb == 40.0 and p.metaops[1].hidden_mb is None
+    assert "hidden_mb" not in p.to_dict()["metaops"][1]
 
 
 def test_counts_above_num_devices_are_kept_but_not_usable():
@@ -76,6 +78,7 @@ def test_counts_above_num_devices_are_kept_but_not_usable():
     (lambda d: d["metaops"][0].update(time_ms={"0": 1.0}), r"t1/vision.*>= 1"),
     (lambda d: d["metaops"][0].update(time_ms={}), r"t1/vision.*time_ms"),
     (lambda d: d["metaops"][0].update(param_gb=-1), r"t1/vision.*param_gb"),
+    (lambda d: d["metaops"][0].update(hidden_mb=float("nan")), r"t1/vision.*hidden_mb"),
     (lambda d: d["metaops"][2].update(name="t1/vision"), r"t1/vision.*twice"),
     (lambda d: d["metaops"][0].update(colour="red"), r"t1/vision.*unknown keys"),
     (lambda d: d.update(num_devices=0), r"num_devices"),

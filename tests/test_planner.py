@@ -165,6 +165,32 @@ def test_shared_parameters_reuse_devices():
     assert where["t2/enc"] == where["t1/enc"]
 
 
+def test_returning_metaop_takes_back_its_devices():
+    # a (hidden state 1,000 MB) runs in wave 0 on {0, 1}, pauses in wave 1 while b, of the same
+    # component, runs on {2, 3}; back in wave 2 a returns to {0, 1}, where its hidden state is,
+    # not to b's devices, where the component's parameters were last (a pull of 125 MB x k).
+    from scheduler.reference import core_input
+    from scheduler.reference_placement import Placer
+
+    d = {"num_devices": 8, "island_size": 8,
+         "metaops": [_op("t1/enc", 8, {2: 1.0}, component="enc", param_gb=1.0),
+                     _op("t2/enc", 8, {2: 1.0}, component="enc", param_gb=1.0)]}
+    d["metaops"][0]["hidden_mb"] = 1000.0
+    inp = core_input(Problem.from_dict(d))
+    placer = Placer(inp, [[], []])
+    done = [0, 0]
+
+    def wave(w, groups):
+        placed = placer.place_wave(w, groups, done, lambda m: 8 - done[m], 2.0)
+        for m, _, k, _ in placed:
+            done[m] += k
+        return {m: devs for m, _, _, devs in placed}
+
+    assert wave(0, [(0, 0, 2), (1, 0, 2)]) == {0: [0, 1], 1: [2, 3]}
+    assert wave(1, [(1, 0, 2)]) == {1: [2, 3]}
+    assert wave(2, [(0, 0, 2)]) == {0: [0, 1]}
+
+
 def test_memory_limit_is_respected_or_refused():
     rng = random.Random(11)
     planned = refused = 0
@@ -378,14 +404,18 @@ def test_core_rejects_inconsistent_arrays():
     from scheduler import _core
 
     with pytest.raises(ValueError, match="one entry per MetaOp"):
-        _core.plan_core(2, 1, ["a"], [1, 1], [[1]], [[1.0]], [0], [0.0], [0.0], [0.0], [],
-                        -1.0, False, False, False, False)
+        _core.plan_core(2, 1, ["a"], [1, 1], [[1]], [[1.0]], [0], [0.0], [0.0], [0.0], [0.0],
+                        [], -1.0, False, False, False, False)
     with pytest.raises(ValueError, match="'a'.*non-monotonic"):
-        _core.plan_core(2, 1, ["a"], [1], [[1, 2]], [[1.0, 2.0]], [0], [0.0], [0.0], [0.0], [],
-                        -1.0, False, False, False, False)
+        _core.plan_core(2, 1, ["a"], [1], [[1, 2]], [[1.0, 2.0]], [0], [0.0], [0.0], [0.0], [0.0],
+                        [], -1.0, False, False, False, False)
+    with pytest.raises(ValueError, match="'a'.*hidden_mb"):
+        _core.plan_core(2, 1, ["a"], [1], [[1]], [[1.0]], [0], [0.0], [0.0], [0.0], [-1.0],
+                        [], -1.0, False, False, False, False)
     with pytest.raises(ValueError, match="cycle"):
         _core.plan_core(2, 1, ["a", "b"], [1, 1], [[1], [1]], [[1.0], [1.0]], [0, 1], [0.0, 0.0],
-                        [0.0, 0.0], [0.0, 0.0], [(0, 1), (1, 0)], -1.0, False, False, False, False)
+                        [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [(0, 1), (1, 0)], -1.0, False, False,
+                        False, False)
 
 
 def test_planner_input_is_built_once_per_problem_and_released_with_it():
@@ -393,7 +423,7 @@ def test_planner_input_is_built_once_per_problem_and_released_with_it():
 
     from scheduler import _core, planner
 
-    d = random_problem(11, 30, 16, memory=True)
+    d = random_problem(13, 30, 16, memory=True)  # one that fits memory under both methods
     p = Problem.from_dict(d)
     first = [_without_timing(plan_problem(p, m, b)) for m in ("mtmm", "spindle")
              for b in ("cpp", "python")]
@@ -412,7 +442,7 @@ def test_planner_input_is_built_once_per_problem_and_released_with_it():
     assert key not in planner._INPUTS
     # A converted input is checked when planned, like the arrays themselves.
     bad = _core.PlannerInput(2, 1, ["a"], [1], [[1, 2]], [[1.0, 2.0]], [0], [0.0], [0.0],
-                             [0.0], [], -1.0)
+                             [0.0], [0.0], [], -1.0)
     with pytest.raises(ValueError, match="'a'.*non-monotonic"):
         _core.plan_core(bad, False, False, False, False)
 

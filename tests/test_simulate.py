@@ -83,6 +83,10 @@ def test_split_metaop_moves_its_hidden_state():
     problem["metaops"][0]["activation_gb"] = 3.4
     sim = simulate(problem, plan, CL)
     assert sim.transfer_ms == pytest.approx(2 * (200.0 / 10.0 + 0.01))
+    # A problem that gives hidden_mb is taken at its word.
+    problem["metaops"][0]["hidden_mb"] = 30.0
+    sim = simulate(problem, plan, CL)
+    assert sim.transfer_ms == pytest.approx(2 * (30.0 / 10.0 + 0.01))
 
 
 def test_shared_parameter_synchronised_over_two_groups():
