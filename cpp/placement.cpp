@@ -23,6 +23,17 @@ void DeviceLists::assign(int i, const int* devices, int n) {
 }
 
 namespace {
+// Index of the lowest set bit of x != 0.
+inline int lowest_bit(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(x);
+#else
+    int i = 0;
+    for (; !(x & 1); x >>= 1) ++i;
+    return i;
+#endif
+}
+
 // MB of gradient per GB of param_gb (16 bytes per parameter, of which the bf16 gradient is 2):
 // what a layer's all-reduce moves. reference_placement.GRAD_MB_PER_PARAM_GB.
 constexpr double kGradMbPerParamGb = 1e3 * 2 / 16;
@@ -49,6 +60,8 @@ Placer::Placer(const CoreInput& in, const Adjacency& preds)
       max_layers_(in.param_gb.size(), 0),
       aff_(in.num_devices, 0.0),
       free_(in.num_devices, 1),
+      free_bits_((in.num_devices + 63) / 64, 0),
+      touched_bits_((in.num_devices + 63) / 64, 0),
       num_islands_((in.num_devices + in.island_size - 1) / in.island_size),
       isl_free_(num_islands_, 0),
       island_of_(in.num_devices),
@@ -85,6 +98,7 @@ void Placer::commit(int wave, int m, int b, int k, int begin, int n) {
     const int* devices = out_.data() + begin;
     for (int i = 0; i < n; ++i) {
         free_[devices[i]] = 0;
+        free_bits_[devices[i] >> 6] &= ~(uint64_t{1} << (devices[i] & 63));
         --isl_free_[island_of_[devices[i]]];
     }
     if (limited_) {
@@ -170,45 +184,40 @@ void Placer::choose(const std::vector<int>& room, int n) {
     assert(false && "room holds fewer than n devices");
 }
 
-// choose(room = every free device, n) without scanning every device: only devices with a
-// positive affinity (touched_) and the per-island free counts matter.
+// choose(room = every free device, n) without scanning every device: only the free devices
+// with a positive affinity (the set bits of free_bits_ & touched_bits_, ascending) and the
+// per-island free counts matter.
 void Placer::choose_free(int n) {
     const int S = in_.island_size, N = in_.num_devices;
-    // The free devices with a positive affinity, ascending: sort the few, or scan all N when
-    // they are many (same list; touched_ holds each device once, exactly those with aff_ > 0).
-    tf_.clear();
-    if (touched_.size() * 16 < static_cast<size_t>(N)) {
-        for (int d : touched_)
-            if (free_[d]) tf_.push_back(d);
-        std::sort(tf_.begin(), tf_.end());
-    } else {
-        for (int d = 0; d < N; ++d)
-            if (free_[d] && aff_[d] > 0.0) tf_.push_back(d);
-    }
     // Affinity sum per island, added in ascending device order like the full scan (zeros add
     // nothing, so skipping them changes no bit).
     ti_.clear();
     tsum_.clear();
-    for (int d : tf_) {
-        if (ti_.empty() || ti_.back() != island_of_[d]) {
-            ti_.push_back(island_of_[d]);
-            tsum_.push_back(0.0);
+    for (size_t w = 0; w < free_bits_.size(); ++w) {
+        for (uint64_t x = free_bits_[w] & touched_bits_[w]; x != 0; x &= x - 1) {
+            const int d = static_cast<int>(w * 64) + lowest_bit(x);
+            if (ti_.empty() || ti_.back() != island_of_[d]) {
+                ti_.push_back(island_of_[d]);
+                tsum_.push_back(0.0);
+            }
+            tsum_.back() += aff_[d];
         }
-        tsum_.back() += aff_[d];
     }
-    // Free devices of island i into devs_, by affinity descending then id. An island without
-    // touched free devices is all zeros: ascending already.
-    auto island_devices = [&](int i, bool touched) {
+    // Free devices of island i into devs_, ascending.
+    auto island_devices = [&](int i) {
         devs_.clear();
         for (int d = i * S; d < std::min(N, (i + 1) * S); ++d)
             if (free_[d]) devs_.push_back(d);
-        if (touched)
+    };
+    // ... then by affinity descending, then id (an island without touched free devices is all
+    // zeros: ascending already).
+    auto by_affinity = [&](int i) {
+        if (std::binary_search(ti_.begin(), ti_.end(), i))
             std::sort(devs_.begin(), devs_.end(), [&](int a, int b) {
                 if (aff_[a] != aff_[b]) return aff_[a] > aff_[b];
                 return a < b;
             });
     };
-    auto is_touched = [&](int i) { return std::binary_search(ti_.begin(), ti_.end(), i); };
     if (n <= S) {
         int best = -1;
         double best_sum = 0.0;
@@ -226,10 +235,17 @@ void Placer::choose_free(int n) {
                 if (isl_free_[i] >= n && (best < 0 || isl_free_[i] < isl_free_[best])) best = i;
         }
         if (best >= 0) {
-            island_devices(best, is_touched(best));
+            island_devices(best);
             const size_t begin = out_.size();
-            out_.insert(out_.end(), devs_.begin(), devs_.begin() + n);
-            std::sort(out_.begin() + begin, out_.end());
+            // Taking every free device of the island needs no order; else the n with the most
+            // affinity, listed ascending.
+            if (n < static_cast<int>(devs_.size())) {
+                by_affinity(best);
+                out_.insert(out_.end(), devs_.begin(), devs_.begin() + n);
+                std::sort(out_.begin() + begin, out_.end());
+            } else {
+                out_.insert(out_.end(), devs_.begin(), devs_.end());
+            }
             return;
         }
     }
@@ -244,26 +260,39 @@ void Placer::choose_free(int n) {
         if (isl_free_[a] != isl_free_[b]) return isl_free_[a] > isl_free_[b];
         return a < b;
     });
-    // Mark the chosen devices island by island, then list them ascending (islands are
-    // contiguous ranges, so sorting the few islands used is enough).
-    int taken = 0;
+    // Take islands in that order: all free devices of each while they fit in n (no need to
+    // order them), then the n - taken with the most affinity of the last one (marked).
+    int taken = 0, partial = -1;
     size_t used = 0;
     for (; used < order_.size() && taken < n; ++used) {
-        island_devices(order_[used], is_touched(order_[used]));
-        for (int d : devs_) {
-            mark_[d] = 1;
-            if (++taken == n) break;
+        const int i = order_[used];
+        if (taken + isl_free_[i] <= n) {
+            taken += isl_free_[i];
+            continue;
         }
+        island_devices(i);
+        by_affinity(i);
+        for (int j = 0; j < n - taken; ++j) mark_[devs_[j]] = 1;
+        partial = i;
+        taken = n;
     }
     assert(taken == n && "fewer than n free devices");
+    // List them ascending (islands are contiguous ranges, so sorting the few islands used is
+    // enough).
     std::sort(order_.begin(), order_.begin() + used);
     for (size_t k = 0; k < used; ++k) {
         const int i = order_[k];
-        for (int d = i * S; d < std::min(N, (i + 1) * S); ++d)
-            if (mark_[d]) {
-                out_.push_back(d);
-                mark_[d] = 0;
-            }
+        const int end = std::min(N, (i + 1) * S);
+        if (i != partial) {
+            for (int d = i * S; d < end; ++d)
+                if (free_[d]) out_.push_back(d);
+        } else {
+            for (int d = i * S; d < end; ++d)
+                if (mark_[d]) {
+                    out_.push_back(d);
+                    mark_[d] = 0;
+                }
+        }
     }
 }
 
@@ -273,6 +302,8 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
                                              double D) {
     const int N = in_.num_devices;
     std::fill(free_.begin(), free_.end(), 1);
+    std::fill(free_bits_.begin(), free_bits_.end(), ~uint64_t{0});
+    if (N % 64 != 0) free_bits_.back() = (uint64_t{1} << (N % 64)) - 1;
     for (int i = 0; i < num_islands_; ++i)
         isl_free_[i] = std::min(in_.island_size, N - i * in_.island_size);
     std::vector<Group>& cont = cont_;
@@ -320,7 +351,10 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
         // synchronise with its component's last group.
         auto add = [&](Range devs, double weight) {
             for (int d : devs) {
-                if (aff_[d] == 0.0) touched_.push_back(d);
+                if (aff_[d] == 0.0) {
+                    touched_.push_back(d);
+                    touched_bits_[d >> 6] |= uint64_t{1} << (d & 63);
+                }
                 aff_[d] += weight;
             }
         };
@@ -352,7 +386,10 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
             placed_.push_back({m, cj, kj, begin, n});
             break;
         }
-        for (int d : touched_) aff_[d] = 0.0;
+        for (int d : touched_) {
+            aff_[d] = 0.0;
+            touched_bits_[d >> 6] = 0;
+        }
         touched_.clear();
     }
     return placed_;

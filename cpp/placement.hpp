@@ -77,12 +77,16 @@ class Placer {
     // Scratch, sized num_devices.
     std::vector<double> aff_;
     std::vector<char> free_;
+    // The same as bits (device d: bit d % 64 of word d / 64), and the devices with a positive
+    // affinity (touched_): choose_free walks the free touched devices ascending without
+    // sorting them or scanning every device.
+    std::vector<uint64_t> free_bits_, touched_bits_;
     std::vector<int> touched_;
     int num_islands_;
     std::vector<int> isl_free_;  // free devices per island in the current wave
     std::vector<int> island_of_;  // device -> island
     std::vector<char> mark_;      // scratch, all zero between calls
-    std::vector<int> room_, tf_, ti_, devs_, order_;
+    std::vector<int> room_, ti_, devs_, order_;
     std::vector<double> tsum_, isum_;
     std::vector<int> isl_, beg_, cnt_;  // choose(): islands present in room
     std::vector<double> asum_;

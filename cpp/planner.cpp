@@ -92,6 +92,10 @@ struct State {
 // of the groups' device-time idle; ties: the shorter.
 constexpr int kIdleCandidates = 8;
 
+// Resource extension scans for the top group up to this many growable groups, else keeps a
+// heap.
+constexpr size_t kScanGroups = 16;
+
 template <class RemLayers>
 double least_idle_length(const CoreInput& in, const std::vector<Group>& groups, double D0,
                          const RemLayers& rem_layers, std::vector<double>& scratch) {
@@ -269,17 +273,21 @@ class Run {
     const std::function<int(int)> rem_layers_;
     std::vector<Group> groups_, sized_;
     std::vector<double> ends_;
-    std::vector<std::pair<double, int>> heap_;
+    std::vector<std::pair<double, int>> grow_;  // resource extension: (time, position)
     Schedule out_;
     double t_now_ = 0.0;
     int current_level_ = -1;
     int remaining_;
 };
 
-bool by_priority(const std::pair<double, int>& a, const std::pair<double, int>& b) {
-    if (a.first != b.first) return a.first > b.first;
-    return a.second < b.second;
-}
+// A function object rather than a function pointer, so that std::sort inlines it.
+struct ByPriority {
+    bool operator()(const std::pair<double, int>& a, const std::pair<double, int>& b) const {
+        if (a.first != b.first) return a.first > b.first;
+        return a.second < b.second;
+    }
+};
+constexpr ByPriority by_priority{};
 
 void Run::update_candidates() {
     std::sort(pending_.begin(), pending_.end(), by_priority);
@@ -327,31 +335,51 @@ void Run::step() {
     int free = propose(in_.num_devices, false);
     // Resource extension: grow the group with the most remaining time of its tuple to its
     // next valid count, one step at a time, while devices stay idle; only a step that makes
-    // the layer faster counts. Ties: earlier group. (A max-heap on (r, -position) gives the
-    // linear scan's choice: a group that cannot grow now never can, as free only shrinks.)
-    heap_.clear();
+    // the layer faster counts. Ties: earlier group. The growable groups are kept as
+    // (time, position); the top one is found by a scan when they are few (cheaper than a
+    // heap), else by a max-heap, which picks the same. A group that cannot grow now leaves for
+    // good, as free only shrinks.
+    grow_.clear();
     for (size_t g = 0; g < groups_.size(); ++g) {
         const int m = groups_[g].metaop, ci = groups_[g].count_index;
         if (ci + 1 < static_cast<int>(in_.counts[m].size()) &&
             in_.times[m][ci + 1] < in_.times[m][ci])
-            heap_.emplace_back(static_cast<double>(rem_layers(m)) * in_.times[m][ci],
-                               -static_cast<int>(g));
+            grow_.emplace_back(static_cast<double>(rem_layers(m)) * in_.times[m][ci],
+                               static_cast<int>(g));
     }
-    std::make_heap(heap_.begin(), heap_.end());
-    while (free > 0 && !heap_.empty()) {
-        std::pop_heap(heap_.begin(), heap_.end());
-        const int g = -heap_.back().second;
-        heap_.pop_back();
+    auto before = [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
+        return a.first < b.first || (a.first == b.first && a.second > b.second);
+    };
+    const bool heap = grow_.size() > kScanGroups;
+    if (heap) std::make_heap(grow_.begin(), grow_.end(), before);
+    while (free > 0 && !grow_.empty()) {
+        size_t top = 0;
+        if (heap) {
+            std::pop_heap(grow_.begin(), grow_.end(), before);
+            top = grow_.size() - 1;
+        } else {
+            for (size_t i = 1; i < grow_.size(); ++i)
+                if (before(grow_[top], grow_[i])) top = i;
+        }
+        const int g = grow_[top].second;
         Group& grp = groups_[g];
         const int m = grp.metaop, ci = grp.count_index;
         const int delta = in_.counts[m][ci + 1] - in_.counts[m][ci];
-        if (delta > free) continue;
-        free -= delta;
-        ++grp.count_index;
-        if (ci + 2 < static_cast<int>(in_.counts[m].size()) &&
-            in_.times[m][ci + 2] < in_.times[m][ci + 1]) {
-            heap_.emplace_back(static_cast<double>(rem_layers(m)) * in_.times[m][ci + 1], -g);
-            std::push_heap(heap_.begin(), heap_.end());
+        bool keep = false;
+        if (delta <= free) {
+            free -= delta;
+            ++grp.count_index;
+            if (ci + 2 < static_cast<int>(in_.counts[m].size()) &&
+                in_.times[m][ci + 2] < in_.times[m][ci + 1]) {
+                grow_[top].first = static_cast<double>(rem_layers(m)) * in_.times[m][ci + 1];
+                keep = true;
+            }
+        }
+        if (!keep) {  // (with the heap, top is the last entry)
+            grow_[top] = grow_.back();
+            grow_.pop_back();
+        } else if (heap) {
+            std::push_heap(grow_.begin(), grow_.end(), before);
         }
     }
     if (opt_.defer_short) free = propose(free, true);
