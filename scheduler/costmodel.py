@@ -121,7 +121,7 @@ def valid_counts(batch: int, max_devices: int) -> list[int]:
 # --- analytic model --------------------------------------------------------------------------
 
 # Constants fitted by least squares on log time to every point of
-# /work/shared/data/h200_layer_profile.json (9 layers x 8-9 local batches, H200, torch 2.11,
+# bench/results/h200_layer_profile.json (9 layers x 8-9 local batches, H200, torch 2.11,
 # bf16, eager, SDPA; tests/test_costmodel.py re-checks them against the file when present):
 # compute = (floor^p + gpu^p)^(1/p), gpu = FLOPs/(peak*mm_efficiency) + traffic_factor *
 # stored-activation bytes / HBM bandwidth. Median error 4.4%, every point above 4 ms within

@@ -25,7 +25,8 @@ from scheduler.costmodel import (
 )
 from scheduler.graph import Component
 
-PROFILE = Path("/work/shared/data/h200_layer_profile.json")
+# Measured on one H200 (torch 2.11, bf16, eager; provenance in bench/results/README.md).
+PROFILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "h200_layer_profile.json"
 
 
 # --- fit_alpha_beta --------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def test_time_table_counts_and_monotone():
 
 @pytest.mark.skipif(not PROFILE.exists(), reason="measured H200 profile not present")
 def test_h200_preset_reproduces_the_measured_profile():
-    """The fitted constants against /work/shared/data/h200_layer_profile.json.
+    """The fitted constants against bench/results/h200_layer_profile.json.
 
     Tolerances: median |error| <= 5%; every point measured above 4 ms (past the launch-bound
     floor) within 8%; every point within 45% (the floor itself scatters: the same layer reads
