@@ -29,7 +29,9 @@ if TYPE_CHECKING:  # graph.py imports this module; only the type is needed here
 
 __all__ = [
     "A800",
+    "H100",
     "H200",
+    "PRESETS",
     "AlphaBeta",
     "AnalyticCost",
     "activation_gb",
@@ -38,6 +40,7 @@ __all__ = [
     "layer_params",
     "output_mb",
     "param_gb",
+    "preset_for",
     "profile_layer",
     "valid_counts",
 ]
@@ -244,6 +247,19 @@ A800 = AnalyticCost()
 # H200 SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, NVLink4; the network (8 x 400 Gb/s per
 # node) is an assumption, not a measurement.
 H200 = AnalyticCost(name="H200", peak_tflops=989.0, hbm_tbs=4.8, intra_gbs=360.0, inter_gbs=180.0)
+# H100 SXM: the H200's compute with 3.35 TB/s HBM3 (same NVLink4; network assumed alike).
+H100 = H200.with_(name="H100", hbm_tbs=3.35)
+PRESETS = {"A800": A800, "H100": H100, "H200": H200}
+
+
+def preset_for(device_name: str) -> AnalyticCost:
+    """The preset whose name appears in ``device_name`` (e.g. ``torch.cuda.get_device_name()``),
+    else A800 (the paper's cluster)."""
+    upper = device_name.upper()
+    for name, preset in PRESETS.items():
+        if name in upper:
+            return preset
+    return A800
 
 
 # --- piecewise alpha-beta fit ----------------------------------------------------------------

@@ -427,13 +427,16 @@ class MultiTaskModel(nn.Module):
 
 
 def default_cost() -> Callable:
-    """Per-layer time model: on a GPU the analytic model of a data-centre GPU
-    (``costmodel.A800``); on a CPU a FLOP count at a nominal CPU rate."""
+    """Per-layer time model: on a GPU the analytic model of that GPU
+    (``costmodel.preset_for(device name)``: H100, H200, else A800); on a CPU a FLOP count at a
+    nominal CPU rate."""
     if torch.cuda.is_available():
-        from scheduler.costmodel import A800
+        from scheduler.costmodel import preset_for
+
+        model = preset_for(torch.cuda.get_device_name())
 
         def cost(component, task, tokens_per_device, n):
-            return A800.layer_ms(_graph_component(component), tokens_per_device, n)
+            return model.layer_ms(_graph_component(component), tokens_per_device, n)
 
         return cost
     return flop_cost

@@ -227,3 +227,13 @@ def test_profile_layer_on_the_gpu():
     if "H200" in torch.cuda.get_device_name():
         comp = Component("llm", 1, 4096, 32, mlp=11008)
         assert H200.compute_ms(comp, 16 * 1024, 1024) == pytest.approx(pts[1], rel=0.15)
+
+
+def test_preset_for_device_names():
+    from scheduler.costmodel import H100, preset_for
+
+    assert preset_for("NVIDIA H200") is H200
+    assert preset_for("NVIDIA H100 80GB HBM3") is H100
+    assert preset_for("NVIDIA A800-SXM4-80GB") is A800
+    assert preset_for("Some Other GPU") is A800
+    assert H100.peak_tflops == H200.peak_tflops and H100.hbm_tbs < H200.hbm_tbs
