@@ -30,7 +30,8 @@ BiPoint bipoint(const CoreInput& in, int m, double C);
 // The most layers k <= cap with k * T <= D (the quotient is only a first guess: exact
 // comparisons decide). Inline: the wave loop calls it for every group and candidate length.
 inline int layers_fitting(double D, double T, int cap) {
-    if (T > D) return 0;  // the answer the loops below reach, without the division
+    if (T > D) return 0;  // the answers the loops below reach, without the division
+    if (static_cast<double>(cap) * T <= D) return cap;
     const double q = D / T;
     int k = q >= static_cast<double>(cap) ? cap : static_cast<int>(q);
     while (k < cap && static_cast<double>(k + 1) * T <= D) ++k;

@@ -24,6 +24,10 @@ struct PlannerInput {
 // The plan dict's keys, interned once (user code's literal keys then match by identity).
 struct PlanKeys {
     py::str metaop, layer_begin, layer_end, devices, start_ms, duration_ms, slices;
+    // plan(): the plan's top-level keys and its variant's.
+    py::str method, backend, options, makespan_ms, lower_bound_ms, relaxed_ms, level_cstar_ms,
+        variant, waves;
+    py::str variant_keys[5];
 };
 
 const PlanKeys& plan_keys() {
@@ -31,10 +35,15 @@ const PlanKeys& plan_keys() {
         return py::reinterpret_steal<py::str>(PyUnicode_InternFromString(s));
     };
     // Never freed: the module keeps them for the interpreter's lifetime.
-    static const PlanKeys* keys =
-        new PlanKeys{interned("metaop"),   interned("layer_begin"), interned("layer_end"),
-                     interned("devices"),  interned("start_ms"),    interned("duration_ms"),
-                     interned("slices")};
+    static const PlanKeys* keys = new PlanKeys{
+        interned("metaop"),       interned("layer_begin"),    interned("layer_end"),
+        interned("devices"),      interned("start_ms"),       interned("duration_ms"),
+        interned("slices"),       interned("method"),         interned("backend"),
+        interned("options"),      interned("makespan_ms"),    interned("lower_bound_ms"),
+        interned("relaxed_ms"),   interned("level_cstar_ms"), interned("variant"),
+        interned("waves"),
+        {interned("overlap_levels"), interned("least_idle"), interned("single_tuple"),
+         interned("fastest"), interned("defer_short")}};
     return *keys;
 }
 
@@ -75,28 +84,29 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
 
 constexpr size_t kReleaseGilFrom = 256;  // MetaOps
 
-py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_idle,
-                      bool single_tuple, bool portfolio, bool defer_short) {
+// Plans pin with these options; core_ms: the algorithm alone.
+mtmm::Schedule run_core(const PlannerInput& pin, bool overlap_levels, bool least_idle,
+                        bool single_tuple, bool portfolio, bool defer_short, double& core_ms) {
     mtmm::PlanOptions opt;
     opt.defer_short = defer_short;
     opt.overlap_levels = overlap_levels;
     opt.least_idle = least_idle;
     opt.single_tuple = single_tuple;
     opt.portfolio = portfolio;
-    mtmm::Schedule s;
-    double core_ms = 0.0;
-    {
-        // Other Python threads may run while a large problem is planned; on a small one
-        // (microseconds) releasing and taking back the GIL would cost more than it gives.
-        std::optional<py::gil_scoped_release> release;
-        if (pin.in.layers.size() >= kReleaseGilFrom) release.emplace();
-        const auto t0 = std::chrono::steady_clock::now();
-        s = mtmm::plan_core(pin.in, opt);
-        core_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                      .count();
-    }
-    // The plan's waves, built here with the C API (much faster than a Python loop over slices):
-    // dicts filled with interned keys, device ids from PlannerInput's cached ints.
+    // Other Python threads may run while a large problem is planned; on a small one
+    // (microseconds) releasing and taking back the GIL would cost more than it gives.
+    std::optional<py::gil_scoped_release> release;
+    if (pin.in.layers.size() >= kReleaseGilFrom) release.emplace();
+    const auto t0 = std::chrono::steady_clock::now();
+    mtmm::Schedule s = mtmm::plan_core(pin.in, opt);
+    core_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return s;
+}
+
+// The plan's waves, built here with the C API (much faster than a Python loop over slices):
+// dicts filled with interned keys, device ids from PlannerInput's cached ints.
+py::list waves_list(const PlannerInput& pin, const mtmm::Schedule& s) {
     py::list waves(s.waves.size());
     const PlanKeys& k = plan_keys();
     for (size_t w = 0; w < s.waves.size(); ++w) {
@@ -124,8 +134,16 @@ py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_i
         set_item(wd, k.slices, slices.ptr());
         PyList_SET_ITEM(waves.ptr(), w, wd.release().ptr());
     }
+    return waves;
+}
+
+py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_idle,
+                      bool single_tuple, bool portfolio, bool defer_short) {
+    double core_ms = 0.0;
+    const mtmm::Schedule s = run_core(pin, overlap_levels, least_idle, single_tuple, portfolio,
+                                      defer_short, core_ms);
     py::dict r;
-    r["waves"] = std::move(waves);
+    r["waves"] = waves_list(pin, s);
     r["level_cstar"] = s.level_cstar;
     r["levels"] = s.levels;
     r["relaxed_ms"] = s.relaxed_ms;
@@ -135,6 +153,36 @@ py::dict plan_to_dict(const PlannerInput& pin, bool overlap_levels, bool least_i
     r["variant"] = py::make_tuple(s.overlap_levels, s.least_idle, s.single_tuple, s.fastest,
                                   s.defer_short);
     return r;
+}
+
+// scheduler/planner.py's plan dict itself, keys in its order (method, backend, options,
+// makespan_ms, lower_bound_ms, relaxed_ms, level_cstar_ms, variant, waves), with core_ms
+// beside it: the caller adds planner_ms and core_ms, and copies nothing.
+py::tuple plan_dict(const PlannerInput& pin, const py::object& method,
+                    const py::object& backend, const py::object& options, bool overlap_levels,
+                    bool least_idle, bool single_tuple, bool portfolio, bool defer_short) {
+    double core_ms = 0.0;
+    const mtmm::Schedule s = run_core(pin, overlap_levels, least_idle, single_tuple, portfolio,
+                                      defer_short, core_ms);
+    const PlanKeys& k = plan_keys();
+    py::dict plan;
+    set_item(plan, k.method, method.ptr());
+    set_item(plan, k.backend, backend.ptr());
+    set_item(plan, k.options, options.ptr());
+    set_item(plan, k.makespan_ms, py::float_(s.makespan_ms).ptr());
+    set_item(plan, k.lower_bound_ms, py::float_(s.lower_bound_ms).ptr());
+    set_item(plan, k.relaxed_ms, py::float_(s.relaxed_ms).ptr());
+    py::list cstar(s.level_cstar.size());
+    for (size_t i = 0; i < s.level_cstar.size(); ++i)
+        PyList_SET_ITEM(cstar.ptr(), i, py::float_(s.level_cstar[i]).release().ptr());
+    set_item(plan, k.level_cstar_ms, cstar.ptr());
+    py::dict variant;
+    const bool flags[5] = {s.overlap_levels, s.least_idle, s.single_tuple, s.fastest,
+                           s.defer_short};
+    for (int i = 0; i < 5; ++i) set_item(variant, k.variant_keys[i], flags[i] ? Py_True : Py_False);
+    set_item(plan, k.variant, variant.ptr());
+    set_item(plan, k.waves, waves_list(pin, s).ptr());
+    return py::make_tuple(std::move(plan), core_ms);
 }
 
 }  // namespace
@@ -172,6 +220,12 @@ PYBIND11_MODULE(_core, m) {
              py::arg("component"), py::arg("param_gb"), py::arg("activation_gb"),
              py::arg("output_mb"), py::arg("hidden_mb"), py::arg("flows"),
              py::arg("device_memory_gb"));
+    m.def("plan", &plan_dict, py::arg("input"), py::arg("method"), py::arg("backend"),
+          py::arg("options"), py::arg("overlap_levels"), py::arg("least_idle"),
+          py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short"),
+          "The same as plan_core, as (plan, core_ms): plan is scheduler.planner's plan dict "
+          "(method, backend and options as given, then makespan_ms, lower_bound_ms, "
+          "relaxed_ms, level_cstar_ms, variant, waves), without planner_ms and core_ms.");
     m.def("plan_core",
           [](const PlannerInput& pin, bool overlap_levels, bool least_idle, bool single_tuple,
              bool portfolio, bool defer_short) {

@@ -96,11 +96,29 @@ bool Placer::fits(int d, int m, int b, int k, int n) const {
 void Placer::commit(int wave, int m, int b, int k, int begin, int n) {
     const int c = in_.component[m];
     const int* devices = out_.data() + begin;
+    // The devices come ascending, so whole runs of them share a bitset word and an island:
+    // each run's bits and count are gathered in registers and written once (one memory
+    // update per word or island instead of a chain of updates to the same place per device).
+    int word = -1, island = -1, in_island = 0;
+    uint64_t bits = 0;
     for (int i = 0; i < n; ++i) {
-        free_[devices[i]] = 0;
-        free_bits_[devices[i] >> 6] &= ~(uint64_t{1} << (devices[i] & 63));
-        --isl_free_[island_of_[devices[i]]];
+        const int d = devices[i];
+        free_[d] = 0;
+        if ((d >> 6) != word) {
+            if (word >= 0) free_bits_[word] &= ~bits;
+            word = d >> 6;
+            bits = 0;
+        }
+        bits |= uint64_t{1} << (d & 63);
+        if (island_of_[d] != island) {
+            if (island >= 0) isl_free_[island] -= in_island;
+            island = island_of_[d];
+            in_island = 0;
+        }
+        ++in_island;
     }
+    if (word >= 0) free_bits_[word] &= ~bits;
+    if (island >= 0) isl_free_[island] -= in_island;
     if (limited_) {
         for (int i = 0; i < n; ++i) {
             const int d = devices[i];

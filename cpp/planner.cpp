@@ -96,9 +96,16 @@ constexpr int kIdleCandidates = 8;
 // heap.
 constexpr size_t kScanGroups = 16;
 
+// What least_idle_length needs of one group: its layer time, device count and layers left.
+struct IdleItem {
+    double T;
+    double n;
+    int left;
+};
+
 template <class RemLayers>
 double least_idle_length(const CoreInput& in, const std::vector<Group>& groups, double D0,
-                         const RemLayers& rem_layers, std::vector<double>& scratch) {
+                         const RemLayers& rem_layers, std::vector<IdleItem>& scratch) {
     // The kIdleCandidates - 1 smallest distinct ends above D0, ascending (the twin sorts them
     // all and keeps the first ones; a wave may hold hundreds of groups). scratch holds each
     // group's (T, n, layers left) for the idle sums below.
@@ -121,22 +128,21 @@ double least_idle_length(const CoreInput& in, const std::vector<Group>& groups, 
         const int left = rem_layers(g.metaop);
         offer(static_cast<double>(left) * T);
         offer(T);
-        scratch.push_back(T);
-        scratch.push_back(static_cast<double>(in.counts[g.metaop][g.count_index]));
-        scratch.push_back(static_cast<double>(left));
+        scratch.push_back({T, static_cast<double>(in.counts[g.metaop][g.count_index]), left});
     }
+    // All candidates' idle sums in one pass over the groups: each sum still adds the groups in
+    // order (the same floats as the twin's loop per candidate), and the independent sums
+    // overlap in the CPU instead of waiting on one another.
+    double idle[kIdleCandidates] = {};
+    for (const IdleItem& it : scratch)
+        for (int i = 0; i < size; ++i)
+            idle[i] += it.n * (ends[i] - static_cast<double>(
+                                             layers_fitting(ends[i], it.T, it.left)) * it.T);
     double best = D0, best_frac = 0.0;
     for (int i = 0; i < size; ++i) {
-        const double D = ends[i];
-        double idle = 0.0;
-        for (size_t g = 0; g < scratch.size(); g += 3) {
-            const double T = scratch[g], n = scratch[g + 1];
-            idle += n * (D - static_cast<double>(
-                                 layers_fitting(D, T, static_cast<int>(scratch[g + 2]))) * T);
-        }
-        const double frac = idle / D;
+        const double frac = idle[i] / ends[i];
         if (i == 0 || frac < best_frac) {
-            best = D;
+            best = ends[i];
             best_frac = frac;
         }
     }
@@ -158,6 +164,10 @@ struct Prepared {
     double relaxed_ms = 0.0;
     std::vector<BiPoint> tuples;
     double lower_bound_ms = 0.0;
+    // The least device-time one layer of each MetaOp can take (min over its counts of n * T),
+    // and all layers' sum: the portfolio's bound on a variant's remaining time (Run::bound).
+    std::vector<double> min_work;
+    double total_work = 0.0;
 
     explicit Prepared(const CoreInput& in)
         : dag(static_cast<int>(in.layers.size()), in.flows) {
@@ -188,6 +198,14 @@ struct Prepared {
         tuples.resize(n_ops);
         for (int m = 0; m < n_ops; ++m) tuples[m] = bipoint(in, m, level_cstar[level[m]]);
         lower_bound_ms = lower_bound(in, order, dag.pred);
+        min_work.resize(n_ops);
+        for (int m = 0; m < n_ops; ++m) {
+            double w = static_cast<double>(in.counts[m][0]) * in.times[m][0];
+            for (size_t j = 1; j < in.counts[m].size(); ++j)
+                w = std::min(w, static_cast<double>(in.counts[m][j]) * in.times[m][j]);
+            min_work[m] = w;
+            total_work += static_cast<double>(in.layers[m]) * w;
+        }
     }
 };
 
@@ -208,7 +226,8 @@ class Run {
           drop_(n_ops_, 0),
           placer_(in, prep.dag.pred),
           rem_layers_([this](int m) { return rem_layers(m); }),
-          remaining_(n_ops_) {
+          remaining_(n_ops_),
+          work_left_(prep.total_work) {
         st_.in = &in;
         st_.tuples.resize(n_ops_);
         for (int m = 0; m < n_ops_; ++m) {
@@ -244,6 +263,17 @@ class Run {
 
     bool finished() const { return remaining_ == 0; }
     double now() const { return t_now_; }
+    // A lower bound on the makespan this variant will end with. Every wave lasts at least
+    // k * T of each of its groups and holds at most num_devices devices, so the waves still to
+    // come last at least (device-time of the layers left, at their least) / num_devices. The
+    // margins cover rounding, for up to millions of MetaOps and waves: work_left_'s sums and
+    // running subtractions (each off by at most an ulp of total_work), and the makespan's own
+    // sum of wave lengths.
+    double bound() const {
+        const double rem = std::max(0.0, work_left_ - prep_.total_work * 1e-9) /
+                           static_cast<double>(in_.num_devices);
+        return (t_now_ + rem) * (1.0 - 1e-9);
+    }
     void step();
     Schedule take();
 
@@ -272,12 +302,13 @@ class Run {
     Placer placer_;
     const std::function<int(int)> rem_layers_;
     std::vector<Group> groups_, sized_;
-    std::vector<double> ends_;
+    std::vector<IdleItem> idle_items_;
     std::vector<std::pair<double, int>> grow_;  // resource extension: (time, position)
     Schedule out_;
     double t_now_ = 0.0;
     int current_level_ = -1;
     int remaining_;
+    double work_left_;  // sum over the layers not yet placed of Prepared::min_work
 };
 
 // A function object rather than a function pointer, so that std::sort inlines it.
@@ -391,7 +422,8 @@ void Run::step() {
         D = g == 0 ? r : std::min(D, r);
     }
     if (opt_.least_idle)
-        D = least_idle_length(in_, groups_, D, [this](int m) { return rem_layers(m); }, ends_);
+        D = least_idle_length(in_, groups_, D, [this](int m) { return rem_layers(m); },
+                              idle_items_);
     sized_.clear();
     for (const Group& g : groups_) {
         const int k = layers_fitting(D, in_.times[g.metaop][g.count_index], rem_layers(g.metaop));
@@ -418,6 +450,7 @@ void Run::step() {
         out_.slices.push_back(
             {m, done_[m], done_[m] + p.layers, dev_base + p.device_begin, p.device_count});
         done_[m] += p.layers;
+        work_left_ -= static_cast<double>(p.layers) * prep_.min_work[m];
         leave(m);
         Tuples& tup = st_.tuples[m];
         tup.left[tup.cur] -= p.layers;
@@ -464,11 +497,14 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
     // Same variants, same order as reference.PORTFOLIO: overlap_levels, least_idle,
     // single_tuple, fastest, defer_short. The result is the first variant (in this order) with
     // the smallest makespan; the twin plans them one after another, stopping each as soon as
-    // it cannot beat the best so far. Here they advance side by side, always the one whose
-    // plan ends earliest: a variant is dropped once its end, with work left, is past the best
-    // makespan (or reaches it, for a variant that would lose the tie), so every variant plans
-    // about as far as the best makespan and no further, whatever the order. The chosen plan is
-    // the same: a dropped variant's makespan is larger than the best (or equal and later).
+    // it cannot beat the best so far. Here they advance side by side, always the one with the
+    // smallest lower bound on its final makespan (Run::bound: its plan's end plus the least
+    // time its work left can take): a variant is dropped once that bound is past the best
+    // makespan, or once its end, with work left, is past it (or reaches it, for a variant that
+    // would lose the tie). A variant that will lose is thus dropped as soon as its bound
+    // shows it, often long before its plan reaches the best makespan, and the best variant is
+    // the one stepped while the others' bounds are higher. The chosen plan is the same: a
+    // dropped variant's makespan is larger than the best (or equal and later).
     static const bool kVariants[5][5] = {{false, true, true, false, false},
                                          {true, true, true, false, false},
                                          {true, false, true, false, false},
@@ -486,12 +522,14 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
         runs[v] = std::make_unique<Run>(in, prep, o, kVariants[v][3]);
     }
     std::vector<char> active(kCount, 1);
+    double bounds[kCount];
+    for (int v = 0; v < kCount; ++v) bounds[v] = runs[v]->bound();
     int best = -1;
     double best_ms = 0.0;
     for (;;) {
         int v = -1;
         for (int i = 0; i < kCount; ++i)
-            if (active[i] && (v < 0 || runs[i]->now() < runs[v]->now())) v = i;
+            if (active[i] && (v < 0 || bounds[i] < bounds[v])) v = i;
         if (v < 0) break;
         Run& run = *runs[v];
         try {
@@ -502,6 +540,7 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
             runs[v].reset();
             continue;
         }
+        bounds[v] = run.bound();
         if (run.finished()) {
             active[v] = 0;
             const double t = run.now();
@@ -513,11 +552,12 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
                 runs[v].reset();
             }
         }
-        // Drop the variants that can no longer win (planned past the best, work left).
+        // Drop the variants that can no longer win (planned past the best with work left, or
+        // bound to end past it).
         for (int i = 0; i < kCount; ++i) {
             if (!active[i] || best < 0) continue;
             const double t = runs[i]->now();
-            if (t > best_ms || (t == best_ms && i > best)) {
+            if (t > best_ms || (t == best_ms && i > best) || bounds[i] > best_ms) {
                 active[i] = 0;
                 runs[i].reset();
             }

@@ -23,6 +23,10 @@ class PlannerInput:
         hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
     ) -> None: ...
 
+def plan(
+    input: PlannerInput, method: str, backend: str, options: dict, overlap_levels: bool,
+    least_idle: bool, single_tuple: bool, portfolio: bool, defer_short: bool,
+) -> tuple[dict, float]: ...
 @overload
 def plan_core(
     input: PlannerInput, overlap_levels: bool, least_idle: bool, single_tuple: bool,

@@ -114,12 +114,19 @@ def _cached_input(p: Problem, backend: str):
     return inp
 
 
-def _run_cpp(inp, opts: dict) -> tuple[dict, float]:
-    from . import _core
+_CORE = None  # scheduler._core, imported on first use (it is only needed by the C++ back end)
 
-    r = _core.plan_core(inp, opts["overlap_levels"], opts["least_idle"], opts["single_tuple"],
-                        opts["portfolio"], opts["defer_short"])
-    return _fields(r["waves"], r), r["core_ms"]
+
+def _run_cpp(inp, method: str, opts: dict) -> tuple[dict, float]:
+    """(plan, core_ms): the C++ core builds the plan dict itself, in _fields' layout after
+    method, backend and options, so nothing is copied here."""
+    global _CORE
+    if _CORE is None:
+        from . import _core
+
+        _CORE = _core
+    return _CORE.plan(inp, method, "cpp", opts, opts["overlap_levels"], opts["least_idle"],
+                      opts["single_tuple"], opts["portfolio"], opts["defer_short"])
 
 
 def _run_python(inp: CoreInput, opts: dict) -> tuple[dict, float]:
@@ -182,9 +189,11 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         try:
             t0 = time.perf_counter()
             inp = _cached_input(p, backend)
-            run = _run_cpp if backend == "cpp" else _run_python
-            fields, core_ms = run(inp, opts)
-            plan = {"method": method, "backend": backend, "options": opts, **fields}
+            if backend == "cpp":
+                plan, core_ms = _run_cpp(inp, method, opts)
+            else:
+                fields, core_ms = _run_python(inp, opts)
+                plan = {"method": method, "backend": backend, "options": opts, **fields}
             plan["planner_ms"] = (time.perf_counter() - t0) * 1e3
             plan["core_ms"] = core_ms
         finally:

@@ -504,3 +504,18 @@ def test_portfolio_keeps_the_first_of_equal_plans_and_skips_variants_out_of_memo
         assert tuple(cpp["variant"].values()) == best.variant, i
         assert cpp["makespan_ms"] == best.makespan_ms
     assert ties > 0 and skipped > 0
+
+
+def test_cpp_plan_dict_has_the_python_plans_keys_in_order_and_equal_values_on_larger_problems():
+    # The C++ core builds the plan dict itself (_core.plan) and prunes the portfolio's variants
+    # by a lower bound on their makespan: same keys, same order, same plan as the twin.
+    rng = random.Random(31)
+    for _ in range(4):
+        p = Problem.from_dict(random_problem(rng, rng.randint(60, 120), rng.choice([16, 64]),
+                                             avg_out_degree=rng.choice([0.8, 1.5])))
+        for method, options in (("mtmm", {}), ("spindle", {}), ("mtmm", {"portfolio": False})):
+            a = plan_problem(p, method, "cpp", **options)
+            b = plan_problem(p, method, "python", **options)
+            assert list(a) == list(b)
+            assert list(a["variant"]) == list(b["variant"])
+            assert _without_timing(a) == _without_timing(b)
