@@ -10,11 +10,11 @@ import sys
 
 
 def summarize(data: dict) -> str:
-    rows, train = {}, None
+    rows, trains = {}, []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         if "per_method" in info:
-            train = info
+            trains.append(info)
         elif "core_ms" in info:
             p = bench["params"]
             rows[(p["case"], p["method"], p["backend"])] = info
@@ -41,7 +41,7 @@ def summarize(data: dict) -> str:
                    if py else "-")
         out.append(f"| {case} | {method} | {e['device_ms']:.3f} / {e['core_ms']:.3f} | {py_ms} "
                    f"| {speedup} | {e['makespan_over_relaxed']:.4f} | {e['waves']} |")
-    if train is not None:
+    for train in sorted(trains, key=lambda t: t["processes"]):
         out += [
             "",
             f"## {train['model']} on {train['processes']} gloo processes: measured iteration vs "
