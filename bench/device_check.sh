@@ -4,6 +4,7 @@
 # Writes info.json, nvidia-smi.csv, tests.{log,xml}, bench_<name>.{json,log,md} under OUT (first
 # argument, else $OUT, else bench/results/latest). Budget: about 7 minutes on an H100/H200.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
+# `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 # STAGES (default "tests varlen grouped_gemm train_step") picks stages for a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 
 stamp "install"
-if ! pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/install.log" 2>&1; then
+if ! python -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/install.log" 2>&1; then
     tail -40 "$OUT_DIR/install.log"
     exit 1
 fi
