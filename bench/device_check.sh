@@ -1,42 +1,67 @@
 #!/usr/bin/env bash
-# Every GPU check in one run: install, the kernel tests and the GPU-marked tests, then each GPU
-# benchmark in its own stage (its own time limit and JSON, so one slow stage loses nothing else).
-# Writes info.json, nvidia-smi.csv, tests.{log,xml}, bench_<name>.{json,log,md} under OUT (first
-# argument, else $OUT, else bench/results/latest). Budget: about 7 minutes on an H100/H200.
+# Every GPU check in one run: install, the GPU tests, then each GPU benchmark in its own stage
+# (its own time limit and JSON, so one slow stage loses nothing else), a grouped-GEMM config
+# sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
+# STAGES (default: all of "tests varlen grouped_gemm train_step sweep profile") picks stages
+# for a rerun. Everything goes to OUT_DIR/work; OUT_DIR itself gets three files (the device
+# tool brings back only a few): results.tar.gz (all of work/), summary.md (every table and
+# the test summary) and info.json. Budget: about 6 minutes on an H100/H200.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
-# STAGES (default "tests varlen grouped_gemm train_step") picks stages for a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/latest}}
-STAGES=${2:-"tests varlen grouped_gemm train_step"}
-mkdir -p "$OUT_DIR"
+STAGES=${2:-"tests varlen grouped_gemm train_step sweep profile"}
+mkdir -p "$OUT_DIR/work"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+W="$OUT_DIR/work"
 start=$(date +%s)
-stamp() { echo "[device_check +$(($(date +%s) - start))s] $*"; }
+stamp() { echo "[device_check +$(($(date +%s) - start))s] $*" | tee -a "$W/stages.log"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
+bundle() {
+    cat "$W"/tests_summary.txt "$W"/*.md >"$OUT_DIR/summary.md" 2>/dev/null
+    tar -czf "$OUT_DIR/results.tar.gz" -C "$W" . 2>/dev/null
+}
+trap bundle EXIT
 
 stamp "install"
-if ! python -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/install.log" 2>&1; then
-    tail -40 "$OUT_DIR/install.log"
+if ! python -m pip install --no-build-isolation --no-deps -e . >"$W/install.log" 2>&1; then
+    tail -40 "$W/install.log"
     exit 1
 fi
 python -m scheduler.cli info --json >"$OUT_DIR/info.json"
 cat "$OUT_DIR/info.json"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT_DIR/nvidia-smi.csv" 2>&1
-python -c "import numpy, triton, torch; print('numpy', numpy.__version__, 'cuda', torch.version.cuda)" \
-    >>"$OUT_DIR/nvidia-smi.csv" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import numpy, triton, torch; print('numpy', numpy.__version__, 'cuda', torch.version.cuda)"
+} >"$W/versions.txt" 2>&1
 
 if wants tests; then
-    stamp "tests: the kernel files whole, and every gpu-marked test elsewhere"
-    timeout 150 python -m pytest tests/test_varlen.py tests/test_grouped_gemm.py tests/test_nn.py \
-        tests/test_costmodel.py tests/test_trainer.py -m "gpu or not slow" \
-        -q -rfE --tb=short -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1
-    rc=$?
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" | tail -30
-    stamp "tests rc=$rc"
-    [ "$rc" -eq 0 ] || status=1
+    # Three pytest processes side by side: most of the time is Triton compiling (CPU-bound).
+    stamp "tests"
+    run_tests() {  # name, files...
+        local name=$1
+        shift
+        timeout 200 python -m pytest "$@" -m "gpu or not slow" -q -rfE --tb=short \
+            -p no:cacheprovider --durations=15 --junitxml="$W/tests_$name.xml" \
+            >"$W/tests_$name.log" 2>&1
+        echo "$name rc=$?" >>"$W/tests_rc.txt"
+    }
+    run_tests varlen tests/test_varlen.py &
+    run_tests gemm tests/test_grouped_gemm.py tests/test_nn.py &
+    run_tests rest tests/test_costmodel.py tests/test_trainer.py &
+    wait
+    {
+        echo "## GPU tests"
+        cat "$W/tests_rc.txt"
+        for f in "$W"/tests_*.log; do
+            echo "### $(basename "$f")"
+            grep -E "^(FAILED|ERROR)|passed|failed|Timeout|Error" "$f" | tail -40
+        done
+    } >"$W/tests_summary.txt"
+    cat "$W/tests_summary.txt"
+    grep -qv "rc=0" "$W/tests_rc.txt" && status=1
+    stamp "tests done"
 fi
 
 bench() {  # name, time limit (s), pytest selection...
@@ -44,20 +69,31 @@ bench() {  # name, time limit (s), pytest selection...
     shift 2
     stamp "bench $name"
     timeout "$limit" python -m pytest "$@" -m gpu -q -p no:cacheprovider --tb=short \
-        --benchmark-json="$OUT_DIR/bench_$name.json" --benchmark-columns=median,iqr,rounds \
-        >"$OUT_DIR/bench_$name.log" 2>&1
+        --benchmark-json="$W/bench_$name.json" --benchmark-columns=median,iqr,rounds \
+        >"$W/bench_$name.log" 2>&1
     local rc=$?
-    tail -5 "$OUT_DIR/bench_$name.log"
-    if [ -s "$OUT_DIR/bench_$name.json" ]; then
-        python bench/summarize.py "$OUT_DIR/bench_$name.json" >"$OUT_DIR/bench_$name.md"
-        cat "$OUT_DIR/bench_$name.md"
+    tail -3 "$W/bench_$name.log"
+    if [ -s "$W/bench_$name.json" ]; then
+        python bench/summarize.py "$W/bench_$name.json" >"$W/bench_$name.md"
     fi
     stamp "bench $name rc=$rc"
     [ "$rc" -eq 0 ] || status=1
 }
-wants varlen && bench varlen 90 bench/bench_varlen.py
-wants grouped_gemm && bench grouped_gemm 150 bench/bench_grouped_gemm.py
+wants varlen && bench varlen 100 bench/bench_varlen.py
+wants grouped_gemm && bench grouped_gemm 90 bench/bench_grouped_gemm.py
 wants train_step && bench train_step 60 bench/bench_train_step.py
+
+if wants sweep; then
+    stamp "sweep grouped_gemm configs"
+    timeout 120 python bench/sweep_grouped_gemm.py "$W/sweep_grouped_gemm.json" --max-seconds 100 \
+        >"$W/sweep_grouped_gemm.log" 2>&1 || status=1
+    tail -30 "$W/sweep_grouped_gemm.log"
+fi
+if wants profile; then
+    stamp "profile"
+    timeout 90 python bench/profile_gpu.py "$W/profile" >"$W/profile.log" 2>&1 || status=1
+    tail -20 "$W/profile.log"
+fi
 
 stamp "done: status=$status"
 exit $status

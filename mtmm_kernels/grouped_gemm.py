@@ -71,11 +71,26 @@ def _grouped_mm_kernel(
     HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
+    TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
-    With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]]."""
+    With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
+    With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
+    descriptors: an x tile may run into the next group's rows (their results are never
+    stored) and reads past T or K come back as zeros."""
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
         offsets_ptr, G, T, BLOCK_M, BLOCK_G)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if W_K_CONTIGUOUS:  # w is a [G, N, K] tensor seen as [G, K, N]
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K],
+                                               strides=[stride_wg, stride_wn, 1],
+                                               block_shape=[1, BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, K, N],
+                                               strides=[stride_wg, stride_wk, 1],
+                                               block_shape=[1, BLOCK_K, BLOCK_N])
     num_m = tl.max(tile_end_G, 0)
     num_n = tl.cdiv(N, BLOCK_N)
     per_band = GROUP_M * num_n
@@ -103,22 +118,33 @@ def _grouped_mm_kernel(
         col_ok = cols < N
 
         # --- main loop; the pseudo-group G (rows past offsets[-1]) skips it and stores zeros
-        x_ptrs = x_ptr + rows_x[:, None] * stride_xt + offs_k[None, :].to(tl.int64) * stride_xk
-        w_ptrs = (w_ptr + g.to(tl.int64) * stride_wg + offs_k[:, None].to(tl.int64) * stride_wk
-                  + cols[None, :].to(tl.int64) * stride_wn)
         k_stop = tl.where(g < G, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k_stop, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < K - k0
-                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+        if TMA:
+            for k0 in range(0, k_stop, BLOCK_K):
+                a = x_desc.load([row0, k0])
+                if W_K_CONTIGUOUS:
+                    b = w_desc.load([g, tile_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    b = w_desc.load([g, k0, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            x_ptrs = (x_ptr + rows_x[:, None] * stride_xt
+                      + offs_k[None, :].to(tl.int64) * stride_xk)
+            w_ptrs = (w_ptr + g.to(tl.int64) * stride_wg
+                      + offs_k[:, None].to(tl.int64) * stride_wk
+                      + cols[None, :].to(tl.int64) * stride_wn)
+            for k0 in range(0, k_stop, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k < K - k0
+                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
 
         # --- epilogue
         if HAS_BIAS:
@@ -197,16 +223,18 @@ def _grouped_mm_dw_kernel(
 
 def _mm_configs(interpreter: bool) -> list[triton.Config]:
     if interpreter:  # one small config: the interpreter's time goes into every tile op
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, PROGS_PER_SM=1),
-                              num_warps=4, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, PROGS_PER_SM=1,
+                                   TMA=False), num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM
         (128, 256, 64, 8, 3, 1),
         (128, 128, 64, 4, 4, 1),
         (64, 128, 64, 4, 4, 2),
         (64, 256, 64, 8, 3, 1),
     ]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p),
-                          num_warps=w, num_stages=s) for m, n, k, w, s, p in shapes]
+    # TMA variants first: where x and w allow descriptors, the untuned path takes them
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p,
+                               TMA=tma), num_warps=w, num_stages=s)
+            for tma in (True, False) for m, n, k, w, s, p in shapes]
 
 
 def _dw_configs(interpreter: bool) -> list[triton.Config]:
@@ -226,6 +254,8 @@ def _prune_mm(configs, named_args, **kwargs):
     shared memory. The autotuner passes positional kernel arguments as ``named_args`` and
     keyword ones as ``kwargs``: the launchers use keywords."""
     named_args = {**named_args, **kwargs}
+    if not _tma_ok(named_args):
+        configs = [c for c in configs if not c.kwargs["TMA"]]
     bucket = named_args["M_BUCKET"]
     keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
             and (bucket < 11 or c.kwargs["BLOCK_M"] >= 128)] or list(configs)
@@ -241,6 +271,55 @@ def _prune_dw(configs, named_args, **kwargs):
         return configs
     return [triton.Config({**c.kwargs, "BLOCK_M": min(c.kwargs["BLOCK_M"], 32)},
                           num_warps=c.num_warps, num_stages=min(c.num_stages, 3)) for c in configs]
+
+
+# x and w are read through TMA descriptors where the device and the layouts allow it;
+# MTMM_TMA=0 (or TMA = False) keeps the pointer loads everywhere. TMA_ON_CPU lets the tests
+# run the descriptor path under the interpreter.
+TMA = os.environ.get("MTMM_TMA", "1") != "0"
+TMA_ON_CPU = False
+
+
+def _tma_ok(args: dict) -> bool:
+    """Whether the forward kernel may read x and w through tensor descriptors: a Hopper or
+    later GPU, no gather, K and N > 0, unit inner strides and 16-byte aligned bases and outer
+    strides (what TMA requires)."""
+    x, w = args.get("x_ptr"), args.get("w_ptr")
+    if not TMA or args.get("GATHER", True) or x is None or w is None:
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not (TMA_ON_CPU and is_interpreter()):
+        return False
+    if x.shape[1] == 0 or w.shape[2] == 0 or x.stride(1) != 1:
+        return False
+    es = x.element_size()
+    w_outer = [w.stride(0), w.stride(2) if w.stride(1) == 1 and w.stride(2) != 1 else w.stride(1)]
+    w_inner = w.stride(1) if w.stride(1) == 1 and w.stride(2) != 1 else w.stride(2)
+    return (w_inner == 1 and all(st * es % 16 == 0 for st in [x.stride(0), *w_outer])
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def _w_k_contiguous(w: torch.Tensor) -> bool:
+    """w [G, K, N] is a [G, N, K] tensor transposed (K has the unit stride)."""
+    return w.stride(1) == 1 and w.stride(2) != 1
+
+
+def _torch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Descriptors made inside a kernel need a scratch allocator. Set torch's only where the
+    caller has set none; the setting is per thread (autograd runs backward on its own)."""
+    try:
+        from triton.runtime import _allocation
+        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except AttributeError:  # another Triton layout: set it (what the tutorials do)
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_alloc)
 
 
 # Autotuning (the first call per key benchmarks every surviving config) is on by default on a
@@ -337,7 +416,10 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
         stride_yt=y_TN.stride(0), stride_yn=y_TN.stride(1),
         HAS_BIAS=bias_GN is not None, GATHER=perm_T is not None,
         INPUT_PRECISION=_input_precision(x_TK.dtype), BLOCK_G=_block_g(G),
+        W_K_CONTIGUOUS=_w_k_contiguous(w_GKN),
     )
+    if x_TK.is_cuda and _tma_ok(args):
+        _ensure_allocator()
     _launch(_grouped_mm_kernel, _grouped_mm_tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
     return y_TN
 

@@ -117,6 +117,52 @@ def test_tile_edges(device, K, N):
     check_against_reference(x, w, b, offsets, tail=1)
 
 
+@pytest.fixture
+def tma_path(device, monkeypatch):
+    """The descriptor (TMA) build of the forward kernel, whatever the device: on the CPU the
+    interpreter runs it with a small TMA config; on a GPU it needs compute capability 9+."""
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or later GPU")
+    monkeypatch.setattr(grouped_gemm, "TMA", True)
+    if device.type == "cpu":
+        monkeypatch.setattr(grouped_gemm, "TMA_ON_CPU", True)
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PROGS_PER_SM=1, TMA=tma),
+            num_warps=4, num_stages=1) for tma in (True, False)])
+    seen = []
+    real_prune = grouped_gemm._prune_mm
+
+    def prune(configs, named_args, **kwargs):
+        kept = real_prune(configs, named_args, **kwargs)
+        seen.append(kept[0].kwargs["TMA"])
+        return kept
+    monkeypatch.setattr(grouped_gemm, "_prune_mm", prune)
+    return seen
+
+
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("K,N", [(24, 40), (40, 24)])
+def test_tma_path(device, tma_path, w_transposed, K, N):
+    """x and w tiles through tensor descriptors: tiles that run into the next group's rows,
+    K and N that are not multiples of the tiles (the descriptor's zero fill), both layouts of
+    w (dX reads w transposed, so both layouts occur in every backward)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x, w, b, offsets = make_problem([5, 0, 23, 9, 1], K, N, dtype, device, tail=3,
+                                    w_transposed=w_transposed)
+    check_against_reference(x, w, b, offsets, tail=3)
+    assert tma_path and all(tma_path), "the descriptor build never ran"
+
+
+def test_tma_needs_aligned_unit_stride_operands(device, tma_path):
+    """Layouts TMA cannot read (an odd row stride, a strided K) take the pointer loads."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x, w, b, offsets = make_problem([6, 11], 12, 16, dtype, device)
+    x_odd = torch.randn(x.shape[0], 13, dtype=dtype, device=device)[:, :12]  # 26-byte rows
+    check_against_reference(x_odd, w, b, offsets)
+    assert tma_path[0] is False
+    assert not grouped_gemm._tma_ok(dict(x_ptr=x, w_ptr=w, GATHER=True))
+
+
 def test_int64_offsets_and_strided_x(device):
     x, w, b, offsets = make_problem([9, 0, 14], 12, 10, torch.float32, device,
                                     offsets_dtype=torch.int64)
@@ -360,7 +406,9 @@ def test_bad_input_names_the_argument(case):
 
 
 @pytest.mark.gpu
-def test_bf16_skewed_groups():
+@pytest.mark.parametrize("tma", [True, False])
+def test_bf16_skewed_groups(monkeypatch, tma):
+    monkeypatch.setattr(grouped_gemm, "TMA", tma)
     sizes = [700, 0, 129, 1, 2048, 0, 63, 300]
     x, w, b, offsets = make_problem(sizes, 520, 392, torch.bfloat16, "cuda", tail=17,
                                     w_transposed=True)
