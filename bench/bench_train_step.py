@@ -1,15 +1,16 @@
 """Training-step benchmarks.
 
 GPU (``@pytest.mark.gpu``): tokens/s of one training step (forward, backward, AdamW) of a
-mid-size multi-task decoder: 4 tasks whose samples are image (257 tokens), audio (229-750
-tokens) and caption (12-77 tokens) streams in different mixes, one shared 4-layer decoder
-(hidden 1024) and per-task output heads. Two implementations of the same model and math:
+mid-size multi-task decoder: 4 tasks whose samples are image (257 tokens), audio (229-1500
+tokens) and caption (12-77 tokens) streams (the varlen issue's lengths) in different mixes, one
+shared 4-layer decoder (hidden 1024) and per-task output heads. Two implementations of the same model and math:
 - ``mtmm``: every task's samples packed into one buffer (``pack_multimodal``), no padding
-  anywhere; attention per sequence on the packed buffer (nested-jagged SDPA); all heads in one
-  grouped GEMM (``GroupedLinear``);
+  anywhere; attention per sequence on the packed buffer (FlashAttention varlen); all heads in one
+  grouped GEMM (``GroupedLinear``) on the rows that have a next-token target only;
 - ``usual``: each task padded to its longest sample, a Python loop over tasks, one ``nn.Linear``
   head per task.
-Target: mtmm >= 1.5x usual.
+Target: mtmm >= 1.5x usual. The batch keeps a CPU copy of every length (as a data loader has
+them), so neither step needs a host synchronisation to learn a size.
 
 CPU (2 and 4 gloo processes): the measured iteration time of each plan method for
 ``tiny-clip`` next to ``scheduler.simulate``'s prediction for the same plan, both from the same
@@ -32,7 +33,7 @@ from torch import nn
 
 HIDDEN, HEADS, LAYERS, VOCAB = 1024, 16, 4, 8192
 MODALITIES = ("image", "audio", "text")  # stream order in every packed sequence
-# task -> (samples, modality streams present); image 257, audio 229..750, caption 12..77 tokens
+# task -> (samples, modality streams present); image 257, audio 229..1500, caption 12..77 tokens
 TASKS = {"caption": (24, ("image", "text")), "asr": (8, ("audio", "text")),
          "vqa": (16, ("image", "text")), "av": (6, ("image", "audio", "text"))}
 
@@ -45,11 +46,20 @@ def _lengths(gen: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
             if m == "image":
                 lens[m] = torch.full((b,), 257)
             elif m == "audio":
-                lens[m] = torch.randint(229, 751, (b,), generator=gen)
+                lens[m] = torch.randint(229, 1501, (b,), generator=gen)
             else:
                 lens[m] = torch.randint(12, 78, (b,), generator=gen)
         out[task] = lens
     return out
+
+
+def _varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 class Layer(nn.Module):
@@ -62,15 +72,27 @@ class Layer(nn.Module):
     def mlp(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
-    def forward_packed(self, x_TH, offsets_B1):
+    def forward_packed(self, x_TH, cu_seqlens_B1, max_seqlen=None, min_seqlen=None):
+        """Attention within each packed sequence (``cu_seqlens`` [B + 1]). On a GPU in fp16/bf16
+        with ``max_seqlen`` known: FlashAttention's varlen kernel straight on the [T, heads, d]
+        rows (``varlen_attn``); else nested-jagged SDPA (``max_seqlen``/``min_seqlen``, host
+        ints, spare the nested tensors a sync each), whose Python subclass dispatch costs several
+        ms of host time per step."""
         t = x_TH.shape[0]
         qkv = self.qkv(self.ln1(x_TH)).view(t, 3, HEADS, -1)
-        if x_TH.is_cuda:
-            nj = [torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), offsets_B1).transpose(1, 2)
+        varlen_attn = _varlen_attn()
+        if (x_TH.is_cuda and varlen_attn is not None and max_seqlen is not None
+                and qkv.dtype in (torch.float16, torch.bfloat16)):
+            cu = cu_seqlens_B1.to(torch.int32)
+            o = varlen_attn(*qkv.unbind(1), cu, cu, max_seqlen, max_seqlen)
+        elif x_TH.is_cuda:
+            offsets_B1 = cu_seqlens_B1.to(torch.int64)
+            nj = [torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), offsets_B1, max_seqlen=max_seqlen,
+                                                         min_seqlen=min_seqlen).transpose(1, 2)
                   for i in range(3)]
             o = F.scaled_dot_product_attention(*nj).transpose(1, 2).values()
         else:  # nested-jagged SDPA has no CPU kernel: a block-diagonal mask (small shapes only)
-            seq = torch.repeat_interleave(torch.arange(len(offsets_B1) - 1), offsets_B1.diff().cpu())
+            seq = torch.repeat_interleave(torch.arange(len(cu_seqlens_B1) - 1), cu_seqlens_B1.diff().cpu())
             q, k, v = qkv.permute(1, 2, 0, 3)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=seq[:, None] == seq[None, :]).transpose(0, 1)
         return self.mlp(x_TH + self.proj(o.reshape(t, HIDDEN)))
@@ -91,6 +113,8 @@ class Model(nn.Module):
 
 
 def make_batch(device, seed=0):
+    """Per task: the padded streams (on ``device``), ``<modality>_len`` (on ``device``) and
+    ``<modality>_len_cpu`` (the same lengths on the CPU, as a data loader delivers them)."""
     gen = torch.Generator().manual_seed(seed)
     lens = _lengths(gen)
     data = {}
@@ -101,6 +125,7 @@ def make_batch(device, seed=0):
             d[m] = (torch.randint(0, VOCAB, (b, L), generator=gen) if m == "text"
                     else torch.randn(b, L, 64, generator=gen)).to(device)
             d[m + "_len"] = lens[task][m].to(device)
+            d[m + "_len_cpu"] = lens[task][m]
         data[task] = d
     return data
 
@@ -141,7 +166,8 @@ def step_usual(model, data):
         tl = d["text_len"]
         tmask = torch.arange(d["text"].shape[1], device=x.device)[None] < (tl[:, None] - 1)
         loss = F.cross_entropy(logits[:, :-1][tmask[:, :-1]], d["text"][:, 1:][tmask[:, :-1]], reduction="sum")
-        total, n = total + loss, n + int(tmask.sum())
+        # tmask.sum(), from the host copy of the lengths (no sync)
+        total, n = total + loss, n + int((d["text_len_cpu"] - 1).clamp(min=0).sum())
     return total / n
 
 
@@ -152,8 +178,16 @@ def _masked(layer, x_BLH, valid_BL):
     return layer.mlp(x_BLH + layer.proj(o.transpose(1, 2).reshape(b, L, HIDDEN)))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to the device without a sync (staged through pinned memory)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def step_mtmm(model, data):
-    """Every task's samples in one packed buffer; heads as one grouped GEMM."""
+    """Every task's samples in one packed buffer; heads as one grouped GEMM on the rows that have
+    a next-token target. Sizes come from the host lengths: no host synchronisation."""
     from mtmm_kernels import pack_multimodal
 
     streams, lengths, gids = {m: [] for m in MODALITIES}, {m: [] for m in MODALITIES}, []
@@ -163,38 +197,43 @@ def step_mtmm(model, data):
         for m in MODALITIES:
             if m in d:
                 streams[m].append(emb[m])
-                lengths[m].append(d[m + "_len"].cpu())
+                lengths[m].append(d[m + "_len_cpu"])
             else:
                 streams[m].append(emb["text"].new_zeros(b, 1, HIDDEN))
                 lengths[m].append(torch.zeros(b, dtype=torch.int64))
-        gids.append(torch.full((b,), g))
+        gids.append(torch.full((b,), g, dtype=torch.int32))
     L = {m: max(s.shape[1] for s in streams[m]) for m in streams}
     padded = [torch.cat([F.pad(s, (0, 0, 0, L[m] - s.shape[1])) for s in streams[m]]) for m in MODALITIES]
-    lens = [torch.cat(lengths[m]).to(torch.int32) for m in MODALITIES]
-    gid = torch.cat(gids).to(torch.int32)
-    packed = pack_multimodal(padded, lens, group_ids=gid, num_groups=len(TASKS))
+    lens = [torch.cat(lengths[m]) for m in MODALITIES]  # host, by sample
+    gid = torch.cat(gids)
+    packed = pack_multimodal(padded, lens, group_ids=gid, num_groups=len(TASKS))  # host lengths: no sync
     x = packed.values
-    offsets = packed.cu_seqlens.to(torch.int64)
+    min_seqlen = int(sum(lens).min())
     for layer in model.layers:
-        x = layer.forward_packed(x, offsets)
-    logits = _grouped_heads(model.heads, x, packed.group_offsets)
-    # targets: next text token inside each sequence's text part
-    is_text = packed.modality_ids == 2
-    nxt = torch.zeros_like(is_text)
-    nxt[:-1] = is_text[1:] & is_text[:-1] & (packed.seq_ids[1:] == packed.seq_ids[:-1])
+        x = layer.forward_packed(x, packed.cu_seqlens, packed.max_seqlen, min_seqlen)
+
+    # Rows with a next-token target: text rows 0..text_len-2 of each packed sequence (text is the
+    # last stream, so they start text_len rows before the sequence's end). Built on the device
+    # from the pack's metadata, ascending, hence in group order; their count from the host.
+    dev = x.device
+    text_len = lens[MODALITIES.index("text")]
+    n_tgt = int((text_len - 1).clamp(min=0).sum())
+    order = packed.order  # input sample of each packed sequence
+    tl = _to_device(text_len, dev)[order]
+    cnt = (tl - 1).clamp(min=0)
+    seq = torch.repeat_interleave(torch.arange(len(tl), device=dev), cnt, output_size=n_tgt)
+    j = torch.arange(n_tgt, device=dev) - (cnt.cumsum(0) - cnt)[seq]  # position in the text
+    rows = packed.cu_seqlens[1:].to(torch.int64)[seq] - tl[seq] + j
+    # grouped-GEMM offsets of the selected rows: those before each group's END packed row
+    sel_offsets = torch.searchsorted(rows, packed.group_offsets.to(torch.int64), out_int32=True)
+    logits = _grouped_heads(model.heads, x.index_select(0, rows), sel_offsets)
     text_all = torch.cat([F.pad(data[t]["text"], (0, L["text"] - data[t]["text"].shape[1])) for t in TASKS])
-    order = packed.order if packed.order is not None else torch.arange(len(gid), device=x.device)
-    tokens = text_all[order]
-    tok_packed = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    prefix = (lens[0].to(x.device) + lens[1].to(x.device))[order]  # image + audio tokens before the text
-    pos_in_text = packed.position_ids - prefix[packed.seq_ids.long()]
-    tok_packed[is_text] = tokens[packed.seq_ids.long()[is_text], pos_in_text[is_text]]
-    tgt = torch.roll(tok_packed, -1)
-    return F.cross_entropy(logits[nxt], tgt[nxt], reduction="sum") / int(nxt.sum())
+    tgt = text_all[order[seq], j + 1]
+    return F.cross_entropy(logits, tgt, reduction="sum") / n_tgt
 
 
 def tokens_in(data) -> int:
-    return sum(int(d[k].sum()) for d in data.values() for k in d if k.endswith("_len"))
+    return sum(int(d[k + "_cpu"].sum()) for d in data.values() for k in d if k.endswith("_len"))
 
 
 @pytest.mark.gpu
@@ -219,7 +258,7 @@ def test_train_step_tokens_per_s(benchmark, method):
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(method=method, tokens=tokens_in(data), tokens_per_s=tokens_in(data) / t,
-                                padding_fraction=_padding_fraction(data))
+                                ms_per_step=t * 1e3, padding_fraction=_padding_fraction(data))
 
 
 def _padding_fraction(data) -> float:
@@ -229,13 +268,13 @@ def _padding_fraction(data) -> float:
 
 
 def test_step_implementations_agree(monkeypatch, bench_device):
-    """Both benchmarked steps compute the same loss (fp32), so the speed comparison is fair
-    (on a CPU at a toy size)."""
+    """Both benchmarked steps compute the same loss and gradients (fp32), so the speed comparison
+    is fair (on a CPU at a toy size)."""
     import sys
 
     mod = sys.modules[__name__]
     if bench_device.type == "cpu":
-        for k, v in dict(HIDDEN=32, HEADS=2, LAYERS=2, VOCAB=64).items():
+        for k, v in {"HIDDEN": 32, "HEADS": 2, "LAYERS": 2, "VOCAB": 64}.items():
             monkeypatch.setattr(mod, k, v)
         monkeypatch.setattr(mod, "TASKS", {"caption": (3, ("image", "text")), "asr": (2, ("audio", "text")),
                                            "av": (2, ("image", "audio", "text"))})
@@ -250,6 +289,18 @@ def test_step_implementations_agree(monkeypatch, bench_device):
     data = make_batch(bench_device)
     la, lb = step_mtmm(a, data), step_usual(b, data)
     assert abs(float(la) - float(lb)) < 1e-4 * abs(float(lb))
+    la.backward()
+    lb.backward()
+    grads_b = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        if name == "heads.weight":
+            want = torch.stack([h.weight.grad.T for h in b.heads])
+        elif name == "heads.bias":
+            want = torch.stack([h.bias.grad for h in b.heads])
+        else:
+            want = grads_b[name].grad
+        err = float((p.grad - want).norm())
+        assert err <= 1e-4 * float(want.norm()) + 1e-7, (name, err, float(want.norm()))
 
 
 # --- CPU: measured iteration vs the simulator's prediction ---------------------------------
