@@ -110,6 +110,14 @@ def _run(measure, case: str, mode: str, method: str, label: str):
 
         def fn():
             return torch.autograd.grad(fwd(xg, wg), (xg, wg), dy)
+    if method.startswith("mtmm") and mode == "fwd":  # the timed kernel is right (untimed check)
+        sorted_x = x if method == "mtmm" else x.index_select(0, torch.sort(ids, stable=True)[1])
+        want = _forward_fn("loop", sizes, sorted_x, w, offsets, ids)(sorted_x, w).float()
+        got = fwd(x, w).float()
+        if method != "mtmm":
+            got = got.index_select(0, torch.sort(ids, stable=True)[1])
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, f"{method} {case}: relative error {err:.2e} against the per-group loop"
     flops = 2.0 * sum(sizes) * K * N * (1 if mode == "fwd" else 3)
     measure(fn, dtype=DTYPE, shape=f"G={len(sizes)} T={sum(sizes)} K={K} N={N}", flops=flops,
             method=method, case=f"{label} {mode}")

@@ -3,15 +3,16 @@
 # (its own time limit and JSON, so one slow stage loses nothing else), a grouped-GEMM config
 # sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
-# STAGES (default: all of "tests varlen grouped_gemm train_step sweep profile") picks stages
-# for a rerun. Everything goes to OUT_DIR/work; OUT_DIR itself gets three files (the device
-# tool brings back only a few): results.tar.gz (all of work/), summary.md (every table and
-# the test summary) and info.json. Budget: about 6 minutes on an H100/H200.
+# STAGES (default "tests varlen grouped_gemm train_step"; also "varlen_sweep", "sweep" and
+# "profile") picks stages. Everything goes to OUT_DIR/work; OUT_DIR itself gets three files (the device
+# tool brings back only a few): results.tar.gz (all of work/, refreshed after every stage),
+# summary.md (every table and the test summary) and info.json. Budget of the default stages:
+# about 3.5 minutes on an H100/H200.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/latest}}
-STAGES=${2:-"tests varlen grouped_gemm train_step sweep profile"}
+STAGES=${2:-"tests varlen grouped_gemm train_step"}
 mkdir -p "$OUT_DIR/work"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 W="$OUT_DIR/work"
@@ -39,17 +40,18 @@ cat "$OUT_DIR/info.json"
 if wants tests; then
     # Three pytest processes side by side: most of the time is Triton compiling (CPU-bound).
     stamp "tests"
-    run_tests() {  # name, files...
-        local name=$1
-        shift
-        timeout 200 python -m pytest "$@" -m "gpu or not slow" -q -rfE --tb=short \
+    TEST_LIMIT=${TEST_LIMIT:-60}
+    run_tests() {  # name, marks, files...
+        local name=$1 marks=$2
+        shift 2
+        timeout "$TEST_LIMIT" python -m pytest "$@" -m "$marks" -v -rfE --tb=short \
             -p no:cacheprovider --durations=15 --junitxml="$W/tests_$name.xml" \
             >"$W/tests_$name.log" 2>&1
         echo "$name rc=$?" >>"$W/tests_rc.txt"
     }
-    run_tests varlen tests/test_varlen.py &
-    run_tests gemm tests/test_grouped_gemm.py tests/test_nn.py &
-    run_tests rest tests/test_costmodel.py tests/test_trainer.py &
+    run_tests varlen "gpu or not slow" tests/test_varlen.py &
+    run_tests gemm "gpu or not slow" tests/test_grouped_gemm.py tests/test_nn.py &
+    run_tests rest gpu tests/test_costmodel.py tests/test_trainer.py &
     wait
     {
         echo "## GPU tests"
@@ -62,6 +64,7 @@ if wants tests; then
     cat "$W/tests_summary.txt"
     grep -qv "rc=0" "$W/tests_rc.txt" && status=1
     stamp "tests done"
+    bundle
 fi
 
 bench() {  # name, time limit (s), pytest selection...
@@ -78,10 +81,12 @@ bench() {  # name, time limit (s), pytest selection...
     fi
     stamp "bench $name rc=$rc"
     [ "$rc" -eq 0 ] || status=1
+    bundle
 }
-wants varlen && bench varlen 100 bench/bench_varlen.py
-wants grouped_gemm && bench grouped_gemm 90 bench/bench_grouped_gemm.py
-wants train_step && bench train_step 60 bench/bench_train_step.py
+wants varlen && bench varlen 45 bench/bench_varlen.py -k "not sweep"
+wants varlen_sweep && bench varlen_sweep 60 bench/bench_varlen.py -k sweep
+wants grouped_gemm && bench grouped_gemm 75 bench/bench_grouped_gemm.py
+wants train_step && bench train_step 35 bench/bench_train_step.py
 
 if wants sweep; then
     stamp "sweep grouped_gemm configs"

@@ -471,13 +471,24 @@ def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
 # --- torch.library ops and autograd ---------------------------------------------------------
 
 
-@torch.library.custom_op("mtmm::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                   bias: Optional[torch.Tensor], perm: Optional[torch.Tensor]) -> torch.Tensor:
+def _grouped_mm_impl(x, w, offsets, bias, perm):
     tensors = [t for t in (x, w, offsets, bias, perm) if t is not None]
     if triton_runs_on(*tensors):
         return _launch_grouped_mm(x, w, offsets, bias, perm)
     return _fallback_grouped_mm(x, w, offsets, bias, perm)
+
+
+def _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias):
+    tensors = [t for t in (x, dy, offsets, perm) if t is not None]
+    if triton_runs_on(*tensors):
+        return _launch_grouped_mm_dw(x, dy, offsets, perm, need_bias)
+    return _fallback_grouped_mm_dw(x, dy, offsets, perm, need_bias)
+
+
+@torch.library.custom_op("mtmm::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   bias: Optional[torch.Tensor], perm: Optional[torch.Tensor]) -> torch.Tensor:
+    return _grouped_mm_impl(x, w, offsets, bias, perm)
 
 
 @_grouped_mm_op.register_fake
@@ -489,10 +500,7 @@ def _(x, w, offsets, bias, perm):
 def _grouped_mm_dw_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
                       perm: Optional[torch.Tensor], need_bias: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    tensors = [t for t in (x, dy, offsets, perm) if t is not None]
-    if triton_runs_on(*tensors):
-        return _launch_grouped_mm_dw(x, dy, offsets, perm, need_bias)
-    return _fallback_grouped_mm_dw(x, dy, offsets, perm, need_bias)
+    return _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias)
 
 
 @_grouped_mm_dw_op.register_fake
@@ -523,6 +531,40 @@ def _backward(ctx, dy_TN):
 
 
 torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_setup_context)
+
+
+class _GroupedMmFunction(torch.autograd.Function):
+    """The eager path: the same kernels and backward as the custom op, without the custom op's
+    dispatch (measured on an H200: ~150 us of host time per forward call and ~330 us per
+    backward through the op, against kernels of ~60 us on small groups). torch.compile traces
+    the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, bias, perm):
+        ctx.save_for_backward(x, w, offsets, perm)
+        ctx.has_bias = bias is not None
+        return _grouped_mm_impl(x, w, offsets, bias, perm)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_TN):
+        x_TK, w_GKN, offsets_G, perm_T = ctx.saved_tensors
+        need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+        need_b = need_b and ctx.has_bias
+        dx_TK = dw_GKN = db_GN = None
+        if need_x:
+            dx_TK = _grouped_mm_impl(dy_TN, w_GKN.transpose(1, 2), offsets_G, None, perm_T)
+        if need_w or need_b:
+            dw, db = _grouped_mm_dw_impl(x_TK, dy_TN, offsets_G, perm_T, need_b)
+            dw_GKN = dw if need_w else None
+            db_GN = db if need_b else None
+        return dx_TK, dw_GKN, None, db_GN, None
+
+
+def _grouped_mm_call(x, w, offsets, bias, perm):
+    if torch.compiler.is_compiling():
+        return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+    return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
 
 
 # --- public functions -----------------------------------------------------------------------
@@ -598,7 +640,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         if int(offsets[-1]) > x.shape[0]:
             raise ValueError(f"offsets[-1] must be at most T={x.shape[0]} (rows of x), "
                              f"got {int(offsets[-1])}")
-    return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, None)
+    return _grouped_mm_call(x, w, offsets, bias, None)
 
 
 def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
@@ -635,4 +677,4 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     sorted_T, perm_T = torch.sort(ids_T, stable=True)
     groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
     offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
-    return torch.ops.mtmm.grouped_mm(x, w, offsets_G, bias, perm_T)
+    return _grouped_mm_call(x, w, offsets_G, bias, perm_T)
