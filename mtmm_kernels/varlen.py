@@ -6,16 +6,17 @@ that restart at 0 in each sequence (HuggingFace's flattening collator). A sequen
 concatenation of several modality streams (image tokens, then audio, then text), and sequences
 may be ordered by task (``group_offsets`` then feeds the grouped GEMM directly).
 
-Every pack is three launches whatever B and the number of streams (plus one host-to-device
-copy when the lengths are on the CPU): a one-program *plan* kernel (lengths -> clamped int32
-lengths, cu_seqlens, order, group_offsets, totals and error counts), a *row-meta* kernel that
-walks the sequences and labels each packed row (position_ids, seq_ids, modality_ids and the
-row's offset in its stream), and the copy kernel, which walks the packed rows (no program is
-spent on padding) and finds each row's source with one coalesced load: no per-row search of
-cu_seqlens, whose chain of dependent loads held the copy to ~50-70% of copy bandwidth on an
-H200. The unpack kernel walks the padded rows
+Every pack is two launches whatever B and the number of streams (plus one host-to-device copy
+when the lengths are on the CPU): a one-program *plan* kernel (lengths -> clamped int32
+lengths, cu_seqlens, order, group_offsets, totals and error counts) and a copy kernel that
+also writes the per-token metadata. The pack kernel walks the packed
+rows (no program is spent on padding; each row finds its sequence by binary search over
+cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
 and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
-the backward of each is the other, computed by the same kernels. Rows are copied as
+the backward of each is the other, computed by the same kernels. (A pack that first labels
+the rows sequence by sequence in an extra launch, so that the copy needs no search, passed the
+GPU tests but measured slower on 2 of the 3 benchmark cases on an H200, 2026-11-27: see
+bench/results/h200/README.md.) Rows are copied as
 [BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride is a multiple of 16 bytes
 the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors.
 
@@ -157,113 +158,75 @@ if triton is not None:
         tl.store(stats_ptr + 2, bad_len.to(tl.int64))
         tl.store(stats_ptr + 3, bad_gid.to(tl.int64))
 
-    @triton.jit(do_not_specialize=["T", "B"])
-    def _varlen_row_meta_kernel(
-        # --- pointers
-        lens_ptr,           # [S, B] int32 clamped lengths (unused when LENS_FROM_CU)
-        cu_seqlens_ptr,     # [B + 1] int32
-        order_ptr,          # [B] int64 sample of each packed sequence (unused unless HAS_ORDER)
-        position_ids_ptr,   # [T] int64
-        seq_ids_ptr,        # [T] int32
-        modality_ids_ptr,   # [T] int32
-        src_off_ptr,        # [T] int64 scratch: element offset of the row in its stream, -1: none
-        # --- sizes
-        T, B,
-        max_lens,           # S ints: L_s
-        # --- strides (elements)
-        stride_b, stride_l,  # S ints each: batch and row stride of stream s
-        # --- meta
-        S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # Program (chunk c, packed sequence p) labels rows [c * BLOCK, (c + 1) * BLOCK) of
-        # sequence p. Walking sequences, not rows, means no row has to search cu_seqlens for
-        # its sequence: the copy kernel then finds each row's source in one coalesced load.
-        pid_c = tl.program_id(0)
-        p = tl.program_id(1)
-        start = tl.load(cu_seqlens_ptr + p)
-        end = tl.load(cu_seqlens_ptr + p + 1)
-        if pid_c * BLOCK < end - start:
-            pos = pid_c * BLOCK + tl.arange(0, BLOCK)
-            rows = start + pos
-            ok = (rows < end) & (rows < T)
-            if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
-                b = tl.load(order_ptr + p)
-                b = tl.minimum(tl.maximum(b, 0), B - 1)
-            else:
-                b = p.to(tl.int64)
-            modality = tl.zeros([BLOCK], dtype=tl.int32)
-            src_off = tl.full([BLOCK], -1, dtype=tl.int64)
-            stream_start = 0
-            for s in tl.static_range(S):
-                if LENS_FROM_CU:
-                    n = end - start
-                else:
-                    n = tl.load(lens_ptr + s * B + b)
-                r = pos - stream_start
-                sel = (r >= 0) & (r < n) & (r < max_lens[s])
-                modality = tl.where(sel, s, modality)
-                src_off = tl.where(sel, b * stride_b[s] + r.to(tl.int64) * stride_l[s], src_off)
-                stream_start += n
-            tl.store(position_ids_ptr + rows, pos.to(tl.int64), mask=ok)
-            tl.store(seq_ids_ptr + rows, p + tl.zeros([BLOCK], dtype=tl.int32), mask=ok)
-            tl.store(modality_ids_ptr + rows, modality, mask=ok)
-            tl.store(src_off_ptr + rows, src_off, mask=ok)
-
-    @triton.jit(do_not_specialize=["T", "B"])
+    @triton.jit(do_not_specialize=["T", "B", "search_steps"])
     def _varlen_pack_kernel(
         # --- pointers
         src_ptrs,           # S padded streams x_s [B, L_s, H], last stride 1
+        lens_ptr,           # [S, B] int32 clamped lengths (unused when LENS_FROM_CU)
         cu_seqlens_ptr,     # [B + 1] int32
-        modality_ids_ptr,   # [T] int32 (from the row-meta kernel)
-        src_off_ptr,        # [T] int64 (from the row-meta kernel)
+        order_ptr,          # [B] int64 sample of each packed sequence (unused unless HAS_ORDER)
         dst_ptr,            # [T, H] packed rows, row stride stride_t
-        position_ids_ptr,   # [T] int64: zeroed past cu_seqlens[B]
-        seq_ids_ptr,        # [T] int32: zeroed past cu_seqlens[B]
+        position_ids_ptr,   # [T] int64
+        seq_ids_ptr,        # [T] int32
+        modality_ids_ptr,   # [T] int32
         # --- sizes
-        T, H, B,
+        T, H, B, search_steps,
+        max_lens,           # S ints: L_s
         # --- strides (elements)
+        stride_b, stride_l,  # S ints each: batch and row stride of stream s
         stride_t,
         # --- meta
-        S: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+        S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
+        WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
         pid_h = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # T < 2**31 (int32 cu_seqlens)
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         col_ok = cols < H
-        in_t = rows < T
-        # --- where each row comes from: one coalesced load per row, no search
-        n_real = tl.load(cu_seqlens_ptr + B)
-        labelled = in_t & (rows < n_real)
-        src_off = tl.load(src_off_ptr + rows, mask=labelled, other=-1)
-        row_ok = labelled & (src_off >= 0)
-        if ROW_ALIGN > 1:
-            src_off = tl.multiple_of(src_off, ROW_ALIGN)
+        # --- the packed sequence of each row, its sample and the row's position in it
+        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
+        seq_start = tl.load(cu_seqlens_ptr + p)
+        row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
+        pos = rows - seq_start
+        if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
+            b = tl.load(order_ptr + p, mask=row_ok, other=0)
+            b = tl.minimum(tl.maximum(b, 0), B - 1)
+        else:
+            b = p.to(tl.int64)
         # --- gather each row from the stream that holds it (the masks are disjoint, so every
         # element is read once whatever S)
-        if S == 1:
-            acc = tl.load(src_ptrs[0] + src_off[:, None] + cols[None, :],
-                          mask=row_ok[:, None] & col_ok[None, :], other=0)
-        else:
-            modality = tl.load(modality_ids_ptr + rows, mask=row_ok, other=-1)
-            acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=dst_ptr.dtype.element_ty)
-            for s in tl.static_range(S):
-                sel = row_ok & (modality == s)
-                x = tl.load(src_ptrs[s] + src_off[:, None] + cols[None, :],
-                            mask=sel[:, None] & col_ok[None, :], other=0)
-                acc = tl.where(sel[:, None], x, acc)
+        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=dst_ptr.dtype.element_ty)
+        modality = tl.zeros([BLOCK_R], dtype=tl.int32)
+        stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for s in tl.static_range(S):
+            if LENS_FROM_CU:
+                n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
+            else:
+                n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
+            r = pos - stream_start
+            sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
+            src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
+            if ROW_ALIGN > 1:
+                src_off = tl.multiple_of(src_off, ROW_ALIGN)
+            x = tl.load(src_ptrs[s] + src_off[:, None] + cols[None, :],
+                        mask=sel[:, None] & col_ok[None, :], other=0)
+            acc = tl.where(sel[:, None], x, acc)
+            modality = tl.where(sel, s, modality)
+            stream_start += n
         # --- store every row below T: rows past cu_seqlens[B] (a wrong `total`) get zeros
         dst_off = rows.to(tl.int64) * stride_t
         if ROW_ALIGN > 1:
             dst_off = tl.multiple_of(dst_off, ROW_ALIGN)
+        in_t = rows < T
         tl.store(dst_ptr + dst_off[:, None] + cols[None, :], acc,
                  mask=in_t[:, None] & col_ok[None, :])
-        if pid_h == 0:  # the row-meta kernel labels only rows below cu_seqlens[B]
-            tail = in_t & (rows >= n_real)
-            tl.store(position_ids_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.int64), mask=tail)
-            tl.store(seq_ids_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.int32), mask=tail)
-            tl.store(modality_ids_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.int32), mask=tail)
+        if WRITE_META:
+            if pid_h == 0:
+                tl.store(position_ids_ptr + rows, tl.where(row_ok, pos, 0).to(tl.int64), mask=in_t)
+                tl.store(seq_ids_ptr + rows, tl.where(row_ok, p, 0), mask=in_t)
+                tl.store(modality_ids_ptr + rows, modality, mask=in_t)
 
     @triton.jit(do_not_specialize=["T", "B"])
     def _varlen_unpack_kernel(
@@ -411,31 +374,19 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     modality_ids = torch.empty(total, dtype=torch.int32, device=device)
     if total == 0:
         return values, position_ids, seq_ids, modality_ids
-    # -1 (no source) for any row the labelling does not reach: only inconsistent unchecked
-    # metadata leaves such rows, and they must still never be read through
-    src_off = torch.full((total,), -1, dtype=torch.int64, device=device)
-    # --- launch 1: label every row (sequence, position, stream, source offset)
-    max_seq = min(total, sum(x.shape[1] for x in streams))  # a bound: no sync for the true max
-    meta_block = min(1024, max(16, next_power_of_2(max_seq)))
-    if B > 0 and max_seq > 0:
-        _varlen_row_meta_kernel[(triton.cdiv(max_seq, meta_block), B)](
-            lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
-            order if order is not None else cu_seqlens,
-            position_ids, seq_ids, modality_ids, src_off,
-            total, B, tuple(x.shape[1] for x in streams),
-            tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams),
-            S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
-            BLOCK=meta_block, num_warps=4,
-        )
-    # --- launch 2: copy the rows (and zero the tail past cu_seqlens[B] of a wrong `total`)
     block_r, block_h, num_warps = _tile_config(H, x0.element_size())
     strides = [x.stride(0) for x in streams] + [x.stride(1) for x in streams] + [H]
-    # H == 0 still needs one column of programs: the tail's metadata is owed
+    # H == 0 still needs one column of programs: the metadata is owed
     grid = (triton.cdiv(total, block_r), max(1, triton.cdiv(H, block_h)))
     _varlen_pack_kernel[grid](
-        tuple(streams), cu_seqlens, modality_ids, src_off, values, position_ids, seq_ids,
-        total, H, B, H,
-        S=len(streams), ROW_ALIGN=_row_align(x0.element_size(), *strides),
+        tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
+        order if order is not None else cu_seqlens,
+        values, position_ids, seq_ids, modality_ids,
+        total, H, B, _search_steps(B),
+        tuple(x.shape[1] for x in streams),
+        tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
+        S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
+        WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), *strides),
         BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
     )
     return values, position_ids, seq_ids, modality_ids
