@@ -133,20 +133,7 @@ def profile_case(name: str, fn: Callable[[], object], iters: int, out_dir: Path,
 def _train_step(method: str):
     import bench_train_step as B
 
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    model = B.Model(grouped=method == "mtmm").to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = B.make_batch(device)
-    step_fn = B.step_mtmm if method == "mtmm" else B.step_usual
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_fn(model, data)
-        loss.backward()
-        opt.step()
-    return step
+    return B.make_train_step(method, torch.device("cuda"))[0]
 
 
 def _gemm_problem():
