@@ -7,8 +7,8 @@
 # "profile") picks stages. Everything goes to OUT_DIR/work; OUT_DIR itself gets three files (the device
 # tool brings back only a few): results.tar.gz (all of work/, refreshed after every stage),
 # summary.md (every table and the test summary) and info.json. The default stages take about
-# 4-6 minutes on an H200 (most of the test time is Triton compiling; TEST_LIMIT=60 shortens the
-# shards, as the 2026-11-27 run had to). "sweep" adds ~2 minutes, "profile" ~30 s.
+# 4-6 minutes on an H200 (most of the test time is Triton compiling, spread over TEST_SHARDS
+# pytest processes, each limited to TEST_LIMIT seconds). "sweep" adds ~2 minutes, "profile" ~30 s.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,31 +39,18 @@ cat "$OUT_DIR/info.json"
 } >"$W/versions.txt" 2>&1
 
 if wants tests; then
-    # Three pytest processes side by side: most of the time is Triton compiling (CPU-bound).
+    # The kernel test files whole and the GPU-marked tests elsewhere, dealt to parallel pytest
+    # shards (most of the time is Triton compiling, one core per process).
     stamp "tests"
-    TEST_LIMIT=${TEST_LIMIT:-180}
-    run_tests() {  # name, marks, files...
-        local name=$1 marks=$2
-        shift 2
-        timeout "$TEST_LIMIT" python -m pytest "$@" -m "$marks" -v -rfE --tb=short \
-            -p no:cacheprovider --durations=15 --junitxml="$W/tests_$name.xml" \
-            >"$W/tests_$name.log" 2>&1
-        echo "$name rc=$?" >>"$W/tests_rc.txt"
-    }
-    run_tests varlen "gpu or not slow" tests/test_varlen.py &
-    run_tests gemm "gpu or not slow" tests/test_grouped_gemm.py tests/test_nn.py &
-    run_tests rest gpu tests/test_costmodel.py tests/test_trainer.py &
-    wait
-    {
-        echo "## GPU tests"
-        cat "$W/tests_rc.txt"
-        for f in "$W"/tests_*.log; do
-            echo "### $(basename "$f")"
-            grep -E "^(FAILED|ERROR)|passed|failed|Timeout|Error" "$f" | tail -40
-        done
-    } >"$W/tests_summary.txt"
+    python bench/gpu_tests.py "$W/tests" --shards "${TEST_SHARDS:-8}" --limit "${TEST_LIMIT:-150}" \
+        tests/test_varlen.py tests/test_grouped_gemm.py tests/test_nn.py >"$W/tests_kernels.txt" 2>&1
+    rc_kernels=$?
+    python bench/gpu_tests.py "$W/tests_gpu_marked" -m gpu --shards 2 --limit "${TEST_LIMIT:-150}" \
+        tests/test_costmodel.py tests/test_trainer.py >"$W/tests_gpu_marked.txt" 2>&1
+    rc_marked=$?
+    { echo "## GPU tests"; cat "$W/tests_kernels.txt" "$W/tests_gpu_marked.txt"; } >"$W/tests_summary.txt"
     cat "$W/tests_summary.txt"
-    grep -qv "rc=0" "$W/tests_rc.txt" && status=1
+    [ "$rc_kernels" -eq 0 ] && [ "$rc_marked" -eq 0 ] || status=1
     stamp "tests done"
     bundle
 fi
