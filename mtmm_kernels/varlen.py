@@ -6,10 +6,11 @@ that restart at 0 in each sequence (HuggingFace's flattening collator). A sequen
 concatenation of several modality streams (image tokens, then audio, then text), and sequences
 may be ordered by task (``group_offsets`` then feeds the grouped GEMM directly).
 
-Every pack is two launches whatever B and the number of streams (plus one host-to-device copy
-when the lengths are on the CPU): a one-program *plan* kernel (lengths -> clamped int32
-lengths, cu_seqlens, order, group_offsets, totals and error counts) and a copy kernel that
-also writes the per-token metadata. The pack kernel walks the packed
+Every pack is at most two launches whatever B and the number of streams: a one-program *plan*
+kernel (lengths -> clamped int32 lengths, cu_seqlens, order, group_offsets, totals and error
+counts) and a copy kernel that also writes the per-token metadata. When the lengths (and
+group ids) are on the CPU the plan is a few numpy operations on the host instead, and its
+outputs reach the device in one copy: one launch in all. The pack kernel walks the packed
 rows (no program is spent on padding; each row finds its sequence by binary search over
 cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
 and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
@@ -21,8 +22,8 @@ bench/results/h200/README.md.) Rows are copied as
 the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors.
 
 Synchronisation: the host must know T (to allocate) and ``max_seqlen`` (a Python int).
-- lengths on the CPU: both come from the CPU copy; the lengths reach the device by one
-  non-blocking copy from pinned memory. Nothing syncs.
+- lengths on the CPU: both come from the CPU copy; the plan (lengths, cu_seqlens, order,
+  group_offsets) reaches the device by one non-blocking copy from pinned memory. Nothing syncs.
 - lengths on the GPU, ``total`` not given: one device-to-host read of four numbers after the
   plan kernel (T, max_seqlen and the error counts that validation needs).
 - lengths on the GPU, ``total=T`` given: no sync (CUDA-graph capturable, torch.compile
@@ -686,6 +687,31 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _host_plan(lens_SB: np.ndarray, group_ids: Optional[np.ndarray], num_groups: int,
+               device: torch.device):
+    """The plan kernel's outputs (lens_SB int32 [S, B], cu_seqlens int32 [B + 1], order int64
+    [B], group_offsets int32 [G]) from validated host lengths and group ids, reaching the device
+    in one copy: the four live in one int32 buffer (order first, as pairs of words, so that its
+    int64 view is aligned) and are returned as views of it."""
+    S, B = lens_SB.shape
+    seq = lens_SB.sum(0)
+    if group_ids is not None:
+        order = np.argsort(group_ids, kind="stable")
+        tokens_per_group = np.bincount(group_ids, weights=seq, minlength=num_groups)
+        group_offsets = np.cumsum(tokens_per_group).astype(np.int32)
+    else:
+        order = np.arange(B)
+        group_offsets = np.zeros(0, dtype=np.int32)
+    cu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(seq[order], out=cu[1:])
+    parts = [order.astype(np.int64).view(np.int32), lens_SB.astype(np.int32).ravel(),
+             cu.astype(np.int32), group_offsets]
+    buf = _to_device(torch.from_numpy(np.concatenate(parts)), device)
+    ends = np.cumsum([len(p) for p in parts])
+    return (buf[ends[0]:ends[1]].view(S, B), buf[ends[1]:ends[2]], buf[:ends[0]].view(torch.int64),
+            buf[ends[2]:ends[3]])
+
+
 def _check_int(value, name: str, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -801,20 +827,29 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         total = host_total
         if max_seqlen is None:
             max_seqlen = int(seq.max()) if B else 0
-        lens = list(_to_device(lens_host, device).unbind(0))  # one copy for all streams
-    if grouped and group_ids.device.type == "cpu" and not (_FORCE_DEVICE_PLAN or tracing):
+    host_groups = grouped and group_ids.device.type == "cpu" and not (_FORCE_DEVICE_PLAN or tracing)
+    if host_groups:
         bad = (group_ids < 0) | (group_ids >= num_groups)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise ValueError(f"group_ids[{b}] = {int(group_ids[b])} is outside "
                              f"[0, num_groups={num_groups})")
-        group_ids = _to_device(group_ids, device)
     if total is not None and total >= 2**31:
         raise ValueError(f"total={total} rows do not fit int32 cu_seqlens")
 
-    lens_SB, cu_seqlens, order, group_offsets, stats = _plan(
-        [_to_device(l, device) for l in lens], group_ids if grouped else None,
-        num_groups if grouped else 0, max_lens)
+    if host and (host_groups or not grouped):
+        # Everything the plan kernel would compute is a few numpy ops on B numbers here: no
+        # plan launch, and one host-to-device copy for all of it.
+        gids = group_ids.numpy() if grouped else None
+        lens_SB, cu_seqlens, order, group_offsets = _host_plan(a, gids, num_groups or 0, device)
+    else:
+        if host:
+            lens = list(_to_device(lens_host, device).unbind(0))  # one copy for all streams
+        if grouped:
+            group_ids = _to_device(group_ids, device)
+        lens_SB, cu_seqlens, order, group_offsets, stats = _plan(
+            [_to_device(l, device) for l in lens], group_ids if grouped else None,
+            num_groups if grouped else 0, max_lens)
     if total is None:  # lengths on the device: the one sync, which also validates
         T, longest, bad_len, bad_gid = stats.tolist()
         if bad_len:
