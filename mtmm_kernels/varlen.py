@@ -812,8 +812,8 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     tracing = torch.compiler.is_compiling()
     host = all(l.device.type == "cpu" for l in lens) and not (_FORCE_DEVICE_PLAN or tracing)
     if host:
-        lens_host = torch.stack([l.to(torch.int64) for l in lens])
-        a = lens_host.numpy()  # numpy: a few microseconds for what torch CPU ops take tens
+        # numpy: a few microseconds for what torch CPU ops take tens
+        a = np.stack([l.numpy() for l in lens]).astype(np.int64, copy=False)
         Ls = np.asarray(max_lens, dtype=np.int64)[:, None]
         bad = (a < 0) | (a > Ls)
         if bad.any():
@@ -829,10 +829,11 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
             max_seqlen = int(seq.max()) if B else 0
     host_groups = grouped and group_ids.device.type == "cpu" and not (_FORCE_DEVICE_PLAN or tracing)
     if host_groups:
-        bad = (group_ids < 0) | (group_ids >= num_groups)
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"group_ids[{b}] = {int(group_ids[b])} is outside "
+        gids = group_ids.numpy()
+        bad = (gids < 0) | (gids >= num_groups)
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"group_ids[{b}] = {int(gids[b])} is outside "
                              f"[0, num_groups={num_groups})")
     if total is not None and total >= 2**31:
         raise ValueError(f"total={total} rows do not fit int32 cu_seqlens")
@@ -840,11 +841,11 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     if host and (host_groups or not grouped):
         # Everything the plan kernel would compute is a few numpy ops on B numbers here: no
         # plan launch, and one host-to-device copy for all of it.
-        gids = group_ids.numpy() if grouped else None
-        lens_SB, cu_seqlens, order, group_offsets = _host_plan(a, gids, num_groups or 0, device)
+        lens_SB, cu_seqlens, order, group_offsets = _host_plan(
+            a, gids if grouped else None, num_groups or 0, device)
     else:
         if host:
-            lens = list(_to_device(lens_host, device).unbind(0))  # one copy for all streams
+            lens = list(_to_device(torch.from_numpy(a), device).unbind(0))  # one copy for all
         if grouped:
             group_ids = _to_device(group_ids, device)
         lens_SB, cu_seqlens, order, group_offsets, stats = _plan(
