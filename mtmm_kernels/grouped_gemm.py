@@ -295,8 +295,9 @@ def _tma_ok(args: dict) -> bool:
     if x.shape[1] == 0 or w.shape[2] == 0 or x.stride(1) != 1:
         return False
     es = x.element_size()
-    w_outer = [w.stride(0), w.stride(2) if w.stride(1) == 1 and w.stride(2) != 1 else w.stride(1)]
-    w_inner = w.stride(1) if w.stride(1) == 1 and w.stride(2) != 1 else w.stride(2)
+    k_unit = _w_k_contiguous(w)
+    w_outer = [w.stride(0), w.stride(2) if k_unit else w.stride(1)]
+    w_inner = w.stride(1) if k_unit else w.stride(2)
     return (w_inner == 1 and all(st * es % 16 == 0 for st in [x.stride(0), *w_outer])
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 

@@ -14,12 +14,12 @@ outputs reach the device in one copy: one launch in all. The pack kernel walks t
 rows (no program is spent on padding; each row finds its sequence by binary search over
 cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
 and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
-the backward of each is the other, computed by the same kernels. (A pack that first labels
-the rows sequence by sequence in an extra launch, so that the copy needs no search, passed the
-GPU tests but measured slower on 2 of the 3 benchmark cases on an H200, 2026-11-27: see
-bench/results/h200/README.md.) Rows are copied as
+the backward of each is the other, computed by the same kernels. Rows are copied as
 [BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride is a multiple of 16 bytes
-the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors.
+the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors. (A pack
+that first labels the rows sequence by sequence in an extra launch, so that the copy needs no
+search, passed the GPU tests but measured slower on 2 of the 3 benchmark cases on an H200,
+2026-11-27: see bench/results/h200/README.md.)
 
 Synchronisation: the host must know T (to allocate) and ``max_seqlen`` (a Python int).
 - lengths on the CPU: both come from the CPU copy; the plan (lengths, cu_seqlens, order,
@@ -687,14 +687,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _host_plan(lens_SB: np.ndarray, group_ids: Optional[np.ndarray], num_groups: int,
-               device: torch.device):
+def _host_plan(lens_SB: np.ndarray, seq: np.ndarray, group_ids: Optional[np.ndarray],
+               num_groups: int, device: torch.device):
     """The plan kernel's outputs (lens_SB int32 [S, B], cu_seqlens int32 [B + 1], order int64
     [B], group_offsets int32 [G]) from validated host lengths and group ids, reaching the device
     in one copy: the four live in one int32 buffer (order first, as pairs of words, so that its
-    int64 view is aligned) and are returned as views of it."""
+    int64 view is aligned) and are returned as views of it. ``seq`` [B] is each sample's total
+    length (the caller's sum of lens_SB over the streams)."""
     S, B = lens_SB.shape
-    seq = lens_SB.sum(0)
     if group_ids is not None:
         order = np.argsort(group_ids, kind="stable")
         tokens_per_group = np.bincount(group_ids, weights=seq, minlength=num_groups)
@@ -842,7 +842,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         # Everything the plan kernel would compute is a few numpy ops on B numbers here: no
         # plan launch, and one host-to-device copy for all of it.
         lens_SB, cu_seqlens, order, group_offsets = _host_plan(
-            a, gids if grouped else None, num_groups or 0, device)
+            a, seq, gids if grouped else None, num_groups or 0, device)
     else:
         if host:
             lens = list(_to_device(torch.from_numpy(a), device).unbind(0))  # one copy for all
