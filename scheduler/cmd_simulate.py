@@ -67,16 +67,17 @@ def _run_paper(args) -> int:
     cluster = _cluster(args)
     rows = paper.run_grid(cluster=cluster, progress=not args.quiet)
     placement = paper.placement_study(cluster=cluster, progress=not args.quiet)
+    wave_rule = paper.wave_rule_study(cluster=cluster, progress=not args.quiet)
     iterations = 1000 if args.iterations is None else args.iterations
     dynamic = None
     if iterations > 0:
         dynamic = paper.dynamic_study(iterations, method=args.method, cluster=cluster,
                                       progress=not args.quiet)
     targets = paper.check_targets(rows, placement, dynamic)
-    text = paper.format_markdown(rows, placement, dynamic, targets)
+    text = paper.format_markdown(rows, placement, dynamic, targets, wave_rule)
     print(text, end="")
-    _write_json(args.json, {"rows": rows, "placement": placement, "dynamic": dynamic,
-                            "targets": targets})
+    _write_json(args.json, {"rows": rows, "placement": placement, "wave_rule": wave_rule,
+                            "dynamic": dynamic, "targets": targets})
     if args.markdown:
         import datetime
 

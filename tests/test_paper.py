@@ -43,6 +43,29 @@ def test_targets_and_markdown(grid_rows):
     assert text.count("\n| multitask-clip |") == sum(r["model"] == "multitask-clip" for r in grid_rows)
 
 
+def test_wave_rule_study_matches_the_planner_and_the_grid(grid_rows):
+    from scheduler import zoo
+    from scheduler.planner import plan_problem
+
+    point = ("multitask-clip", 10, 32)
+    (row,) = paper.wave_rule_study([point])
+    problem = zoo.build_problem(*point)
+    for rule, least_idle in (("paper", False), ("least_idle", True)):
+        plan = plan_problem(problem, "spindle", least_idle=least_idle)
+        assert row[rule]["makespan_ms"] == plan["makespan_ms"]
+        assert row[rule]["over_cstar"] == pytest.approx(plan["makespan_ms"] / plan["relaxed_ms"])
+    grid = {r["method"]: r for r in grid_rows if (r["model"], r["tasks"], r["gpus"]) == point}
+    # The paper rule is the grid's spindle; C* is the level optimum the planner computed.
+    assert row["paper"]["speedup"] == pytest.approx(grid["spindle"]["speedup"])
+    assert row["paper"]["over_cstar"] == pytest.approx(grid["spindle"]["over_cstar"])
+    assert row["relaxed_ms"] == pytest.approx(grid["spindle"]["relaxed_ms"])
+    assert row["cstar_speedup"] == pytest.approx(
+        grid["sequential"]["makespan_ms"] / grid["spindle"]["relaxed_ms"])
+    assert grid["sequential"]["over_cstar"] is None  # the baselines have no C*
+    text = paper.format_markdown(grid_rows, wave_rule=[row])
+    assert "| multitask-clip | 10 | 32 | " + f"{row['cstar_speedup']:.2f}x |" in text
+
+
 def test_check_targets_detects_a_broken_ordering():
     def row(method, ms):
         return {"model": "m", "tasks": 2, "gpus": 8, "method": method, "iteration_ms": ms}
