@@ -74,6 +74,7 @@ START = time.monotonic()
 HAS_CUDA = torch.cuda.is_available()
 # The forward kernel's parameters: the script follows grouped_gemm.py as it grows (TMA, ...).
 MM_PARAMS = set(inspect.signature(gg._grouped_mm_kernel.fn).parameters)
+DW_PARAMS = set(inspect.signature(gg._grouped_mm_dw_kernel.fn).parameters)
 # PROGS_PER_SM is only read by the grid: with this many programs per SM the grid is one program
 # per tile for every case here (the largest has ~34k tiles; 132 SMs x 1024 = 135k programs).
 NON_PERSISTENT = 1024
@@ -101,7 +102,8 @@ class Cand:
             load = " tma" if m.get("TMA") else ""
             return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load} gm{m['GROUP_M']} "
                     f"{persist} w{w} s{s}")
-        return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']} w{w} s{s}"  # dW kernel
+        load = " tma" if m.get("TMA") else ""
+        return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
 def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False) -> Cand:
@@ -110,8 +112,8 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False) -> Cand:
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
-def dw_cand(bk, bn, bm, warps, stages) -> Cand:
-    meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm}
+def dw_cand(bk, bn, bm, warps, stages, tma=False) -> Cand:
+    meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
@@ -155,10 +157,14 @@ FWD_CANDIDATES = [
 # plus two usual Hopper shapes, not the whole list.
 DX_CANDIDATES = FWD_CANDIDATES[:10]
 DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows)
-    # the three configs the autotuner tries today (_dw_configs)
-    dw_cand(128, 128, 64, 8, 3),
-    dw_cand(128, 128, 32, 4, 4),
-    dw_cand(64, 128, 64, 4, 4),
+    # the configs the autotuner tries today (_dw_configs), with each kind of load
+    *(dw_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]),
+    dw_cand(128, 128, 64, 8, 4, TMA),
+    dw_cand(128, 256, 64, 8, 3, TMA),
     # deeper pipelines and wider tiles
     dw_cand(128, 128, 64, 8, 4),
     dw_cand(128, 256, 64, 8, 3),
@@ -175,7 +181,7 @@ SMOKE_CASE = {"smoke_3groups_k24": ([5, 0, 9], 24, 24)}
 SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
              mm_cand(16, 16, 16, 2, 1, 4, 1, TMA)]
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
-SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1),
+SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -211,7 +217,7 @@ def mm_args(x_TK, w_GKN, offsets_G, y_TN) -> dict:
     permutation: those pointers are never read, any tensor will do)."""
     T, K = x_TK.shape
     G = w_GKN.shape[0]
-    return dict(
+    args = dict(
         x_ptr=x_TK, w_ptr=w_GKN, bias_ptr=y_TN, y_ptr=y_TN, offsets_ptr=offsets_G,
         perm_ptr=offsets_G,
         T=T, K=K, N=w_GKN.shape[2], G=G, M_BUCKET=gg._m_bucket(T, G),
@@ -224,10 +230,16 @@ def mm_args(x_TK, w_GKN, offsets_G, y_TN) -> dict:
         **({"W_K_CONTIGUOUS": gg._w_k_contiguous(w_GKN)} if "W_K_CONTIGUOUS" in MM_PARAMS
            else {}),
     )
+    if "TMA_OK" in MM_PARAMS:
+        args["TMA_OK"] = gg._tma_ok(args)
+    return args
 
 
 def tma_usable(args: dict) -> bool:
-    """Whether the kernel has a descriptor build and these operands allow it (_tma_ok)."""
+    """Whether the kernel has a descriptor build and these operands allow it (_tma_ok, or
+    _tma_dw_ok for the dW kernel's arguments)."""
+    if "dy_ptr" in args:
+        return "TMA" in DW_PARAMS and hasattr(gg, "_tma_dw_ok") and gg._tma_dw_ok(args)
     return "TMA" in MM_PARAMS and hasattr(gg, "_tma_ok") and gg._tma_ok(args)
 
 
@@ -243,7 +255,7 @@ def dw_args(x_TK, dy_TN, offsets_G, dw_GKN) -> dict:
     T, K = x_TK.shape
     G, N = offsets_G.shape[0], dy_TN.shape[1]
     db = dw_GKN.view(G, K * N)  # never written: HAS_BIAS=False
-    return {
+    args = {
         "x_ptr": x_TK, "dy_ptr": dy_TN, "offsets_ptr": offsets_G, "perm_ptr": offsets_G,
         "dw_ptr": dw_GKN, "db_ptr": db,
         "T": T, "K": K, "N": N, "G": G, "M_BUCKET": gg._m_bucket(T, G),
@@ -254,6 +266,9 @@ def dw_args(x_TK, dy_TN, offsets_G, dw_GKN) -> dict:
         "stride_dbg": db.stride(0), "stride_dbn": db.stride(1),
         "HAS_BIAS": False, "GATHER": False, "INPUT_PRECISION": gg._input_precision(x_TK.dtype),
     }
+    if "TMA_OK" in DW_PARAMS:
+        args["TMA_OK"] = gg._tma_dw_ok(args)
+    return args
 
 
 def dw_grid(args: dict, meta: dict) -> int:
@@ -284,7 +299,8 @@ class KernelSpec:
 
     def meta(self, cand: Cand) -> dict:
         meta = dict(cand.meta)
-        if "TMA" not in MM_PARAMS:  # a kernel without the descriptor build (pointer loads)
+        params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
+        if "TMA" not in params:  # a kernel without the descriptor build (pointer loads)
             meta.pop("TMA", None)
         if self.even_k:
             meta["EVEN_K"] = self.args["K"] % meta["BLOCK_K"] == 0

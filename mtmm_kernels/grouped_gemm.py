@@ -71,13 +71,15 @@ def _grouped_mm_kernel(
     HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
-    TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr,
+    TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, TMA_OK: tl.constexpr,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
     With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
     descriptors: an x tile may run into the next group's rows (their results are never
-    stored) and reads past T or K come back as zeros."""
+    stored) and reads past T or K come back as zeros. TMA_OK (whether the operands allow
+    TMA) only keys the autotuner, so that a config tuned with TMA is never reused for
+    operands that do not allow it."""
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
         offsets_ptr, G, T, BLOCK_M, BLOCK_G)
     if TMA:
@@ -170,9 +172,14 @@ def _grouped_mm_dw_kernel(
     # meta
     HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, TMA_OK: tl.constexpr,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
-    dBias[g] = column sums of dy_g, stored by the K-tile-0 programs."""
+    dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
+    With TMA (Hopper and later; never with GATHER), the group's full row tiles arrive through
+    tensor descriptors; its last partial tile, whose rows run into the next group, takes the
+    masked pointer loads. The rows are summed in the same order either way. TMA_OK only keys
+    the autotuner (see the forward kernel)."""
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -193,7 +200,22 @@ def _grouped_mm_dw_kernel(
     col_ok = cols < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
+    r_tail = start
+    if TMA:
+        # --- full row tiles: every row belongs to the group; reads past K or N are zeros
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N], strides=[stride_dyt, 1],
+                                            block_shape=[BLOCK_M, BLOCK_N])
+        r_tail = start + (end - start) // BLOCK_M * BLOCK_M
+        for r0 in range(start, r_tail, BLOCK_M):
+            a = x_desc.load([r0, tile_k * BLOCK_K])
+            d = dy_desc.load([r0, tile_n * BLOCK_N])
+            acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                db_acc += tl.sum(d.to(tl.float32), 0)
+    # --- masked pointer loads: every tile without TMA, the last partial tile with it
+    for r0 in range(r_tail, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         if GATHER:
@@ -239,14 +261,17 @@ def _mm_configs(interpreter: bool) -> list[triton.Config]:
 
 def _dw_configs(interpreter: bool) -> list[triton.Config]:
     if interpreter:
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), num_warps=4, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, TMA=False), num_warps=4,
+                              num_stages=1)]
     shapes = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows), warps, stages
         (128, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
     ]
-    return [triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m), num_warps=w, num_stages=s)
-            for k, n, m, w, s in shapes]
+    # TMA variants first, as in the forward kernel
+    return [triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m, TMA=tma), num_warps=w,
+                          num_stages=s)
+            for tma in (True, False) for k, n, m, w, s in shapes]
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -254,7 +279,7 @@ def _prune_mm(configs, named_args, **kwargs):
     shared memory. The autotuner passes positional kernel arguments as ``named_args`` and
     keyword ones as ``kwargs``: the launchers use keywords."""
     named_args = {**named_args, **kwargs}
-    if not _tma_ok(named_args):
+    if not named_args["TMA_OK"]:
         configs = [c for c in configs if not c.kwargs["TMA"]]
     bucket = named_args["M_BUCKET"]
     keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
@@ -266,8 +291,12 @@ def _prune_mm(configs, named_args, **kwargs):
 
 
 def _prune_dw(configs, named_args, **kwargs):
-    """fp32 halves the reduction tile to fit shared memory."""
-    if {**named_args, **kwargs}["x_ptr"].dtype != torch.float32:
+    """TMA configs only where the operands allow descriptors; fp32 halves the reduction tile to
+    fit shared memory."""
+    named_args = {**named_args, **kwargs}
+    if not named_args["TMA_OK"]:
+        configs = [c for c in configs if not c.kwargs["TMA"]]
+    if named_args["x_ptr"].dtype != torch.float32:
         return configs
     return [triton.Config({**c.kwargs, "BLOCK_M": min(c.kwargs["BLOCK_M"], 32)},
                           num_warps=c.num_warps, num_stages=min(c.num_stages, 3)) for c in configs]
@@ -280,26 +309,44 @@ TMA = os.environ.get("MTMM_TMA", "1") != "0"
 TMA_ON_CPU = False
 
 
+def _tma_device_ok(t: torch.Tensor) -> bool:
+    """TMA is on and t's device has it: a Hopper or later GPU, or the interpreter when the
+    tests ask for it."""
+    if not TMA:
+        return False
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return TMA_ON_CPU and is_interpreter()
+
+
+def _tma_rows_ok(t: torch.Tensor) -> bool:
+    """A [rows, cols] operand a descriptor can read: columns of unit stride, a 16-byte aligned
+    base and row stride (what TMA requires)."""
+    return (t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
 def _tma_ok(args: dict) -> bool:
-    """Whether the forward kernel may read x and w through tensor descriptors: a Hopper or
-    later GPU, no gather, K and N > 0, unit inner strides and 16-byte aligned bases and outer
-    strides (what TMA requires)."""
+    """Whether the forward kernel may read x and w through tensor descriptors: a device with
+    TMA, no gather, K and N > 0, and layouts TMA can read."""
     x, w = args.get("x_ptr"), args.get("w_ptr")
-    if not TMA or args.get("GATHER", True) or x is None or w is None:
+    if args.get("GATHER", True) or x is None or w is None or not _tma_device_ok(x):
         return False
-    if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif not (TMA_ON_CPU and is_interpreter()):
-        return False
-    if x.shape[1] == 0 or w.shape[2] == 0 or x.stride(1) != 1:
+    if x.shape[1] == 0 or w.shape[2] == 0 or not _tma_rows_ok(x):
         return False
     es = x.element_size()
     k_unit = _w_k_contiguous(w)
     w_outer = [w.stride(0), w.stride(2) if k_unit else w.stride(1)]
     w_inner = w.stride(1) if k_unit else w.stride(2)
-    return (w_inner == 1 and all(st * es % 16 == 0 for st in [x.stride(0), *w_outer])
-            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    return w_inner == 1 and all(st * es % 16 == 0 for st in w_outer) and w.data_ptr() % 16 == 0
+
+
+def _tma_dw_ok(args: dict) -> bool:
+    """Whether the dW kernel may read x and dy through tensor descriptors (as _tma_ok)."""
+    x, dy = args.get("x_ptr"), args.get("dy_ptr")
+    if args.get("GATHER", True) or x is None or dy is None or not _tma_device_ok(x):
+        return False
+    return x.shape[1] > 0 and dy.shape[1] > 0 and _tma_rows_ok(x) and _tma_rows_ok(dy)
 
 
 def _w_k_contiguous(w: torch.Tensor) -> bool:
@@ -333,22 +380,27 @@ def _short_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _autotune(configs, prune, heuristics=None):
+# The autotuner also keys on every tensor argument's dtype. TMA_OK is in every key: a config
+# tuned with descriptors must never be reused for operands that do not allow them.
+_MM_KEY = ["K", "N", "M_BUCKET", "TMA_OK", "W_K_CONTIGUOUS"]
+_DW_KEY = ["K", "N", "M_BUCKET", "TMA_OK"]
+
+
+def _autotune(configs, prune, key, heuristics=None):
     def wrap(kernel):
         inner = triton.heuristics(heuristics)(kernel) if heuristics else kernel
         options = {"do_bench": _short_bench}
         if "do_bench" not in inspect.signature(triton.autotune).parameters:  # older Triton
             options = {}
-        # The autotuner also keys on every tensor argument's dtype.
-        return triton.autotune(configs=configs, key=["K", "N", "M_BUCKET"],
+        return triton.autotune(configs=configs, key=key,
                                prune_configs_by={"early_config_prune": prune}, **options)(inner)
     return wrap
 
 
 _MM_CONFIGS, _DW_CONFIGS = _mm_configs(is_interpreter()), _dw_configs(is_interpreter())
 _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
-_grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _EVEN_K)(_grouped_mm_kernel)
-_grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw)(_grouped_mm_dw_kernel)
+_grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _MM_KEY, _EVEN_K)(_grouped_mm_kernel)
+_grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_grouped_mm_dw_kernel)
 
 
 def _launch(kernel, tuned, configs, prune, grid, args: dict, even_k: bool = False) -> None:
@@ -419,7 +471,8 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
         INPUT_PRECISION=_input_precision(x_TK.dtype), BLOCK_G=_block_g(G),
         W_K_CONTIGUOUS=_w_k_contiguous(w_GKN),
     )
-    if x_TK.is_cuda and _tma_ok(args):
+    args["TMA_OK"] = _tma_ok(args)
+    if x_TK.is_cuda and args["TMA_OK"]:
         _ensure_allocator()
     _launch(_grouped_mm_kernel, _grouped_mm_tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
     return y_TN
@@ -451,6 +504,9 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         HAS_BIAS=need_bias, GATHER=perm_T is not None,
         INPUT_PRECISION=_input_precision(x_TK.dtype),
     )
+    args["TMA_OK"] = _tma_dw_ok(args)
+    if x_TK.is_cuda and args["TMA_OK"]:
+        _ensure_allocator()
     _launch(_grouped_mm_dw_kernel, _grouped_mm_dw_tuned, _DW_CONFIGS, _prune_dw, grid, args)
     return dw_GKN, db_GN
 

@@ -117,10 +117,9 @@ def test_tile_edges(device, K, N):
     check_against_reference(x, w, b, offsets, tail=1)
 
 
-@pytest.fixture
-def tma_path(device, monkeypatch):
-    """The descriptor (TMA) build of the forward kernel, whatever the device: on the CPU the
-    interpreter runs it with a small TMA config; on a GPU it needs compute capability 9+."""
+def _use_tma(device, monkeypatch):
+    """Turn the descriptor (TMA) builds on whatever the device: on the CPU the interpreter runs
+    them with small configs (TMA first); on a GPU they need compute capability 9+."""
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or later GPU")
     monkeypatch.setattr(grouped_gemm, "TMA", True)
@@ -129,14 +128,26 @@ def tma_path(device, monkeypatch):
         monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PROGS_PER_SM=1, TMA=tma),
             num_warps=4, num_stages=1) for tma in (True, False)])
-    seen = []
-    real_prune = grouped_gemm._prune_mm
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=tma), num_warps=4, num_stages=1)
+            for tma in (True, False)])
 
-    def prune(configs, named_args, **kwargs):
-        kept = real_prune(configs, named_args, **kwargs)
-        seen.append(kept[0].kwargs["TMA"])
-        return kept
-    monkeypatch.setattr(grouped_gemm, "_prune_mm", prune)
+
+@pytest.fixture
+def tma_path(device, monkeypatch):
+    """The descriptor builds on (see _use_tma); records, per kernel ("mm": forward and dX,
+    "dw"), whether each launch took the descriptor build."""
+    _use_tma(device, monkeypatch)
+    seen = {"mm": [], "dw": []}
+
+    def spy(kind, real):
+        def prune(configs, named_args, **kwargs):
+            kept = real(configs, named_args, **kwargs)
+            seen[kind].append(kept[0].kwargs["TMA"])
+            return kept
+        return prune
+    monkeypatch.setattr(grouped_gemm, "_prune_mm", spy("mm", grouped_gemm._prune_mm))
+    monkeypatch.setattr(grouped_gemm, "_prune_dw", spy("dw", grouped_gemm._prune_dw))
     return seen
 
 
@@ -145,12 +156,28 @@ def tma_path(device, monkeypatch):
 def test_tma_path(device, tma_path, w_transposed, K, N):
     """x and w tiles through tensor descriptors: tiles that run into the next group's rows,
     K and N that are not multiples of the tiles (the descriptor's zero fill), both layouts of
-    w (dX reads w transposed, so both layouts occur in every backward)."""
+    w (dX reads w transposed, so both layouts occur in every backward). dW: groups with full
+    row tiles (descriptors) and a partial last tile (pointer loads), empty groups, rows past
+    offsets[-1] that must not leak into the last group's dW."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    x, w, b, offsets = make_problem([5, 0, 23, 9, 1], K, N, dtype, device, tail=3,
+    x, w, b, offsets = make_problem([5, 0, 23, 9, 1, 32], K, N, dtype, device, tail=3,
                                     w_transposed=w_transposed)
     check_against_reference(x, w, b, offsets, tail=3)
-    assert tma_path and all(tma_path), "the descriptor build never ran"
+    for kind in ("mm", "dw"):
+        assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
+
+
+def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
+    """The dW kernel sums the rows in the same order with and without descriptors."""
+    _use_tma(device, monkeypatch)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x, _, _, offsets = make_problem([40, 0, 17, 64], 24, 40, dtype, device, tail=5)
+    dy = torch.randn(x.shape[0], 40, dtype=dtype, device=device)
+    with_tma = grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)
+    monkeypatch.setattr(grouped_gemm, "TMA", False)
+    without = grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)
+    for a, b in zip(with_tma, without):
+        assert torch.equal(a, b)
 
 
 def test_tma_needs_aligned_unit_stride_operands(device, tma_path):
@@ -159,8 +186,43 @@ def test_tma_needs_aligned_unit_stride_operands(device, tma_path):
     x, w, b, offsets = make_problem([6, 11], 12, 16, dtype, device)
     x_odd = torch.randn(x.shape[0], 13, dtype=dtype, device=device)[:, :12]  # 26-byte rows
     check_against_reference(x_odd, w, b, offsets)
-    assert tma_path[0] is False
+    assert tma_path["mm"][0] is False and tma_path["dw"] == [False]
     assert not grouped_gemm._tma_ok(dict(x_ptr=x, w_ptr=w, GATHER=True))
+    assert not grouped_gemm._tma_dw_ok(dict(x_ptr=x, dy_ptr=x, GATHER=True))
+
+
+def test_tuned_descriptor_config_is_not_reused_for_unaligned_operands(device, monkeypatch):
+    """The autotuner keys on whether the operands allow TMA: after a call whose tuning chose
+    the descriptor build, a call with the same sizes but an odd row stride must not reuse it."""
+    _use_tma(device, monkeypatch)
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", True)
+    if device.type == "cpu":  # tuners over the interpreter's TMA-first configs
+        monkeypatch.setattr(grouped_gemm, "_grouped_mm_tuned", grouped_gemm._autotune(
+            grouped_gemm._MM_CONFIGS, grouped_gemm._prune_mm, grouped_gemm._MM_KEY,
+            grouped_gemm._EVEN_K)(grouped_gemm._grouped_mm_kernel))
+        monkeypatch.setattr(grouped_gemm, "_grouped_mm_dw_tuned", grouped_gemm._autotune(
+            grouped_gemm._DW_CONFIGS, grouped_gemm._prune_dw, grouped_gemm._DW_KEY)(
+                grouped_gemm._grouped_mm_dw_kernel))
+        for tuner in (grouped_gemm._grouped_mm_tuned, grouped_gemm._grouped_mm_dw_tuned):
+            # every config "measures" the same: the first (the descriptor build) wins
+            monkeypatch.setattr(tuner, "do_bench", lambda fn, quantiles=None: [1.0, 1.0, 1.0])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x, w, b, offsets = make_problem([9, 20], 16, 16, dtype, device)
+    check_against_reference(x, w, b, offsets)
+    if device.type == "cpu":
+        assert grouped_gemm._grouped_mm_tuned.best_config.kwargs["TMA"]
+    # The same sizes, an odd row stride: forward and dW alone (dX reads dy, which is aligned).
+    x_odd = torch.randn(x.shape[0], 17, dtype=dtype, device=device)[:, :16]  # 34-byte rows
+    with torch.no_grad():
+        y = grouped_mm(x_odd, w, offsets, b)
+    assert not grouped_gemm._grouped_mm_tuned.best_config.kwargs["TMA"]
+    y64 = ref.grouped_mm_reference(x_odd.double(), w.double(), offsets.cpu(), b.double())
+    assert rel_err(y, y64) < TOL[dtype]
+    dy = torch.randn_like(y)
+    dw, db = grouped_gemm._launch_grouped_mm_dw(x_odd, dy, offsets, None, True)
+    assert not grouped_gemm._grouped_mm_dw_tuned.best_config.kwargs["TMA"]
+    dw64, db64 = ref.grouped_mm_dw_reference(x_odd.double(), dy.double(), offsets.cpu(), True)
+    assert rel_err(dw, dw64) < TOL[dtype] and rel_err(db, db64) < TOL[dtype]
 
 
 def test_int64_offsets_and_strided_x(device):
@@ -329,17 +391,24 @@ def test_gpu_config_pruning(dtype):
                                 grouped_gemm._grouped_mm_kernel)
     x = torch.empty(1, 1, dtype=dtype)
     tuner.nargs = {}
-    for bucket, heights in ((3, {64}), (9, {64, 128}), (13, {128})):
-        kept = tuner.prune_configs({"M_BUCKET": bucket, "x_ptr": x})
-        assert {c.kwargs["BLOCK_M"] for c in kept} == heights
-        assert all(c.kwargs["BLOCK_K"] <= (32 if dtype == torch.float32 else 64) for c in kept)
-    dw_tuner = triton.autotune(configs=grouped_gemm._dw_configs(interpreter=False), key=["K"],
+    for tma_ok in (False, True):
+        for bucket, heights in ((3, {64}), (9, {64, 128}), (13, {128})):
+            kept = tuner.prune_configs({"M_BUCKET": bucket, "x_ptr": x, "TMA_OK": tma_ok})
+            assert {c.kwargs["BLOCK_M"] for c in kept} == heights
+            assert all(c.kwargs["BLOCK_K"] <= (32 if dtype == torch.float32 else 64) for c in kept)
+            # descriptor builds only where the operands allow them, and then first
+            assert {c.kwargs["TMA"] for c in kept} == ({True, False} if tma_ok else {False})
+            assert kept[0].kwargs["TMA"] == tma_ok
+    dw_configs = grouped_gemm._dw_configs(interpreter=False)
+    dw_tuner = triton.autotune(configs=dw_configs, key=["K"],
                                prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(
                                    grouped_gemm._grouped_mm_dw_kernel)
     dw_tuner.nargs = {}
-    kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x})
-    assert len(kept) == len(grouped_gemm._dw_configs(interpreter=False))
-    assert all(c.kwargs["BLOCK_M"] <= (32 if dtype == torch.float32 else 64) for c in kept)
+    for tma_ok in (False, True):
+        kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
+        assert len(kept) == sum(tma_ok or not c.kwargs["TMA"] for c in dw_configs)
+        assert all(c.kwargs["BLOCK_M"] <= (32 if dtype == torch.float32 else 64) for c in kept)
+        assert kept[0].kwargs["TMA"] == tma_ok
 
 
 def test_fake_implementations_trace(device):
