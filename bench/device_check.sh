@@ -3,17 +3,18 @@
 # (its own time limit and JSON, so one slow stage loses nothing else); optionally the varlen
 # tile sweep, a grouped-GEMM config sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
-# STAGES (default "tests varlen grouped_gemm train_step"; also "varlen_sweep", "sweep" and
+# STAGES (default "tests varlen grouped_gemm train_step host"; also "varlen_sweep", "sweep" and
 # "profile") picks stages. Everything goes to OUT_DIR/work; OUT_DIR itself gets three files (the device
 # tool brings back only a few): results.tar.gz (all of work/, refreshed after every stage),
 # summary.md (every table and the test summary) and info.json. The default stages take about
 # 4-6 minutes on an H200 (most of the test time is Triton compiling, spread over TEST_SHARDS
-# pytest processes, each limited to TEST_LIMIT seconds). "sweep" adds ~2 minutes, "profile" ~30 s.
+# pytest processes, each limited to TEST_LIMIT seconds). "host" (the small grouped GEMM's host
+# time, layer by layer) takes ~20 s, "sweep" ~2 minutes, "profile" ~30 s.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/latest}}
-STAGES=${2:-"tests varlen grouped_gemm train_step"}
+STAGES=${2:-"tests varlen grouped_gemm train_step host"}
 mkdir -p "$OUT_DIR/work"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 W="$OUT_DIR/work"
@@ -76,6 +77,12 @@ wants varlen_sweep && bench varlen_sweep 60 bench/bench_varlen.py -k sweep
 wants grouped_gemm && bench grouped_gemm 75 bench/bench_grouped_gemm.py
 wants train_step && bench train_step 35 bench/bench_train_step.py
 
+if wants host; then
+    stamp "host overhead"
+    timeout 60 python bench/host_overhead.py "$W/host" >"$W/host_overhead.log" 2>&1 || status=1
+    tail -12 "$W/host_overhead.log"
+    bundle
+fi
 if wants sweep; then
     stamp "sweep grouped_gemm configs"
     timeout 120 python bench/sweep_grouped_gemm.py "$W/sweep_grouped_gemm.json" --max-seconds 100 \
