@@ -403,12 +403,25 @@ _grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _MM_KEY, _EVEN_K)(_grouped
 _grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_grouped_mm_dw_kernel)
 
 
+# (tuner, its key's values, x's dtype) -> the config it chose. Once a key is tuned, launches skip
+# triton.autotune and triton.heuristics (the small-group cases are bound by host time). x's
+# dtype is the only dtype the choice depends on: the others follow from it or only select a
+# compiled variant of the chosen config.
+_TUNED_CONFIGS: dict[tuple, triton.Config] = {}
+
+
 def _launch(kernel, tuned, configs, prune, grid, args: dict, even_k: bool = False) -> None:
-    """Launch through the autotuner, or with the first config that survives pruning."""
+    """Launch with the config the autotuner chose for these arguments (tuning on the first
+    call of each key), or, without autotuning, the first config that survives pruning."""
     if AUTOTUNE:
-        tuned[grid](**args)
-        return
-    config = prune(configs, args)[0]
+        key = (tuned, args["x_ptr"].dtype, *[args[k] for k in tuned.keys])
+        config = _TUNED_CONFIGS.get(key)
+        if config is None:
+            tuned[grid](**args)
+            _TUNED_CONFIGS[key] = tuned.best_config
+            return
+    else:
+        config = prune(configs, args)[0]
     meta = dict(config.kwargs)
     if even_k:
         meta["EVEN_K"] = args["K"] % meta["BLOCK_K"] == 0

@@ -196,6 +196,7 @@ def test_tuned_descriptor_config_is_not_reused_for_unaligned_operands(device, mo
     the descriptor build, a call with the same sizes but an odd row stride must not reuse it."""
     _use_tma(device, monkeypatch)
     monkeypatch.setattr(grouped_gemm, "AUTOTUNE", True)
+    monkeypatch.setattr(grouped_gemm, "_TUNED_CONFIGS", {})
     if device.type == "cpu":  # tuners over the interpreter's TMA-first configs
         monkeypatch.setattr(grouped_gemm, "_grouped_mm_tuned", grouped_gemm._autotune(
             grouped_gemm._MM_CONFIGS, grouped_gemm._prune_mm, grouped_gemm._MM_KEY,
@@ -377,8 +378,26 @@ def test_autotuned_path(device, monkeypatch):
     surviving config on a GPU)."""
     tuned = grouped_gemm.is_interpreter() or device.type == "cuda"
     monkeypatch.setattr(grouped_gemm, "AUTOTUNE", tuned)
+    monkeypatch.setattr(grouped_gemm, "_TUNED_CONFIGS", {})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x, w, b, offsets = make_problem([30, 0, 97, 5], 64, 40, dtype, device, tail=2)
+    check_against_reference(x, w, b, offsets, tail=2)
+    if not tuned:
+        return
+    # Tuned once per key (forward, dX with w's other layout, dW); later calls launch the
+    # chosen config directly, without the autotuner, and give the same results.
+    chosen = grouped_gemm._TUNED_CONFIGS
+    assert {k[0] for k in chosen} == {grouped_gemm._grouped_mm_tuned,
+                                      grouped_gemm._grouped_mm_dw_tuned}
+    assert len(chosen) == 3
+    calls = []
+    real_run = grouped_gemm._grouped_mm_tuned.run
+    monkeypatch.setattr(grouped_gemm._grouped_mm_tuned, "run",
+                        lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    first = grouped_mm(x, w, offsets, b)
+    again = grouped_mm(x, w, offsets, b)
+    assert calls == [] and len(chosen) == 3
+    assert torch.equal(first, again)
     check_against_reference(x, w, b, offsets, tail=2)
 
 
