@@ -23,6 +23,7 @@ __all__ = [
     "device_name",
     "element_bytes",
     "next_power_of_2",
+    "cdiv",
 ]
 
 
@@ -76,3 +77,9 @@ def element_bytes(dtype: torch.dtype) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints for launch grids: ``triton.cdiv`` does the same through
+    Triton's function machinery, about 2 us per call on the host."""
+    return -(-a // b)

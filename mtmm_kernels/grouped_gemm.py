@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_utils import is_interpreter, next_power_of_2, triton_runs_on
+from ._triton_utils import cdiv, is_interpreter, next_power_of_2, triton_runs_on
 
 __all__ = ["grouped_mm", "grouped_mm_by_ids"]
 
@@ -467,8 +467,8 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
 
     def grid(meta):
         # Upper bound of the M-tiles: every group and the tail add at most one partial tile.
-        m_tiles = triton.cdiv(T, meta["BLOCK_M"]) + G + 1
-        tiles = m_tiles * triton.cdiv(N, meta["BLOCK_N"])
+        m_tiles = cdiv(T, meta["BLOCK_M"]) + G + 1
+        tiles = m_tiles * cdiv(N, meta["BLOCK_N"])
         return (min(tiles, max_progs * meta["PROGS_PER_SM"]),)
 
     bias = bias_GN if bias_GN is not None else y_TN  # never read: HAS_BIAS=False
@@ -503,7 +503,7 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         return dw_GKN, db
 
     def grid(meta):
-        return (G * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (G * cdiv(K, meta["BLOCK_K"]) * cdiv(N, meta["BLOCK_N"]),)
 
     perm = perm_T if perm_T is not None else offsets_G  # never read: GATHER=False
     db = db_GN if need_bias else dw_GKN.view(G, K * N)  # never written: HAS_BIAS=False
@@ -631,7 +631,10 @@ class _GroupedMmFunction(torch.autograd.Function):
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if torch.compiler.is_compiling():
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
-    return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
+    return _grouped_mm_impl(x, w, offsets, bias, perm)  # no graph to record: skip autograd
 
 
 # --- public functions -----------------------------------------------------------------------

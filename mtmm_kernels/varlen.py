@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from mtmm_kernels import reference
-from mtmm_kernels._triton_utils import has_triton, next_power_of_2, triton_runs_on
+from mtmm_kernels._triton_utils import cdiv, has_triton, next_power_of_2, triton_runs_on
 
 if has_triton():
     import triton
@@ -378,7 +378,7 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     block_r, block_h, num_warps = _tile_config(H, x0.element_size())
     strides = [x.stride(0) for x in streams] + [x.stride(1) for x in streams] + [H]
     # H == 0 still needs one column of programs: the metadata is owed
-    grid = (triton.cdiv(total, block_r), max(1, triton.cdiv(H, block_h)))
+    grid = (cdiv(total, block_r), max(1, cdiv(H, block_h)))
     _varlen_pack_kernel[grid](
         tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
         order if order is not None else cu_seqlens,
@@ -400,10 +400,10 @@ def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
     B = cu_seqlens.shape[0] - 1
     outs = [values.new_empty(B, L, H) for L in max_lens]
     block_r, block_h, num_warps = _tile_config(H, values.element_size())
-    n_blocks = sum(triton.cdiv(B * L, block_r) for L in max_lens)
+    n_blocks = sum(cdiv(B * L, block_r) for L in max_lens)
     if n_blocks == 0 or H == 0:
         return outs
-    _varlen_unpack_kernel[(n_blocks, triton.cdiv(H, block_h))](
+    _varlen_unpack_kernel[(n_blocks, cdiv(H, block_h))](
         values, lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
         order if order is not None else cu_seqlens, tuple(outs),
         T, H, B, tuple(max_lens), values.stride(0),
@@ -420,7 +420,7 @@ def _launch_token_meta(cu_seqlens: torch.Tensor, total: int):
     seq_ids = torch.empty(total, dtype=torch.int32, device=cu_seqlens.device)
     if total > 0:
         block = 1024
-        _varlen_token_meta_kernel[(triton.cdiv(total, block),)](
+        _varlen_token_meta_kernel[(cdiv(total, block),)](
             cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B), BLOCK=block,
             num_warps=4,
         )
@@ -591,8 +591,13 @@ _pack_op.register_autograd(_pack_backward, setup_context=_pack_setup_context)
 _unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup_context)
 
 
-# Eager calls take the autograd.Functions (a few microseconds to dispatch); torch.compile
-# traces the custom ops, whose fake implementations give it the output shapes.
+# Eager calls take the autograd.Functions (a few microseconds to dispatch) where a gradient is
+# wanted, else the kernels directly; torch.compile traces the custom ops, whose fake
+# implementations give it the output shapes.
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _plan(lengths, group_ids, num_groups, max_lens):
     if torch.compiler.is_compiling():
         return _plan_op(lengths, group_ids, num_groups, max_lens)
@@ -602,13 +607,17 @@ def _plan(lengths, group_ids, num_groups, max_lens):
 def _pack(streams, lens_SB, cu_seqlens, order, total):
     if torch.compiler.is_compiling():
         return _pack_op(streams, lens_SB, cu_seqlens, order, total)
-    return _PackFunction.apply(lens_SB, cu_seqlens, order, total, *streams)
+    if _wants_grad(*streams):
+        return _PackFunction.apply(lens_SB, cu_seqlens, order, total, *streams)
+    return _pack_impl(streams, lens_SB, cu_seqlens, order, total)
 
 
 def _unpack(values, lens_SB, cu_seqlens, order, max_lens):
     if torch.compiler.is_compiling():
         return _unpack_op(values, lens_SB, cu_seqlens, order, max_lens)
-    return _UnpackFunction.apply(values, lens_SB, cu_seqlens, order, list(max_lens))
+    if _wants_grad(values):
+        return _UnpackFunction.apply(values, lens_SB, cu_seqlens, order, list(max_lens))
+    return _unpack_impl(values, lens_SB, cu_seqlens, order, list(max_lens))
 
 
 def _token_meta(cu_seqlens, total):
