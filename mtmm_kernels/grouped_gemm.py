@@ -315,8 +315,13 @@ def _tma_device_ok(t: torch.Tensor) -> bool:
     if not TMA:
         return False
     if t.device.type == "cuda":
-        return torch.cuda.get_device_capability(t.device)[0] >= 9
+        return _capability_major(t.device) >= 9
     return TMA_ON_CPU and is_interpreter()
+
+
+@functools.cache
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _tma_rows_ok(t: torch.Tensor) -> bool:
