@@ -24,6 +24,7 @@ __all__ = [
     "element_bytes",
     "next_power_of_2",
     "cdiv",
+    "wants_grad",
 ]
 
 
@@ -83,3 +84,9 @@ def cdiv(a: int, b: int) -> int:
     """Ceiling division of Python ints for launch grids: ``triton.cdiv`` does the same through
     Triton's function machinery, about 2 us per call on the host."""
     return -(-a // b)
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must record a call on these inputs (None entries are ignored): eager
+    calls that need no gradient can skip an ``autograd.Function`` and its dispatch cost."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_utils import cdiv, is_interpreter, next_power_of_2, triton_runs_on
+from ._triton_utils import (cdiv, is_interpreter, next_power_of_2, triton_runs_on,
+                            wants_grad)
 
 __all__ = ["grouped_mm", "grouped_mm_by_ids"]
 
@@ -408,10 +409,10 @@ _grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _MM_KEY, _EVEN_K)(_grouped
 _grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_grouped_mm_dw_kernel)
 
 
-# (tuner, its key's values, x's dtype) -> the config it chose. Once a key is tuned, launches skip
-# triton.autotune and triton.heuristics (the small-group cases are bound by host time). x's
-# dtype is the only dtype the choice depends on: the others follow from it or only select a
-# compiled variant of the chosen config.
+# (tuner, x's dtype, the values of its key) -> the config it chose. Once a key is tuned,
+# launches skip triton.autotune and triton.heuristics (the small-group cases are bound by host
+# time). x's dtype is the only dtype the choice depends on: the others follow from it or only
+# select a compiled variant of the chosen config.
 _TUNED_CONFIGS: dict[tuple, triton.Config] = {}
 
 
@@ -636,8 +637,7 @@ class _GroupedMmFunction(torch.autograd.Function):
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if torch.compiler.is_compiling():
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if wants_grad(x, w, bias):
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
     return _grouped_mm_impl(x, w, offsets, bias, perm)  # no graph to record: skip autograd
 

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from mtmm_kernels import reference
-from mtmm_kernels._triton_utils import cdiv, has_triton, next_power_of_2, triton_runs_on
+from mtmm_kernels._triton_utils import (cdiv, has_triton, next_power_of_2, triton_runs_on,
+                                       wants_grad)
 
 if has_triton():
     import triton
@@ -594,10 +595,6 @@ _unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup_conte
 # Eager calls take the autograd.Functions (a few microseconds to dispatch) where a gradient is
 # wanted, else the kernels directly; torch.compile traces the custom ops, whose fake
 # implementations give it the output shapes.
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _plan(lengths, group_ids, num_groups, max_lens):
     if torch.compiler.is_compiling():
         return _plan_op(lengths, group_ids, num_groups, max_lens)
@@ -607,7 +604,7 @@ def _plan(lengths, group_ids, num_groups, max_lens):
 def _pack(streams, lens_SB, cu_seqlens, order, total):
     if torch.compiler.is_compiling():
         return _pack_op(streams, lens_SB, cu_seqlens, order, total)
-    if _wants_grad(*streams):
+    if wants_grad(*streams):
         return _PackFunction.apply(lens_SB, cu_seqlens, order, total, *streams)
     return _pack_impl(streams, lens_SB, cu_seqlens, order, total)
 
@@ -615,7 +612,7 @@ def _pack(streams, lens_SB, cu_seqlens, order, total):
 def _unpack(values, lens_SB, cu_seqlens, order, max_lens):
     if torch.compiler.is_compiling():
         return _unpack_op(values, lens_SB, cu_seqlens, order, max_lens)
-    if _wants_grad(values):
+    if wants_grad(values):
         return _UnpackFunction.apply(values, lens_SB, cu_seqlens, order, list(max_lens))
     return _unpack_impl(values, lens_SB, cu_seqlens, order, list(max_lens))
 
