@@ -747,8 +747,8 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
         if ids_T.numel() > 0 and (int(ids_T.min()) < 0 or int(ids_T.max()) >= G):
             raise ValueError(f"group_ids must lie in [0, G={G}), got values in "
                              f"[{int(ids_T.min())}, {int(ids_T.max())}]")
-    else:  # out-of-range ids go past the last group, where rows are zero
-        ids_T = torch.where((ids_T >= 0) & (ids_T < G), ids_T, G)
+    else:  # out-of-range ids go past the last group, where rows are zero: -1 and G map to G
+        ids_T = ids_T.clamp(-1, G).remainder_(G + 1)  # two launches (a where takes four)
     sorted_T, perm_T = torch.sort(ids_T, stable=True)
     groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
     offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)

@@ -324,6 +324,35 @@ def test_by_ids_matches_sort_then_grouped_mm(device, dtype):
     assert torch.equal(bl.grad[3], torch.zeros_like(bl.grad[3]))
 
 
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_by_ids_unchecked_ids_outside_the_groups_give_zero_rows(device, monkeypatch, ids_dtype):
+    """Where ids are not checked (a GPU: checking would sync), an id outside [0, G) gives a
+    zero row, a zero input gradient and no share of any dW or dBias."""
+    monkeypatch.setattr(grouped_gemm, "_values_checkable", lambda t: False)
+    G, T, K, N = 4, 29, 9, 7
+    ids = torch.randint(0, G, (T,), dtype=ids_dtype)
+    bad = torch.tensor([0, 5, 11, 28])
+    ids[bad] = torch.tensor([-1, G, -7, G + 9], dtype=ids_dtype)
+    ids = ids.to(device)
+    x, w, b = (torch.randn(*s, device=device) for s in ((T, K), (G, K, N), (G, N)))
+    xl, wl, bl = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm_by_ids(xl, wl, ids, bl)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    good = torch.ones(T, dtype=torch.bool)
+    good[bad] = False
+    good = good.to(device)
+    x64, w64, b64 = (leaf(t.double()) for t in (x, w, b))
+    y64 = ref.grouped_mm_by_ids_reference(x64[good], w64, ids[good], b64)
+    y64.backward(dy[good].double())
+    assert torch.equal(y[~good], torch.zeros_like(y[~good]))
+    assert rel_err(y[good], y64) < TOL[torch.float32]
+    assert torch.equal(xl.grad[~good], torch.zeros_like(xl.grad[~good]))
+    assert rel_err(xl.grad[good], x64.grad[good]) < TOL[torch.float32]
+    assert rel_err(wl.grad, w64.grad) < TOL[torch.float32]
+    assert rel_err(bl.grad, b64.grad) < TOL[torch.float32]
+
+
 # --- degenerate sizes -----------------------------------------------------------------------
 
 
