@@ -78,12 +78,12 @@ def _grouped_mm_kernel(
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
     With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
     descriptors: an x tile may run into the next group's rows (their results are never
-    stored) and reads past T or K come back as zeros. TMA_OK (whether the operands allow
-    TMA) only keys the autotuner, so that a config tuned with TMA is never reused for
-    operands that do not allow it."""
+    stored) and reads past T or K come back as zeros. TMA_OK says whether these operands
+    allow descriptors; a config's TMA takes effect only where they do, so a config tuned on
+    aligned operands stays correct on others of the same sizes."""
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
         offsets_ptr, G, T, BLOCK_M, BLOCK_G)
-    if TMA:
+    if TMA and TMA_OK:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
         if W_K_CONTIGUOUS:  # w is a [G, N, K] tensor seen as [G, K, N]
@@ -123,7 +123,7 @@ def _grouped_mm_kernel(
         # --- main loop; the pseudo-group G (rows past offsets[-1]) skips it and stores zeros
         k_stop = tl.where(g < G, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if TMA:
+        if TMA and TMA_OK:
             for k0 in range(0, k_stop, BLOCK_K):
                 a = x_desc.load([row0, k0])
                 if W_K_CONTIGUOUS:
@@ -179,8 +179,8 @@ def _grouped_mm_dw_kernel(
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
     With TMA (Hopper and later; never with GATHER), the group's full row tiles arrive through
     tensor descriptors; its last partial tile, whose rows run into the next group, takes the
-    masked pointer loads. The rows are summed in the same order either way. TMA_OK only keys
-    the autotuner (see the forward kernel)."""
+    masked pointer loads. The rows are summed in the same order either way. TMA_OK as in the
+    forward kernel."""
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -202,7 +202,7 @@ def _grouped_mm_dw_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     r_tail = start
-    if TMA:
+    if TMA and TMA_OK:
         # --- full row tiles: every row belongs to the group; reads past K or N are zeros
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -386,10 +386,10 @@ def _short_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-# The autotuner also keys on every tensor argument's dtype. TMA_OK is in every key: a config
-# tuned with descriptors must never be reused for operands that do not allow them.
-_MM_KEY = ["K", "N", "M_BUCKET", "TMA_OK", "W_K_CONTIGUOUS"]
-_DW_KEY = ["K", "N", "M_BUCKET", "TMA_OK"]
+# Tuned once per K, N and bucket of the mean group size (the autotuner also keys on the
+# dtypes), so new batch sizes never retune. A config tuned with descriptors may then meet
+# operands that do not allow them: the kernels take the pointer loads there (TMA_OK).
+_MM_KEY = _DW_KEY = ["K", "N", "M_BUCKET"]
 
 
 def _autotune(configs, prune, key, heuristics=None):
