@@ -15,8 +15,9 @@ rows (no program is spent on padding; each row finds its sequence by binary sear
 cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
 and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
 the backward of each is the other, computed by the same kernels. Rows are copied as
-[BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride is a multiple of 16 bytes
-the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte vectors. (A pack
+[BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride and base address is a
+multiple of 16 bytes the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte
+vectors, whatever H (bench/sass_report.py shows the machine code, tests/test_sass.py holds it). (A pack
 that first labels the rows sequence by sequence in an extra launch, so that the copy needs no
 search, passed the GPU tests but measured slower on 2 of the 3 benchmark cases on an H200,
 2026-11-27: see bench/results/h200/README.md.)
@@ -83,6 +84,16 @@ if triton is not None:
             start = tl.load(cu_seqlens_ptr + cand, mask=in_range, other=0)
             p = tl.where(in_range & (start <= rows), cand, p)
         return p
+
+    @triton.jit
+    def _vector_bound(H, ROW_ALIGN: tl.constexpr):
+        """H, written so that Triton sees it is a multiple of ROW_ALIGN (which divides every
+        row stride, H included). Triton only knows divisibility by 16 of an int argument, so
+        ``cols < H`` with H = 1000 would split every 16-byte vector into single-element
+        loads; ``cols < (H // 8) * 8`` keeps the 8-element vectors of a bf16 row."""
+        if ROW_ALIGN > 1:
+            return (H // ROW_ALIGN) * ROW_ALIGN
+        return H
 
     # Sizes that change every batch are not specialised on (no recompiles per batch).
     @triton.jit(do_not_specialize=["B", "G"])
@@ -186,7 +197,7 @@ if triton is not None:
         pid_h = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # T < 2**31 (int32 cu_seqlens)
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        col_ok = cols < H
+        col_ok = cols < _vector_bound(H, ROW_ALIGN)
         # --- the packed sequence of each row, its sample and the row's position in it
         p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
         seq_start = tl.load(cu_seqlens_ptr + p)
@@ -197,11 +208,12 @@ if triton is not None:
             b = tl.minimum(tl.maximum(b, 0), B - 1)
         else:
             b = p.to(tl.int64)
-        # --- gather each row from the stream that holds it (the masks are disjoint, so every
-        # element is read once whatever S)
-        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=dst_ptr.dtype.element_ty)
+        # --- the stream that holds each row and the row's address there; then one gather of
+        # the tile through per-row pointers (S masked loads of the whole tile would hold S
+        # tiles in registers: 104 instead of 48 per thread at S = 3, bench/sass_report.py)
         modality = tl.zeros([BLOCK_R], dtype=tl.int32)
         stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
+        in_stream = rows < 0  # all False
         for s in tl.static_range(S):
             if LENS_FROM_CU:
                 n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
@@ -212,11 +224,18 @@ if triton is not None:
             src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
             if ROW_ALIGN > 1:
                 src_off = tl.multiple_of(src_off, ROW_ALIGN)
-            x = tl.load(src_ptrs[s] + src_off[:, None] + cols[None, :],
-                        mask=sel[:, None] & col_ok[None, :], other=0)
-            acc = tl.where(sel[:, None], x, acc)
+            if s == 0:
+                src_row = src_ptrs[0] + src_off
+            else:
+                src_row = tl.where(sel, src_ptrs[s] + src_off, src_row)
+                if ROW_ALIGN > 1:  # Triton 3.9 forgets the alignment of a pointer select
+                    src_row = tl.multiple_of(
+                        src_row, ROW_ALIGN * (dst_ptr.dtype.element_ty.primitive_bitwidth // 8))
+            in_stream = in_stream | sel
             modality = tl.where(sel, s, modality)
             stream_start += n
+        acc = tl.load(src_row[:, None] + cols[None, :], mask=in_stream[:, None] & col_ok[None, :],
+                      other=0)
         # --- store every row below T: rows past cu_seqlens[B] (a wrong `total`) get zeros
         dst_off = rows.to(tl.int64) * stride_t
         if ROW_ALIGN > 1:
@@ -253,7 +272,7 @@ if triton is not None:
         pid_r = tl.program_id(0)
         pid_h = tl.program_id(1)
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        col_ok = cols < H
+        col_ok = cols < _vector_bound(H, ROW_ALIGN)
         first_block = tl.zeros([], dtype=tl.int64)
         for s in tl.static_range(S):
             L = max_lens[s]
@@ -327,12 +346,13 @@ def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
     return block_r, block_h, 4
 
 
-def _row_align(element_size: int, *strides: int) -> int:
-    """Largest power of two (elements, at most one 16-byte vector) dividing every row
-    stride: what the kernels may promise Triton with tl.multiple_of."""
+def _row_align(element_size: int, tensors: list[torch.Tensor], *strides: int) -> int:
+    """Largest power of two (elements, at most one 16-byte vector) dividing every row stride
+    and the base address of every tensor: what the kernels may promise Triton with
+    tl.multiple_of (the pack promises it of whole row addresses)."""
     align = max(1, 16 // element_size)
-    for stride in strides:
-        while align > 1 and stride % align:
+    for value in [*strides, *(t.data_ptr() // element_size for t in tensors)]:
+        while align > 1 and value % align:
             align //= 2
     return align
 
@@ -388,7 +408,7 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
         tuple(x.shape[1] for x in streams),
         tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
         S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
-        WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), *strides),
+        WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), [*streams, values], *strides),
         BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
     )
     return values, position_ids, seq_ids, modality_ids
@@ -409,7 +429,7 @@ def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
         order if order is not None else cu_seqlens, tuple(outs),
         T, H, B, tuple(max_lens), values.stride(0),
         S=len(max_lens), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
-        ROW_ALIGN=_row_align(values.element_size(), values.stride(0), H),
+        ROW_ALIGN=_row_align(values.element_size(), [values, *outs], values.stride(0), H),
         BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
     )
     return outs

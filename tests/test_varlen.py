@@ -7,6 +7,8 @@ TRITON_INTERPRET=1), so shapes stay small and odd.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 import pytest
@@ -358,6 +360,31 @@ def test_non_contiguous_inputs(device):
     v = vbig[:, 1 : 1 + H]  # row stride 2H
     assert torch.equal(unpack(v, pb.cu_seqlens, L).cpu(),
                        R.varlen_unpack(v.cpu(), pb.cu_seqlens.cpu(), L))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 4])
+def test_streams_at_unaligned_addresses(device, shift):
+    """The kernels promise Triton 16-byte row vectors only where every stride and every base
+    address allows them: streams that start `shift` fp16 elements into their storage (2 or 8
+    bytes off a 16-byte boundary) pack and unpack exactly (on a GPU a broken promise is a
+    misaligned-address fault). H = 24 is a multiple of 8 but not of 16 elements."""
+    B, H, Ls = 5, 24, (3, 6)
+    xs = []
+    for L in Ls:
+        storage = torch.randn(B * L * H + shift).half().to(device)
+        xs.append(storage[shift:].view(B, L, H))
+    lens = [_lengths(B, L) for L in Ls]
+    expected_align = {0: 8, 1: 1, 4: 4}[shift]
+    assert V._row_align(2, xs, H, L * H) == expected_align
+    pb = pack_multimodal(xs, lens, torch.tensor([1, 0, 1, 0, 0]), num_groups=2)
+    ref = R.varlen_pack([x.cpu() for x in xs], lens, torch.tensor([1, 0, 1, 0, 0]), 2)
+    _assert_matches(pb, ref, multimodal=True, grouped=True)
+    out_storage = torch.zeros(pb.values.numel() + shift, dtype=torch.half, device=device)
+    values = out_storage[shift:].view_as(pb.values).copy_(pb.values)
+    outs = unpack_multimodal(dataclasses.replace(pb, values=values), lens, Ls)
+    for got, x, lens_B in zip(outs, xs, lens):
+        valid = torch.arange(x.shape[1], device=device)[None, :] < lens_B.to(device)[:, None]
+        assert torch.equal(got, x * valid[..., None])
 
 
 def test_device_plan_path_matches_and_validates(device, monkeypatch):

@@ -1,0 +1,249 @@
+"""What the kernels compile to on an NVIDIA GPU, read on a machine without one.
+
+Triton compiles for any target without a device: this script points Triton at a stand-in
+driver for one architecture (sm_90, Hopper, by default), calls the real launchers with CPU
+tensors (Triton binds, specialises and compiles exactly as for a launch; only the launch
+itself is skipped) and reads the cubins with the ``cuobjdump`` and ``nvdisasm`` that ship with
+Triton. For every kernel and config it reports registers per thread, local memory (register
+spills), static and dynamic shared memory, and the instructions that decide speed:
+
+  ldg128 / stg128    16-byte global loads / stores (what a copy kernel needs)
+  ldg / stg          narrower global loads / stores (metadata, gathers)
+  ldgsts             cp.async global -> shared copies (pipelined pointer loads)
+  utmaldg            TMA tensor loads (descriptor loads on Hopper)
+  hgmma / hmma       warpgroup (Hopper) / warp-level tensor-core MMAs
+
+    python bench/sass_report.py [--arch 90] [--json OUT.json] [--only varlen|grouped_gemm]
+
+tests/test_sass.py runs it and checks the properties the kernel issues ask for (16-byte
+copies in the varlen kernels, wgmma and TMA in the grouped GEMM, no spills anywhere). It
+needs no GPU; it does need Triton's NVIDIA backend (its bundled ptxas, cuobjdump, nvdisasm)
+and must run without TRITON_INTERPRET (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels without install
+
+_INSTRUCTIONS = {  # report name -> SASS opcode pattern (the opcode up to its first space)
+    "ldg128": r"LDG\.E(\.[A-Z]+)*\.128",
+    "stg128": r"STG\.E(\.[A-Z]+)*\.128",
+    "ldg": r"LDG\.E(?!.*\.128)[.A-Z0-9]*",
+    "stg": r"STG\.E(?!.*\.128)[.A-Z0-9]*",
+    "ldgsts": r"LDGSTS[.A-Z0-9]*",
+    "utmaldg": r"UTMALDG[.A-Z0-9]*",
+    "hgmma": r"HGMMA[.A-Za-z0-9]*",
+    "hmma": r"HMMA[.A-Z0-9]*",
+}
+
+
+def _tool(name: str) -> str:
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} is not bundled with this Triton ({path})")
+    return str(path)
+
+
+@contextlib.contextmanager
+def offline_target(arch: int):
+    """Triton compiles for cuda:<arch> and launches nothing; every kernel it compiles is
+    appended to the yielded list."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime import driver
+
+    class StandIn:  # the parts of a driver that binding and compiling consult
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_capability(self, device=0):
+            return divmod(arch, 10)
+
+    compiled: list = []
+
+    def record(kernel):
+        compiled.append(kernel)
+        return lambda *args, **kwargs: None
+
+    saved_active = driver._active
+    saved_run = CompiledKernel.__dict__.get("run")
+    saved_init = CompiledKernel.__dict__.get("_init_handles")
+    driver.set_active(StandIn())
+    CompiledKernel.run = property(record)  # read once per launch: record, launch nothing
+    CompiledKernel._init_handles = lambda self: None  # needs a device
+    try:
+        yield compiled
+    finally:
+        driver._active = saved_active
+        for name, value in (("run", saved_run), ("_init_handles", saved_init)):
+            if value is None:
+                delattr(CompiledKernel, name)
+            else:
+                setattr(CompiledKernel, name, value)
+
+
+def sass_summary(kernel) -> dict:
+    """Registers, spills, shared memory and instruction counts of one compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage))
+    opcodes = Counter(m.group(1) for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?"
+                                                      r"([A-Z][\w.]*)", sass, re.M))
+    counts = {name: sum(n for op, n in opcodes.items() if re.fullmatch(pattern, op))
+              for name, pattern in _INSTRUCTIONS.items()}
+    meta = kernel.metadata
+    return {
+        "kernel": meta.name,
+        "num_warps": meta.num_warps,
+        "num_stages": meta.num_stages,
+        "registers": int(resources.get("REG", -1)),
+        "local_bytes": int(resources.get("LOCAL", 0)) + int(resources.get("STACK", 0)),
+        "shared_static": int(resources.get("SHARED", 0)),
+        "shared_dynamic": int(getattr(meta, "shared", 0)),
+        **counts,
+    }
+
+
+# --- the cases: each calls a real launcher with CPU tensors ---------------------------------
+
+
+def _varlen_cases():
+    from mtmm_kernels import varlen as V
+
+    def padded(B, L, H, dtype):
+        return torch.zeros(B, L, H, dtype=dtype)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for H in (4096, 1024, 1000):
+            B, L = 8, 64
+            x = padded(B, L, H, dtype)
+            cu = torch.arange(0, B + 1, dtype=torch.int32) * 10
+            lens_SB = torch.full((1, B), 10, dtype=torch.int32)
+            yield (f"pack S=1 H={H} {str(dtype)[6:]}",
+                   lambda x=x, cu=cu, lens_SB=lens_SB: V._launch_pack([x], lens_SB, cu, None, 80))
+            values = torch.zeros(80, H, dtype=dtype)
+            yield (f"unpack S=1 H={H} {str(dtype)[6:]}",
+                   lambda v=values, cu=cu: V._launch_unpack(v, None, cu, None, [L]))
+    xs = [padded(8, L, 4096, torch.bfloat16) for L in (257, 1500, 77)]
+    lens_SB = torch.full((3, 8), 5, dtype=torch.int32)
+    cu = torch.arange(0, 9, dtype=torch.int32) * 15
+    order = torch.arange(8)
+    yield ("pack S=3 H=4096 bfloat16 grouped",
+           lambda: V._launch_pack(xs, lens_SB, cu, order, 120))
+    values = torch.zeros(120, 4096, dtype=torch.bfloat16)
+    yield ("unpack S=3 H=4096 bfloat16 grouped",
+           lambda: V._launch_unpack(values, lens_SB, cu, order, [257, 1500, 77]))
+
+
+def _grouped_gemm_cases():
+    from mtmm_kernels import grouped_gemm as gg
+
+    gg.AUTOTUNE = False  # _launch takes the first config that survives pruning: one at a time
+    gg._tma_device_ok = lambda t: True  # the target has TMA; the tensors are on the CPU
+    T, K, N, G = 4096, 4096, 4096, 8
+    x = torch.zeros(T, K, dtype=torch.bfloat16)
+    w = torch.zeros(G, K, N, dtype=torch.bfloat16)
+    dy = torch.zeros(T, N, dtype=torch.bfloat16)
+    offsets = (torch.arange(1, G + 1, dtype=torch.int32) * (T // G))
+
+    def with_config(attr, config, fn):
+        def run():
+            saved = getattr(gg, attr)
+            setattr(gg, attr, [config])
+            try:
+                fn()
+            finally:
+                setattr(gg, attr, saved)
+        return run
+
+    def label(config):
+        kw = config.kwargs
+        tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        return f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}"
+
+    for config in gg._mm_configs(False):
+        yield (f"grouped_mm fwd bf16 K=N=4096 {label(config)}",
+               with_config("_MM_CONFIGS", config,
+                           lambda: gg._launch_grouped_mm(x, w, offsets, None, None)))
+    for config in gg._dw_configs(False):
+        yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}",
+               with_config("_DW_CONFIGS", config,
+                           lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))
+    perm = torch.arange(T)
+    config = gg._mm_configs(False)[-1]  # a pointer config: gathers take no descriptors
+    yield (f"grouped_mm_by_ids fwd bf16 K=N=4096 {label(config)}",
+           with_config("_MM_CONFIGS", config,
+                       lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
+
+
+CASES = {"varlen": _varlen_cases, "grouped_gemm": _grouped_gemm_cases}
+
+
+def report(arch: int = 90, only: str | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    rows = []
+    with offline_target(arch) as compiled:
+        for group, cases in CASES.items():
+            if only and group != only:
+                continue
+            for name, call in cases():
+                before = len(compiled)
+                call()
+                assert len(compiled) == before + 1, f"{name}: expected one launch"
+                rows.append({"case": name, "arch": f"sm_{arch}", **sass_summary(compiled[-1])})
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ["case", "registers", "local_bytes", "shared_dynamic", *_INSTRUCTIONS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--json", help="write the rows here as JSON")
+    parser.add_argument("--only", choices=sorted(CASES))
+    args = parser.parse_args()
+    import triton
+    rows = report(args.arch, args.only)
+    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}\n")
+    print(_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
