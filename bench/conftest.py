@@ -1,17 +1,21 @@
 """Benchmark harness: device-synchronised timing and derived figures in ``extra_info``.
 
 pytest-benchmark's own timer is replaced by one that synchronises the GPU, so its statistics
-are device time; each benchmark also times itself with CUDA events (median of several runs),
-derives TFLOP/s or GB/s, and records the fraction of the ceilings measured once per session
-on the same device (a dense matmul, a device-to-device copy). Ratios between methods are only
-ever taken inside one session.
+are device time. Each benchmark also times itself three ways (bench/device_timing.py): one
+call at a time (``device_ms``, latency, host time included), calls back to back
+(``pipelined_ms``) and the device's own kernel time (``kernel_ms``, CUPTI). TFLOP/s and GB/s
+are derived from the latency (``tflops``/``gbps``, as in the first runs) and from the kernel
+time (``kernel_tflops``/``kernel_gbps``), each next to the same basis's ceiling measured once per
+session on the same device (a dense matmul, a device-to-device copy). Ratios between methods
+are only ever taken inside one session.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,8 +24,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 
+from device_timing import kernel_ms, latency_ms, pipelined_ms  # noqa: E402
 from mtmm_kernels._triton_utils import device_name  # noqa: E402
 
 
@@ -39,28 +45,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.benchmark(timer=synced_perf_counter, disable_gc=True))
 
 
-def device_time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20) -> float:
-    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
@@ -76,15 +60,21 @@ def ceilings(bench_device) -> dict[str, float]:
         n_bytes, mm_n, mm_dtype = 1 << 26, 1024, torch.float32
     src = torch.empty(n_bytes, dtype=torch.uint8, device=bench_device)
     dst = torch.empty_like(src)
-    copy_ms = device_time_ms(lambda: dst.copy_(src))
+    copy = lambda: dst.copy_(src)  # noqa: E731
     a = torch.randn(mm_n, mm_n, device=bench_device, dtype=mm_dtype)
     b = torch.randn(mm_n, mm_n, device=bench_device, dtype=mm_dtype)
-    mm_ms = device_time_ms(lambda: a @ b)
-    return {
+    matmul = lambda: a @ b  # noqa: E731
+    copy_ms, mm_ms = latency_ms(copy), latency_ms(matmul)
+    copy_kernel_ms, mm_kernel_ms = kernel_ms(copy), kernel_ms(matmul)
+    out = {
         "copy_gbps": 2 * n_bytes / copy_ms / 1e6,
         "matmul_tflops": 2 * mm_n**3 / mm_ms / 1e9,
         "matmul_dtype": str(mm_dtype).removeprefix("torch."),
     }
+    if copy_kernel_ms is not None:
+        out["kernel_copy_gbps"] = 2 * n_bytes / copy_kernel_ms / 1e6
+        out["kernel_matmul_tflops"] = 2 * mm_n**3 / mm_kernel_ms / 1e9
+    return out
 
 
 @pytest.fixture
@@ -94,7 +84,7 @@ def measure(benchmark, ceilings, bench_device):
 
     def run(fn: Callable[[], object], *, dtype=None, shape=None, flops: float | None = None,
             bytes: float | None = None, method: str = "", case: str = "", rounds: int = 10):
-        ms = device_time_ms(fn)
+        ms = latency_ms(fn)
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
         info = benchmark.extra_info
         info.update(
@@ -105,15 +95,26 @@ def measure(benchmark, ceilings, bench_device):
             method=method,
             case=case,
             device_ms=ms,
+            pipelined_ms=pipelined_ms(fn),
+            kernel_ms=kernel_ms(fn),
         )
+        k_ms = info["kernel_ms"]
         if flops is not None:
             info["tflops"] = flops / ms / 1e9
             info["fraction_of_ceiling"] = info["tflops"] / ceilings["matmul_tflops"]
             info["ceiling_tflops"] = ceilings["matmul_tflops"]
+            if k_ms:
+                info["kernel_tflops"] = flops / k_ms / 1e9
+                info["kernel_fraction_of_ceiling"] = (info["kernel_tflops"]
+                                                      / ceilings["kernel_matmul_tflops"])
         if bytes is not None:
             info["gbps"] = bytes / ms / 1e6
             info["fraction_of_ceiling"] = info["gbps"] / ceilings["copy_gbps"]
             info["ceiling_gbps"] = ceilings["copy_gbps"]
+            if k_ms:
+                info["kernel_gbps"] = bytes / k_ms / 1e6
+                info["kernel_fraction_of_ceiling"] = (info["kernel_gbps"]
+                                                      / ceilings["kernel_copy_gbps"])
         return ms
 
     return run

@@ -38,27 +38,9 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench_* modules; mtmm_kernels without install
+from device_timing import self_device_key, device_events  # noqa: E402
 
 TABLE_ROWS, TOP_KERNELS, NAME_CHARS = 25, 8, 80
-
-
-def _self_device_key() -> str:
-    """The attribute (and key_averages sort key) for self device time in this torch version
-    (``self_cuda_time_total`` before torch 2.4)."""
-    from torch.autograd.profiler_util import FunctionEvent
-
-    return "self_device_time_total" if hasattr(FunctionEvent, "self_device_time_total") \
-        else "self_cuda_time_total"
-
-
-def _device_events(prof):
-    """(name, device time in us) of each GPU-side event: kernels, memcpy, memset."""
-    from torch.autograd import DeviceType
-
-    key = _self_device_key()
-    for evt in prof.events():
-        if evt.device_type == DeviceType.CUDA:
-            yield evt.name, getattr(evt, key)
 
 
 def _syncs(prof) -> dict[str, int]:
@@ -100,7 +82,7 @@ def profile_case(name: str, fn: Callable[[], object], iters: int, out_dir: Path,
     averages = prof.key_averages()
     (out_dir / f"{name}.txt").write_text(
         f"# {name}: {iters} iterations, by self device time\n"
-        + averages.table(sort_by=_self_device_key(), row_limit=TABLE_ROWS)
+        + averages.table(sort_by=self_device_key(), row_limit=TABLE_ROWS)
         + f"\n\n# {name}: by self CPU time\n"
         + averages.table(sort_by="self_cpu_time_total", row_limit=TABLE_ROWS) + "\n")
     # host syncs inside fn (the profiling's own excluded): a sync-free step has none
@@ -109,7 +91,7 @@ def profile_case(name: str, fn: Callable[[], object], iters: int, out_dir: Path,
 
     per_name: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for evt_name, us in _device_events(prof):
+    for evt_name, us in device_events(prof):
         per_name[evt_name] += us
         calls[evt_name] += 1
     device_us = sum(per_name.values())

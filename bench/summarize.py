@@ -1,4 +1,10 @@
-"""Turn a pytest-benchmark JSON file into a short Markdown table (one row per benchmark).
+"""Turn a pytest-benchmark JSON file into short Markdown tables.
+
+The first table has one row per benchmark: its three timings (bench/device_timing.py: latency
+with a sync per call, pipelined calls, the device's kernel time) and the rate and fraction of
+the ceiling on the kernel-time basis (on the latency basis for runs that predate kernel
+times). The second has one row per case and mtmm method: its speed against the fastest other
+method of the same case and run (the dense-GEMM ceiling excluded), on each timing basis.
 
     python bench/summarize.py OUT/bench.json > OUT/bench.md
 """
@@ -7,29 +13,82 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import defaultdict
+
+BASES = (("device_ms", "latency"), ("pipelined_ms", "pipelined"), ("kernel_ms", "kernel"))
+CEILINGS = ("dense",)  # methods that are a ceiling, not a peer
 
 
 def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _rows(data: dict):
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        info.setdefault("device_ms", bench["stats"]["median"] * 1e3)
+        yield bench["name"], info
+
+
+def _rate(info: dict) -> tuple[str, str, str]:
+    """(TFLOP/s, GB/s, of ceiling), kernel-time based where the run measured kernel time."""
+    prefix = "kernel_" if info.get("kernel_ms") else ""
+    return (_fmt(info.get(f"{prefix}tflops"), ".1f"), _fmt(info.get(f"{prefix}gbps"), ".0f"),
+            _fmt(info.get(f"{prefix}fraction_of_ceiling"), ".1%"))
+
+
+def speedups(data: dict) -> list[tuple[str, str, str, dict[str, float]]]:
+    """(case, mtmm method, fastest peer by latency, {basis: peer time / mtmm time})."""
+    by_case: dict[str, list[dict]] = defaultdict(list)
+    for _, info in _rows(data):
+        by_case[info.get("case", "")].append(info)
+    out = []
+    for case, infos in by_case.items():
+        peers = [i for i in infos if not str(i.get("method", "")).startswith("mtmm")
+                 and i.get("method") not in CEILINGS]
+        if not peers:
+            continue
+        fastest = min(peers, key=lambda i: i["device_ms"])
+        for info in infos:
+            if not str(info.get("method", "")).startswith("mtmm"):
+                continue
+            ratios = {}
+            for key, basis in BASES:
+                times = [p[key] for p in peers if p.get(key)]
+                if times and info.get(key):
+                    ratios[basis] = min(times) / info[key]
+            out.append((case, info["method"], fastest.get("method", "?"), ratios))
+    return out
+
+
 def summarize(data: dict) -> str:
     machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
     rows = [
-        f"Date: {data.get('datetime', '?')}; host CPU: {machine.get('cpu', {}).get('brand_raw', '?')}",
+        f"Date: {data.get('datetime', '?')}; host CPU: {cpu}",
         "",
-        "| benchmark | case | method | device | dtype | ms | TFLOP/s | GB/s | of ceiling |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | case | method | device | dtype | latency ms | pipelined ms | kernel ms "
+        "| TFLOP/s | GB/s | of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        ms = info.get("device_ms", bench["stats"]["median"] * 1e3)
+    for name, info in _rows(data):
+        tflops, gbps, frac = _rate(info)
         rows.append(
-            f"| {bench['name']} | {info.get('case', '')} | {info.get('method', '')} "
-            f"| {info.get('device', '?')} | {info.get('dtype') or '-'} | {_fmt(ms, '.4f')} "
-            f"| {_fmt(info.get('tflops'), '.1f')} | {_fmt(info.get('gbps'), '.0f')} "
-            f"| {_fmt(info.get('fraction_of_ceiling'), '.1%')} |"
+            f"| {name} | {info.get('case', '')} | {info.get('method', '')} "
+            f"| {info.get('device', '?')} | {info.get('dtype') or '-'} "
+            f"| {_fmt(info['device_ms'], '.4f')} | {_fmt(info.get('pipelined_ms'), '.4f')} "
+            f"| {_fmt(info.get('kernel_ms'), '.4f')} | {tflops} | {gbps} | {frac} |"
         )
+    table = speedups(data)
+    if table:
+        rows += ["", "mtmm against the fastest other method of its case (speed ratio, > 1 is "
+                     "faster), per timing basis:", "",
+                 "| case | method | fastest peer (latency) | latency | pipelined | kernel |",
+                 "|---|---|---|---|---|---|"]
+        for case, method, peer, ratios in table:
+            cells = " | ".join(_fmt(ratios.get(b), ".2f") + ("x" if b in ratios else "")
+                               for _, b in BASES)
+            rows.append(f"| {case} | {method} | {peer} | {cells} |")
     return "\n".join(rows) + "\n"
 
 

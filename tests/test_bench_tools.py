@@ -41,3 +41,41 @@ def test_host_overhead_script_without_a_gpu(tmp_path):
     proc = _run("bench/host_overhead.py", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "No CUDA device" in proc.stdout
+
+
+def test_timings_on_the_cpu():
+    """Latency and pipelined timings are wall times on a CPU; kernel time needs a GPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import device_timing as T
+
+    calls = []
+    assert T.latency_ms(lambda: calls.append(1), warmup=1, reps=3) >= 0
+    assert len(calls) == 4
+    assert T.pipelined_ms(lambda: calls.append(1), warmup=1, reps=5, rounds=2) >= 0
+    assert len(calls) == 4 + 1 + 10
+    if not T.HAS_CUDA:
+        assert T.kernel_ms(lambda: None) is None
+
+
+def test_summary_ratios_per_timing_basis():
+    """mtmm against the fastest peer of its case on each basis; the ceiling is no peer, and
+    runs without kernel times (the first GPU runs) leave those cells empty."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import summarize as S
+
+    def row(method, device, pipelined=None, kernel=None):
+        info = {"case": "c fwd", "method": method, "device_ms": device}
+        if pipelined is not None:
+            info.update(pipelined_ms=pipelined, kernel_ms=kernel, kernel_tflops=1.0,
+                        kernel_fraction_of_ceiling=0.5)
+        return {"name": method, "stats": {"median": device / 1e3}, "extra_info": info}
+
+    data = {"benchmarks": [row("torch_grouped_mm", 1.0, 0.5, 0.4), row("loop", 2.0, 0.3, 0.3),
+                           row("dense", 0.1, 0.1, 0.1), row("mtmm", 2.0, 0.25, 0.2)]}
+    [(case, method, peer, ratios)] = S.speedups(data)
+    assert (case, method, peer) == ("c fwd", "mtmm", "torch_grouped_mm")
+    assert ratios == {"latency": 0.5, "pipelined": 0.3 / 0.25, "kernel": 0.3 / 0.2}
+    text = S.summarize(data)
+    assert "| c fwd | mtmm | torch_grouped_mm | 0.50x | 1.20x | 1.50x |" in text
+    old = {"benchmarks": [row("loop", 2.0), row("mtmm", 1.0)]}
+    assert "| c fwd | mtmm | loop | 2.00x | - | - |" in S.summarize(old)
