@@ -186,8 +186,9 @@ def _grouped_gemm_cases():
 
     def label(config):
         kw = config.kwargs
-        tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        return f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}"
+        tiles = " ".join(f"{k[6:]}{kw[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        flat = " flat" if kw.get("FLATTEN") else ""
+        return f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}{flat}"
 
     for config in gg._mm_configs(False):
         yield (f"grouped_mm fwd bf16 K=N=4096 {label(config)}",

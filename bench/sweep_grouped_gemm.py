@@ -100,15 +100,16 @@ class Cand:
             p = m["PROGS_PER_SM"]
             persist = "np" if p >= NON_PERSISTENT else f"p{p}"
             load = " tma" if m.get("TMA") else ""
-            return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load} gm{m['GROUP_M']} "
+            flat = " flat" if m.get("FLATTEN") else ""
+            return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load}{flat} gm{m['GROUP_M']} "
                     f"{persist} w{w} s{s}")
         load = " tma" if m.get("TMA") else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
-def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False) -> Cand:
+def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False) -> Cand:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-            "PROGS_PER_SM": progs, "TMA": tma}
+            "PROGS_PER_SM": progs, "TMA": tma, "FLATTEN": flatten}
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
@@ -129,6 +130,14 @@ FWD_CANDIDATES = [
         (128, 128, 64, 8, 1, 4, 4),
         (64, 128, 64, 8, 2, 4, 4),
         (64, 256, 64, 8, 1, 8, 3),
+    ]),
+    # the flattened pipeline: a program's next tile loads during this tile's epilogue
+    *(mm_cand(*shape, tma=TMA, flatten=True) for shape in [
+        (128, 256, 64, 8, 1, 8, 3),
+        (128, 128, 64, 8, 1, 4, 4),
+        (64, 128, 64, 8, 2, 4, 4),
+        (64, 256, 64, 8, 1, 8, 3),
+        (128, 128, 64, 8, 1, 8, 4),
     ]),
     # shapes that are usually good for bf16 on Hopper (wgmma wants BLOCK_M a multiple of 64)
     mm_cand(128, 128, 64, 8, 1, 8, 4, TMA),
@@ -153,9 +162,9 @@ FWD_CANDIDATES = [
     mm_cand(128, 128, 64, 8, 1, 8, 4, PTR),
     mm_cand(128, 128, 64, 8, NP, 8, 4, PTR),
 ]
-# dX runs the forward kernel with the weight's other dimension contiguous: the current configs
-# plus two usual Hopper shapes, not the whole list.
-DX_CANDIDATES = FWD_CANDIDATES[:10]
+# dX runs the forward kernel with the weight's other dimension contiguous: the autotuner's
+# configs and their flattened versions, not the whole list.
+DX_CANDIDATES = FWD_CANDIDATES[:13]
 DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows)
     # the configs the autotuner tries today (_dw_configs), with each kind of load
     *(dw_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in [
@@ -179,7 +188,7 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
 # of 16 or 32, which exercises the masked-K (EVEN_K = False) path.
 SMOKE_CASE = {"smoke_3groups_k24": ([5, 0, 9], 24, 24)}
 SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
-             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA)]
+             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA), mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, True)]
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
@@ -300,8 +309,9 @@ class KernelSpec:
     def meta(self, cand: Cand) -> dict:
         meta = dict(cand.meta)
         params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
-        if "TMA" not in params:  # a kernel without the descriptor build (pointer loads)
-            meta.pop("TMA", None)
+        for flag in ("TMA", "FLATTEN"):  # flags an older kernel does not have
+            if flag not in params:
+                meta.pop(flag, None)
         if self.even_k:
             meta["EVEN_K"] = self.args["K"] % meta["BLOCK_K"] == 0
         return meta

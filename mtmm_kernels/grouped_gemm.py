@@ -73,9 +73,14 @@ def _grouped_mm_kernel(
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
     TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, TMA_OK: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
+    With FLATTEN, Triton fuses the tile loop and the K loop into one software pipeline, so the
+    loads of a program's next tile are in flight during the current tile's epilogue (the K
+    loop has the same trip count on every tile for this: the pseudo-group's tiles multiply by
+    zeros, masked or out of the descriptor, and store zeros).
     With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
     descriptors: an x tile may run into the next group's rows (their results are never
     stored) and reads past T or K come back as zeros. TMA_OK says whether these operands
@@ -98,7 +103,7 @@ def _grouped_mm_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     per_band = GROUP_M * num_n
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
         # --- swizzle: GROUP_M consecutive M-tiles share each N-tile of w while it is in L2
         band = tile // per_band
         first_m = band * GROUP_M
@@ -120,11 +125,11 @@ def _grouped_mm_kernel(
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
 
-        # --- main loop; the pseudo-group G (rows past offsets[-1]) skips it and stores zeros
-        k_stop = tl.where(g < G, K, 0)
+        # --- main loop; for the pseudo-group G (rows past offsets[-1]) w[G] reads as zeros:
+        # outside the descriptor, or masked
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if TMA and TMA_OK:
-            for k0 in range(0, k_stop, BLOCK_K):
+            for k0 in range(0, K, BLOCK_K):
                 a = x_desc.load([row0, k0])
                 if W_K_CONTIGUOUS:
                     b = w_desc.load([g, tile_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
@@ -134,22 +139,24 @@ def _grouped_mm_kernel(
         else:
             x_ptrs = (x_ptr + rows_x[:, None] * stride_xt
                       + offs_k[None, :].to(tl.int64) * stride_xk)
-            w_ptrs = (w_ptr + g.to(tl.int64) * stride_wg
+            w_ptrs = (w_ptr + tl.minimum(g, G - 1).to(tl.int64) * stride_wg
                       + offs_k[:, None].to(tl.int64) * stride_wk
                       + cols[None, :].to(tl.int64) * stride_wn)
-            for k0 in range(0, k_stop, BLOCK_K):
+            w_ok = col_ok & ((cols * 0 + g) < G)
+            for k0 in range(0, K, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=w_ok[None, :], other=0.0)
                 else:
                     k_ok = offs_k < K - k0
                     a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
 
-        # --- epilogue
+        # --- epilogue: exact zeros for the pseudo-group (x rows there may hold inf or NaN)
+        acc = tl.where((cols[None, :] * 0 + g) < G, acc, 0.0)  # block-shaped, as w_ok
         if HAS_BIAS:
             b_ptrs = bias_ptr + g.to(tl.int64) * stride_bg + cols.to(tl.int64) * stride_bn
             # a block-shaped mask: the interpreter rejects (block & scalar)
@@ -247,17 +254,19 @@ def _grouped_mm_dw_kernel(
 def _mm_configs(interpreter: bool) -> list[triton.Config]:
     if interpreter:  # one small config: the interpreter's time goes into every tile op
         return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, PROGS_PER_SM=1,
-                                   TMA=False), num_warps=4, num_stages=1)]
+                                   TMA=False, FLATTEN=False), num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM
         (128, 256, 64, 8, 3, 1),
         (128, 128, 64, 4, 4, 1),
         (64, 128, 64, 4, 4, 2),
         (64, 256, 64, 8, 3, 1),
     ]
-    # TMA variants first: where x and w allow descriptors, the untuned path takes them
+    # TMA variants first: where x and w allow descriptors, the untuned path takes them. The
+    # flattened pipeline (FLATTEN) is offered with descriptors, the tuner keeps it where it wins.
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p,
-                               TMA=tma), num_warps=w, num_stages=s)
-            for tma in (True, False) for m, n, k, w, s, p in shapes]
+                               TMA=tma, FLATTEN=flatten), num_warps=w, num_stages=s)
+            for tma, flatten in ((True, False), (True, True), (False, False))
+            for m, n, k, w, s, p in shapes]
 
 
 def _dw_configs(interpreter: bool) -> list[triton.Config]:

@@ -126,8 +126,8 @@ def _use_tma(device, monkeypatch):
     if device.type == "cpu":
         monkeypatch.setattr(grouped_gemm, "TMA_ON_CPU", True)
         monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PROGS_PER_SM=1, TMA=tma),
-            num_warps=4, num_stages=1) for tma in (True, False)])
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PROGS_PER_SM=1, TMA=tma,
+                 FLATTEN=False), num_warps=4, num_stages=1) for tma in (True, False)])
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=tma), num_warps=4, num_stages=1)
             for tma in (True, False)])
@@ -225,6 +225,28 @@ def test_tuned_descriptor_config_is_safe_for_unaligned_operands(device, monkeypa
     dw64, db64 = ref.grouped_mm_dw_reference(x_odd.double(), dy.double(), offsets.cpu(), True)
     assert rel_err(dw, dw64) < TOL[dtype] and rel_err(db, db64) < TOL[dtype]
     assert grouped_gemm._TUNED_CONFIGS == tuned  # reused, not retuned
+
+
+def test_rows_past_the_last_offset_are_zero_whatever_x_holds(device):
+    """The tiles past offsets[-1] run the same K loop as every other tile (so that the tile
+    loop can be one pipeline) against zeros in place of a weight: inf and NaN rows there must
+    still give exact zeros, and leave the gradients of the real rows alone."""
+    x, w, b, offsets = make_problem([9, 0, 20], 24, 17, torch.float32, device, tail=7)
+    x[-7:-3] = float("nan")
+    x[-3:] = float("inf")
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    y = grouped_mm(x, w, offsets, b)
+    assert torch.equal(y[-7:], torch.zeros_like(y[-7:]))
+    x64, w64, b64 = (t.detach()[:-7 if t is x else None].double().requires_grad_()
+                     for t in (x, w, b))
+    y64 = ref.grouped_mm_reference(x64, w64, offsets.cpu(), b64)
+    assert rel_err(y[:-7], y64) < TOL[torch.float32]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64.backward(dy[:-7].double())
+    assert torch.equal(x.grad[-7:], torch.zeros_like(x.grad[-7:]))
+    for got, want in ((x.grad[:-7], x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, want) < TOL[torch.float32]
 
 
 def test_int64_offsets_and_strided_x(device):
@@ -531,6 +553,28 @@ def test_bf16_skewed_groups(monkeypatch, tma):
     x, w, b, offsets = make_problem(sizes, 520, 392, torch.bfloat16, "cuda", tail=17,
                                     w_transposed=True)
     check_against_reference(x, w, b, offsets, tail=17)
+
+
+@pytest.mark.gpu
+def test_bf16_flattened_pipeline(monkeypatch):
+    """The flattened tile loop (one software pipeline across tiles) is a compiler
+    transformation the interpreter does not do: its configs are checked here, forced one by
+    one, tail rows of NaN and inf included."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the flattened configs take descriptors (Hopper or later)")
+    sizes = [700, 0, 129, 1, 2048, 0, 63, 300]
+    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17,
+                                    w_transposed=True)
+    x[-17:-8] = float("nan")
+    x[-8:] = float("inf")
+    flattened = [c for c in grouped_gemm._mm_configs(False) if c.kwargs["FLATTEN"]]
+    assert flattened
+    for config in flattened:
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [config])
+        y = grouped_mm(x, w, offsets, b)
+        assert torch.equal(y[-17:], torch.zeros_like(y[-17:])), config
+        assert rel_err(y[:-17], ref.grouped_mm_reference(
+            x[:-17].double(), w.double(), offsets.cpu(), b.double())) < TOL[torch.bfloat16], config
 
 
 @pytest.mark.gpu
