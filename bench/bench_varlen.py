@@ -344,3 +344,25 @@ def test_tile_sweep(measure, monkeypatch, case, op, config):
         nbytes = _nbytes(T, H) + _nbytes(B * L, H)
     measure(fn, dtype=DTYPE, shape=[B, L, H], bytes=nbytes, rounds=3,
             method="mtmm_kernel_r{}_h{}_w{}".format(*config), case=f"{case}/{op}/sweep")
+
+
+# --------------------------------------------------------------------------------------------
+# search sweep: how the pack kernel finds each row's sequence (varlen.ALL_STARTS_MAX_B)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["text64", "mixed256", "mm3"])
+@pytest.mark.parametrize("search", ["binary", "all_starts"])
+def test_search_sweep(measure, monkeypatch, case, search):
+    """Binary search (log2(B) dependent loads per row) against comparing each row with every
+    start (one load round trip), the copy kernel alone, side by side in one session."""
+    monkeypatch.setattr(V, "ALL_STARTS_MAX_B", 0 if search == "binary" else 1 << 20)
+    if case == "mm3":
+        xs, lens = _mm_case()
+    else:
+        x, lens1 = _padded_case(case)
+        xs, lens = [x], [lens1]
+    T = int(sum(int(l.sum()) for l in lens))
+    H = xs[0].shape[2]
+    measure(_pack_kernel_only(xs, lens, T), dtype=DTYPE, bytes=2 * _nbytes(T, H), rounds=3,
+            shape=[xs[0].shape[0], [x.shape[1] for x in xs], H],
+            method=f"mtmm_kernel_{search}", case=f"{case}/pack/search")

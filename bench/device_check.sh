@@ -73,7 +73,7 @@ bench() {  # name, time limit (s), pytest selection...
     bundle
 }
 wants varlen && bench varlen 45 bench/bench_varlen.py -k "not sweep"
-wants varlen_sweep && bench varlen_sweep 60 bench/bench_varlen.py -k sweep
+wants varlen_sweep && bench varlen_sweep 90 bench/bench_varlen.py -k sweep
 wants grouped_gemm && bench grouped_gemm 75 bench/bench_grouped_gemm.py
 wants train_step && bench train_step 35 bench/bench_train_step.py
 

@@ -141,26 +141,30 @@ def _varlen_cases():
     def padded(B, L, H, dtype):
         return torch.zeros(B, L, H, dtype=dtype)
 
+    # the benchmark's batch sizes: B = 64 at H = 4096 (text64), 256 at H = 1024 (mixed256)
     for dtype in (torch.bfloat16, torch.float32):
-        for H in (4096, 1024, 1000):
-            B, L = 8, 64
+        for H, B in ((4096, 64), (1024, 256), (1000, 256)):
+            L = 16
             x = padded(B, L, H, dtype)
             cu = torch.arange(0, B + 1, dtype=torch.int32) * 10
             lens_SB = torch.full((1, B), 10, dtype=torch.int32)
-            yield (f"pack S=1 H={H} {str(dtype)[6:]}",
-                   lambda x=x, cu=cu, lens_SB=lens_SB: V._launch_pack([x], lens_SB, cu, None, 80))
-            values = torch.zeros(80, H, dtype=dtype)
-            yield (f"unpack S=1 H={H} {str(dtype)[6:]}",
+            T = 10 * B
+            yield (f"pack S=1 H={H} B={B} {str(dtype)[6:]}",
+                   lambda x=x, cu=cu, lens_SB=lens_SB, T=T: V._launch_pack([x], lens_SB, cu,
+                                                                       None, T))
+            values = torch.zeros(T, H, dtype=dtype)
+            yield (f"unpack S=1 H={H} B={B} {str(dtype)[6:]}",
                    lambda v=values, cu=cu: V._launch_unpack(v, None, cu, None, [L]))
-    xs = [padded(8, L, 4096, torch.bfloat16) for L in (257, 1500, 77)]
-    lens_SB = torch.full((3, 8), 5, dtype=torch.int32)
-    cu = torch.arange(0, 9, dtype=torch.int32) * 15
-    order = torch.arange(8)
-    yield ("pack S=3 H=4096 bfloat16 grouped",
-           lambda: V._launch_pack(xs, lens_SB, cu, order, 120))
-    values = torch.zeros(120, 4096, dtype=torch.bfloat16)
-    yield ("unpack S=3 H=4096 bfloat16 grouped",
-           lambda: V._launch_unpack(values, lens_SB, cu, order, [257, 1500, 77]))
+    B, Ls = 128, (257, 1500, 77)  # mm3
+    xs = [padded(B, L, 4096, torch.bfloat16) for L in Ls]
+    lens_SB = torch.full((3, B), 5, dtype=torch.int32)
+    cu = torch.arange(0, B + 1, dtype=torch.int32) * 15
+    order = torch.arange(B)
+    yield ("pack S=3 H=4096 B=128 bfloat16 grouped",
+           lambda: V._launch_pack(xs, lens_SB, cu, order, 15 * B))
+    values = torch.zeros(15 * B, 4096, dtype=torch.bfloat16)
+    yield ("unpack S=3 H=4096 B=128 bfloat16 grouped",
+           lambda: V._launch_unpack(values, lens_SB, cu, order, list(Ls)))
 
 
 def _grouped_gemm_cases():

@@ -11,8 +11,8 @@ kernel (lengths -> clamped int32 lengths, cu_seqlens, order, group_offsets, tota
 counts) and a copy kernel that also writes the per-token metadata. When the lengths (and
 group ids) are on the CPU the plan is a few numpy operations on the host instead, and its
 outputs reach the device in one copy: one launch in all. The pack kernel walks the packed
-rows (no program is spent on padding; each row finds its sequence by binary search over
-cu_seqlens and its stream by the per-stream lengths); the unpack kernel walks the padded rows
+rows (no program is spent on padding; each row finds its sequence in cu_seqlens, by comparing
+it with every start at once or by binary search, and its stream by the per-stream lengths); the unpack kernel walks the padded rows
 and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
 the backward of each is the other, computed by the same kernels. Rows are copied as
 [BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride and base address is a
@@ -74,15 +74,26 @@ _FORCE_DEVICE_PLAN = False
 if triton is not None:
 
     @triton.jit
-    def _find_sequence(cu_seqlens_ptr, rows, B, search_steps):
+    def _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS: tl.constexpr = 0):
         """Largest p in [0, B) with cu_seqlens[p] <= row: the packed sequence holding the row.
-        Empty sequences repeat a start; the last of equal starts is the non-empty one."""
-        p = tl.zeros_like(rows)
-        for i in range(search_steps):
-            cand = p + (1 << (search_steps - 1 - i))
-            in_range = cand < B
-            start = tl.load(cu_seqlens_ptr + cand, mask=in_range, other=0)
-            p = tl.where(in_range & (start <= rows), cand, p)
+        Empty sequences repeat a start; the last of equal starts is the non-empty one.
+
+        With ALL_STARTS >= B (a power of two), every start is loaded at once and p is the
+        count of starts <= row, minus one (the starts are sorted): one round trip to memory
+        instead of the binary search's log2(B) dependent loads, for ALL_STARTS compares per
+        row."""
+        if ALL_STARTS > 0:
+            idx = tl.arange(0, ALL_STARTS)
+            starts = tl.load(cu_seqlens_ptr + idx, mask=idx < B, other=2147483647)
+            p = tl.sum((starts[None, :] <= rows[:, None]).to(tl.int32), axis=1) - 1
+            p = tl.minimum(tl.maximum(p, 0), B - 1)  # unsorted (unchecked) starts stay in range
+        else:
+            p = tl.zeros_like(rows)
+            for i in range(search_steps):
+                cand = p + (1 << (search_steps - 1 - i))
+                in_range = cand < B
+                start = tl.load(cu_seqlens_ptr + cand, mask=in_range, other=0)
+                p = tl.where(in_range & (start <= rows), cand, p)
         return p
 
     @triton.jit
@@ -190,7 +201,7 @@ if triton is not None:
         stride_t,
         # --- meta
         S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
-        WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr,
+        WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr, ALL_STARTS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
@@ -199,7 +210,7 @@ if triton is not None:
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         col_ok = cols < _vector_bound(H, ROW_ALIGN)
         # --- the packed sequence of each row, its sample and the row's position in it
-        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
+        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS)
         seq_start = tl.load(cu_seqlens_ptr + p)
         row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
         pos = rows - seq_start
@@ -361,6 +372,17 @@ def _search_steps(B: int) -> int:
     return max(B - 1, 0).bit_length()
 
 
+# The pack kernel finds each row's sequence by comparing it with every start at once when B is
+# at most this (one load round trip; B compares per row), by binary search beyond (log2(B)
+# dependent loads). 0 always searches.
+ALL_STARTS_MAX_B = 1024
+
+
+def _all_starts(B: int) -> int:
+    """The pack kernel's ALL_STARTS: B's power-of-two bucket (a few compiled variants), or 0."""
+    return max(16, next_power_of_2(B)) if 0 < B <= ALL_STARTS_MAX_B else 0
+
+
 def _use_triton(*tensors: torch.Tensor) -> bool:
     return triton is not None and triton_runs_on(*tensors)
 
@@ -409,7 +431,7 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
         tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
         S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
         WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), [*streams, values], *strides),
-        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+        ALL_STARTS=_all_starts(B), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
     )
     return values, position_ids, seq_ids, modality_ids
 

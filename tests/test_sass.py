@@ -53,8 +53,8 @@ def test_varlen_rows_move_as_16_byte_vectors(rows):
     for case, row in varlen.items():
         assert row["ldg128"] >= 8 and row["stg128"] >= 8, case
         assert row["stg"] <= 3, case  # the pack's metadata stores only
-    pack3 = varlen["pack S=3 H=4096 bfloat16 grouped"]
-    assert pack3["ldg128"] == varlen["pack S=1 H=4096 bfloat16"]["ldg128"]  # one gather
+    pack3 = varlen["pack S=3 H=4096 B=128 bfloat16 grouped"]
+    assert pack3["ldg128"] == varlen["pack S=1 H=4096 B=64 bfloat16"]["ldg128"]  # one gather
     assert pack3["registers"] <= 64  # one tile in registers, not one per stream
 
 

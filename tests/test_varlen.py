@@ -362,6 +362,23 @@ def test_non_contiguous_inputs(device):
                        R.varlen_unpack(v.cpu(), pb.cu_seqlens.cpu(), L))
 
 
+@pytest.mark.parametrize("all_starts_max_b", [0, 1024])
+def test_both_sequence_searches(device, monkeypatch, all_starts_max_b):
+    """The pack kernel finds each row's sequence by binary search or by comparing the row
+    with every start at once (B <= ALL_STARTS_MAX_B): same results, empty sequences (repeated
+    starts) and a B that is no power of two included."""
+    monkeypatch.setattr(V, "ALL_STARTS_MAX_B", all_starts_max_b)
+    B, H, Ls = 37, 5, (4, 3)
+    xs = [torch.randn(B, L, H, device=device) for L in Ls]
+    lens = [_lengths(B, L) for L in Ls]
+    lens[0][5:9] = 0
+    lens[1][5:9] = 0  # four empty sequences in a row
+    gids = torch.randint(0, 3, (B,))
+    pb = pack_multimodal(xs, lens, gids, num_groups=3)
+    ref = R.varlen_pack([x.cpu() for x in xs], lens, gids, 3)
+    _assert_matches(pb, ref, multimodal=True, grouped=True)
+
+
 @pytest.mark.parametrize("shift", [0, 1, 4])
 def test_streams_at_unaligned_addresses(device, shift):
     """The kernels promise Triton 16-byte row vectors only where every stride and every base
