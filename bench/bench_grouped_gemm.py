@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtmm_kernels import grouped_mm, grouped_mm_by_ids
+from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 
 DTYPE = torch.bfloat16
 
@@ -95,7 +95,7 @@ def _forward_fn(method: str, sizes, x, w, offsets, ids):
     raise AssertionError(method)
 
 
-def _run(measure, case: str, mode: str, method: str, label: str):
+def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
     sizes, x, w, offsets, dy, ids = _problem(case)
     _, K, N = w.shape
     fwd = _forward_fn(method, sizes, x, w, offsets, ids)
@@ -121,17 +121,33 @@ def _run(measure, case: str, mode: str, method: str, label: str):
     flops = 2.0 * sum(sizes) * K * N * (1 if mode == "fwd" else 3)
     measure(fn, dtype=DTYPE, shape=f"G={len(sizes)} T={sum(sizes)} K={K} N={N}", flops=flops,
             method=method, case=f"{label} {mode}")
+    if method.startswith("mtmm"):
+        benchmark.extra_info["tuned_configs"] = _tuned_configs(K, N)
+
+
+def _tuned_configs(K: int, N: int) -> list[dict]:
+    """The configs the autotuner chose for these sizes (forward and dX share a kernel; dX
+    swaps K and N), so a run says which tile, load build and pipeline won."""
+    kernels = {id(grouped_gemm._grouped_mm_tuned): "fwd/dx",
+               id(grouped_gemm._grouped_mm_dw_tuned): "dw"}
+    out = []
+    for (tuner, dtype, *key), config in grouped_gemm._TUNED_CONFIGS.items():
+        if tuple(key[:2]) in ((K, N), (N, K)):
+            out.append({"kernel": kernels.get(id(tuner), "?"), "dtype": str(dtype),
+                        "K_N_M_BUCKET": key, **config.kwargs, "num_warps": config.num_warps,
+                        "num_stages": config.num_stages})
+    return out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,mode,method",
                          [(c, m, f) for c in CASES for m in MODES for f in METHODS])
-def test_grouped_gemm(measure, case, mode, method):
-    _run(measure, case, mode, method, case)
+def test_grouped_gemm(measure, benchmark, case, mode, method):
+    _run(measure, benchmark, case, mode, method, case)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,method", [(m, f) for m in MODES for f in BY_IDS_METHODS])
-def test_grouped_gemm_by_ids(measure, mode, method):
+def test_grouped_gemm_by_ids(measure, benchmark, mode, method):
     """Tokens in random order (the ids are a shuffled grouping of the case's rows)."""
-    _run(measure, BY_IDS_CASE, mode, method, f"{BY_IDS_CASE} by_ids")
+    _run(measure, benchmark, BY_IDS_CASE, mode, method, f"{BY_IDS_CASE} by_ids")

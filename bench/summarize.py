@@ -89,6 +89,14 @@ def summarize(data: dict) -> str:
             cells = " | ".join(_fmt(ratios.get(b), ".2f") + ("x" if b in ratios else "")
                                for _, b in BASES)
             rows.append(f"| {case} | {method} | {peer} | {cells} |")
+    tuned = {}
+    for _, info in _rows(data):
+        for c in info.get("tuned_configs", []):
+            cfg = {k: v for k, v in c.items() if k not in ("kernel", "dtype", "K_N_M_BUCKET")}
+            tuned[(c["kernel"], tuple(c["K_N_M_BUCKET"]))] = cfg
+    if tuned:
+        rows += ["", "Configs the autotuner chose (kernel, K, N, M_BUCKET):", ""]
+        rows += [f"- {kernel} {list(key)}: {cfg}" for (kernel, key), cfg in sorted(tuned.items())]
     return "\n".join(rows) + "\n"
 
 
