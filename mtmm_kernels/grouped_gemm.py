@@ -80,7 +80,8 @@ def _grouped_mm_kernel(
     With FLATTEN, Triton fuses the tile loop and the K loop into one software pipeline, so the
     loads of a program's next tile are in flight during the current tile's epilogue (the K
     loop has the same trip count on every tile for this: the pseudo-group's tiles multiply by
-    zeros, masked or out of the descriptor, and store zeros).
+    zeros, masked or out of the descriptor, and store zeros). Without it the code is the one
+    measured on an H200 (bench/results/h200).
     With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
     descriptors: an x tile may run into the next group's rows (their results are never
     stored) and reads past T or K come back as zeros. TMA_OK says whether these operands
@@ -125,11 +126,17 @@ def _grouped_mm_kernel(
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
 
-        # --- main loop; for the pseudo-group G (rows past offsets[-1]) w[G] reads as zeros:
-        # outside the descriptor, or masked
+        # --- main loop. The pseudo-group G (rows past offsets[-1]) stores zeros: without
+        # FLATTEN it skips the loop; with FLATTEN every tile runs the same trip count (what lets
+        # Triton fuse the loops), against w[G] outside the descriptor (zeros) or the last
+        # group's w, and the epilogue selects zeros.
+        if FLATTEN:
+            k_stop = K
+        else:
+            k_stop = tl.where(g < G, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if TMA and TMA_OK:
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, k_stop, BLOCK_K):
                 a = x_desc.load([row0, k0])
                 if W_K_CONTIGUOUS:
                     b = w_desc.load([g, tile_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
@@ -139,24 +146,28 @@ def _grouped_mm_kernel(
         else:
             x_ptrs = (x_ptr + rows_x[:, None] * stride_xt
                       + offs_k[None, :].to(tl.int64) * stride_xk)
-            w_ptrs = (w_ptr + tl.minimum(g, G - 1).to(tl.int64) * stride_wg
+            if FLATTEN:  # the pseudo-group reads the last group's w; its epilogue stores zeros
+                w_g = tl.minimum(g, G - 1)
+            else:  # the pseudo-group reads nothing
+                w_g = g
+            w_ptrs = (w_ptr + w_g.to(tl.int64) * stride_wg
                       + offs_k[:, None].to(tl.int64) * stride_wk
                       + cols[None, :].to(tl.int64) * stride_wn)
-            w_ok = col_ok & ((cols * 0 + g) < G)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, k_stop, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=w_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
                 else:
                     k_ok = offs_k < K - k0
                     a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
 
-        # --- epilogue: exact zeros for the pseudo-group (x rows there may hold inf or NaN)
-        acc = tl.where((cols[None, :] * 0 + g) < G, acc, 0.0)  # block-shaped, as w_ok
+        # --- epilogue
+        if FLATTEN:  # exact zeros for the pseudo-group (x rows there may hold inf or NaN)
+            acc = tl.where((cols[None, :] * 0 + g) < G, acc, 0.0)  # block-shaped, like b_ok
         if HAS_BIAS:
             b_ptrs = bias_ptr + g.to(tl.int64) * stride_bg + cols.to(tl.int64) * stride_bn
             # a block-shaped mask: the interpreter rejects (block & scalar)

@@ -228,11 +228,22 @@ def test_tuned_descriptor_config_is_safe_for_unaligned_operands(device, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's matmul
-def test_rows_past_the_last_offset_are_zero_whatever_x_holds(device):
-    """The tiles past offsets[-1] run the same K loop as every other tile (so that the tile
-    loop can be one pipeline) against zeros in place of a weight: inf and NaN rows there must
-    still give exact zeros, and leave the gradients of the real rows alone."""
-    x, w, b, offsets = make_problem([9, 0, 20], 24, 17, torch.float32, device, tail=7)
+@pytest.mark.parametrize("tma,flatten", [(False, False), (False, True), (True, True)])
+def test_rows_past_the_last_offset_are_zero_whatever_x_holds(device, monkeypatch, tma, flatten):
+    """Rows past offsets[-1] hold inf and NaN: their outputs are exact zeros and the real rows'
+    gradients are untouched. With FLATTEN those tiles run the same K loop as every other tile
+    (so that the tile loop can be one pipeline) against zeros in place of a weight, masked or
+    outside the descriptor; without it they skip the loop. The interpreter runs the code of
+    each (not the fused pipeline itself, which is the compiler's: a GPU test covers that)."""
+    if tma:
+        _use_tma(device, monkeypatch)
+    if device.type == "cpu" or flatten:
+        configs = grouped_gemm._mm_configs(device.type == "cpu")  # the interpreter has one
+        base = next((c for c in configs if c.kwargs["TMA"] == tma), configs[0])
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
+            {**base.kwargs, "FLATTEN": flatten, "TMA": tma},
+            num_warps=base.num_warps, num_stages=base.num_stages)])
+    x, w, b, offsets = make_problem([9, 0, 20], 32, 16, torch.float32, device, tail=7)
     x[-7:-3] = float("nan")
     x[-3:] = float("inf")
     x, w, b = leaf(x), leaf(w), leaf(b)
