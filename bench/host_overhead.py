@@ -12,6 +12,9 @@ off at a time, so the next change aims at the layer that costs:
   triton_jit           the plain @triton.jit kernel with the tuned config: the JIT launch path
   triton_empty         an empty one-argument kernel: Triton's floor
   mtmm_fwd_bwd         grouped_mm forward + backward (three launches)
+  varlen_pack_public   pack_padded on bench_varlen's mixed256 case, lengths on the CPU
+  varlen_pack_launcher the pack kernel's launcher, plan precomputed
+  torch_index_select   the pack's fastest torch peer (FlashAttention's unpad_input)
 
 Each is the mean host time per call over ``--calls`` back-to-back calls (a sync every 64
 calls keeps the queue short), next to the device time per call from CUDA events around the
@@ -62,6 +65,26 @@ def time_calls(fn, calls: int) -> dict:
     end.record()
     end.synchronize()
     return {"host_us": host / calls * 1e6, "wall_us": start.elapsed_time(end) / calls * 1e3}
+
+
+def _varlen_cases() -> dict:
+    """The same layers for a pack (bench_varlen's mixed256 case, lengths on the CPU): the
+    public call, the copy kernel's launcher with the plan precomputed, and the peer."""
+    from bench_varlen import _padded_case
+
+    from mtmm_kernels import pack_padded
+    from mtmm_kernels import varlen as V
+
+    x, lens = _padded_case("mixed256")
+    T = int(lens.sum())
+    plan = pack_padded(x, lens)
+    idx = (torch.arange(x.shape[1])[None, :] < lens[:, None]).flatten().nonzero().flatten()
+    idx = idx.to(x.device)
+    return {
+        "varlen_pack_public": lambda: pack_padded(x, lens),
+        "varlen_pack_launcher": lambda: V._launch_pack([x], None, plan.cu_seqlens, None, T),
+        "torch_index_select": lambda: x.flatten(0, 1).index_select(0, idx),
+    }
 
 
 def main() -> int:
@@ -130,6 +153,7 @@ def main() -> int:
         "triton_empty": lambda: _empty_kernel[(1,)](empty_arg),
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
+    cases.update(_varlen_cases())
     results = {}
     for name, fn in cases.items():
         if fn is None:
