@@ -95,7 +95,8 @@ def measure(benchmark, ceilings, bench_device):
             method=method,
             case=case,
             device_ms=ms,
-            pipelined_ms=pipelined_ms(fn),
+            # about 10 ms of calls per round: enough to fill the queue, short for slow peers
+            pipelined_ms=pipelined_ms(fn, reps=max(5, min(50, int(10 / max(ms, 1e-3))))),
             kernel_ms=kernel_ms(fn),
         )
         k_ms = info["kernel_ms"]

@@ -11,16 +11,16 @@ kernel (lengths -> clamped int32 lengths, cu_seqlens, order, group_offsets, tota
 counts) and a copy kernel that also writes the per-token metadata. When the lengths (and
 group ids) are on the CPU the plan is a few numpy operations on the host instead, and its
 outputs reach the device in one copy: one launch in all. The pack kernel walks the packed
-rows (no program is spent on padding; each row finds its sequence in cu_seqlens, by comparing
-it with every start at once or by binary search, and its stream by the per-stream lengths); the unpack kernel walks the padded rows
-and writes zeros into the padding, so its output needs no memset. Pack and unpack are adjoint:
-the backward of each is the other, computed by the same kernels. Rows are copied as
-[BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row stride and base address is a
-multiple of 16 bytes the offsets carry ``tl.multiple_of`` hints so loads and stores are 16-byte
-vectors, whatever H (bench/sass_report.py shows the machine code, tests/test_sass.py holds it). (A pack
-that first labels the rows sequence by sequence in an extra launch, so that the copy needs no
-search, passed the GPU tests but measured slower on 2 of the 3 benchmark cases on an H200,
-2026-11-27: see bench/results/h200/README.md.)
+rows (no program is spent on padding; each row finds its sequence in cu_seqlens, comparing it
+with every start at once or by binary search, and its stream by the per-stream lengths); the
+unpack kernel walks the padded rows and writes zeros into the padding, so its output needs no
+memset. Pack and unpack are adjoint: the backward of each is the other, computed by the same
+kernels. Rows are copied as [BLOCK_R, BLOCK_H] tiles with 64-bit offsets; when every row
+stride and base address is a multiple of 16 bytes the offsets carry ``tl.multiple_of`` hints
+so loads and stores are 16-byte vectors, whatever H (bench/sass_report.py shows the machine
+code, tests/test_sass.py holds it). (A pack that first labels the rows sequence by sequence in
+an extra launch, so that the copy needs no search, passed the GPU tests but measured slower
+on 2 of the 3 benchmark cases on an H200, 2026-11-27: see bench/results/h200/README.md.)
 
 Synchronisation: the host must know T (to allocate) and ``max_seqlen`` (a Python int).
 - lengths on the CPU: both come from the CPU copy; the plan (lengths, cu_seqlens, order,
@@ -220,8 +220,8 @@ if triton is not None:
         else:
             b = p.to(tl.int64)
         # --- the stream that holds each row and the row's address there; then one gather of
-        # the tile through per-row pointers (S masked loads of the whole tile would hold S
-        # tiles in registers: 104 instead of 48 per thread at S = 3, bench/sass_report.py)
+        # the tile through per-row pointers (S masked loads of the whole tile held S tiles in
+        # registers: 104 per thread at S = 3 on sm_90, bench/sass_report.py)
         modality = tl.zeros([BLOCK_R], dtype=tl.int32)
         stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
         in_stream = rows < 0  # all False
