@@ -129,7 +129,9 @@ def _tuned_configs(K: int, N: int) -> list[dict]:
     """The configs the autotuner chose for these sizes (forward and dX share a kernel; dX
     swaps K and N), so a run says which tile, load build and pipeline won."""
     kernels = {id(grouped_gemm._grouped_mm_tuned): "fwd/dx",
-               id(grouped_gemm._grouped_mm_dw_tuned): "dw"}
+               id(grouped_gemm._grouped_mm_dw_tuned): "dw",
+               id(grouped_gemm._grouped_mm_gather_tuned): "by_ids fwd/dx",
+               id(grouped_gemm._grouped_mm_dw_gather_tuned): "by_ids dw"}
     out = []
     for (tuner, dtype, *key), config in grouped_gemm._TUNED_CONFIGS.items():
         if tuple(key[:2]) in ((K, N), (N, K)):

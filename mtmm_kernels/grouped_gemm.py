@@ -427,6 +427,11 @@ _MM_CONFIGS, _DW_CONFIGS = _mm_configs(is_interpreter()), _dw_configs(is_interpr
 _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
 _grouped_mm_tuned = _autotune(_MM_CONFIGS, _prune_mm, _MM_KEY, _EVEN_K)(_grouped_mm_kernel)
 _grouped_mm_dw_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_grouped_mm_dw_kernel)
+# grouped_mm_by_ids tunes its own: its gathered rows take pointer loads (no descriptors), so a
+# config tuned for grouped_mm's descriptor build says little about them. Same keys.
+_grouped_mm_gather_tuned = _autotune(_MM_CONFIGS, _prune_mm, _MM_KEY, _EVEN_K)(
+    _grouped_mm_kernel)
+_grouped_mm_dw_gather_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_grouped_mm_dw_kernel)
 
 
 # (tuner, x's dtype, the values of its key) -> the config it chose. Once a key is tuned,
@@ -513,7 +518,8 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
     args["TMA_OK"] = _tma_ok(args)
     if x_TK.is_cuda and args["TMA_OK"]:
         _ensure_allocator()
-    _launch(_grouped_mm_kernel, _grouped_mm_tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
+    tuned = _grouped_mm_gather_tuned if perm_T is not None else _grouped_mm_tuned
+    _launch(_grouped_mm_kernel, tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
     return y_TN
 
 
@@ -546,7 +552,8 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
     args["TMA_OK"] = _tma_dw_ok(args)
     if x_TK.is_cuda and args["TMA_OK"]:
         _ensure_allocator()
-    _launch(_grouped_mm_dw_kernel, _grouped_mm_dw_tuned, _DW_CONFIGS, _prune_dw, grid, args)
+    tuned = _grouped_mm_dw_gather_tuned if perm_T is not None else _grouped_mm_dw_tuned
+    _launch(_grouped_mm_dw_kernel, tuned, _DW_CONFIGS, _prune_dw, grid, args)
     return dw_GKN, db_GN
 
 

@@ -465,6 +465,28 @@ def test_autotuned_path(device, monkeypatch):
     check_against_reference(x, w, b, offsets, tail=2)
 
 
+def test_by_ids_tunes_apart_from_grouped_mm(device, monkeypatch):
+    """grouped_mm_by_ids gathers its rows with pointer loads: its configs are tuned by their
+    own tuners (same keys), not borrowed from grouped_mm's descriptor-build tuning."""
+    tuned = grouped_gemm.is_interpreter() or device.type == "cuda"
+    if not tuned:
+        pytest.skip("no autotuning on this device")
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", True)
+    monkeypatch.setattr(grouped_gemm, "_TUNED_CONFIGS", {})
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, w, b, offsets = make_problem([30, 0, 97, 5], 64, 40, dtype, device)
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 0, 97, 5]))
+    ids = ids[torch.randperm(ids.numel())].to(device)
+    perm = torch.sort(ids, stable=True)[1]
+    y_sorted = grouped_mm(x[perm], w, offsets, b)
+    y = grouped_mm_by_ids(leaf(x), leaf(w), ids, b)
+    y.sum().backward()  # dX through the gather tuner, dW through the gather dW tuner
+    assert rel_err(y[perm], y_sorted) < TOL[dtype]
+    tuners = {k[0] for k in grouped_gemm._TUNED_CONFIGS}
+    assert tuners == {grouped_gemm._grouped_mm_tuned, grouped_gemm._grouped_mm_gather_tuned,
+                      grouped_gemm._grouped_mm_dw_gather_tuned}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_config_pruning(dtype):
     """The GPU autotuner's pruning, called the way triton.autotune calls it (every kernel
