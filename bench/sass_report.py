@@ -162,6 +162,11 @@ def _varlen_cases():
     order = torch.arange(B)
     yield ("pack S=3 H=4096 B=128 bfloat16 grouped",
            lambda: V._launch_pack(xs, lens_SB, cu, order, 15 * B))
+    # streams 8 bytes off a 16-byte boundary: 8-byte vectors at most, never 16
+    shifted = [torch.zeros(B * L * 4096 + 4, dtype=torch.bfloat16)[4:].view(B, L, 4096)
+               for L in Ls]
+    yield ("pack S=3 H=4096 B=128 bfloat16 grouped 8-byte aligned",
+           lambda: V._launch_pack(shifted, lens_SB, cu, order, 15 * B))
     values = torch.zeros(15 * B, 4096, dtype=torch.bfloat16)
     yield ("unpack S=3 H=4096 B=128 bfloat16 grouped",
            lambda: V._launch_unpack(values, lens_SB, cu, order, list(Ls)))
