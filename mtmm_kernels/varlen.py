@@ -737,27 +737,33 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _host_plan(lens_SB: np.ndarray, seq: np.ndarray, group_ids: Optional[np.ndarray],
                num_groups: int, device: torch.device):
-    """The plan kernel's outputs (lens_SB int32 [S, B], cu_seqlens int32 [B + 1], order int64
-    [B], group_offsets int32 [G]) from validated host lengths and group ids, reaching the device
-    in one copy: the four live in one int32 buffer (order first, as pairs of words, so that its
-    int64 view is aligned) and are returned as views of it. ``seq`` [B] is each sample's total
-    length (the caller's sum of lens_SB over the streams)."""
+    """The plan kernel's outputs from validated host lengths and group ids, reaching the device
+    in one copy: (lens_SB int32 [S, B], cu_seqlens int32 [B + 1], order int64 [B],
+    group_offsets int32 [G]), views of one int32 buffer (order first, as pairs of words, so
+    that its int64 view is aligned). Only what the kernels read is built: one stream takes its
+    lengths from cu_seqlens (lens_SB None), and an ungrouped pack has no order or offsets
+    (None). ``seq`` [B] is each sample's total length (the caller's sum over the streams)."""
     S, B = lens_SB.shape
-    if group_ids is not None:
+    grouped = group_ids is not None
+    n_order, n_lens, G = (2 * B if grouped else 0), (S * B if S > 1 else 0), num_groups
+    buf = np.empty(n_order + n_lens + B + 1 + (G if grouped else 0), dtype=np.int32)
+    cu = buf[n_order + n_lens:n_order + n_lens + B + 1]
+    cu[0] = 0
+    if grouped:
         order = np.argsort(group_ids, kind="stable")
-        tokens_per_group = np.bincount(group_ids, weights=seq, minlength=num_groups)
-        group_offsets = np.cumsum(tokens_per_group).astype(np.int32)
+        buf[:n_order].view(np.int64)[:] = order
+        np.cumsum(seq[order], out=cu[1:])
+        np.cumsum(np.bincount(group_ids, weights=seq, minlength=G), out=buf[-G:])
     else:
-        order = np.arange(B)
-        group_offsets = np.zeros(0, dtype=np.int32)
-    cu = np.zeros(B + 1, dtype=np.int64)
-    np.cumsum(seq[order], out=cu[1:])
-    parts = [order.astype(np.int64).view(np.int32), lens_SB.astype(np.int32).ravel(),
-             cu.astype(np.int32), group_offsets]
-    buf = _to_device(torch.from_numpy(np.concatenate(parts)), device)
-    ends = np.cumsum([len(p) for p in parts])
-    return (buf[ends[0]:ends[1]].view(S, B), buf[ends[1]:ends[2]], buf[:ends[0]].view(torch.int64),
-            buf[ends[2]:ends[3]])
+        np.cumsum(seq, out=cu[1:])
+    if n_lens:
+        buf[n_order:n_order + n_lens] = lens_SB.ravel()
+    dev = _to_device(torch.from_numpy(buf), device)
+    lens = dev[n_order:n_order + n_lens].view(S, B) if n_lens else None
+    cu_t = dev[n_order + n_lens:n_order + n_lens + B + 1]
+    if not grouped:
+        return lens, cu_t, None, None
+    return lens, cu_t, dev[:n_order].view(torch.int64), dev[n_order + n_lens + B + 1:]
 
 
 def _check_int(value, name: str, low: int = 0) -> int:
