@@ -155,6 +155,11 @@ def _varlen_cases():
             values = torch.zeros(T, H, dtype=dtype)
             yield (f"unpack S=1 H={H} B={B} {str(dtype)[6:]}",
                    lambda v=values, cu=cu: V._launch_unpack(v, None, cu, None, [L]))
+    # a tall tile (small H) with many sequences: the search must stay within registers
+    x_small = padded(512, 8, 128, torch.bfloat16)
+    cu_512 = torch.arange(0, 513, dtype=torch.int32) * 4
+    yield ("pack S=1 H=128 B=512 bfloat16",
+           lambda: V._launch_pack([x_small], None, cu_512, None, 4 * 512))
     B, Ls = 128, (257, 1500, 77)  # mm3
     xs = [padded(B, L, 4096, torch.bfloat16) for L in Ls]
     lens_SB = torch.full((3, B), 5, dtype=torch.int32)

@@ -376,11 +376,19 @@ def _search_steps(B: int) -> int:
 # at most this (one load round trip; B compares per row), by binary search beyond (log2(B)
 # dependent loads). 0 always searches.
 ALL_STARTS_MAX_B = 1024
+# ... and when a program's compares (BLOCK_R x B's bucket) stay within this: 64 per thread at
+# 4 warps. Beyond it the compare tile costs registers (64 rows of H = 128 against B = 512
+# spilled on sm_90).
+_ALL_STARTS_BUDGET = 8192
 
 
-def _all_starts(B: int) -> int:
-    """The pack kernel's ALL_STARTS: B's power-of-two bucket (a few compiled variants), or 0."""
-    return max(16, next_power_of_2(B)) if 0 < B <= ALL_STARTS_MAX_B else 0
+def _all_starts(B: int, block_r: int) -> int:
+    """The pack kernel's ALL_STARTS: B's power-of-two bucket (a few compiled variants), or 0
+    for the binary search."""
+    bucket = max(16, next_power_of_2(B))
+    if 0 < B <= ALL_STARTS_MAX_B and bucket * block_r <= _ALL_STARTS_BUDGET:
+        return bucket
+    return 0
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -431,7 +439,8 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
         tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
         S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
         WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), [*streams, values], *strides),
-        ALL_STARTS=_all_starts(B), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+        ALL_STARTS=_all_starts(B, block_r), BLOCK_R=block_r, BLOCK_H=block_h,
+        num_warps=num_warps,
     )
     return values, position_ids, seq_ids, modality_ids
 
