@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from device_timing import TIMINGS
 from mtmm_kernels import varlen as V
 from mtmm_kernels.varlen import pack_multimodal, pack_padded, unpack, unpack_multimodal
 
@@ -33,7 +34,6 @@ DTYPE = torch.bfloat16
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only for smoke runs of this file
 # MTMM_BENCH_SHRINK=k divides B, the lengths and H by k (a CPU smoke run under the interpreter)
 _SHRINK = int(os.environ.get("MTMM_BENCH_SHRINK", "1"))
-_BASES = ("device", "pipelined", "kernel")  # the timings of bench/device_timing.py
 _BEST_TORCH: dict[tuple[str, str], dict[str, float]] = {}  # (case, op) -> basis -> fastest ms
 
 
@@ -101,7 +101,7 @@ def _record(measure, benchmark, fn, *, case, op, method, bytes_, shape):
     this session on each timing basis (latency, pipelined, kernel time)."""
     ms = measure(fn, dtype=DTYPE, shape=shape, bytes=bytes_, method=method, case=f"{case}/{op}")
     info = benchmark.extra_info
-    times = {basis: info.get(f"{basis}_ms") for basis in _BASES}
+    times = {key.removesuffix("_ms"): info.get(key) for key in TIMINGS}
     key = (case, op)
     if not method.startswith("mtmm"):
         best = _BEST_TORCH.setdefault(key, {})

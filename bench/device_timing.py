@@ -24,6 +24,9 @@ from typing import Callable, Optional
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# extra_info key of each timing -> its name in tables. ``device_ms`` is the latency (the name
+# the first GPU runs' JSON used for it).
+TIMINGS = {"device_ms": "latency", "pipelined_ms": "pipelined", "kernel_ms": "kernel"}
 
 
 def latency_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20) -> float:

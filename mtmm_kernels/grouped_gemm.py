@@ -80,8 +80,8 @@ def _grouped_mm_kernel(
     With FLATTEN, Triton fuses the tile loop and the K loop into one software pipeline, so the
     loads of a program's next tile are in flight during the current tile's epilogue (the K
     loop has the same trip count on every tile for this: the pseudo-group's tiles multiply by
-    zeros, masked or out of the descriptor, and store zeros). Without it the code is the one
-    measured on an H200 (bench/results/h200).
+    zeros outside the descriptor, or by the last group's w, and the epilogue stores zeros).
+    Without it the code is the one measured on an H200 (bench/results/h200).
     With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
     descriptors: an x tile may run into the next group's rows (their results are never
     stored) and reads past T or K come back as zeros. TMA_OK says whether these operands
