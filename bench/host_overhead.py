@@ -6,13 +6,15 @@ off at a time, so the next change aims at the layer that costs:
 
   torch_grouped_mm     torch._grouped_mm (C++ dispatch): the peer's host cost
   mtmm_public          grouped_mm(x, w, offsets) under no_grad: what users call
+  mtmm_public_triton_path  the same through Triton's launch path (no direct launch)
   mtmm_launcher        _launch_grouped_mm: no argument checks, no autograd.Function
   triton_autotuned     the autotuned kernel with prebuilt arguments: triton.autotune +
                        triton.heuristics + the JIT launch path
   triton_jit           the plain @triton.jit kernel with the tuned config: the JIT launch path
   triton_empty         an empty one-argument kernel: Triton's floor
-  mtmm_fwd_bwd         grouped_mm forward + backward (three launches)
-  varlen_pack_public   pack_padded on bench_varlen's mixed256 case, lengths on the CPU
+  mtmm_fwd_bwd         grouped_mm forward + backward (three launches); _triton_path likewise
+  varlen_pack_public   pack_padded on bench_varlen's mixed256 case, lengths on the CPU;
+                       _triton_path likewise
   varlen_pack_launcher the pack kernel's launcher, plan precomputed
   torch_index_select   the pack's fastest torch peer (FlashAttention's unpad_input)
 
@@ -80,8 +82,16 @@ def _varlen_cases() -> dict:
     plan = pack_padded(x, lens)
     idx = (torch.arange(x.shape[1])[None, :] < lens[:, None]).flatten().nonzero().flatten()
     idx = idx.to(x.device)
+    def triton_path():
+        V.direct_launch.ENABLED = False
+        try:
+            return pack_padded(x, lens)
+        finally:
+            V.direct_launch.ENABLED = True
+
     return {
         "varlen_pack_public": lambda: pack_padded(x, lens),
+        "varlen_pack_public_triton_path": triton_path,
         "varlen_pack_launcher": lambda: V._launch_pack([x], None, plan.cu_seqlens, None, T),
         "torch_index_select": lambda: x.flatten(0, 1).index_select(0, idx),
     }
@@ -98,6 +108,7 @@ def main() -> int:
     import triton
 
     from bench_grouped_gemm import _problem
+    from mtmm_kernels import _direct_launch as direct_launch
     from mtmm_kernels import grouped_gemm as gg
     from mtmm_kernels import grouped_mm
 
@@ -112,9 +123,9 @@ def main() -> int:
     captured = {}
     real_launch = gg._launch
 
-    def capture(kernel, tuned, configs, prune, grid, kargs, even_k=False):
+    def capture(kernel, tuned, configs, prune, grid, kargs, n_head, even_k=False):
         captured.update(grid=grid, args=dict(kargs))
-        return real_launch(kernel, tuned, configs, prune, grid, kargs, even_k)
+        return real_launch(kernel, tuned, configs, prune, grid, kargs, n_head, even_k)
     gg._launch = capture
     try:
         with torch.no_grad():
@@ -142,10 +153,20 @@ def main() -> int:
         with torch.no_grad():
             return grouped_mm(x, w, offsets)
 
+    def without_direct_launch(fn):
+        def call():
+            direct_launch.ENABLED = False
+            try:
+                return fn()
+            finally:
+                direct_launch.ENABLED = True
+        return call
+
     cases = {
         "torch_grouped_mm": (lambda: torch._grouped_mm(x, w, offs=offsets))
         if hasattr(torch, "_grouped_mm") else None,
         "mtmm_public": public,
+        "mtmm_public_triton_path": without_direct_launch(public),
         "mtmm_launcher": lambda: gg._launch_grouped_mm(x, w, offsets, None, None),
         "triton_autotuned": lambda: gg._grouped_mm_tuned[grid](**kargs),
         "triton_jit": lambda: gg._grouped_mm_kernel[fixed_grid](
@@ -153,6 +174,7 @@ def main() -> int:
         "triton_empty": lambda: _empty_kernel[(1,)](empty_arg),
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
+    cases["mtmm_fwd_bwd_triton_path"] = without_direct_launch(cases["mtmm_fwd_bwd"])
     cases.update(_varlen_cases())
     results = {}
     for name, fn in cases.items():

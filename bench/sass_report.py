@@ -24,7 +24,6 @@ and must run without TRITON_INTERPRET (the interpreter replaces the compiler).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels without install
+
+from offline import offline_target  # noqa: E402  (after the path is set)
 
 _INSTRUCTIONS = {  # report name -> SASS opcode pattern (the opcode up to its first space)
     "ldg128": r"LDG\.E(\.[A-Z]+)*\.128",
@@ -56,53 +57,6 @@ def _tool(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{name} is not bundled with this Triton ({path})")
     return str(path)
-
-
-@contextlib.contextmanager
-def offline_target(arch: int):
-    """Triton compiles for cuda:<arch> and launches nothing; every kernel it compiles is
-    appended to the yielded list."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import CompiledKernel
-    from triton.runtime import driver
-
-    class StandIn:  # the parts of a driver that binding and compiling consult
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_device_capability(self, device=0):
-            return divmod(arch, 10)
-
-    compiled: list = []
-
-    def record(kernel):
-        compiled.append(kernel)
-        return lambda *args, **kwargs: None
-
-    saved_active = driver._active
-    saved_run = CompiledKernel.__dict__.get("run")
-    saved_init = CompiledKernel.__dict__.get("_init_handles")
-    driver.set_active(StandIn())
-    CompiledKernel.run = property(record)  # read once per launch: record, launch nothing
-    CompiledKernel._init_handles = lambda self: None  # needs a device
-    try:
-        yield compiled
-    finally:
-        driver._active = saved_active
-        for name, value in (("run", saved_run), ("_init_handles", saved_init)):
-            if value is None:
-                delattr(CompiledKernel, name)
-            else:
-                setattr(CompiledKernel, name, value)
 
 
 def sass_summary(kernel) -> dict:

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _direct_launch as direct_launch
 from . import reference
 from ._triton_utils import (cdiv, is_interpreter, next_power_of_2, triton_runs_on,
                             wants_grad)
@@ -441,22 +442,61 @@ _grouped_mm_dw_gather_tuned = _autotune(_DW_CONFIGS, _prune_dw, _DW_KEY)(_groupe
 _TUNED_CONFIGS: dict[tuple, triton.Config] = {}
 
 
-def _launch(kernel, tuned, configs, prune, grid, args: dict, even_k: bool = False) -> None:
+def _launch(kernel, tuned, configs, prune, grid, args: dict, n_head: int,
+            even_k: bool = False):
     """Launch with the config the autotuner chose for these arguments (tuning on the first
-    call of each key), or, without autotuning, the first config that survives pruning."""
+    call of each key), or, without autotuning, the first config that survives pruning.
+    Returns what a later call with the same launch plan key may reuse, (meta, tail, options),
+    or None when this call tuned. The first ``n_head`` kernel parameters change per call; the
+    rest (``tail``) follow from the plan key."""
     if AUTOTUNE:
         key = (tuned, args["x_ptr"].dtype, *[args[k] for k in tuned.keys])
         config = _TUNED_CONFIGS.get(key)
         if config is None:
             tuned[grid](**args)
             _TUNED_CONFIGS[key] = tuned.best_config
-            return
+            return None
     else:
         config = prune(configs, args)[0]
     meta = dict(config.kwargs)
     if even_k:
         meta["EVEN_K"] = args["K"] % meta["BLOCK_K"] == 0
-    kernel[grid(meta)](**args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    named = {**args, **meta}
+    values = [named[name] for name in kernel.arg_names]
+    assert len(values) == len(named), "an argument the kernel does not take"
+    head, tail = tuple(values[:n_head]), tuple(values[n_head:])
+    options = (("num_warps", config.num_warps), ("num_stages", config.num_stages))
+    direct_launch.launch(kernel, grid(meta), head, tail, options)
+    return meta, tail, options
+
+
+# Launch plans: (which kernel, what the launch derives its config, constexprs and fixed
+# arguments from) -> (meta, tail, options, TMA_OK, config table, tuned table). A repeated call
+# skips the argument dictionary, the pruning and the tuner lookup. The key holds the module
+# switches a user may flip; a plan counts only while the config tables it was made from are
+# still the module's (tests and bench/sass_report.py swap them); tests that patch other
+# internals clear the plans.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _switches() -> tuple:
+    return (TMA, TMA_ON_CPU, AUTOTUNE)
+
+
+def _plan_for(key: tuple, configs: list):
+    plan = _PLANS.get(key) if direct_launch.ENABLED else None
+    if plan is None or plan[4] is not configs or plan[5] is not _TUNED_CONFIGS:
+        return None
+    return plan
+
+
+def _store_plan(key: tuple, plan, tma_ok: bool, configs: list) -> None:
+    if plan is None:
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = (*plan, tma_ok, configs, _TUNED_CONFIGS)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -504,9 +544,25 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
 
     bias = bias_GN if bias_GN is not None else y_TN  # never read: HAS_BIAS=False
     perm = perm_T if perm_T is not None else offsets_G  # never read: GATHER=False
+    head = (x_TK, w_GKN, bias, y_TN, offsets_G, perm, T)
+    m_bucket = _m_bucket(T, G)
+    plan_key = (
+        "mm", x_TK.device, x_TK.dtype, K, N, G, m_bucket,
+        x_TK.stride(), w_GKN.stride(), None if bias_GN is None else bias_GN.stride(),
+        perm_T is None, x_TK.data_ptr() % 16, w_GKN.data_ptr() % 16, _switches(),
+        x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
+    )
+    plan = _plan_for(plan_key, _MM_CONFIGS)
+    if plan is not None:
+        meta, tail, options, tma_ok = plan[:4]
+        if tma_ok and x_TK.is_cuda:
+            _ensure_allocator()
+        direct_launch.launch(_grouped_mm_kernel, grid(meta), head, tail, options)
+        return y_TN
+
     args = dict(
         x_ptr=x_TK, w_ptr=w_GKN, bias_ptr=bias, y_ptr=y_TN, offsets_ptr=offsets_G, perm_ptr=perm,
-        T=T, K=K, N=N, G=G, M_BUCKET=_m_bucket(T, G),
+        T=T, K=K, N=N, G=G, M_BUCKET=m_bucket,
         stride_xt=x_TK.stride(0), stride_xk=x_TK.stride(1),
         stride_wg=w_GKN.stride(0), stride_wk=w_GKN.stride(1), stride_wn=w_GKN.stride(2),
         stride_bg=bias.stride(0), stride_bn=bias.stride(1),
@@ -519,7 +575,9 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
     if x_TK.is_cuda and args["TMA_OK"]:
         _ensure_allocator()
     tuned = _grouped_mm_gather_tuned if perm_T is not None else _grouped_mm_tuned
-    _launch(_grouped_mm_kernel, tuned, _MM_CONFIGS, _prune_mm, grid, args, even_k=True)
+    plan = _launch(_grouped_mm_kernel, tuned, _MM_CONFIGS, _prune_mm, grid, args, len(head),
+                   even_k=True)
+    _store_plan(plan_key, plan, args["TMA_OK"], _MM_CONFIGS)
     return y_TN
 
 
@@ -539,9 +597,25 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
 
     perm = perm_T if perm_T is not None else offsets_G  # never read: GATHER=False
     db = db_GN if need_bias else dw_GKN.view(G, K * N)  # never written: HAS_BIAS=False
+    head = (x_TK, dy_TN, offsets_G, perm, dw_GKN, db, T)
+    m_bucket = _m_bucket(T, G)
+    plan_key = (
+        "dw", x_TK.device, x_TK.dtype, dy_TN.dtype, K, N, G, m_bucket,
+        x_TK.stride(), dy_TN.stride(), need_bias, perm_T is None, x_TK.data_ptr() % 16,
+        dy_TN.data_ptr() % 16, _switches(),
+        x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
+    )
+    plan = _plan_for(plan_key, _DW_CONFIGS)
+    if plan is not None:
+        meta, tail, options, tma_ok = plan[:4]
+        if tma_ok and x_TK.is_cuda:
+            _ensure_allocator()
+        direct_launch.launch(_grouped_mm_dw_kernel, grid(meta), head, tail, options)
+        return dw_GKN, db_GN
+
     args = dict(
         x_ptr=x_TK, dy_ptr=dy_TN, offsets_ptr=offsets_G, perm_ptr=perm, dw_ptr=dw_GKN, db_ptr=db,
-        T=T, K=K, N=N, G=G, M_BUCKET=_m_bucket(T, G),
+        T=T, K=K, N=N, G=G, M_BUCKET=m_bucket,
         stride_xt=x_TK.stride(0), stride_xk=x_TK.stride(1),
         stride_dyt=dy_TN.stride(0), stride_dyn=dy_TN.stride(1),
         stride_dwg=dw_GKN.stride(0), stride_dwk=dw_GKN.stride(1), stride_dwn=dw_GKN.stride(2),
@@ -553,7 +627,8 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
     if x_TK.is_cuda and args["TMA_OK"]:
         _ensure_allocator()
     tuned = _grouped_mm_dw_gather_tuned if perm_T is not None else _grouped_mm_dw_tuned
-    _launch(_grouped_mm_dw_kernel, tuned, _DW_CONFIGS, _prune_dw, grid, args)
+    plan = _launch(_grouped_mm_dw_kernel, tuned, _DW_CONFIGS, _prune_dw, grid, args, len(head))
+    _store_plan(plan_key, plan, args["TMA_OK"], _DW_CONFIGS)
     return dw_GKN, db_GN
 
 

@@ -47,6 +47,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mtmm_kernels import _direct_launch as direct_launch
 from mtmm_kernels import reference
 from mtmm_kernels._triton_utils import (cdiv, has_triton, next_power_of_2, triton_runs_on,
                                        wants_grad)
@@ -406,11 +407,13 @@ def _launch_plan(lengths: list[torch.Tensor], group_ids: Optional[torch.Tensor],
     group_offsets = torch.empty(num_groups, dtype=torch.int32, device=device)
     stats = torch.empty(4, dtype=torch.int64, device=device)
     grouped = num_groups > 0
-    _varlen_plan_kernel[(1,)](
-        tuple(lengths), group_ids if grouped else cu_seqlens,
-        lens_SB, seqlen_B, cu_seqlens, order, group_offsets, stats,
-        tuple(max_lens), B, num_groups,
-        S=S, GROUPED=grouped, BLOCK_B=min(max(next_power_of_2(B), 16), 1024), num_warps=4,
+    direct_launch.launch(
+        _varlen_plan_kernel, (1,),
+        (tuple(lengths), group_ids if grouped else cu_seqlens,
+         lens_SB, seqlen_B, cu_seqlens, order, group_offsets, stats,
+         tuple(max_lens), B, num_groups),
+        (S, grouped, min(max(next_power_of_2(B), 16), 1024)),  # S, GROUPED, BLOCK_B
+        (("num_warps", 4),),
     )
     return lens_SB, cu_seqlens, order, group_offsets, stats
 
@@ -430,17 +433,19 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     strides = [x.stride(0) for x in streams] + [x.stride(1) for x in streams] + [H]
     # H == 0 still needs one column of programs: the metadata is owed
     grid = (cdiv(total, block_r), max(1, cdiv(H, block_h)))
-    _varlen_pack_kernel[grid](
-        tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
-        order if order is not None else cu_seqlens,
-        values, position_ids, seq_ids, modality_ids,
-        total, H, B, _search_steps(B),
-        tuple(x.shape[1] for x in streams),
-        tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H,
-        S=len(streams), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
-        WRITE_META=True, ROW_ALIGN=_row_align(x0.element_size(), [*streams, values], *strides),
-        ALL_STARTS=_all_starts(B, block_r), BLOCK_R=block_r, BLOCK_H=block_h,
-        num_warps=num_warps,
+    direct_launch.launch(
+        _varlen_pack_kernel, grid,
+        (tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
+         order if order is not None else cu_seqlens,
+         values, position_ids, seq_ids, modality_ids,
+         total, H, B, _search_steps(B),
+         tuple(x.shape[1] for x in streams),
+         tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H),
+        # S, LENS_FROM_CU, HAS_ORDER, WRITE_META, ROW_ALIGN, ALL_STARTS, BLOCK_R, BLOCK_H
+        (len(streams), lens_SB is None, order is not None, True,
+         _row_align(x0.element_size(), [*streams, values], *strides),
+         _all_starts(B, block_r), block_r, block_h),
+        (("num_warps", num_warps),),
     )
     return values, position_ids, seq_ids, modality_ids
 
@@ -455,13 +460,16 @@ def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
     n_blocks = sum(cdiv(B * L, block_r) for L in max_lens)
     if n_blocks == 0 or H == 0:
         return outs
-    _varlen_unpack_kernel[(n_blocks, cdiv(H, block_h))](
-        values, lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
-        order if order is not None else cu_seqlens, tuple(outs),
-        T, H, B, tuple(max_lens), values.stride(0),
-        S=len(max_lens), LENS_FROM_CU=lens_SB is None, HAS_ORDER=order is not None,
-        ROW_ALIGN=_row_align(values.element_size(), [values, *outs], values.stride(0), H),
-        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    direct_launch.launch(
+        _varlen_unpack_kernel, (n_blocks, cdiv(H, block_h)),
+        (values, lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
+         order if order is not None else cu_seqlens, tuple(outs),
+         T, H, B, tuple(max_lens), values.stride(0)),
+        # S, LENS_FROM_CU, HAS_ORDER, ROW_ALIGN, BLOCK_R, BLOCK_H
+        (len(max_lens), lens_SB is None, order is not None,
+         _row_align(values.element_size(), [values, *outs], values.stride(0), H),
+         block_r, block_h),
+        (("num_warps", num_warps),),
     )
     return outs
 
@@ -472,9 +480,10 @@ def _launch_token_meta(cu_seqlens: torch.Tensor, total: int):
     seq_ids = torch.empty(total, dtype=torch.int32, device=cu_seqlens.device)
     if total > 0:
         block = 1024
-        _varlen_token_meta_kernel[(cdiv(total, block),)](
-            cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B), BLOCK=block,
-            num_warps=4,
+        direct_launch.launch(
+            _varlen_token_meta_kernel, (cdiv(total, block),),
+            (cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B)), (block,),
+            (("num_warps", 4),),
         )
     return position_ids, seq_ids
 

@@ -17,8 +17,10 @@ from mtmm_kernels import reference as ref
 @pytest.fixture(autouse=True)
 def _single_config(monkeypatch):
     """One config per kernel instead of autotuning: the GPU test run must stay short (each
-    config is a compilation). test_autotuned_path covers the autotuner."""
+    config is a compilation). test_autotuned_path covers the autotuner. Launch plans start
+    empty, so that a test patching the launchers' helpers sees them called."""
     monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)
+    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
