@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels 
 from offline import offline_target  # noqa: E402  (after the path is set)
 
 from mtmm_kernels import _direct_launch as direct_launch  # noqa: E402
+from mtmm_kernels import group_sort  # noqa: E402
 from mtmm_kernels import grouped_gemm as gg  # noqa: E402
 from mtmm_kernels import varlen as V  # noqa: E402
 
@@ -49,8 +50,9 @@ def gpu_like_host_path():
     first surviving config instead of autotuning (which would time kernels)."""
     saved = {(gg, "triton_runs_on"): gg.triton_runs_on, (gg, "_values_checkable"):
              gg._values_checkable, (gg, "_tma_device_ok"): gg._tma_device_ok,
-             (gg, "AUTOTUNE"): gg.AUTOTUNE, (V, "triton_runs_on"): V.triton_runs_on}
-    gg.triton_runs_on = V.triton_runs_on = lambda *tensors: True
+             (gg, "AUTOTUNE"): gg.AUTOTUNE, (V, "triton_runs_on"): V.triton_runs_on,
+             (group_sort, "triton_runs_on"): group_sort.triton_runs_on}
+    gg.triton_runs_on = V.triton_runs_on = group_sort.triton_runs_on = lambda *tensors: True
     gg._values_checkable = lambda t: False
     gg._tma_device_ok = lambda t: gg.TMA
     gg.AUTOTUNE = False

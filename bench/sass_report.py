@@ -173,7 +173,17 @@ def _grouped_gemm_cases():
                        lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
 
 
-CASES = {"varlen": _varlen_cases, "grouped_gemm": _grouped_gemm_cases}
+def _group_sort_cases():
+    from mtmm_kernels.group_sort import _launch_group_sort
+
+    T = 16000
+    for G in (32, 255):
+        ids = torch.zeros(T, dtype=torch.int64)
+        yield f"group_sort T={T} G={G}", lambda ids=ids, G=G: _launch_group_sort(ids, G)
+
+
+CASES = {"varlen": _varlen_cases, "grouped_gemm": _grouped_gemm_cases,
+         "group_sort": _group_sort_cases}
 
 
 def report(arch: int = 90, only: str | None = None) -> list[dict]:
@@ -187,8 +197,11 @@ def report(arch: int = 90, only: str | None = None) -> list[dict]:
             for name, call in cases():
                 before = len(compiled)
                 call()
-                assert len(compiled) == before + 1, f"{name}: expected one launch"
-                rows.append({"case": name, "arch": f"sm_{arch}", **sass_summary(compiled[-1])})
+                launched = compiled[before:]
+                assert launched, f"{name}: no launch"
+                for kernel in launched:  # one row per launch; named after the kernel if several
+                    case = name if len(launched) == 1 else f"{name} [{kernel.name}]"
+                    rows.append({"case": case, "arch": f"sm_{arch}", **sass_summary(kernel)})
     return rows
 
 

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import _direct_launch as direct_launch
 from . import reference
+from .group_sort import sort_by_group
 from ._triton_utils import (cdiv, is_interpreter, next_power_of_2, triton_runs_on,
                             wants_grad)
 
@@ -635,13 +636,14 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
 def _fallback_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T):
     if perm_T is None:
         return reference.grouped_mm_reference(x_TK, w_GKN, offsets_G, bias_GN)
+    perm_T = perm_T.long()  # index_copy_ takes int64 only; the group sort gives int32
     y_sorted = reference.grouped_mm_reference(x_TK[perm_T], w_GKN, offsets_G, bias_GN)
     return torch.empty_like(y_sorted).index_copy_(0, perm_T, y_sorted)
 
 
 def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
     if perm_T is not None:
-        x_TK, dy_TN = x_TK[perm_T], dy_TN[perm_T]
+        x_TK, dy_TN = x_TK[perm_T.long()], dy_TN[perm_T.long()]
     dw_GKN, db_GN = reference.grouped_mm_dw_reference(x_TK, dy_TN, offsets_G, need_bias)
     return dw_GKN, (db_GN if need_bias else dy_TN.new_empty((0,)))
 
@@ -824,9 +826,10 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped GEMM with tokens in any order: ``y[t] = x[t] @ w[group_ids[t]] + bias[...]``.
 
-    The ids are sorted once (stable, on the device); the kernels gather x rows and scatter y
-    rows through the permutation inside their loads and stores, so no permuted copy of x or y
-    is ever materialised.
+    The ids are sorted once, stably, on the device (a counting sort in two launches,
+    ``mtmm_kernels/group_sort.py``; ``torch.sort`` beyond 255 groups); the kernels gather x
+    rows and scatter y rows through the permutation inside their loads and stores, so no
+    permuted copy of x or y is ever materialised.
 
     Args:
         x: [T, K] float16, bfloat16 or float32.
@@ -844,14 +847,9 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     if group_ids.shape[0] != x.shape[0]:
         raise ValueError(f"group_ids must have one entry per row of x (T={x.shape[0]}), "
                          f"got {group_ids.shape[0]}")
-    ids_T = group_ids
-    if _values_checkable(group_ids):
-        if ids_T.numel() > 0 and (int(ids_T.min()) < 0 or int(ids_T.max()) >= G):
-            raise ValueError(f"group_ids must lie in [0, G={G}), got values in "
-                             f"[{int(ids_T.min())}, {int(ids_T.max())}]")
-    else:  # out-of-range ids go past the last group, where rows are zero: -1 and G map to G
-        ids_T = ids_T.clamp(-1, G).remainder_(G + 1)  # two launches (a where takes four)
-    sorted_T, perm_T = torch.sort(ids_T, stable=True)
-    groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
-    offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
+    if _values_checkable(group_ids) and group_ids.numel() > 0:
+        low, high = int(group_ids.min()), int(group_ids.max())
+        if low < 0 or high >= G:
+            raise ValueError(f"group_ids must lie in [0, G={G}), got values in [{low}, {high}]")
+    perm_T, offsets_G = sort_by_group(group_ids, G)
     return _grouped_mm_call(x, w, offsets_G, bias, perm_T)
