@@ -41,6 +41,7 @@ strides (a slice along L, a transposed batch) are read in place.
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Optional
 
@@ -345,6 +346,7 @@ if triton is not None:
 # ============================================================================================
 # Launchers: check, allocate, launch
 # ============================================================================================
+@functools.lru_cache(maxsize=256)
 def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps) of the copy kernels: up to 4 KiB of a row per program
     column and about 16 KiB per program, enough bytes in flight per SM to reach copy
@@ -429,8 +431,10 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     modality_ids = torch.empty(total, dtype=torch.int32, device=device)
     if total == 0:
         return values, position_ids, seq_ids, modality_ids
-    block_r, block_h, num_warps = _tile_config(H, x0.element_size())
-    strides = [x.stride(0) for x in streams] + [x.stride(1) for x in streams] + [H]
+    es = x0.element_size()
+    block_r, block_h, num_warps = _tile_config(H, es)
+    stride_b = tuple([x.stride(0) for x in streams])
+    stride_l = tuple([x.stride(1) for x in streams])
     # H == 0 still needs one column of programs: the metadata is owed
     grid = (cdiv(total, block_r), max(1, cdiv(H, block_h)))
     direct_launch.launch(
@@ -438,12 +442,11 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
         (tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
          order if order is not None else cu_seqlens,
          values, position_ids, seq_ids, modality_ids,
-         total, H, B, _search_steps(B),
-         tuple(x.shape[1] for x in streams),
-         tuple(x.stride(0) for x in streams), tuple(x.stride(1) for x in streams), H),
+         total, H, B, _search_steps(B), tuple([x.shape[1] for x in streams]),
+         stride_b, stride_l, H),
         # S, LENS_FROM_CU, HAS_ORDER, WRITE_META, ROW_ALIGN, ALL_STARTS, BLOCK_R, BLOCK_H
         (len(streams), lens_SB is None, order is not None, True,
-         _row_align(x0.element_size(), [*streams, values], *strides),
+         _row_align(es, [*streams, values], *stride_b, *stride_l, H),
          _all_starts(B, block_r), block_r, block_h),
         (("num_warps", num_warps),),
     )
@@ -885,10 +888,12 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     host = all(l.device.type == "cpu" for l in lens) and not (_FORCE_DEVICE_PLAN or tracing)
     if host:
         # numpy: a few microseconds for what torch CPU ops take tens
-        a = np.stack([l.numpy() for l in lens]).astype(np.int64, copy=False)
-        Ls = np.asarray(max_lens, dtype=np.int64)[:, None]
-        bad = (a < 0) | (a > Ls)
-        if bad.any():
+        if len(lens) == 1:
+            a = lens[0].numpy().astype(np.int64, copy=False)[None]
+        else:
+            a = np.stack([l.numpy() for l in lens]).astype(np.int64, copy=False)
+        if B and (a.min() < 0 or (a.max(axis=1) > max_lens).any()):
+            bad = (a < 0) | (a > np.asarray(max_lens)[:, None])
             s, b = (int(i[0]) for i in np.nonzero(bad))
             name = f"{len_name}[{s}]" if multimodal else len_name
             raise ValueError(f"{name}[{b}] = {int(a[s, b])} is outside [0, {max_lens[s]}]")
