@@ -1071,11 +1071,17 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
         raise ValueError(f"packed.order must be int64 [{B}], got {order.dtype} "
                          f"{tuple(order.shape)}")
     device = values.device
-    lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens]) if B else \
-        torch.zeros(len(lens), 0, dtype=torch.int32, device=device)
+    host = None  # the lengths as given, int64 on the CPU, when that costs no sync
+    if all(l.device.type == "cpu" for l in lens):  # one host-to-device copy for all streams
+        a = np.stack([l.numpy() for l in lens])
+        host = torch.from_numpy(a.astype(np.int64, copy=False))
+        lens_SB = _to_device(torch.from_numpy(a.astype(np.int32)), device)
+    else:
+        lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens])
     if validate and not torch.compiler.is_compiling():
         _check_cu_values(cu_seqlens, values.shape[0], None)
-        host = lens_SB.to(torch.int64).cpu()
+        if host is None:
+            host = lens_SB.to(torch.int64).cpu()
         for s, L in enumerate(max_lens):
             bad = (host[s] < 0) | (host[s] > L)
             if bool(bad.any()):

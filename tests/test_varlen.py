@@ -560,6 +560,9 @@ def test_bad_input_raises(device):
         unpack_multimodal(pb, [torch.tensor([1, 2, 2])], [4])  # sums disagree with cu_seqlens
     with pytest.raises(ValueError, match="lengths"):
         unpack_multimodal(pb, [lens], [2])  # 3 > L = 2
+    wraps = lens.to(torch.int64).cpu() + torch.tensor([2**32, 0, 0])  # 2**32 + 1: 1 as int32
+    with pytest.raises(ValueError, match="lengths"):
+        unpack_multimodal(pb, [wraps], [4])
     with pytest.raises(TypeError, match="packed"):
         unpack_multimodal(pb.values, [lens], [4])
     with pytest.raises(ValueError, match="seqs"):
