@@ -261,6 +261,17 @@ def timing(calls: int) -> list[dict]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only the launch comparison")
@@ -270,8 +281,8 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     import triton
-    out = {"triton": triton.__version__, "torch": torch.__version__,
-           "python": sys.version.split()[0], "check": check()}
+    out = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "triton": triton.__version__,
+           "torch": torch.__version__, "python": sys.version.split()[0], "check": check()}
     for row in out["check"]:
         ok = row["same_kernels"] and row["same_arguments"] and row["direct_launches"]
         print(f"{'ok ' if ok else 'BAD'} {row['case']}: {row['launches']} launches, "
