@@ -13,6 +13,8 @@ off at a time, so the next change aims at the layer that costs:
   triton_jit           the plain @triton.jit kernel with the tuned config: the JIT launch path
   triton_empty         an empty one-argument kernel: Triton's floor
   mtmm_fwd_bwd         grouped_mm forward + backward (three launches); _triton_path likewise
+  mtmm_by_ids          grouped_mm_by_ids under no_grad (group sort: two launches, then the
+                       GEMM); _triton_path likewise; sort_torch_grouped_mm_unsort its peer
   varlen_pack_public   pack_padded on bench_varlen's mixed256 case, lengths on the CPU;
                        _triton_path likewise
   varlen_pack_launcher the pack kernel's launcher, plan precomputed
@@ -107,15 +109,15 @@ def main() -> int:
         return 0
     import triton
 
-    from bench_grouped_gemm import _problem
+    from bench_grouped_gemm import _forward_fn, _problem
     from mtmm_kernels import _direct_launch as direct_launch
     from mtmm_kernels import grouped_gemm as gg
-    from mtmm_kernels import grouped_mm
+    from mtmm_kernels import grouped_mm, grouped_mm_by_ids
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     case = "lognormal32_k1024"
-    _, x, w, offsets, dy, _ = _problem(case)
+    _, x, w, offsets, dy, ids = _problem(case)
     T, K = x.shape
     G, N = w.shape[0], w.shape[2]
 
@@ -127,6 +129,7 @@ def main() -> int:
         captured.update(grid=grid, args=dict(kargs))
         return real_launch(kernel, tuned, configs, prune, grid, kargs, n_head, even_k)
     gg._launch = capture
+    gg._PLANS.clear()  # a planned call would not reach _launch
     try:
         with torch.no_grad():
             gg._launch_grouped_mm(x, w, offsets, None, None)
@@ -175,6 +178,15 @@ def main() -> int:
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
     cases["mtmm_fwd_bwd_triton_path"] = without_direct_launch(cases["mtmm_fwd_bwd"])
+
+    def by_ids():
+        with torch.no_grad():
+            return grouped_mm_by_ids(x, w, ids)
+    cases["mtmm_by_ids"] = by_ids
+    cases["mtmm_by_ids_triton_path"] = without_direct_launch(by_ids)
+    if hasattr(torch, "_grouped_mm"):
+        peer = _forward_fn("sort_torch_grouped_mm_unsort", None, x, w, offsets, ids)
+        cases["sort_torch_grouped_mm_unsort"] = lambda: peer(x, w)
     cases.update(_varlen_cases())
     results = {}
     for name, fn in cases.items():
