@@ -48,7 +48,9 @@ if wants tests; then
     # shards (most of the time is Triton compiling, one core per process).
     stamp "tests"
     python bench/gpu_tests.py "$W/tests" --shards "${TEST_SHARDS:-8}" --limit "${TEST_LIMIT:-150}" \
-        tests/test_varlen.py tests/test_grouped_gemm.py tests/test_nn.py >"$W/tests_kernels.txt" 2>&1
+        tests/test_varlen.py tests/test_grouped_gemm.py tests/test_nn.py tests/test_group_sort.py \
+        tests/test_direct_launch.py \
+        >"$W/tests_kernels.txt" 2>&1
     rc_kernels=$?
     python bench/gpu_tests.py "$W/tests_gpu_marked" -m gpu --shards 2 --limit "${TEST_LIMIT:-150}" \
         tests/test_costmodel.py tests/test_trainer.py >"$W/tests_gpu_marked.txt" 2>&1

@@ -99,3 +99,40 @@ def test_direct_launch_hands_the_launcher_what_triton_does(tmp_path):
         assert row["launches"] >= 1, row
         assert row["direct_launches"] == row["launches"], row  # the fast path was taken
         assert row["same_kernels"] and row["same_arguments"], row
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_compute_what_tritons_path_computes():
+    """On a GPU: repeated calls take the direct launch and give bitwise the results of
+    Triton's own path (same compiled kernels, same inputs), also inside a CUDA graph."""
+    from mtmm_kernels import grouped_mm, grouped_mm_by_ids, pack_padded
+
+    dev = torch.device("cuda")
+    x = torch.randn(1000, 96, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(5, 80, 96, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+    offsets = torch.tensor([100, 300, 300, 700, 1000], device=dev, dtype=torch.int32)
+    ids = torch.randint(0, 5, (1000,), device=dev)
+    xp, lens = torch.randn(9, 40, 72, device=dev), torch.randint(0, 41, (9,))
+    calls = {
+        "grouped_mm": lambda: grouped_mm(x, w, offsets),
+        "grouped_mm_by_ids": lambda: grouped_mm_by_ids(x, w, ids),
+        "pack_padded": lambda: pack_padded(xp, lens).values,
+    }
+    for name, call in calls.items():
+        direct_launch.ENABLED = False
+        try:
+            want = call()
+        finally:
+            direct_launch.ENABLED = True
+        call()
+        before = direct_launch.stats["direct"]
+        got = call()
+        assert direct_launch.stats["direct"] > before, name
+        assert torch.equal(got, want), name
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = grouped_mm(x, w, offsets)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, grouped_mm(x, w, offsets))
