@@ -485,11 +485,17 @@ def _switches() -> tuple:
     return (TMA, TMA_ON_CPU, AUTOTUNE)
 
 
-def _plan_for(key: tuple, configs: list):
+def _launch_planned(kernel, key: tuple, configs: list, grid, head: tuple) -> bool:
+    """Launch with the plan stored under ``key``, if there is one (head: the per-call
+    arguments, the plan holds the rest)."""
     plan = _PLANS.get(key) if direct_launch.ENABLED else None
     if plan is None or plan[4] is not configs or plan[5] is not _TUNED_CONFIGS:
-        return None
-    return plan
+        return False
+    meta, tail, options, tma_ok = plan[:4]
+    if tma_ok and head[0].is_cuda:
+        _ensure_allocator()
+    direct_launch.launch(kernel, grid(meta), head, tail, options)
+    return True
 
 
 def _store_plan(key: tuple, plan, tma_ok: bool, configs: list) -> None:
@@ -553,12 +559,7 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
         perm_T is None, x_TK.data_ptr() % 16, w_GKN.data_ptr() % 16, _switches(),
         x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
     )
-    plan = _plan_for(plan_key, _MM_CONFIGS)
-    if plan is not None:
-        meta, tail, options, tma_ok = plan[:4]
-        if tma_ok and x_TK.is_cuda:
-            _ensure_allocator()
-        direct_launch.launch(_grouped_mm_kernel, grid(meta), head, tail, options)
+    if _launch_planned(_grouped_mm_kernel, plan_key, _MM_CONFIGS, grid, head):
         return y_TN
 
     args = dict(
@@ -606,12 +607,7 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         dy_TN.data_ptr() % 16, _switches(),
         x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
     )
-    plan = _plan_for(plan_key, _DW_CONFIGS)
-    if plan is not None:
-        meta, tail, options, tma_ok = plan[:4]
-        if tma_ok and x_TK.is_cuda:
-            _ensure_allocator()
-        direct_launch.launch(_grouped_mm_dw_kernel, grid(meta), head, tail, options)
+    if _launch_planned(_grouped_mm_dw_kernel, plan_key, _DW_CONFIGS, grid, head):
         return dw_GKN, db_GN
 
     args = dict(
