@@ -24,6 +24,7 @@ and must run without TRITON_INTERPRET (the interpreter replaces the compiler).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -83,6 +84,11 @@ def sass_summary(kernel) -> dict:
         "shared_static": int(resources.get("SHARED", 0)),
         "shared_dynamic": int(getattr(meta, "shared", 0)),
         **counts,
+        # the instructions and operands in order, addresses and encodings stripped: equal
+        # digests mean the same machine code
+        "sass_digest": hashlib.sha256("\n".join(
+            m.group(1).strip() for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+([^;]*);", sass, re.M)
+        ).encode()).hexdigest()[:16],
     }
 
 
@@ -167,10 +173,11 @@ def _grouped_gemm_cases():
                with_config("_DW_CONFIGS", config,
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))
     perm = torch.arange(T)
-    config = gg._mm_configs(False)[-1]  # a pointer config: gathers take no descriptors
-    yield (f"grouped_mm_by_ids fwd bf16 K=N=4096 {label(config)}",
-           with_config("_MM_CONFIGS", config,
-                       lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
+    # gathered rows: pointer loads for x; w by pointer or through its descriptor
+    for config in (gg._mm_configs(False)[-1], gg._mm_configs(False)[0]):
+        yield (f"grouped_mm_by_ids fwd bf16 K=N=4096 {label(config)}",
+               with_config("_MM_CONFIGS", config,
+                           lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
 
 
 def _group_sort_cases():

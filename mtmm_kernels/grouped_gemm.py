@@ -75,7 +75,7 @@ def _grouped_mm_kernel(
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
     TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, TMA_OK: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, W_TMA_OK: tl.constexpr,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
@@ -84,16 +84,19 @@ def _grouped_mm_kernel(
     loop has the same trip count on every tile for this: the pseudo-group's tiles multiply by
     zeros outside the descriptor, or by the last group's w, and the epilogue stores zeros).
     Without it the code is the one measured on an H200 (bench/results/h200).
-    With TMA (Hopper and later; never with GATHER), x and w tiles arrive through tensor
-    descriptors: an x tile may run into the next group's rows (their results are never
-    stored) and reads past T or K come back as zeros. TMA_OK says whether these operands
-    allow descriptors; a config's TMA takes effect only where they do, so a config tuned on
-    aligned operands stays correct on others of the same sizes."""
+    With TMA (Hopper and later), x and w tiles arrive through tensor descriptors: an x tile
+    may run into the next group's rows (their results are never stored) and reads past T or
+    K come back as zeros. TMA_OK says whether these operands allow descriptors; a config's
+    TMA takes effect only where they do, so a config tuned on aligned operands stays correct
+    on others of the same sizes. Gathered rows cannot come through a descriptor (Hopper's TMA
+    has no row gather): with GATHER, W_TMA_OK lets w alone arrive through its descriptor
+    while x rows take pointer loads."""
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
         offsets_ptr, G, T, BLOCK_M, BLOCK_G)
     if TMA and TMA_OK:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
+    if TMA and (TMA_OK or W_TMA_OK):
         if W_K_CONTIGUOUS:  # w is a [G, N, K] tensor seen as [G, K, N]
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K],
                                                strides=[stride_wg, stride_wn, 1],
@@ -145,6 +148,21 @@ def _grouped_mm_kernel(
                 else:
                     b = w_desc.load([g, k0, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        elif TMA and W_TMA_OK:  # gathered x rows by pointer, w through its descriptor
+            x_ptrs = (x_ptr + rows_x[:, None] * stride_xt
+                      + offs_k[None, :].to(tl.int64) * stride_xk)
+            for k0 in range(0, k_stop, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                else:
+                    k_ok = offs_k < K - k0
+                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if W_K_CONTIGUOUS:
+                    b = w_desc.load([g, tile_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    b = w_desc.load([g, k0, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
         else:
             x_ptrs = (x_ptr + rows_x[:, None] * stride_xt
                       + offs_k[None, :].to(tl.int64) * stride_xk)
@@ -302,7 +320,7 @@ def _prune_mm(configs, named_args, **kwargs):
     shared memory. The autotuner passes positional kernel arguments as ``named_args`` and
     keyword ones as ``kwargs``: the launchers use keywords."""
     named_args = {**named_args, **kwargs}
-    if not named_args["TMA_OK"]:
+    if not (named_args["TMA_OK"] or named_args["W_TMA_OK"]):
         configs = [c for c in configs if not c.kwargs["TMA"]]
     bucket = named_args["M_BUCKET"]
     keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
@@ -357,10 +375,19 @@ def _tma_rows_ok(t: torch.Tensor) -> bool:
 def _tma_ok(args: dict) -> bool:
     """Whether the forward kernel may read x and w through tensor descriptors: a device with
     TMA, no gather, K and N > 0, and layouts TMA can read."""
-    x, w = args.get("x_ptr"), args.get("w_ptr")
-    if args.get("GATHER", True) or x is None or w is None or not _tma_device_ok(x):
+    x = args.get("x_ptr")
+    if args.get("GATHER", True) or x is None or not _tma_rows_ok(x):
         return False
-    if x.shape[1] == 0 or w.shape[2] == 0 or not _tma_rows_ok(x):
+    return _w_tma_ok(args)
+
+
+def _w_tma_ok(args: dict) -> bool:
+    """Whether the forward kernel may read w through a tensor descriptor (x aside): a device
+    with TMA, K and N > 0, and a layout TMA can read."""
+    x, w = args.get("x_ptr"), args.get("w_ptr")
+    if x is None or w is None or not _tma_device_ok(x):
+        return False
+    if x.shape[1] == 0 or w.shape[2] == 0:
         return False
     es = x.element_size()
     k_unit = _w_k_contiguous(w)
@@ -574,12 +601,13 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
         W_K_CONTIGUOUS=_w_k_contiguous(w_GKN),
     )
     args["TMA_OK"] = _tma_ok(args)
-    if x_TK.is_cuda and args["TMA_OK"]:
+    args["W_TMA_OK"] = perm_T is not None and _w_tma_ok(args)
+    if x_TK.is_cuda and (args["TMA_OK"] or args["W_TMA_OK"]):
         _ensure_allocator()
     tuned = _grouped_mm_gather_tuned if perm_T is not None else _grouped_mm_tuned
     plan = _launch(_grouped_mm_kernel, tuned, _MM_CONFIGS, _prune_mm, grid, args, len(head),
                    even_k=True)
-    _store_plan(plan_key, plan, args["TMA_OK"], _MM_CONFIGS)
+    _store_plan(plan_key, plan, args["TMA_OK"] or args["W_TMA_OK"], _MM_CONFIGS)
     return y_TN
 
 

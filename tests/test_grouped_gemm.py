@@ -169,6 +169,44 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
 
 
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_tma_w_descriptor_with_gathered_rows(device, tma_path, monkeypatch, w_transposed,
+                                             flatten):
+    """By ids, x rows are gathered by pointer and w may still come through its descriptor:
+    forward and dX (w in both layouts), ragged K and N, an empty group, and (flattened) the
+    tail rows of out-of-range ids, which must stay exactly zero whatever they hold."""
+    if flatten:
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [
+            triton.Config({**c.kwargs, "FLATTEN": c.kwargs["TMA"]}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in grouped_gemm._MM_CONFIGS])
+        monkeypatch.setattr(grouped_gemm, "_values_checkable", lambda t: False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    G, T, K, N = 4, 45, 24, 40
+    ids = torch.randint(0, G, (T,), device=device)
+    ids[ids == 1] = 2  # an empty group
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    w = torch.randn(G, K, N, dtype=dtype, device=device)
+    if w_transposed:
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    if flatten:
+        ids[:3] = torch.tensor([-1, G, 7])  # past the groups: zero rows
+        x[:3] = torch.tensor([float("inf"), float("nan"), 1e4], dtype=dtype)[:, None]
+    xl, wl = leaf(x), leaf(w)
+    y = grouped_mm_by_ids(xl, wl, ids)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    good = (ids >= 0) & (ids < G)
+    x64, w64 = leaf(x.double()[good]), leaf(w.double())
+    y64 = ref.grouped_mm_by_ids_reference(x64, w64, ids[good])
+    y64.backward(dy.double()[good])
+    assert torch.equal(y[~good], torch.zeros_like(y[~good]))
+    assert rel_err(y[good], y64) < TOL[dtype]
+    assert rel_err(xl.grad[good], x64.grad) < TOL[dtype]
+    assert rel_err(wl.grad, w64.grad) < TOL[dtype]
+    assert tma_path["mm"] and all(tma_path["mm"]), "w's descriptor was never taken"
+
+
 def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
     """The dW kernel sums the rows in the same order with and without descriptors."""
     _use_tma(device, monkeypatch)
@@ -498,14 +536,17 @@ def test_gpu_config_pruning(dtype):
                                 grouped_gemm._grouped_mm_kernel)
     x = torch.empty(1, 1, dtype=dtype)
     tuner.nargs = {}
-    for tma_ok in (False, True):
+    for tma_ok, w_tma_ok in ((False, False), (True, False), (False, True)):
         for bucket, heights in ((3, {64}), (9, {64, 128}), (13, {128})):
-            kept = tuner.prune_configs({"M_BUCKET": bucket, "x_ptr": x, "TMA_OK": tma_ok})
+            kept = tuner.prune_configs({"M_BUCKET": bucket, "x_ptr": x, "TMA_OK": tma_ok,
+                                        "W_TMA_OK": w_tma_ok})
             assert {c.kwargs["BLOCK_M"] for c in kept} == heights
             assert all(c.kwargs["BLOCK_K"] <= (32 if dtype == torch.float32 else 64) for c in kept)
-            # descriptor builds only where the operands allow them, and then first
-            assert {c.kwargs["TMA"] for c in kept} == ({True, False} if tma_ok else {False})
-            assert kept[0].kwargs["TMA"] == tma_ok
+            # descriptor builds only where the operands allow them (w alone for gathered
+            # rows), and then first
+            any_tma = tma_ok or w_tma_ok
+            assert {c.kwargs["TMA"] for c in kept} == ({True, False} if any_tma else {False})
+            assert kept[0].kwargs["TMA"] == any_tma
     dw_configs = grouped_gemm._dw_configs(interpreter=False)
     dw_tuner = triton.autotune(configs=dw_configs, key=["K"],
                                prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(

@@ -74,5 +74,6 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
         assert row["hgmma"] > 0 and row["hmma"] == 0, case  # wgmma, not the Ampere path
         if "tma=1" in case:
             assert row["utmaldg"] > 0, case
-        else:
+        if "tma=0" in case or "by_ids" in case:  # gathered x rows never use descriptors
             assert row["ldgsts"] > 0, case  # pointer loads pipelined through cp.async
+    assert any("by_ids" in case and "tma=1" in case for case in gemm)  # w's descriptor
