@@ -88,7 +88,7 @@ wants train_step && bench train_step 35 bench/bench_train_step.py
 if wants host; then
     stamp "host overhead"
     timeout 60 python bench/host_overhead.py "$W/host" >"$W/host_overhead.log" 2>&1 || status=1
-    tail -12 "$W/host_overhead.log"
+    tail -25 "$W/host_overhead.log"
     bundle
 fi
 if wants sweep; then
