@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -120,8 +121,15 @@ def launch(kernel, grid: tuple, head: tuple, tail: tuple = (), options: tuple = 
     grid_0, grid_1, grid_2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
     runtime = _knobs().runtime
     metadata = compiled.launch_metadata(grid, stream, *args)
-    compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
-                 metadata, runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
+    try:
+        compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
+                     metadata, runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
+    except TypeError as error:  # a Triton whose launcher takes other arguments: stop here
+        _turn_off()
+        warnings.warn(f"mtmm: direct kernel launch turned off ({error}); launches take "
+                      "Triton's path", RuntimeWarning, stacklevel=2)
+        stats["triton"] += 1
+        kernel[grid](*head, *tail, **dict(options))
 
 
 _COMPILES: dict[int, bool] = {}  # id(kernel) -> whether launching it compiles (no interpreter)
@@ -132,6 +140,11 @@ def _compiles(kernel) -> bool:
     if compiles is None:  # the interpreter's functions have no per-device compile caches
         compiles = _COMPILES[id(kernel)] = hasattr(kernel, "device_caches")
     return compiles
+
+
+def _turn_off() -> None:
+    global ENABLED
+    ENABLED = False
 
 
 @functools.cache

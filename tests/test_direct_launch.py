@@ -136,3 +136,40 @@ def test_gpu_direct_launches_compute_what_tritons_path_computes():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, grouped_mm(x, w, offsets))
+
+
+def test_a_launcher_that_refuses_the_arguments_turns_the_direct_launch_off(monkeypatch):
+    """A future Triton whose compiled-kernel launcher takes other arguments: the call still
+    launches (through Triton's path), once, and later calls stay on Triton's path."""
+    calls = []
+
+    class Compiled:
+        packed_metadata = function = None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            raise TypeError("launch() takes 3 positional arguments")
+
+    class Kernel:
+        device_caches = {}
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(args) or Compiled()
+
+    class Driver:
+        class active:  # noqa: N801 -- mimics triton.runtime.driver.active
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
+    monkeypatch.setattr(direct_launch, "_driver", lambda: Driver)
+    monkeypatch.setattr(direct_launch, "_COMPILED", {})
+    kernel = Kernel()
+    direct_launch.launch(kernel, (1,), (3,), (4,))  # Triton's path: compiles, stores
+    with pytest.warns(RuntimeWarning, match="direct kernel launch turned off"):
+        direct_launch.launch(kernel, (1,), (3,), (4,))  # direct: refused, relaunched
+    assert not direct_launch.ENABLED
+    direct_launch.launch(kernel, (1,), (3,), (4,))
+    assert calls == [(3, 4)] * 3
