@@ -166,6 +166,7 @@ def test_a_launcher_that_refuses_the_arguments_turns_the_direct_launch_off(monke
     monkeypatch.setattr(direct_launch, "ENABLED", True)
     monkeypatch.setattr(direct_launch, "_driver", lambda: Driver)
     monkeypatch.setattr(direct_launch, "_COMPILED", {})
+    monkeypatch.setattr(direct_launch, "_COMPILES", {})  # ids of throwaway kernels must not stay
     kernel = Kernel()
     direct_launch.launch(kernel, (1,), (3,), (4,))  # Triton's path: compiles, stores
     with pytest.warns(RuntimeWarning, match="direct kernel launch turned off"):
