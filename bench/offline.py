@@ -48,7 +48,9 @@ def offline_target(arch: int, launches: list | None = None):
             return lambda *args, **kwargs: None
         return lambda *args: launches.append((kernel, args))
 
-    saved_active = driver._active
+    # the active driver is the attribute ``_active`` from Triton 3.5, ``active`` before
+    slot = "_active" if "_active" in vars(driver) else "active"
+    saved_active = vars(driver)[slot]
     saved_run = CompiledKernel.__dict__.get("run")
     saved_init = CompiledKernel.__dict__.get("_init_handles")
     driver.set_active(StandIn())
@@ -57,7 +59,7 @@ def offline_target(arch: int, launches: list | None = None):
     try:
         yield compiled
     finally:
-        driver._active = saved_active
+        setattr(driver, slot, saved_active)
         for name, value in (("run", saved_run), ("_init_handles", saved_init)):
             if value is None:
                 delattr(CompiledKernel, name)
