@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 
 from device_timing import kernel_ms, latency_ms, pipelined_ms  # noqa: E402
+from mtmm_kernels import _direct_launch as direct_launch  # noqa: E402
 from mtmm_kernels._triton_utils import device_name  # noqa: E402
 
 
@@ -84,9 +85,13 @@ def measure(benchmark, ceilings, bench_device):
 
     def run(fn: Callable[[], object], *, dtype=None, shape=None, flops: float | None = None,
             bytes: float | None = None, method: str = "", case: str = "", rounds: int = 10):
+        launches = dict(direct_launch.stats)
         ms = latency_ms(fn)
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
         info = benchmark.extra_info
+        # how this method's Triton launches went (mtmm methods): straight to the compiled
+        # kernel, or through Triton's binding (first calls, the interpreter, or turned off)
+        info["launches"] = {path: direct_launch.stats[path] - launches[path] for path in launches}
         info.update(
             device=device_name(bench_device),
             torch=torch.__version__,
