@@ -241,6 +241,8 @@ def mm_args(x_TK, w_GKN, offsets_G, y_TN) -> dict:
     )
     if "TMA_OK" in MM_PARAMS:
         args["TMA_OK"] = gg._tma_ok(args)
+    if "W_TMA_OK" in MM_PARAMS:  # w alone through its descriptor: gathered rows only
+        args["W_TMA_OK"] = False
     return args
 
 
