@@ -25,6 +25,7 @@ __all__ = [
     "next_power_of_2",
     "cdiv",
     "wants_grad",
+    "num_sms",
 ]
 
 
@@ -90,3 +91,13 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd must record a call on these inputs (None entries are ignored): eager
     calls that need no gradient can skip an ``autograd.Function`` and its dispatch cost."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Programs a persistent kernel runs at once per unit of occupancy: the GPU's SM count, or
+    4 in the interpreter (a few programs, so that loops over tiles and the sums across
+    programs are exercised)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -20,14 +20,12 @@ tile outgrows the registers and ``sort_by_group`` uses ``torch.sort``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _direct_launch as direct_launch
-from ._triton_utils import cdiv, next_power_of_2, triton_runs_on
+from ._triton_utils import cdiv, next_power_of_2, num_sms, triton_runs_on
 
 __all__ = ["sort_by_group", "MAX_GROUPS"]
 
@@ -113,13 +111,6 @@ def _group_scatter_kernel(
 # --- launcher -------------------------------------------------------------------------------
 
 
-@functools.cache
-def _programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs, so that the cross-program sums are exercised
-
-
 def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = ids_T.shape[0]
     device = ids_T.device
@@ -130,7 +121,7 @@ def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch
     block_g = max(16, next_power_of_2(G + 1))
     block_t = max(16, min(1024, _TILE // block_g))
     # One program per SM at most: each reads every program's counts.
-    rows_per_program = cdiv(cdiv(T, _programs(device)), block_t) * block_t
+    rows_per_program = cdiv(cdiv(T, num_sms(device)), block_t) * block_t
     P = cdiv(T, rows_per_program)
     counts_PG = torch.empty(P, block_g, dtype=torch.int32, device=device)
     direct_launch.launch(_group_counts_kernel, (P,),
@@ -147,9 +138,9 @@ def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, t
     """The stable order of rows by group id, and each group's END offset.
 
     Args:
-        ids_T: [T] int32 or int64 group ids, contiguous; ids outside [0, num_groups) form a
+        ids_T: [T] int32 or int64 group ids, any strides; ids outside [0, num_groups) form a
             pseudo-group after the last.
-        num_groups: G >= 1.
+        num_groups: G >= 0.
 
     Returns:
         perm_T: [T] int32 (int64 where ``torch.sort`` did it): ``ids_T[perm_T]`` is sorted,

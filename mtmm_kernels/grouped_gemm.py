@@ -24,7 +24,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -35,6 +35,7 @@ from . import reference
 from .group_sort import sort_by_group
 from ._triton_utils import (cdiv, is_interpreter, next_power_of_2, triton_runs_on,
                             wants_grad)
+from ._triton_utils import num_sms as _num_sms
 
 __all__ = ["grouped_mm", "grouped_mm_by_ids"]
 
@@ -498,13 +499,22 @@ def _launch(kernel, tuned, configs, prune, grid, args: dict, n_head: int,
     return meta, tail, options
 
 
+class _Plan(NamedTuple):
+    """What a launch derives from its plan key: reused by later calls with the same key."""
+    meta: dict          # the config's constexprs
+    tail: tuple         # the kernel's parameters after the per-call ones, in order
+    options: tuple      # num_warps, num_stages
+    descriptors: bool   # TMA_OK or W_TMA_OK: descriptors need the scratch allocator
+    configs: list       # the config table it came from
+    tuned: dict         # the tuned-config table it came from
+
+
 # Launch plans: (which kernel, what the launch derives its config, constexprs and fixed
-# arguments from) -> (meta, tail, options, TMA_OK, config table, tuned table). A repeated call
-# skips the argument dictionary, the pruning and the tuner lookup. The key holds the module
-# switches a user may flip; a plan counts only while the config tables it was made from are
-# still the module's (tests and bench/sass_report.py swap them); tests that patch other
-# internals clear the plans.
-_PLANS: dict[tuple, tuple] = {}
+# arguments from) -> _Plan. A repeated call skips the argument dictionary, the pruning and
+# the tuner lookup. The key holds the module switches a user may flip; a plan counts only
+# while the config tables it was made from are still the module's (tests and
+# bench/sass_report.py swap them); tests that patch other internals clear the plans.
+_PLANS: dict[tuple, _Plan] = {}
 _MAX_PLANS = 4096
 
 
@@ -516,31 +526,25 @@ def _launch_planned(kernel, key: tuple, configs: list, grid, head: tuple) -> boo
     """Launch with the plan stored under ``key``, if there is one (head: the per-call
     arguments, the plan holds the rest)."""
     plan = _PLANS.get(key) if direct_launch.ENABLED else None
-    if plan is None or plan[4] is not configs or plan[5] is not _TUNED_CONFIGS:
+    if plan is None or plan.configs is not configs or plan.tuned is not _TUNED_CONFIGS:
         return False
-    meta, tail, options, tma_ok = plan[:4]
-    if tma_ok and head[0].is_cuda:
+    if plan.descriptors and head[0].is_cuda:
         _ensure_allocator()
-    direct_launch.launch(kernel, grid(meta), head, tail, options)
+    direct_launch.launch(kernel, grid(plan.meta), head, plan.tail, plan.options)
     return True
 
 
-def _store_plan(key: tuple, plan, tma_ok: bool, configs: list) -> None:
-    if plan is None:
+def _store_plan(key: tuple, launched, descriptors: bool, configs: list) -> None:
+    """Keep what ``_launch`` returned (meta, tail, options) under ``key``; nothing if it
+    tuned."""
+    if launched is None:
         return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = (*plan, tma_ok, configs, _TUNED_CONFIGS)
+    _PLANS[key] = _Plan(*launched, descriptors, configs, _TUNED_CONFIGS)
 
 
 # --- launchers ------------------------------------------------------------------------------
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs, so the persistent loop is exercised
 
 
 def _block_g(num_groups: int) -> int:
@@ -667,7 +671,8 @@ def _fallback_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T):
 
 def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
     if perm_T is not None:
-        x_TK, dy_TN = x_TK[perm_T.long()], dy_TN[perm_T.long()]
+        perm_T = perm_T.long()  # the group sort gives int32
+        x_TK, dy_TN = x_TK[perm_T], dy_TN[perm_T]
     dw_GKN, db_GN = reference.grouped_mm_dw_reference(x_TK, dy_TN, offsets_G, need_bias)
     return dw_GKN, (db_GN if need_bias else dy_TN.new_empty((0,)))
 
