@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["launch", "clear", "spec", "ENABLED", "stats"]
+__all__ = ["launch", "named_tail", "clear", "spec", "ENABLED", "stats"]
 
 ENABLED = os.environ.get("MTMM_DIRECT_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # distinct keys; the table is cleared wholesale past it
@@ -66,6 +66,22 @@ def spec(value) -> Any:
     if kind is float:
         return float  # never specialised
     return _UNKEYABLE
+
+
+def named_tail(kernel, **named) -> tuple:
+    """The kernel's last ``len(named)`` parameters, in signature order, from keywords: a tail
+    for ``launch`` that no reordering of the signature can silently shuffle."""
+    names = _TAIL_NAMES.get((id(kernel), len(named)))
+    if names is None:
+        names = _TAIL_NAMES[id(kernel), len(named)] = tuple(kernel.arg_names[-len(named):])
+    try:
+        return tuple([named[name] for name in names])
+    except KeyError:
+        raise TypeError(f"{kernel.__name__} ends with parameters {list(names)}, "
+                        f"got {sorted(named)}") from None
+
+
+_TAIL_NAMES: dict[tuple, tuple] = {}  # (id(kernel), length) -> its last parameter names
 
 
 def _head_key(head: tuple) -> tuple:

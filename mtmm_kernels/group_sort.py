@@ -125,11 +125,15 @@ def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch
     P = cdiv(T, rows_per_program)
     counts_PG = torch.empty(P, block_g, dtype=torch.int32, device=device)
     direct_launch.launch(_group_counts_kernel, (P,),
-                         (ids_T, counts_PG, T, G, rows_per_program), (block_t, block_g),
+                         (ids_T, counts_PG, T, G, rows_per_program),
+                         direct_launch.named_tail(_group_counts_kernel, BLOCK_T=block_t,
+                                                  BLOCK_G=block_g),
                          (("num_warps", 4),))
     direct_launch.launch(_group_scatter_kernel, (P,),
                          (ids_T, counts_PG, perm_T, offsets_G, T, G, rows_per_program, P),
-                         (block_t, block_g, max(16, min(next_power_of_2(P), _TILE // block_g))),
+                         direct_launch.named_tail(
+                             _group_scatter_kernel, BLOCK_T=block_t, BLOCK_G=block_g,
+                             BLOCK_P=max(16, min(next_power_of_2(P), _TILE // block_g))),
                          (("num_warps", 4),))
     return perm_T, offsets_G
 

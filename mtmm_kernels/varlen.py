@@ -414,7 +414,8 @@ def _launch_plan(lengths: list[torch.Tensor], group_ids: Optional[torch.Tensor],
         (tuple(lengths), group_ids if grouped else cu_seqlens,
          lens_SB, seqlen_B, cu_seqlens, order, group_offsets, stats,
          tuple(max_lens), B, num_groups),
-        (S, grouped, min(max(next_power_of_2(B), 16), 1024)),  # S, GROUPED, BLOCK_B
+        direct_launch.named_tail(_varlen_plan_kernel, S=S, GROUPED=grouped,
+                                 BLOCK_B=min(max(next_power_of_2(B), 16), 1024)),
         (("num_warps", 4),),
     )
     return lens_SB, cu_seqlens, order, group_offsets, stats
@@ -444,10 +445,11 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
          values, position_ids, seq_ids, modality_ids,
          total, H, B, _search_steps(B), tuple([x.shape[1] for x in streams]),
          stride_b, stride_l, H),
-        # S, LENS_FROM_CU, HAS_ORDER, WRITE_META, ROW_ALIGN, ALL_STARTS, BLOCK_R, BLOCK_H
-        (len(streams), lens_SB is None, order is not None, True,
-         _row_align(es, [*streams, values], *stride_b, *stride_l, H),
-         _all_starts(B, block_r), block_r, block_h),
+        direct_launch.named_tail(
+            _varlen_pack_kernel, S=len(streams), LENS_FROM_CU=lens_SB is None,
+            HAS_ORDER=order is not None, WRITE_META=True,
+            ROW_ALIGN=_row_align(es, [*streams, values], *stride_b, *stride_l, H),
+            ALL_STARTS=_all_starts(B, block_r), BLOCK_R=block_r, BLOCK_H=block_h),
         (("num_warps", num_warps),),
     )
     return values, position_ids, seq_ids, modality_ids
@@ -468,10 +470,11 @@ def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
         (values, lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
          order if order is not None else cu_seqlens, tuple(outs),
          T, H, B, tuple(max_lens), values.stride(0)),
-        # S, LENS_FROM_CU, HAS_ORDER, ROW_ALIGN, BLOCK_R, BLOCK_H
-        (len(max_lens), lens_SB is None, order is not None,
-         _row_align(values.element_size(), [values, *outs], values.stride(0), H),
-         block_r, block_h),
+        direct_launch.named_tail(
+            _varlen_unpack_kernel, S=len(max_lens), LENS_FROM_CU=lens_SB is None,
+            HAS_ORDER=order is not None,
+            ROW_ALIGN=_row_align(values.element_size(), [values, *outs], values.stride(0), H),
+            BLOCK_R=block_r, BLOCK_H=block_h),
         (("num_warps", num_warps),),
     )
     return outs
@@ -485,7 +488,8 @@ def _launch_token_meta(cu_seqlens: torch.Tensor, total: int):
         block = 1024
         direct_launch.launch(
             _varlen_token_meta_kernel, (cdiv(total, block),),
-            (cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B)), (block,),
+            (cu_seqlens, position_ids, seq_ids, total, B, _search_steps(B)),
+            direct_launch.named_tail(_varlen_token_meta_kernel, BLOCK=block),
             (("num_warps", 4),),
         )
     return position_ids, seq_ids

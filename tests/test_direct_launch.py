@@ -64,6 +64,18 @@ def test_head_key_is_spec_of_each_argument():
     assert direct_launch._head_key(head) == tuple(direct_launch.spec(a) for a in head)
 
 
+def test_named_tail_follows_the_signature():
+    from mtmm_kernels import varlen
+
+    kernel = varlen._varlen_unpack_kernel
+    tail = direct_launch.named_tail(kernel, BLOCK_H=64, BLOCK_R=8, ROW_ALIGN=4, HAS_ORDER=True,
+                                    LENS_FROM_CU=False, S=3)
+    assert tail == (3, False, True, 4, 8, 64)  # S, LENS_FROM_CU, HAS_ORDER, ROW_ALIGN, R, H
+    with pytest.raises(TypeError, match="BLOCK_H"):
+        direct_launch.named_tail(kernel, BLOCK_W=64, BLOCK_R=8, ROW_ALIGN=4, HAS_ORDER=True,
+                                 LENS_FROM_CU=False, S=3)
+
+
 def test_unkeyable_arguments_take_tritons_path():
     assert direct_launch.spec(object()) is direct_launch._UNKEYABLE
     assert direct_launch.spec((1, object())) is direct_launch._UNKEYABLE
