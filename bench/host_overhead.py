@@ -71,6 +71,16 @@ def time_calls(fn, calls: int) -> dict:
     return {"host_us": host / calls * 1e6, "wall_us": start.elapsed_time(end) / calls * 1e3}
 
 
+def _without_direct_launch(fn):
+    """fn, called through Triton's own launch path."""
+    from mtmm_kernels import _direct_launch as direct_launch
+
+    def call():
+        with direct_launch.disabled():
+            return fn()
+    return call
+
+
 def _varlen_cases() -> dict:
     """The same layers for a pack (bench_varlen's mixed256 case, lengths on the CPU): the
     public call, the copy kernel's launcher with the plan precomputed, and the peer."""
@@ -84,16 +94,9 @@ def _varlen_cases() -> dict:
     plan = pack_padded(x, lens)
     idx = (torch.arange(x.shape[1])[None, :] < lens[:, None]).flatten().nonzero().flatten()
     idx = idx.to(x.device)
-    def triton_path():
-        V.direct_launch.ENABLED = False
-        try:
-            return pack_padded(x, lens)
-        finally:
-            V.direct_launch.ENABLED = True
-
     return {
         "varlen_pack_public": lambda: pack_padded(x, lens),
-        "varlen_pack_public_triton_path": triton_path,
+        "varlen_pack_public_triton_path": _without_direct_launch(lambda: pack_padded(x, lens)),
         "varlen_pack_launcher": lambda: V._launch_pack([x], None, plan.cu_seqlens, None, T),
         "torch_index_select": lambda: x.flatten(0, 1).index_select(0, idx),
     }
@@ -110,7 +113,6 @@ def main() -> int:
     import triton
 
     from bench_grouped_gemm import _forward_fn, _problem
-    from mtmm_kernels import _direct_launch as direct_launch
     from mtmm_kernels import grouped_gemm as gg
     from mtmm_kernels import grouped_mm, grouped_mm_by_ids
 
@@ -156,20 +158,12 @@ def main() -> int:
         with torch.no_grad():
             return grouped_mm(x, w, offsets)
 
-    def without_direct_launch(fn):
-        def call():
-            direct_launch.ENABLED = False
-            try:
-                return fn()
-            finally:
-                direct_launch.ENABLED = True
-        return call
 
     cases = {
         "torch_grouped_mm": (lambda: torch._grouped_mm(x, w, offs=offsets))
         if hasattr(torch, "_grouped_mm") else None,
         "mtmm_public": public,
-        "mtmm_public_triton_path": without_direct_launch(public),
+        "mtmm_public_triton_path": _without_direct_launch(public),
         "mtmm_launcher": lambda: gg._launch_grouped_mm(x, w, offsets, None, None),
         "triton_autotuned": lambda: gg._grouped_mm_tuned[grid](**kargs),
         "triton_jit": lambda: gg._grouped_mm_kernel[fixed_grid](
@@ -177,13 +171,13 @@ def main() -> int:
         "triton_empty": lambda: _empty_kernel[(1,)](empty_arg),
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
-    cases["mtmm_fwd_bwd_triton_path"] = without_direct_launch(cases["mtmm_fwd_bwd"])
+    cases["mtmm_fwd_bwd_triton_path"] = _without_direct_launch(cases["mtmm_fwd_bwd"])
 
     def by_ids():
         with torch.no_grad():
             return grouped_mm_by_ids(x, w, ids)
     cases["mtmm_by_ids"] = by_ids
-    cases["mtmm_by_ids_triton_path"] = without_direct_launch(by_ids)
+    cases["mtmm_by_ids_triton_path"] = _without_direct_launch(by_ids)
     if hasattr(torch, "_grouped_mm"):
         peer = _forward_fn("sort_torch_grouped_mm_unsort", None, x, w, offsets, ids)
         cases["sort_torch_grouped_mm_unsort"] = lambda: peer(x, w)

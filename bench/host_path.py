@@ -168,17 +168,12 @@ def check() -> list[dict]:
         for group, cases in CASES.items():
             for name, call in cases():
                 call()  # compiles, and fills the direct launch's table
-                direct_launch.ENABLED = True
                 before = direct_launch.stats["direct"]
                 with offline_target(90, launches := []):
                     call()
                 direct = direct_launch.stats["direct"] - before
-                direct_launch.ENABLED = False
-                try:
-                    with offline_target(90, reference := []):
-                        call()
-                finally:
-                    direct_launch.ENABLED = True
+                with direct_launch.disabled(), offline_target(90, reference := []):
+                    call()
                 same_kernels = [a[0] is b[0] for a, b in zip(launches, reference)]
                 got = [_normal(args) for _, args in launches]
                 want = [_normal(args) for _, args in reference]
@@ -251,10 +246,9 @@ def timing(calls: int) -> list[dict]:
     with offline_target(90), gpu_like_host_path():
         for name, fn in _timed_calls().items():
             times = {}
-            for enabled in (False, True):
-                direct_launch.ENABLED = enabled
-                times[enabled] = _time_calls(fn, calls)
-            direct_launch.ENABLED = True
+            with direct_launch.disabled():
+                times[False] = _time_calls(fn, calls)
+            times[True] = _time_calls(fn, calls)
             rows.append({"call": name, "triton_path_us": round(times[False], 1),
                          "direct_launch_us": round(times[True], 1),
                          "ratio": round(times[False] / times[True], 2)})

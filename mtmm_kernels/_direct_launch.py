@@ -26,6 +26,7 @@ seen here: call ``clear()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["launch", "named_tail", "clear", "spec", "ENABLED", "stats"]
+__all__ = ["launch", "named_tail", "disabled", "clear", "spec", "ENABLED", "stats"]
 
 ENABLED = os.environ.get("MTMM_DIRECT_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # distinct keys; the table is cleared wholesale past it
@@ -48,6 +49,18 @@ _UNKEYABLE = object()  # an argument kind the key does not cover: that call take
 
 def clear() -> None:
     _COMPILED.clear()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Every launch inside takes Triton's own path (and the grouped GEMM no launch plans):
+    for side-by-side timings and checks against that path."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def spec(value) -> Any:

@@ -76,6 +76,14 @@ def test_named_tail_follows_the_signature():
                                  LENS_FROM_CU=False, S=3)
 
 
+def test_disabled_restores_the_switch(monkeypatch):
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
+    with pytest.raises(RuntimeError), direct_launch.disabled():
+        assert not direct_launch.ENABLED
+        raise RuntimeError
+    assert direct_launch.ENABLED
+
+
 def test_unkeyable_arguments_take_tritons_path():
     assert direct_launch.spec(object()) is direct_launch._UNKEYABLE
     assert direct_launch.spec((1, object())) is direct_launch._UNKEYABLE
@@ -133,11 +141,8 @@ def test_gpu_direct_launches_compute_what_tritons_path_computes(monkeypatch):
         "pack_padded": lambda: pack_padded(xp, lens).values,
     }
     for name, call in calls.items():
-        direct_launch.ENABLED = False
-        try:
+        with direct_launch.disabled():
             want = call()
-        finally:
-            direct_launch.ENABLED = True
         call()
         before = direct_launch.stats["direct"]
         got = call()
