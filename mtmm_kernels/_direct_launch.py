@@ -2,8 +2,8 @@
 
 ``kernel[grid](**kwargs)`` binds every keyword, specialises every argument, hashes the result
 and looks the compiled kernel up on each call: about 20 us of host time for a kernel with 30
-arguments on the development CPU (bench/host_overhead.py), more than a small grouped GEMM takes
-on an H200. Here the first call of each specialisation goes through that path unchanged (it
+arguments on the development CPU (bench/host_path.py), a third of what a small grouped GEMM
+takes on an H200. Here the first call of each specialisation goes through that path unchanged (it
 compiles if needed and returns the CompiledKernel); later calls with an equal key go straight
 to the compiled kernel's launcher with the arguments, launch metadata and hooks Triton would
 pass (profilers keep seeing the launches).

@@ -752,8 +752,9 @@ torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_se
 class _GroupedMmFunction(torch.autograd.Function):
     """The eager path: the same kernels and backward as the custom op, without the custom op's
     dispatch. On an H200 a small-group forward went from 0.269 to 0.256 ms between two runs
-    that also differed in TMA: most of the host time is elsewhere (Triton's launch path).
-    torch.compile traces the custom op instead."""
+    that also differed in TMA: most of the host time was elsewhere (Triton's launch path,
+    which the direct launch now skips: docs/host_path.md). torch.compile traces the custom op
+    instead."""
 
     @staticmethod
     def forward(ctx, x, w, offsets, bias, perm):
