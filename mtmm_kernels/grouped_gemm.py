@@ -61,6 +61,33 @@ def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constex
 
 
 @triton.jit
+def _tile_rows(tile_m, T, idx_G, start_G, end_G, tile_begin_G, tile_end_G,
+               BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(g, first row, end row) of M-tile tile_m: the one schedule entry whose tile range holds
+    it (an empty group's range is empty). The entries are spread over the warps, so every sum
+    costs a shared-memory round trip and barriers: where the three fit one int32 they come out
+    of one sum. There, the tile's row count and the entry's *lag* stand for its rows: the lag
+    is how far the tiles before the group ran past their groups' rows, less than
+    BLOCK_G * BLOCK_M for valid offsets. Bad (unchecked) offsets may give a wrong row range,
+    never one outside [0, T)."""
+    is_g = (tile_begin_G <= tile_m) & (tile_m < tile_end_G)
+    row0_G = start_G + (tile_m - tile_begin_G) * BLOCK_M
+    if BLOCK_G * BLOCK_M <= 32768:  # lag, rows - 1 and g: 2 * log2(BLOCK_G * BLOCK_M) bits
+        lag_G = tl.minimum(tl.maximum(tile_begin_G * BLOCK_M - start_G, 0),
+                           BLOCK_G * BLOCK_M - 1)
+        n_G = tl.minimum(tl.maximum(end_G - row0_G, 1), BLOCK_M)
+        packed = tl.sum(tl.where(is_g, (lag_G * BLOCK_M + n_G - 1) * BLOCK_G + idx_G, 0), 0)
+        g = packed % BLOCK_G
+        row0 = tile_m * BLOCK_M - packed // (BLOCK_G * BLOCK_M)
+        row_end = tl.minimum(row0 + (packed // BLOCK_G) % BLOCK_M + 1, T)
+    else:  # three independent sums (their rounds overlap)
+        g = tl.sum(tl.where(is_g, idx_G, 0), 0)
+        row0 = tl.sum(tl.where(is_g, row0_G, 0), 0)
+        row_end = tl.sum(tl.where(is_g, end_G, 0), 0)
+    return g, row0, row_end
+
+
+@triton.jit
 def _grouped_mm_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, y_ptr, offsets_ptr, perm_ptr,
@@ -119,10 +146,8 @@ def _grouped_mm_kernel(
         tile_n = (tile % per_band) // band_m
 
         # --- the group of this M-tile, and its rows
-        g = tl.sum((tile_end_G <= tile_m).to(tl.int32), 0)
-        is_g = idx_G == g
-        row0 = tl.sum(tl.where(is_g, start_G + (tile_m - tile_begin_G) * BLOCK_M, 0), 0)
-        row_end = tl.sum(tl.where(is_g, end_G, 0), 0)
+        g, row0, row_end = _tile_rows(tile_m, T, idx_G, start_G, end_G, tile_begin_G,
+                                      tile_end_G, BLOCK_M, BLOCK_G)
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         if GATHER:

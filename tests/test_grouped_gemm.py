@@ -111,6 +111,19 @@ def test_many_groups(device):
     check_against_reference(x, w, b, offsets, tail=3)
 
 
+@pytest.mark.parametrize("G", [63, 1030])
+def test_tile_lookup_at_its_bounds(device, G):
+    """Groups of one row: every group's M-tile runs BLOCK_M - 1 rows past it, so the entry of
+    the rows past offsets[-1] has the largest lag valid offsets allow. G = 63 puts the one-sum
+    lookup at its bound (schedule width 64); G = 1030 is past it (width 2048) and takes three
+    sums."""
+    sizes = [1] * G
+    sizes[5] = 0
+    sizes[-1] = 101  # and one group of several M-tiles
+    x, w, b, offsets = make_problem(sizes, 3, 5, torch.float32, device, tail=2)
+    check_against_reference(x, w, b, offsets, tail=2)
+
+
 @pytest.mark.parametrize("K,N", [(64, 32), (33, 70), (1, 1)])
 def test_tile_edges(device, K, N):
     """Groups exactly one tile tall, more than one tile tall, K a multiple of the K tile (the
