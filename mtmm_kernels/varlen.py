@@ -77,18 +77,22 @@ if triton is not None:
 
     @triton.jit
     def _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS: tl.constexpr = 0):
-        """Largest p in [0, B) with cu_seqlens[p] <= row: the packed sequence holding the row.
-        Empty sequences repeat a start; the last of equal starts is the non-empty one.
+        """(p, start): the largest p in [0, B) with cu_seqlens[p] <= row (the packed sequence
+        holding the row) and cu_seqlens[p]. Empty sequences repeat a start; the last of equal
+        starts is the non-empty one.
 
-        With ALL_STARTS >= B (a power of two), every start is loaded at once and p is the
-        count of starts <= row, minus one (the starts are sorted): one round trip to memory
-        instead of the binary search's log2(B) dependent loads, for ALL_STARTS compares per
-        row."""
+        With ALL_STARTS >= B (a power of two), every start is loaded at once: p is the count
+        of starts <= row, minus one, and the start is the largest of them (the starts are
+        sorted). One round trip to memory, for ALL_STARTS compares per row, instead of the
+        binary search's log2(B) dependent loads and a last one for the start."""
         if ALL_STARTS > 0:
             idx = tl.arange(0, ALL_STARTS)
             starts = tl.load(cu_seqlens_ptr + idx, mask=idx < B, other=2147483647)
-            p = tl.sum((starts[None, :] <= rows[:, None]).to(tl.int32), axis=1) - 1
+            at_or_before = starts[None, :] <= rows[:, None]
+            p = tl.sum(at_or_before.to(tl.int32), axis=1) - 1
             p = tl.minimum(tl.maximum(p, 0), B - 1)  # unsorted (unchecked) starts stay in range
+            # unsorted starts: some start <= row (or 0), so the position stays >= 0
+            start = tl.max(tl.where(at_or_before, starts[None, :], 0), axis=1)
         else:
             p = tl.zeros_like(rows)
             for i in range(search_steps):
@@ -96,7 +100,8 @@ if triton is not None:
                 in_range = cand < B
                 start = tl.load(cu_seqlens_ptr + cand, mask=in_range, other=0)
                 p = tl.where(in_range & (start <= rows), cand, p)
-        return p
+            start = tl.load(cu_seqlens_ptr + p)
+        return p, start
 
     @triton.jit
     def _vector_bound(H, ROW_ALIGN: tl.constexpr):
@@ -212,8 +217,7 @@ if triton is not None:
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         col_ok = cols < _vector_bound(H, ROW_ALIGN)
         # --- the packed sequence of each row, its sample and the row's position in it
-        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS)
-        seq_start = tl.load(cu_seqlens_ptr + p)
+        p, seq_start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS)
         row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
         pos = rows - seq_start
         if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
@@ -228,12 +232,14 @@ if triton is not None:
         stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
         in_stream = rows < 0  # all False
         for s in tl.static_range(S):
-            if LENS_FROM_CU:
-                n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
+            r = pos - stream_start
+            if LENS_FROM_CU:  # one stream: every row_ok row of sequence p is in it (r < its
+                # length); no load between the search and the data load
+                sel = row_ok & (r >= 0) & (r < max_lens[s])
+                n = tl.zeros_like(r)  # (no later stream)
             else:
                 n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
-            r = pos - stream_start
-            sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
+                sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
             src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
             if ROW_ALIGN > 1:
                 src_off = tl.multiple_of(src_off, ROW_ALIGN)
@@ -337,8 +343,8 @@ if triton is not None:
     ):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_t = rows < T
-        p = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
-        pos = rows - tl.load(cu_seqlens_ptr + p)
+        p, start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps)
+        pos = rows - start
         tl.store(position_ids_ptr + rows, pos.to(tl.int64), mask=in_t)
         tl.store(seq_ids_ptr + rows, p, mask=in_t)
 
