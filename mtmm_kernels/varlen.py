@@ -76,23 +76,33 @@ _FORCE_DEVICE_PLAN = False
 if triton is not None:
 
     @triton.jit
-    def _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS: tl.constexpr = 0):
+    def _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS: tl.constexpr = 0,
+                       START_FROM_SEARCH: tl.constexpr = 0):
         """(p, start): the largest p in [0, B) with cu_seqlens[p] <= row (the packed sequence
         holding the row) and cu_seqlens[p]. Empty sequences repeat a start; the last of equal
         starts is the non-empty one.
 
-        With ALL_STARTS >= B (a power of two), every start is loaded at once: p is the count
-        of starts <= row, minus one, and the start is the largest of them (the starts are
-        sorted). One round trip to memory, for ALL_STARTS compares per row, instead of the
-        binary search's log2(B) dependent loads and a last one for the start."""
+        With ALL_STARTS >= B (a power of two), every start is loaded at once: one round trip
+        to memory, for ALL_STARTS compares per row, instead of the binary search's log2(B)
+        dependent loads. p is then the count of starts <= row, minus one; with
+        START_FROM_SEARCH the start comes out of the same compares (a second round trip saved
+        where nothing else is loaded before the data), else it is loaded."""
         if ALL_STARTS > 0:
             idx = tl.arange(0, ALL_STARTS)
             starts = tl.load(cu_seqlens_ptr + idx, mask=idx < B, other=2147483647)
             at_or_before = starts[None, :] <= rows[:, None]
-            p = tl.sum(at_or_before.to(tl.int32), axis=1) - 1
-            p = tl.minimum(tl.maximum(p, 0), B - 1)  # unsorted (unchecked) starts stay in range
-            # unsorted starts: some start <= row (or 0), so the position stays >= 0
-            start = tl.max(tl.where(at_or_before, starts[None, :], 0), axis=1)
+            if START_FROM_SEARCH:
+                # The largest (start, index) pair with start <= row, as start * ALL_STARTS +
+                # index, in one reduction (two made Triton 3.6 compute the compares twice, once
+                # in the copy tile's layout: 123 registers instead of 48 on sm_90).
+                key = starts.to(tl.int64) * ALL_STARTS + idx
+                key = tl.max(tl.where(at_or_before, key[None, :], 0), axis=1)
+                p = (key % ALL_STARTS).to(tl.int32)  # < B: a masked start never qualifies
+                start = (key // ALL_STARTS).to(tl.int32)  # <= row (0 if none: unchecked starts)
+            else:
+                p = tl.sum(at_or_before.to(tl.int32), axis=1) - 1
+                p = tl.minimum(tl.maximum(p, 0), B - 1)  # unsorted (unchecked) starts: in range
+                start = tl.load(cu_seqlens_ptr + p)
         else:
             p = tl.zeros_like(rows)
             for i in range(search_steps):
@@ -193,7 +203,7 @@ if triton is not None:
     def _varlen_pack_kernel(
         # --- pointers
         src_ptrs,           # S padded streams x_s [B, L_s, H], last stride 1
-        lens_ptr,           # [S, B] int32 clamped lengths (unused when LENS_FROM_CU)
+        lens_ptr,           # [S, B] int32 clamped lengths (unused when S == 1)
         cu_seqlens_ptr,     # [B + 1] int32
         order_ptr,          # [B] int64 sample of each packed sequence (unused unless HAS_ORDER)
         dst_ptr,            # [T, H] packed rows, row stride stride_t
@@ -217,7 +227,9 @@ if triton is not None:
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         col_ok = cols < _vector_bound(H, ROW_ALIGN)
         # --- the packed sequence of each row, its sample and the row's position in it
-        p, seq_start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS)
+        # one stream loads nothing else before the data (below), so its search also gives the
+        # start; several streams load their lengths, and the start beside them
+        p, seq_start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS, S == 1)
         row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
         pos = rows - seq_start
         if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
@@ -233,12 +245,15 @@ if triton is not None:
         in_stream = rows < 0  # all False
         for s in tl.static_range(S):
             r = pos - stream_start
-            if LENS_FROM_CU:  # one stream: every row_ok row of sequence p is in it (r < its
-                # length); no load between the search and the data load
+            if S == 1:  # every row_ok row of sequence p is in its one stream (r < its length,
+                # cu_seqlens being its lengths' sums): no load between the search and the data
                 sel = row_ok & (r >= 0) & (r < max_lens[s])
                 n = tl.zeros_like(r)  # (no later stream)
             else:
-                n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
+                if LENS_FROM_CU:
+                    n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
+                else:
+                    n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
                 sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
             src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
             if ROW_ALIGN > 1:
