@@ -12,6 +12,7 @@ spills), static and dynamic shared memory, and the instructions that decide spee
   ldgsts             cp.async global -> shared copies (pipelined pointer loads)
   utmaldg            TMA tensor loads (descriptor loads on Hopper)
   hgmma / hmma       warpgroup (Hopper) / warp-level tensor-core MMAs
+  bar                block-wide barriers (cross-warp reductions and shared-memory hand-offs)
 
     python bench/sass_report.py [--arch 90] [--json OUT.json] [--only varlen|grouped_gemm]
 
@@ -49,6 +50,7 @@ _INSTRUCTIONS = {  # report name -> SASS opcode pattern (the opcode up to its fi
     "utmaldg": r"UTMALDG[.A-Z0-9]*",
     "hgmma": r"HGMMA[.A-Za-z0-9]*",
     "hmma": r"HMMA[.A-Z0-9]*",
+    "bar": r"BAR\.SYNC[.A-Z0-9_]*",
 }
 
 

@@ -59,6 +59,16 @@ def test_varlen_rows_move_as_16_byte_vectors(rows):
     assert pack3["ldg128"] == varlen["pack S=1 H=4096 B=64 bfloat16"]["ldg128"]
 
 
+def test_one_stream_pack_loads_no_metadata_between_search_and_data(rows):
+    """A one-stream pack program that compares its rows with every start (B <= 1024) gets the
+    sequence and its start from that one load: beside the starts and T, no per-row metadata
+    load stands between the search and the data load (20 narrow loads at B = 256 when the
+    start and the length were loaded after the search)."""
+    for case in ("pack S=1 H=4096 B=64 bfloat16", "pack S=1 H=1024 B=256 bfloat16",
+                 "pack S=1 H=1000 B=256 float32"):
+        assert rows[case]["ldg"] <= 4, case
+
+
 def test_varlen_vectors_never_outgrow_the_alignment(rows):
     """Streams whose base address is 8 bytes off a 16-byte boundary: the pack may promise
     8-byte vectors, never 16 (a 16-byte load there is a misaligned-address fault)."""
