@@ -10,7 +10,7 @@ spills), static and dynamic shared memory, and the instructions that decide spee
   ldg128 / stg128    16-byte global loads / stores (what a copy kernel needs)
   ldg / stg          narrower global loads / stores (metadata, gathers)
   ldgsts             cp.async global -> shared copies (pipelined pointer loads)
-  utmaldg            TMA tensor loads (descriptor loads on Hopper)
+  utmaldg / utmastg  TMA tensor loads / stores (descriptors on Hopper)
   hgmma / hmma       warpgroup (Hopper) / warp-level tensor-core MMAs
   bar                block-wide barriers (cross-warp reductions and shared-memory hand-offs)
 
@@ -48,6 +48,7 @@ _INSTRUCTIONS = {  # report name -> SASS opcode pattern (the opcode up to its fi
     "stg": r"STG\.E(?!.*\.128)[.A-Z0-9]*",
     "ldgsts": r"LDGSTS[.A-Z0-9]*",
     "utmaldg": r"UTMALDG[.A-Z0-9]*",
+    "utmastg": r"UTMASTG[.A-Z0-9]*",
     "hgmma": r"HGMMA[.A-Za-z0-9]*",
     "hmma": r"HMMA[.A-Z0-9]*",
     "bar": r"BAR\.SYNC[.A-Z0-9_]*",
@@ -164,7 +165,9 @@ def _grouped_gemm_cases():
         kw = config.kwargs
         tiles = " ".join(f"{k[6:]}{kw[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         flat = " flat" if kw.get("FLATTEN") else ""
-        return f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}{flat}"
+        store = " tma-store" if kw.get("TMA_STORE") else ""
+        return (f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}"
+                f"{flat}{store}")
 
     for config in gg._mm_configs(False):
         yield (f"grouped_mm fwd bf16 K=N=4096 {label(config)}",
@@ -176,7 +179,8 @@ def _grouped_gemm_cases():
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))
     perm = torch.arange(T)
     # gathered rows: pointer loads for x; w by pointer or through its descriptor
-    for config in (gg._mm_configs(False)[-1], gg._mm_configs(False)[0]):
+    pointer = [c for c in gg._mm_configs(False) if not c.kwargs["TMA"]]
+    for config in (pointer[-1], gg._mm_configs(False)[0]):
         yield (f"grouped_mm_by_ids fwd bf16 K=N=4096 {label(config)}",
                with_config("_MM_CONFIGS", config,
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))

@@ -101,15 +101,19 @@ class Cand:
             persist = "np" if p >= NON_PERSISTENT else f"p{p}"
             load = " tma" if m.get("TMA") else ""
             flat = " flat" if m.get("FLATTEN") else ""
+            flat += " tma-store" if m.get("TMA_STORE") else ""
             return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load}{flat} gm{m['GROUP_M']} "
                     f"{persist} w{w} s{s}")
         load = " tma" if m.get("TMA") else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
-def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False) -> Cand:
+def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
+            tma_store=False) -> Cand:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
             "PROGS_PER_SM": progs, "TMA": tma, "FLATTEN": flatten}
+    if tma_store:  # only where asked: a kernel without the switch still takes the others
+        meta["TMA_STORE"] = True
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
@@ -137,6 +141,13 @@ FWD_CANDIDATES = [
         (128, 128, 64, 8, 1, 4, 4),
         (64, 128, 64, 8, 2, 4, 4),
         (64, 256, 64, 8, 1, 8, 3),
+        (128, 128, 64, 8, 1, 8, 4),
+    ]),
+    # whole tiles leave through y's descriptor (not with FLATTEN: Triton 3.6 cannot fuse the
+    # loops around that branch); the ceiling cases' shapes
+    *(mm_cand(*shape, tma=TMA, tma_store=True) for shape in [
+        (128, 256, 64, 8, 1, 8, 3),
+        (128, 128, 64, 8, 1, 4, 4),
         (128, 128, 64, 8, 1, 8, 4),
     ]),
     # shapes that are usually good for bf16 on Hopper (wgmma wants BLOCK_M a multiple of 64)
@@ -188,7 +199,8 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
 # of 16 or 32, which exercises the masked-K (EVEN_K = False) path.
 SMOKE_CASE = {"smoke_3groups_k24": ([5, 0, 9], 24, 24)}
 SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
-             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA), mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, True)]
+             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA), mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, True),
+             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, tma_store=True)]
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
@@ -243,6 +255,8 @@ def mm_args(x_TK, w_GKN, offsets_G, y_TN) -> dict:
         args["TMA_OK"] = gg._tma_ok(args)
     if "W_TMA_OK" in MM_PARAMS:  # w alone through its descriptor: gathered rows only
         args["W_TMA_OK"] = False
+    if "Y_TMA_OK" in MM_PARAMS:  # y through its descriptor (TMA_STORE candidates)
+        args["Y_TMA_OK"] = args["TMA_OK"] and gg._tma_rows_ok(y_TN)
     return args
 
 
@@ -311,7 +325,7 @@ class KernelSpec:
     def meta(self, cand: Cand) -> dict:
         meta = dict(cand.meta)
         params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
-        for flag in ("TMA", "FLATTEN"):  # flags an older kernel does not have
+        for flag in ("TMA", "FLATTEN", "TMA_STORE"):  # flags an older kernel does not have
             if flag not in params:
                 meta.pop(flag, None)
         if self.even_k:

@@ -103,7 +103,8 @@ def _grouped_mm_kernel(
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
     TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, TMA_OK: tl.constexpr,
-    FLATTEN: tl.constexpr, W_TMA_OK: tl.constexpr,
+    FLATTEN: tl.constexpr, W_TMA_OK: tl.constexpr, Y_TMA_OK: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
@@ -118,12 +119,19 @@ def _grouped_mm_kernel(
     TMA takes effect only where they do, so a config tuned on aligned operands stays correct
     on others of the same sizes. Gathered rows cannot come through a descriptor (Hopper's TMA
     has no row gather): with GATHER, W_TMA_OK lets w alone arrive through its descriptor
-    while x rows take pointer loads."""
+    while x rows take pointer loads. With TMA_STORE (where Y_TMA_OK: no gather, y's rows
+    descriptor-ready), a tile wholly inside its group's rows is stored through y's descriptor,
+    the others by masked pointer stores."""
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
         offsets_ptr, G, T, BLOCK_M, BLOCK_G)
     if TMA and TMA_OK:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
+    # (Triton 3.6 cannot fuse the loops around the epilogue's branch below)
+    tl.static_assert(not (TMA_STORE and FLATTEN), "TMA_STORE is for unflattened configs")
+    if TMA_STORE and Y_TMA_OK:  # half a tile's columns per store: half the staging memory
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[T, N], strides=[stride_yt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // 2])
     if TMA and (TMA_OK or W_TMA_OK):
         if W_K_CONTIGUOUS:  # w is a [G, N, K] tensor seen as [G, K, N]
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K],
@@ -219,8 +227,21 @@ def _grouped_mm_kernel(
             # a block-shaped mask: the interpreter rejects (block & scalar)
             b_ok = col_ok & ((cols * 0 + g) < G)
             acc += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+        y_tile = acc.to(y_ptr.dtype.element_ty)
         y_ptrs = y_ptr + rows_x[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        y_mask = row_ok[:, None] & col_ok[None, :]
+        if TMA_STORE and Y_TMA_OK:
+            # A tile wholly inside its group's rows leaves through y's descriptor (columns past
+            # N are clipped); one that runs into the next group's rows takes the masked stores.
+            if row0 + BLOCK_M <= row_end:
+                y_left, y_right = tl.split(tl.permute(
+                    tl.reshape(y_tile, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                y_desc.store([row0, tile_n * BLOCK_N], y_left)
+                y_desc.store([row0, tile_n * BLOCK_N + BLOCK_N // 2], y_right)
+            else:
+                tl.store(y_ptrs, y_tile, mask=y_mask)
+        else:
+            tl.store(y_ptrs, y_tile, mask=y_mask)
 
 
 @triton.jit
@@ -320,10 +341,17 @@ def _mm_configs(interpreter: bool) -> list[triton.Config]:
     ]
     # TMA variants first: where x and w allow descriptors, the untuned path takes them. The
     # flattened pipeline (FLATTEN) is offered with descriptors, the tuner keeps it where it wins.
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p,
-                               TMA=tma, FLATTEN=flatten), num_warps=w, num_stages=s)
-            for tma, flatten in ((True, False), (True, True), (False, False))
-            for m, n, k, w, s, p in shapes]
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, PROGS_PER_SM=p,
+                                  TMA=tma, FLATTEN=flatten), num_warps=w, num_stages=s)
+               for tma, flatten in ((True, False), (True, True), (False, False))
+               for m, n, k, w, s, p in shapes]
+    # Last (the untuned path never takes it): the large tile with whole tiles stored through
+    # y's descriptor, a candidate for the large-group cases (not timed on a GPU yet).
+    m, n, k, w, s, p = shapes[0]
+    configs.append(triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8,
+                                      PROGS_PER_SM=p, TMA=True, FLATTEN=False, TMA_STORE=True),
+                                 num_warps=w, num_stages=s))
+    return configs
 
 
 def _dw_configs(interpreter: bool) -> list[triton.Config]:
@@ -343,11 +371,14 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
 
 def _prune_mm(configs, named_args, **kwargs):
     """Tile height from the mean group size (M_BUCKET = log2 of it); fp32 halves BLOCK_K to fit
-    shared memory. The autotuner passes positional kernel arguments as ``named_args`` and
-    keyword ones as ``kwargs``: the launchers use keywords."""
+    shared memory; descriptor configs only where the operands allow them. The autotuner
+    passes positional kernel arguments as ``named_args`` and keyword ones as ``kwargs``: the
+    launchers use keywords."""
     named_args = {**named_args, **kwargs}
     if not (named_args["TMA_OK"] or named_args["W_TMA_OK"]):
         configs = [c for c in configs if not c.kwargs["TMA"]]
+    if not named_args.get("Y_TMA_OK"):  # it would compile to its TMA twin: time it once
+        configs = [c for c in configs if not c.kwargs.get("TMA_STORE")]
     bucket = named_args["M_BUCKET"]
     keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
             and (bucket < 11 or c.kwargs["BLOCK_M"] >= 128)] or list(configs)
@@ -515,13 +546,20 @@ def _launch(kernel, tuned, configs, prune, grid, args: dict, n_head: int,
     meta = dict(config.kwargs)
     if even_k:
         meta["EVEN_K"] = args["K"] % meta["BLOCK_K"] == 0
-    named = {**args, **meta}
+    named = {**_defaults(kernel), **args, **meta}
     values = [named[name] for name in kernel.arg_names]
     assert len(values) == len(named), "an argument the kernel does not take"
     head, tail = tuple(values[:n_head]), tuple(values[n_head:])
     options = (("num_warps", config.num_warps), ("num_stages", config.num_stages))
     direct_launch.launch(kernel, grid(meta), head, tail, options)
     return meta, tail, options
+
+
+@functools.cache
+def _defaults(kernel) -> dict:
+    """The kernel's parameters that have defaults (switches a config may leave out)."""
+    return {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 class _Plan(NamedTuple):
@@ -631,6 +669,7 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
     )
     args["TMA_OK"] = _tma_ok(args)
     args["W_TMA_OK"] = perm_T is not None and _w_tma_ok(args)
+    args["Y_TMA_OK"] = args["TMA_OK"] and _tma_rows_ok(y_TN)
     if x_TK.is_cuda and (args["TMA_OK"] or args["W_TMA_OK"]):
         _ensure_allocator()
     tuned = _grouped_mm_gather_tuned if perm_T is not None else _grouped_mm_tuned

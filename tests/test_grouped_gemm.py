@@ -182,6 +182,36 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
 
 
+@pytest.mark.parametrize("N", [40, 20])
+def test_tma_store_of_whole_tiles(device, tma_path, monkeypatch, N):
+    """TMA_STORE (a sweep candidate): tiles wholly inside their group's rows are stored
+    through y's descriptor in two column halves, the others by masked pointer stores; y is
+    poisoned first, so a tile neither store wrote would show. N = 20 in fp16 gives 40-byte
+    rows, which no descriptor takes: every tile takes the pointer stores."""
+    monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
+        {**c.kwargs, "TMA_STORE": c.kwargs["TMA"]}, num_warps=c.num_warps,
+        num_stages=c.num_stages) for c in grouped_gemm._MM_CONFIGS])
+    stores = []
+    real_launch = grouped_gemm.direct_launch.launch
+
+    def spy(kernel, grid, head, tail, options):
+        named = dict(zip(kernel.arg_names, head + tail))
+        if "Y_TMA_OK" in named:
+            stores.append(named["TMA_STORE"] and named["Y_TMA_OK"])
+        return real_launch(kernel, grid, head, tail, options)
+    monkeypatch.setattr(grouped_gemm.direct_launch, "launch", spy)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype", None) in (torch.float16, torch.bfloat16) else
+                        real_empty(*a, **k))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    # tiles of 16 rows on the CPU: whole and partial ones, and groups one row short of whole
+    # tiles (a descriptor store of those would overwrite the next group's first row)
+    x, w, b, offsets = make_problem([31, 15, 0, 47, 19], 24, N, dtype, device, tail=3)
+    check_against_reference(x, w, b, offsets, tail=3)
+    assert stores and all(stores) == (N == 40) and any(stores) == (N == 40)
+
+
 @pytest.mark.parametrize("w_transposed", [False, True])
 @pytest.mark.parametrize("flatten", [False, True])
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's matmul
@@ -561,6 +591,12 @@ def test_gpu_config_pruning(dtype):
             any_tma = tma_ok or w_tma_ok
             assert {c.kwargs["TMA"] for c in kept} == ({True, False} if any_tma else {False})
             assert kept[0].kwargs["TMA"] == any_tma
+            assert not any(c.kwargs.get("TMA_STORE") for c in kept)  # y's descriptor: no
+        # stores through y's descriptor only where y allows one, never flattened
+        kept = tuner.prune_configs({"M_BUCKET": 12, "x_ptr": x, "TMA_OK": True,
+                                    "W_TMA_OK": False, "Y_TMA_OK": True})
+        stores = [c for c in kept if c.kwargs.get("TMA_STORE")]
+        assert stores and all(c.kwargs["TMA"] and not c.kwargs["FLATTEN"] for c in stores)
     dw_configs = grouped_gemm._dw_configs(interpreter=False)
     dw_tuner = triton.autotune(configs=dw_configs, key=["K"],
                                prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(
@@ -663,6 +699,22 @@ def test_bf16_flattened_pipeline(monkeypatch):
     for config in flattened:  # forward and dX (the same kernel), dW, against float64
         monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [config])
         check_against_reference(x, w, b, offsets, tail=17)
+
+
+@pytest.mark.gpu
+def test_bf16_tma_store_configs(monkeypatch):
+    """The configs that store whole tiles through y's descriptor, forced one by one on the
+    device (the interpreter checks the logic; this checks the compiled TMA stores): groups
+    with whole tiles, partial ones, one row short of whole, and tail rows."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA stores need Hopper or later")
+    stores = [c for c in grouped_gemm._mm_configs(False) if c.kwargs.get("TMA_STORE")]
+    assert stores
+    x, w, b, offsets = make_problem([1024, 127, 0, 255, 300], 512, 384, torch.bfloat16, "cuda",
+                                    tail=9, w_transposed=True)
+    for config in stores:
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [config])
+        check_against_reference(x, w, b, offsets, tail=9)
 
 
 @pytest.mark.gpu

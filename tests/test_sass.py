@@ -87,3 +87,5 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
         if "tma=0" in case or "by_ids" in case:  # gathered x rows never use descriptors
             assert row["ldgsts"] > 0, case  # pointer loads pipelined through cp.async
     assert any("by_ids" in case and "tma=1" in case for case in gemm)  # w's descriptor
+    stores = [case for case in gemm if "tma-store" in case]
+    assert stores and all(gemm[case]["utmastg"] > 0 for case in stores)  # y's descriptor
