@@ -227,12 +227,12 @@ def _grouped_mm_kernel(
             # a block-shaped mask: the interpreter rejects (block & scalar)
             b_ok = col_ok & ((cols * 0 + g) < G)
             acc += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-        y_tile = acc.to(y_ptr.dtype.element_ty)
         y_ptrs = y_ptr + rows_x[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
-        y_mask = row_ok[:, None] & col_ok[None, :]
         if TMA_STORE and Y_TMA_OK:
             # A tile wholly inside its group's rows leaves through y's descriptor (columns past
             # N are clipped); one that runs into the next group's rows takes the masked stores.
+            y_tile = acc.to(y_ptr.dtype.element_ty)
+            y_mask = row_ok[:, None] & col_ok[None, :]
             if row0 + BLOCK_M <= row_end:
                 y_left, y_right = tl.split(tl.permute(
                     tl.reshape(y_tile, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -241,7 +241,8 @@ def _grouped_mm_kernel(
             else:
                 tl.store(y_ptrs, y_tile, mask=y_mask)
         else:
-            tl.store(y_ptrs, y_tile, mask=y_mask)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
