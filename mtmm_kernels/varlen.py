@@ -114,6 +114,31 @@ if triton is not None:
         return p, start
 
     @triton.jit
+    def _find_segment(cu_seqlens_ptr, lens_ptr, rows, B, S: tl.constexpr,
+                      ALL_STARTS: tl.constexpr, SEGMENTS: tl.constexpr):
+        """(p, s, r): the packed sequence p, the stream s within it and the row r within that
+        stream's segment, for sequences in sample order (lens_ptr [S, B]). Every segment
+        start, cu_seqlens[p] plus the lengths of p's earlier streams, is built from one load of
+        the starts and the lengths (all B at once, ALL_STARTS >= B, SEGMENTS >= S, powers of
+        two); the largest start <= row, the last index among equal ones, is the row's
+        segment (an empty segment, or a padding lane s >= S whose start is the next
+        sequence's, is always followed by one with the same start). One round trip to memory
+        before the data load, where the search by sequence needs a second for the lengths."""
+        p_idx = tl.arange(0, ALL_STARTS)
+        s_idx = tl.arange(0, SEGMENTS)
+        seq_ok = p_idx < B
+        starts = tl.load(cu_seqlens_ptr + p_idx, mask=seq_ok, other=2147483647)
+        n_PS = tl.load(lens_ptr + s_idx[None, :] * B + p_idx[:, None],
+                       mask=seq_ok[:, None] & (s_idx[None, :] < S), other=0)
+        seg = tl.reshape(starts[:, None] + tl.cumsum(n_PS, axis=1) - n_PS,
+                         [ALL_STARTS * SEGMENTS])
+        key = seg.to(tl.int64) * (ALL_STARTS * SEGMENTS) + tl.arange(0, ALL_STARTS * SEGMENTS)
+        key = tl.max(tl.where(seg[None, :] <= rows[:, None], key[None, :], 0), axis=1)
+        q = (key % (ALL_STARTS * SEGMENTS)).to(tl.int32)  # a masked lane never qualifies
+        r = rows - (key // (ALL_STARTS * SEGMENTS)).to(tl.int32)
+        return q // SEGMENTS, q % SEGMENTS, r
+
+    @triton.jit
     def _vector_bound(H, ROW_ALIGN: tl.constexpr):
         """H, written so that Triton sees it is a multiple of ROW_ALIGN (which divides every
         row stride, H included). Triton only knows divisibility by 16 of an int argument, so
@@ -219,7 +244,7 @@ if triton is not None:
         # --- meta
         S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
         WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr, ALL_STARTS: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SEGMENTS: tl.constexpr = 0,
     ):
         pid_r = tl.program_id(0)
         pid_h = tl.program_id(1)
@@ -227,10 +252,16 @@ if triton is not None:
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         col_ok = cols < _vector_bound(H, ROW_ALIGN)
         # --- the packed sequence of each row, its sample and the row's position in it
-        # one stream loads nothing else before the data (below), so its search also gives the
-        # start; several streams load their lengths, and the start beside them
-        p, seq_start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS, S == 1)
         row_ok = (rows < T) & (rows < tl.load(cu_seqlens_ptr + B))
+        if SEGMENTS > 0:  # several streams in sample order: a search by (sequence, stream)
+            p, stream, r_seg = _find_segment(cu_seqlens_ptr, lens_ptr, rows, B, S, ALL_STARTS,
+                                             SEGMENTS)
+            seq_start = tl.load(cu_seqlens_ptr + p)  # position_ids only: off the data's path
+        else:
+            # one stream loads nothing else before the data (below), so its search also gives
+            # the start; several streams load their lengths, and the start beside them
+            p, seq_start = _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS,
+                                          S == 1)
         pos = rows - seq_start
         if HAS_ORDER:  # clamped: a caller's unchecked order must not move the reads
             b = tl.load(order_ptr + p, mask=row_ok, other=0)
@@ -245,7 +276,11 @@ if triton is not None:
         in_stream = rows < 0  # all False
         for s in tl.static_range(S):
             r = pos - stream_start
-            if S == 1:  # every row_ok row of sequence p is in its one stream (r < its length,
+            if SEGMENTS > 0:  # the search found the stream and the row in it
+                r = r_seg
+                sel = row_ok & (stream == s) & (r >= 0) & (r < max_lens[s])
+                n = tl.zeros_like(r)  # (stream_start unused)
+            elif S == 1:  # every row_ok row of sequence p is in its one stream (r < its length,
                 # cu_seqlens being its lengths' sums): no load between the search and the data
                 sel = row_ok & (r >= 0) & (r < max_lens[s])
                 n = tl.zeros_like(r)  # (no later stream)
@@ -415,6 +450,16 @@ def _all_starts(B: int, block_r: int) -> int:
     return 0
 
 
+def _segments(S: int, B: int, block_r: int, in_sample_order: bool) -> int:
+    """The pack kernel's SEGMENTS: S's power of two when several streams in sample order are
+    searched by (sequence, stream) start, within the budget of compares; else 0."""
+    if S < 2 or not in_sample_order or not 0 < B <= ALL_STARTS_MAX_B:
+        return 0
+    segments = next_power_of_2(S)
+    return segments if max(16, next_power_of_2(B)) * segments * block_r <= _ALL_STARTS_BUDGET \
+        else 0
+
+
 def _use_triton(*tensors: torch.Tensor) -> bool:
     return triton is not None and triton_runs_on(*tensors)
 
@@ -459,6 +504,7 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     stride_l = tuple([x.stride(1) for x in streams])
     # H == 0 still needs one column of programs: the metadata is owed
     grid = (cdiv(total, block_r), max(1, cdiv(H, block_h)))
+    segments = _segments(len(streams), B, block_r, lens_SB is not None and order is None)
     direct_launch.launch(
         _varlen_pack_kernel, grid,
         (tuple(streams), lens_SB if lens_SB is not None else cu_seqlens, cu_seqlens,
@@ -470,7 +516,8 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
             _varlen_pack_kernel, S=len(streams), LENS_FROM_CU=lens_SB is None,
             HAS_ORDER=order is not None, WRITE_META=True,
             ROW_ALIGN=_row_align(es, [*streams, values], *stride_b, *stride_l, H),
-            ALL_STARTS=_all_starts(B, block_r), BLOCK_R=block_r, BLOCK_H=block_h),
+            ALL_STARTS=_all_starts(B, block_r),  # B's bucket wherever SEGMENTS is set
+            BLOCK_R=block_r, BLOCK_H=block_h, SEGMENTS=segments),
         (("num_warps", num_warps),),
     )
     return values, position_ids, seq_ids, modality_ids
