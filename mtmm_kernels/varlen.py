@@ -76,6 +76,16 @@ _FORCE_DEVICE_PLAN = False
 if triton is not None:
 
     @triton.jit
+    def _last_start_at_or_before(starts, at_or_before, N: tl.constexpr):
+        """(index, start) of the last of N sorted starts that is <= each row (at_or_before
+        [rows, N]: start <= row; masked starts hold INT32_MAX), from one reduction over
+        start * N + index. Two reductions made Triton 3.6 compute the compares twice, once in
+        the copy tile's layout (123 registers instead of 48 on sm_90)."""
+        key = starts.to(tl.int64) * N + tl.arange(0, N)
+        key = tl.max(tl.where(at_or_before, key[None, :], 0), axis=1)
+        return (key % N).to(tl.int32), (key // N).to(tl.int32)  # (0, 0) if none qualifies
+
+    @triton.jit
     def _find_sequence(cu_seqlens_ptr, rows, B, search_steps, ALL_STARTS: tl.constexpr = 0,
                        START_FROM_SEARCH: tl.constexpr = 0):
         """(p, start): the largest p in [0, B) with cu_seqlens[p] <= row (the packed sequence
@@ -91,14 +101,8 @@ if triton is not None:
             idx = tl.arange(0, ALL_STARTS)
             starts = tl.load(cu_seqlens_ptr + idx, mask=idx < B, other=2147483647)
             at_or_before = starts[None, :] <= rows[:, None]
-            if START_FROM_SEARCH:
-                # The largest (start, index) pair with start <= row, as start * ALL_STARTS +
-                # index, in one reduction (two made Triton 3.6 compute the compares twice, once
-                # in the copy tile's layout: 123 registers instead of 48 on sm_90).
-                key = starts.to(tl.int64) * ALL_STARTS + idx
-                key = tl.max(tl.where(at_or_before, key[None, :], 0), axis=1)
-                p = (key % ALL_STARTS).to(tl.int32)  # < B: a masked start never qualifies
-                start = (key // ALL_STARTS).to(tl.int32)  # <= row (0 if none: unchecked starts)
+            if START_FROM_SEARCH:  # p < B: a masked start never qualifies
+                p, start = _last_start_at_or_before(starts, at_or_before, ALL_STARTS)
             else:
                 p = tl.sum(at_or_before.to(tl.int32), axis=1) - 1
                 p = tl.minimum(tl.maximum(p, 0), B - 1)  # unsorted (unchecked) starts: in range
@@ -132,11 +136,9 @@ if triton is not None:
                        mask=seq_ok[:, None] & (s_idx[None, :] < S), other=0)
         seg = tl.reshape(starts[:, None] + tl.cumsum(n_PS, axis=1) - n_PS,
                          [ALL_STARTS * SEGMENTS])
-        key = seg.to(tl.int64) * (ALL_STARTS * SEGMENTS) + tl.arange(0, ALL_STARTS * SEGMENTS)
-        key = tl.max(tl.where(seg[None, :] <= rows[:, None], key[None, :], 0), axis=1)
-        q = (key % (ALL_STARTS * SEGMENTS)).to(tl.int32)  # a masked lane never qualifies
-        r = rows - (key // (ALL_STARTS * SEGMENTS)).to(tl.int32)
-        return q // SEGMENTS, q % SEGMENTS, r
+        q, seg_start = _last_start_at_or_before(seg, seg[None, :] <= rows[:, None],
+                                                ALL_STARTS * SEGMENTS)
+        return q // SEGMENTS, q % SEGMENTS, rows - seg_start  # a masked lane never qualifies
 
     @triton.jit
     def _vector_bound(H, ROW_ALIGN: tl.constexpr):
@@ -453,11 +455,10 @@ def _all_starts(B: int, block_r: int) -> int:
 def _segments(S: int, B: int, block_r: int, in_sample_order: bool) -> int:
     """The pack kernel's SEGMENTS: S's power of two when several streams in sample order are
     searched by (sequence, stream) start, within the budget of compares; else 0."""
-    if S < 2 or not in_sample_order or not 0 < B <= ALL_STARTS_MAX_B:
+    if S < 2 or not in_sample_order:
         return 0
     segments = next_power_of_2(S)
-    return segments if max(16, next_power_of_2(B)) * segments * block_r <= _ALL_STARTS_BUDGET \
-        else 0
+    return segments if _all_starts(B, block_r * segments) else 0  # S x the compares
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
