@@ -127,29 +127,22 @@ TMA, PTR = True, False
 # Ordered by priority: when the time budget runs out, the tail of the list is what is lost.
 # TMA = x and w tiles through tensor descriptors (Hopper+, where _tma_ok allows; elsewhere
 # those candidates are dropped); PTR = masked pointer loads.
+TUNED_SHAPES = [  # the four shapes the autotuner tries today (_mm_configs)
+    (128, 256, 64, 8, 1, 8, 3),
+    (128, 128, 64, 8, 1, 4, 4),
+    (64, 128, 64, 8, 2, 4, 4),
+    (64, 256, 64, 8, 1, 8, 3),
+]
 FWD_CANDIDATES = [
-    # the four shapes the autotuner tries today (_mm_configs), with each kind of load
-    *(mm_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in [
-        (128, 256, 64, 8, 1, 8, 3),
-        (128, 128, 64, 8, 1, 4, 4),
-        (64, 128, 64, 8, 2, 4, 4),
-        (64, 256, 64, 8, 1, 8, 3),
-    ]),
+    # the autotuner's shapes, with each kind of load
+    *(mm_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in TUNED_SHAPES),
     # the flattened pipeline: a program's next tile loads during this tile's epilogue
-    *(mm_cand(*shape, tma=TMA, flatten=True) for shape in [
-        (128, 256, 64, 8, 1, 8, 3),
-        (128, 128, 64, 8, 1, 4, 4),
-        (64, 128, 64, 8, 2, 4, 4),
-        (64, 256, 64, 8, 1, 8, 3),
-        (128, 128, 64, 8, 1, 8, 4),
-    ]),
+    *(mm_cand(*shape, tma=TMA, flatten=True)
+      for shape in [*TUNED_SHAPES, (128, 128, 64, 8, 1, 8, 4)]),
     # whole tiles leave through y's descriptor (not with FLATTEN: Triton 3.6 cannot fuse the
     # loops around that branch); the ceiling cases' shapes
-    *(mm_cand(*shape, tma=TMA, tma_store=True) for shape in [
-        (128, 256, 64, 8, 1, 8, 3),
-        (128, 128, 64, 8, 1, 4, 4),
-        (128, 128, 64, 8, 1, 8, 4),
-    ]),
+    *(mm_cand(*shape, tma=TMA, tma_store=True)
+      for shape in [*TUNED_SHAPES[:2], (128, 128, 64, 8, 1, 8, 4)]),
     # shapes that are usually good for bf16 on Hopper (wgmma wants BLOCK_M a multiple of 64)
     mm_cand(128, 128, 64, 8, 1, 8, 4, TMA),
     mm_cand(128, 256, 64, 8, 1, 8, 4, TMA),
