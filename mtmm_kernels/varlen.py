@@ -276,22 +276,21 @@ if triton is not None:
         modality = tl.zeros([BLOCK_R], dtype=tl.int32)
         stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
         in_stream = rows < 0  # all False
+        # lengths from cu_seqlens (no lens_SB) exist for one stream only
+        tl.static_assert(S == 1 or not LENS_FROM_CU, "LENS_FROM_CU needs S == 1")
         for s in tl.static_range(S):
-            r = pos - stream_start
             if SEGMENTS > 0:  # the search found the stream and the row in it
                 r = r_seg
                 sel = row_ok & (stream == s) & (r >= 0) & (r < max_lens[s])
-                n = tl.zeros_like(r)  # (stream_start unused)
             elif S == 1:  # every row_ok row of sequence p is in its one stream (r < its length,
                 # cu_seqlens being its lengths' sums): no load between the search and the data
+                r = pos
                 sel = row_ok & (r >= 0) & (r < max_lens[s])
-                n = tl.zeros_like(r)  # (no later stream)
-            else:
-                if LENS_FROM_CU:
-                    n = tl.load(cu_seqlens_ptr + p + 1, mask=row_ok, other=0) - seq_start
-                else:
-                    n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
+            else:  # the stream by the lengths of those before it
+                r = pos - stream_start
+                n = tl.load(lens_ptr + s * B + b, mask=row_ok, other=0)
                 sel = row_ok & (r >= 0) & (r < n) & (r < max_lens[s])
+                stream_start += n
             src_off = b * stride_b[s] + r.to(tl.int64) * stride_l[s]
             if ROW_ALIGN > 1:
                 src_off = tl.multiple_of(src_off, ROW_ALIGN)
@@ -304,7 +303,6 @@ if triton is not None:
                         src_row, ROW_ALIGN * (dst_ptr.dtype.element_ty.primitive_bitwidth // 8))
             in_stream = in_stream | sel
             modality = tl.where(sel, s, modality)
-            stream_start += n
         acc = tl.load(src_row[:, None] + cols[None, :], mask=in_stream[:, None] & col_ok[None, :],
                       other=0)
         # --- store every row below T: rows past cu_seqlens[B] (a wrong `total`) get zeros
