@@ -138,6 +138,35 @@ def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch
     return perm_T, offsets_G
 
 
+def _uses_counting_sort(ids_T: torch.Tensor, G: int) -> bool:
+    return G <= MAX_GROUPS and ids_T.shape[0] < 2**31 and triton_runs_on(ids_T)
+
+
+def _sort_by_group_impl(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids_T = ids_T.contiguous()
+    if _uses_counting_sort(ids_T, G):
+        return _launch_group_sort(ids_T, G)
+    ids_T = ids_T.clamp(-1, G).remainder_(G + 1)  # -1 and G both to G: the pseudo-group
+    sorted_T, perm_T = torch.sort(ids_T, stable=True)
+    groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
+    offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
+    return perm_T, offsets_G
+
+
+# torch.compile traces the op (the launcher and the device checks are not traceable Python);
+# eager calls skip its dispatch, which costs host time on a host-bound path.
+@torch.library.custom_op("mtmm::sort_by_group", mutates_args=())
+def _sort_by_group_op(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _sort_by_group_impl(ids, num_groups)
+
+
+@_sort_by_group_op.register_fake
+def _(ids, num_groups):
+    perm_dtype = torch.int32 if _uses_counting_sort(ids, num_groups) else torch.int64
+    return ids.new_empty(ids.shape, dtype=perm_dtype), ids.new_empty((num_groups,),
+                                                                     dtype=torch.int32)
+
+
 def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stable order of rows by group id, and each group's END offset.
 
@@ -151,12 +180,6 @@ def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, t
             rows of equal ids in their original order.
         offsets_G: [G] int32, cumulative END row of each group in that order.
     """
-    G = num_groups
-    ids_T = ids_T.contiguous()
-    if G <= MAX_GROUPS and ids_T.shape[0] < 2**31 and triton_runs_on(ids_T):
-        return _launch_group_sort(ids_T, G)
-    ids_T = ids_T.clamp(-1, G).remainder_(G + 1)  # -1 and G both to G: the pseudo-group
-    sorted_T, perm_T = torch.sort(ids_T, stable=True)
-    groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
-    offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
-    return perm_T, offsets_G
+    if torch.compiler.is_compiling():
+        return torch.ops.mtmm.sort_by_group(ids_T, num_groups)
+    return _sort_by_group_impl(ids_T, num_groups)
