@@ -319,22 +319,29 @@ def test_unpack_multimodal(measure, benchmark, method):
 # --------------------------------------------------------------------------------------------
 # tile sweep (for tuning varlen._tile_config on the device): the copy kernels alone
 # --------------------------------------------------------------------------------------------
-SWEEP = [  # (BLOCK_R, BLOCK_H, num_warps); the default for bf16 is (4, 2048, 4) at H = 4096
+PACK_SWEEP = [  # (BLOCK_R, BLOCK_H, num_warps); the default for bf16 is (4, 2048, 4) at H = 4096
     (2, 2048, 4), (4, 2048, 4), (8, 2048, 8), (4, 4096, 8), (2, 4096, 8),
     (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (32, 1024, 8), (16, 512, 4),
 ]
+UNPACK_SWEEP = [  # the default for bf16 is (2, 4096, 8) at H = 4096, (2, 1024, 4) at 1024
+    (2, 4096, 8), (4, 4096, 8), (1, 4096, 4), (2, 2048, 4), (4, 2048, 4), (2, 2048, 8),
+    (2, 1024, 4), (4, 1024, 4), (2, 1024, 2), (8, 1024, 4), (1, 1024, 4),
+]
+SWEEP = [(op, config) for op, configs in (("pack", PACK_SWEEP), ("unpack", UNPACK_SWEEP))
+         for config in configs]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["text64", "mixed256"])
-@pytest.mark.parametrize("op", ["pack", "unpack"])
-@pytest.mark.parametrize("config", SWEEP, ids=lambda c: "r{}_h{}_w{}".format(*c))
+@pytest.mark.parametrize("op,config", SWEEP,
+                         ids=["{}-r{}_h{}_w{}".format(op, *c) for op, c in SWEEP])
 def test_tile_sweep(measure, monkeypatch, case, op, config):
     x, lens = _padded_case(case)
     B, L, H = x.shape
     if config[1] > 2 * H:  # mostly masked lanes: not a candidate for this H
         pytest.skip(f"BLOCK_H={config[1]} for H={H}")
-    monkeypatch.setattr(V, "_tile_config", lambda H, element_size: config)
+    monkeypatch.setattr(V, "_tile_config" if op == "pack" else "_unpack_tile_config",
+                        lambda H, element_size: config)
     pb = pack_padded(x, lens)
     T = pb.values.shape[0]
     if op == "pack":
@@ -351,11 +358,18 @@ def test_tile_sweep(measure, monkeypatch, case, op, config):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["text64", "mixed256", "mm3"])
-@pytest.mark.parametrize("search", ["binary", "all_starts"])
+@pytest.mark.parametrize("search", ["binary", "all_starts", "binary_r16_w8",
+                                    "all_starts_r16_w8"])
 def test_search_sweep(measure, monkeypatch, case, search):
     """Binary search (log2(B) dependent loads per row) against comparing each row with every
-    start (one load round trip), the copy kernel alone, side by side in one session."""
-    monkeypatch.setattr(V, "ALL_STARTS_MAX_B", 0 if search == "binary" else 1 << 20)
+    start (one load round trip), the copy kernel alone, side by side in one session; at
+    H = 1024 also with 16 rows per program at 8 warps."""
+    if search.endswith("_r16_w8"):
+        if case != "mixed256":
+            pytest.skip("the 16-row tile is a candidate at H = 1024 only")
+        monkeypatch.setattr(V, "_tile_config", lambda H, element_size: (16, 1024, 8))
+    binary = search.startswith("binary")
+    monkeypatch.setattr(V, "ALL_STARTS_MAX_B", 0 if binary else 1 << 20)
     if case == "mm3":
         xs, lens = _mm_case()
     else:

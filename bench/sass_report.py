@@ -98,6 +98,18 @@ def sass_summary(kernel) -> dict:
 # --- the cases: each calls a real launcher with CPU tensors ---------------------------------
 
 
+def _patched(module, name: str, value, fn):
+    """fn, run with module.name set to value."""
+    def run():
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            fn()
+        finally:
+            setattr(module, name, saved)
+    return run
+
+
 def _varlen_cases():
     from mtmm_kernels import varlen as V
 
@@ -112,9 +124,12 @@ def _varlen_cases():
             cu = torch.arange(0, B + 1, dtype=torch.int32) * 10
             lens_SB = torch.full((1, B), 10, dtype=torch.int32)
             T = 10 * B
-            yield (f"pack S=1 H={H} B={B} {str(dtype)[6:]}",
-                   lambda x=x, cu=cu, lens_SB=lens_SB, T=T: V._launch_pack([x], lens_SB, cu,
-                                                                       None, T))
+            pack = (lambda x=x, cu=cu, lens_SB=lens_SB, T=T:
+                    V._launch_pack([x], lens_SB, cu, None, T))
+            yield f"pack S=1 H={H} B={B} {str(dtype)[6:]}", pack
+            if B > V.ALL_STARTS_MAX_B:  # the compare-every-start search, where not the default
+                yield (f"pack S=1 H={H} B={B} {str(dtype)[6:]} all-starts",
+                       _patched(V, "ALL_STARTS_MAX_B", 1024, pack))
             values = torch.zeros(T, H, dtype=dtype)
             yield (f"unpack S=1 H={H} B={B} {str(dtype)[6:]}",
                    lambda v=values, cu=cu: V._launch_unpack(v, None, cu, None, [L]))
@@ -155,14 +170,7 @@ def _grouped_gemm_cases():
     offsets = (torch.arange(1, G + 1, dtype=torch.int32) * (T // G))
 
     def with_config(attr, config, fn):
-        def run():
-            saved = getattr(gg, attr)
-            setattr(gg, attr, [config])
-            try:
-                fn()
-            finally:
-                setattr(gg, attr, saved)
-        return run
+        return _patched(gg, attr, [config], fn)
 
     def label(config):
         kw = config.kwargs

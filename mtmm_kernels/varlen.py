@@ -348,11 +348,19 @@ if triton is not None:
             n_rows = (tl.zeros([], dtype=tl.int64) + B) * L  # B, L may be constexpr 1
             n_blocks = tl.cdiv(n_rows, BLOCK_R)
             if (pid_r >= first_block) & (pid_r < first_block + n_blocks):
-                flat = (pid_r - first_block) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-                in_rows = flat < n_rows
-                p = (flat // L).to(tl.int32)
-                r = (flat % L).to(tl.int32)
-                p = tl.where(in_rows, p, 0)
+                # One 64-bit divmod per program, not per row (per row it was most of the
+                # instructions: 8 rows per thread at BLOCK_R = 8); the rows then wrap into
+                # the next sequences, at most once each when L >= BLOCK_R.
+                flat0 = (pid_r - first_block) * BLOCK_R
+                p0 = flat0 // L
+                r = (flat0 - p0 * L).to(tl.int32) + tl.arange(0, BLOCK_R)
+                if L >= BLOCK_R:
+                    wraps = (r >= L).to(tl.int32)
+                else:
+                    wraps = r // L
+                r -= wraps * L
+                in_rows = flat0 + tl.arange(0, BLOCK_R) < n_rows
+                p = tl.where(in_rows, p0.to(tl.int32) + wraps, 0)
                 if HAS_ORDER:  # clamped: a caller's unchecked order must not move the stores
                     b = tl.load(order_ptr + p, mask=in_rows, other=0)
                     b = tl.minimum(tl.maximum(b, 0), B - 1)
@@ -416,6 +424,23 @@ def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
     return block_r, block_h, 4
 
 
+@functools.lru_cache(maxsize=256)
+def _unpack_tile_config(H: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps) of the unpack kernel: whole rows up to 8 KiB, and two
+    rows per thread. Every thread computes the metadata of every row it holds (the row
+    vectors are replicated across a row's threads), and most of an unpack's bytes are zeros
+    stored into the padding, so instructions per row, not bytes in flight, set its speed: on
+    an H200 the 1024-wide bf16 unpack ran at 80% of copy bandwidth with 8 rows per thread, at
+    92-95% with 2-4 (bench_varlen.py's sweep)."""
+    vector = max(1, 16 // element_size)
+    block_h = min(next_power_of_2(H), max(vector, 8192 // element_size))
+    while block_h > 64 and (-(-H // block_h) * block_h - H) * 8 > H:
+        block_h //= 2
+    num_warps = 8 if block_h * element_size >= 8192 else 4
+    rows_per_pass = max(1, 32 * num_warps * vector // block_h)  # rows one pass of threads holds
+    return 2 * rows_per_pass, block_h, num_warps
+
+
 def _row_align(element_size: int, tensors: list[torch.Tensor], *strides: int) -> int:
     """Largest power of two (elements, at most one 16-byte vector) dividing every row stride
     and the base address of every tensor: what the kernels may promise Triton with
@@ -433,8 +458,10 @@ def _search_steps(B: int) -> int:
 
 # The pack kernel finds each row's sequence by comparing it with every start at once when B is
 # at most this (one load round trip; B compares per row), by binary search beyond (log2(B)
-# dependent loads). 0 always searches.
-ALL_STARTS_MAX_B = 1024
+# dependent loads). 0 always searches. On an H200 (bench_varlen.py's search sweep) comparing
+# was faster at B = 64 (text64: 94.0% of copy bandwidth against 93.3%) and B = 128 (mm3:
+# 94.6% against 93.6%), slower at B = 256 (mixed256: 79.9% against 90.9%).
+ALL_STARTS_MAX_B = 128
 # ... and when a program's compares (BLOCK_R x B's bucket) stay within this: 64 per thread at
 # 4 warps. Beyond it the compare tile costs registers (64 rows of H = 128 against B = 512
 # spilled on sm_90).
@@ -528,7 +555,7 @@ def _launch_unpack(values: torch.Tensor, lens_SB: Optional[torch.Tensor],
     T, H = values.shape
     B = cu_seqlens.shape[0] - 1
     outs = [values.new_empty(B, L, H) for L in max_lens]
-    block_r, block_h, num_warps = _tile_config(H, values.element_size())
+    block_r, block_h, num_warps = _unpack_tile_config(H, values.element_size())
     n_blocks = sum(cdiv(B * L, block_r) for L in max_lens)
     if n_blocks == 0 or H == 0:
         return outs

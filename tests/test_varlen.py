@@ -177,6 +177,31 @@ def test_unpack_matches_reference(device, max_seqlen):
     assert torch.equal(out.cpu(), R.varlen_unpack(values, cu, max_seqlen))
 
 
+@pytest.mark.parametrize("block_r", [2, 4, 8])
+def test_unpack_row_blocks_wrap_into_next_sequences(device, monkeypatch, block_r):
+    """An unpack program's rows run on into the next sequences: at most once when L >= its
+    BLOCK_R (no per-row division), several times when L < BLOCK_R; streams of both kinds in
+    one call, in a shuffled order, and B * L no multiple of BLOCK_R."""
+    monkeypatch.setattr(V, "_unpack_tile_config", lambda H, element_size: (block_r, 4, 1))
+    H, Ls = 3, (1, 3, block_r, block_r + 1, 11)
+    B = 7
+    lens = [_lengths(B, L) for L in Ls]
+    order = torch.randperm(B)
+    seq = sum(lens)[order]
+    cu = F.pad(seq.cumsum(0), (1, 0)).to(torch.int32)
+    values = torch.randn(int(seq.sum()), H)
+    pb = PackedBatch(values=values.to(device), cu_seqlens=cu.to(device),
+                     max_seqlen=int(seq.max()), position_ids=torch.empty(0),
+                     seq_ids=torch.empty(0), order=order.to(device))
+    outs = unpack_multimodal(pb, lens, list(Ls))
+    want = R.varlen_unpack_multimodal(values, cu, order, lens, list(Ls))
+    for got, w in zip(outs, want):
+        assert torch.equal(got.cpu(), w)
+    L = int(seq.max()) + 1  # one stream: lengths from cu_seqlens
+    assert torch.equal(unpack(values.to(device), cu.to(device), L).cpu(),
+                       R.varlen_unpack(values, cu, L))
+
+
 def test_unpack_multimodal_matches_reference(device):
     H, Ls = 3, (2, 4)
     lens = [torch.tensor([2, 0, 1, 2, 0]), torch.tensor([4, 1, 0, 3, 0])]
