@@ -170,14 +170,15 @@ FWD_CANDIDATES = [
 # configs and their flattened versions, not the whole list.
 DX_CANDIDATES = FWD_CANDIDATES[:13]
 DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows)
-    # the configs the autotuner tries today (_dw_configs), with each kind of load
+    # the configs the autotuner tries today (_dw_configs): three shapes with each kind of
+    # load, and the wide tile through descriptors
     *(dw_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in [
         (128, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
     ]),
-    dw_cand(128, 128, 64, 8, 4, TMA),
     dw_cand(128, 256, 64, 8, 3, TMA),
+    dw_cand(128, 128, 64, 8, 4, TMA),
     # deeper pipelines and wider tiles
     dw_cand(128, 128, 64, 8, 4),
     dw_cand(128, 256, 64, 8, 3),
@@ -663,7 +664,9 @@ def header(args, smoke: bool) -> dict:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit, "argv": sys.argv[1:], "max_seconds": args.max_seconds,
+        "commit": commit, "max_seconds": args.max_seconds,
+        # file names only: the record names no machine's paths
+        "argv": [Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:]],
         "smoke": smoke,
         "timing": "ms: do_bench median, L2 flushed, warmup 10 ms, rep 40 ms; loop_ms: "
                   "events around 20 back-to-back calls; host_ms: host time to issue one call",
