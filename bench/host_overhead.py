@@ -13,6 +13,8 @@ off at a time, so the next change aims at the layer that costs:
   triton_jit           the plain @triton.jit kernel with the tuned config: the JIT launch path
   triton_empty         an empty one-argument kernel: Triton's floor
   mtmm_fwd_bwd         grouped_mm forward + backward (three launches); _triton_path likewise
+  torch_grouped_mm_fwd_bwd  the peer's forward + backward
+  torch_mul_fwd_bwd    one elementwise op forward + backward: the autograd engine's floor
   mtmm_by_ids          grouped_mm_by_ids under no_grad (group sort: two launches, then the
                        GEMM); _triton_path likewise; sort_torch_grouped_mm_unsort its peer
   varlen_pack_public   pack_padded on bench_varlen's mixed256 case, lengths on the CPU;
@@ -22,8 +24,9 @@ off at a time, so the next change aims at the layer that costs:
 
 Each is the mean host time per call over ``--calls`` back-to-back calls (a sync every 64
 calls keeps the queue short), next to the device time per call from CUDA events around the
-whole loop. A cProfile of the public call (top 30 functions by own time) goes to
-OUT_DIR/host_profile.txt; the numbers to OUT_DIR/host_overhead.json.
+whole loop. cProfiles (top 30 functions by own time) of the public grouped_mm, its forward +
+backward and the public pack go to OUT_DIR/host_profile_*.txt; the numbers to
+OUT_DIR/host_overhead.json.
 
     python bench/host_overhead.py OUT_DIR [--calls 2000]
 """
@@ -35,6 +38,7 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +73,22 @@ def time_calls(fn, calls: int) -> dict:
     end.record()
     end.synchronize()
     return {"host_us": host / calls * 1e6, "wall_us": start.elapsed_time(end) / calls * 1e3}
+
+
+def _profile(fn, path: Path, calls: int = 500) -> None:
+    """cProfile of calls back to back, top 30 functions by own time, to path."""
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    # file names relative to the checkout or the packages: the record names no machine's paths
+    out = text.getvalue().replace(str(BENCH.parent) + "/", "")
+    path.write_text(re.sub(r"\S*/(site|dist)-packages/", "", out))
 
 
 def _without_direct_launch(fn):
@@ -172,6 +192,11 @@ def main() -> int:
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
     cases["mtmm_fwd_bwd_triton_path"] = _without_direct_launch(cases["mtmm_fwd_bwd"])
+    if hasattr(torch, "_grouped_mm"):
+        cases["torch_grouped_mm_fwd_bwd"] = lambda: torch.autograd.grad(
+            torch._grouped_mm(xg, wg, offs=offsets), (xg, wg), dy)
+    # the autograd engine's floor on this machine: one cheap op forward and backward
+    cases["torch_mul_fwd_bwd"] = lambda: torch.autograd.grad(xg * 2.0, (xg,), x)
 
     def by_ids():
         with torch.no_grad():
@@ -192,16 +217,9 @@ def main() -> int:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name:18s} {results[name]}")
 
-    prof = cProfile.Profile()
-    torch.cuda.synchronize()
-    prof.enable()
-    for _ in range(500):
-        public()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-    (out / "host_profile.txt").write_text(text.getvalue())
+    for name, fn in (("grouped_mm", public), ("grouped_mm_fwd_bwd", cases["mtmm_fwd_bwd"]),
+                     ("varlen_pack", cases["varlen_pack_public"])):
+        _profile(fn, out / f"host_profile_{name}.txt")
 
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "python": sys.version.split()[0], "case": case,
