@@ -179,6 +179,12 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     ]),
     dw_cand(128, 256, 64, 8, 3, TMA),
     dw_cand(128, 128, 64, 8, 4, TMA),
+    # around the wide descriptor tile, still 0.89-0.91x CUTLASS's dW on the large cases:
+    # a deeper pipeline, the transposed shape, longer reduction steps
+    dw_cand(128, 256, 64, 8, 4, TMA),
+    dw_cand(256, 128, 64, 8, 3, TMA),
+    dw_cand(128, 256, 128, 8, 2, TMA),
+    dw_cand(128, 128, 128, 8, 3, TMA),
     # deeper pipelines and wider tiles
     dw_cand(128, 128, 64, 8, 4),
     dw_cand(128, 256, 64, 8, 3),
