@@ -317,7 +317,8 @@ def test_unpack_multimodal(measure, benchmark, method):
 
 
 # --------------------------------------------------------------------------------------------
-# tile sweep (for tuning varlen._tile_config on the device): the copy kernels alone
+# tile sweep (for tuning varlen._tile_config and _unpack_tile_config on the device): the copy
+# kernels alone
 # --------------------------------------------------------------------------------------------
 PACK_SWEEP = [  # (BLOCK_R, BLOCK_H, num_warps); the default for bf16 is (4, 2048, 4) at H = 4096
     (2, 2048, 4), (4, 2048, 4), (8, 2048, 8), (4, 4096, 8), (2, 4096, 8),

@@ -410,16 +410,22 @@ if triton is not None:
 # ============================================================================================
 # Launchers: check, allocate, launch
 # ============================================================================================
-@functools.lru_cache(maxsize=256)
-def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_H, num_warps) of the copy kernels: up to 4 KiB of a row per program
-    column and about 16 KiB per program, enough bytes in flight per SM to reach copy
-    bandwidth without a register-heavy tile. For an H that is no power of two the column
-    block shrinks until at most 1/8 of its lanes fall past H (H = 1152: 256, not 2048 with
-    44% idle). bench_varlen.py sweeps alternatives."""
-    block_h = min(next_power_of_2(H), max(1, 4096 // element_size))
+def _column_block(H: int, max_block: int) -> int:
+    """BLOCK_H for rows of H elements, at most max_block (a power of two). For an H that is no
+    power of two the block shrinks until at most 1/8 of its lanes fall past H (H = 1152: 256,
+    not 2048 with 44% idle)."""
+    block_h = min(next_power_of_2(H), max_block)
     while block_h > 64 and (-(-H // block_h) * block_h - H) * 8 > H:
         block_h //= 2
+    return block_h
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_config(H: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps) of the pack kernel: up to 4 KiB of a row per program
+    column and about 16 KiB per program, enough bytes in flight per SM to reach copy
+    bandwidth without a register-heavy tile. bench_varlen.py sweeps alternatives."""
+    block_h = _column_block(H, max(1, 4096 // element_size))
     block_r = max(1, min(64, 16384 // (block_h * element_size)))
     return block_r, block_h, 4
 
@@ -434,9 +440,7 @@ def _unpack_tile_config(H: int, element_size: int) -> tuple[int, int, int]:
     bandwidth with two rows per thread and 91.6% with eight (80% while each row still had its
     own 64-bit division)."""
     vector = max(1, 16 // element_size)
-    block_h = min(next_power_of_2(H), max(vector, 8192 // element_size))
-    while block_h > 64 and (-(-H // block_h) * block_h - H) * 8 > H:
-        block_h //= 2
+    block_h = _column_block(H, max(vector, 8192 // element_size))
     num_warps = 8 if block_h * element_size >= 8192 else 4
     rows_per_pass = max(1, 32 * num_warps * vector // block_h)  # rows one pass of threads holds
     return 2 * rows_per_pass, block_h, num_warps
