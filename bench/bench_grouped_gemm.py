@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from device_timing import interleaved_ms
 from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 
 DTYPE = torch.bfloat16
@@ -95,9 +96,10 @@ def _forward_fn(method: str, sizes, x, w, offsets, ids):
     raise AssertionError(method)
 
 
-def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
+def _timed_fn(case: str, mode: str, method: str):
+    """The call a benchmark times: the method's forward under no_grad, or its forward and the
+    gradients of x and w."""
     sizes, x, w, offsets, dy, ids = _problem(case)
-    _, K, N = w.shape
     fwd = _forward_fn(method, sizes, x, w, offsets, ids)
     if method == "dense":
         w = w[0]
@@ -110,7 +112,15 @@ def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
 
         def fn():
             return torch.autograd.grad(fwd(xg, wg), (xg, wg), dy)
+    return fn
+
+
+def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
+    sizes, x, w, offsets, dy, ids = _problem(case)
+    _, K, N = w.shape
+    fn = _timed_fn(case, mode, method)
     if method.startswith("mtmm") and mode == "fwd":  # the timed kernel is right (untimed check)
+        fwd = _forward_fn(method, sizes, x, w, offsets, ids)
         sorted_x = x if method == "mtmm" else x.index_select(0, torch.sort(ids, stable=True)[1])
         want = _forward_fn("loop", sizes, sorted_x, w, offsets, ids)(sorted_x, w).float()
         got = fwd(x, w).float()
@@ -153,3 +163,26 @@ def test_grouped_gemm(measure, benchmark, case, mode, method):
 def test_grouped_gemm_by_ids(measure, benchmark, mode, method):
     """Tokens in random order (the ids are a shuffled grouping of the case's rows)."""
     _run(measure, benchmark, BY_IDS_CASE, mode, method, f"{BY_IDS_CASE} by_ids")
+
+
+INTERLEAVED = [(c, m, ("mtmm", "torch_grouped_mm", "dense")) for c in CASES for m in MODES] + [
+    (BY_IDS_CASE, m, tuple(BY_IDS_METHODS)) for m in MODES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,mode,methods", INTERLEAVED,
+                         ids=[f"{c}-{m}-{'by_ids' if 'mtmm_by_ids' in ms else 'offsets'}"
+                              for c, m, ms in INTERLEAVED])
+def test_grouped_gemm_interleaved(benchmark, case, mode, methods):
+    """mtmm, its peer and the dense ceiling timed in alternation (pipelined calls, rotated
+    order, bench/device_timing.interleaved_ms): their ratios with the GPU's clock and power
+    drift shared, which the method-by-method rows above do not give on the large cases."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is not in this torch")
+    by_ids = "mtmm_by_ids" in methods
+    fns = {m: _timed_fn(case, mode, m) for m in methods}
+    times = interleaved_ms(fns)
+    benchmark.pedantic(fns[methods[0]], rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(case=f"{case}{' by_ids' if by_ids else ''} {mode}",
+                                method="interleaved", interleaved_ms=times,
+                                device=torch.cuda.get_device_name(), torch=torch.__version__)

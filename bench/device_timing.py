@@ -75,6 +75,44 @@ def pipelined_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50,
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 7, warmup: int = 3,
+                   block_ms: float = 10.0) -> dict[str, float]:
+    """Pipelined time per call of several methods measured in alternation: every round times a
+    block of back-to-back calls of each method (about ``block_ms`` of calls, at least 3), in an
+    order rotated from round to round, and each method keeps its median over the rounds.
+
+    Methods timed one after another each meet the GPU in another clock and power state; on an
+    H200 two timings of one 1.5 ms GEMM taken minutes apart differed by up to 10%. Alternating
+    lets every method share the drift, so their ratio is the figure to read."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    reps = {name: max(3, min(100, int(block_ms / max(latency_ms(fns[name], warmup=0, reps=3),
+                                                      1e-3))))
+            for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], reps[name]
+            if HAS_CUDA:
+                torch.cuda.synchronize()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(n):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / n)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name].append((time.perf_counter() - t0) * 1e3 / n)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def self_device_key() -> str:
     """FunctionEvent's self device time attribute (``self_cuda_time_total`` before torch 2.4)."""
     from torch.autograd.profiler_util import FunctionEvent

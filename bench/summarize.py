@@ -4,7 +4,9 @@ The first table has one row per benchmark: its three timings (bench/device_timin
 with a sync per call, pipelined calls, the device's kernel time) and the rate and fraction of
 the ceiling on the kernel-time basis (on the latency basis for runs that predate kernel
 times). The second has one row per case and mtmm method: its speed against the fastest other
-method of the same case and run (the dense-GEMM ceiling excluded), on each timing basis.
+method of the same case and run (the dense-GEMM ceiling excluded), on each timing basis. A
+third, where the run timed methods in alternation, gives those ratios with the GPU's clock
+drift shared.
 
     python bench/summarize.py OUT/bench.json > OUT/bench.md
 """
@@ -29,10 +31,32 @@ def _fmt(value, spec: str) -> str:
 
 
 def _rows(data: dict):
+    """(name, extra_info) of each benchmark of one method (not the alternated timings)."""
     for bench in data.get("benchmarks", []):
         info = dict(bench.get("extra_info", {}))
+        if "interleaved_ms" in info:
+            continue
         info.setdefault("device_ms", bench["stats"]["median"] * 1e3)
         yield bench["name"], info
+
+
+def interleaved(data: dict) -> list[tuple[str, str, str, float, float | None]]:
+    """(case, mtmm method, fastest peer, peer ms / mtmm ms, dense ms / mtmm ms) of each
+    timing of several methods in alternation (bench/device_timing.interleaved_ms)."""
+    out = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        times = info.get("interleaved_ms")
+        if not times:
+            continue
+        peers = {m: t for m, t in times.items() if not m.startswith("mtmm") and m not in CEILINGS}
+        peer = min(peers, key=peers.get) if peers else None
+        for method, t in times.items():
+            if method.startswith("mtmm") and peer is not None:
+                dense = times.get("dense")
+                out.append((info.get("case", ""), method, peer, peers[peer] / t,
+                            dense / t if dense else None))
+    return out
 
 
 def _rate(info: dict) -> tuple[str, str, str]:
@@ -94,6 +118,14 @@ def summarize(data: dict) -> str:
             cells = " | ".join(_fmt(ratios.get(b), ".2f") + ("x" if b in ratios else "")
                                for _, b in BASES)
             rows.append(f"| {case} | {method} | {peer} | {cells} |")
+    alternated = interleaved(data)
+    if alternated:
+        rows += ["", "Timed in alternation (pipelined calls, rotated order; the clock drift "
+                     "shared): mtmm against its peer and against the dense GEMM of the same "
+                     "FLOPs (speed ratio):", "",
+                 "| case | method | peer | vs peer | of dense |", "|---|---|---|---|---|"]
+        rows += [f"| {case} | {method} | {peer} | {vs_peer:.2f}x | {_fmt(of_dense, '.0%')} |"
+                 for case, method, peer, vs_peer, of_dense in alternated]
     tuned = {}
     for _, info in _rows(data):
         for c in info.get("tuned_configs", []):

@@ -79,3 +79,34 @@ def test_summary_ratios_per_timing_basis():
     assert "| c fwd | mtmm | torch_grouped_mm | 0.50x | 1.20x | 1.50x |" in text
     old = {"benchmarks": [row("loop", 2.0), row("mtmm", 1.0)]}
     assert "| c fwd | mtmm | loop | 2.00x | - | - |" in S.summarize(old)
+
+
+def test_interleaved_timings_rotate_and_summarise():
+    """Methods timed in alternation: every method every round, the order rotated from round to
+    round; the summary reads mtmm against its fastest peer and the dense ceiling, and keeps
+    these rows out of the per-method tables."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import device_timing as T
+    import summarize as S
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = T.interleaved_ms(fns, rounds=3, warmup=1, block_ms=0.0)
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    timed = calls[3 + 9:]  # after the warmup and the probe of each method's latency
+    blocks = [timed[i:i + 3] for i in range(0, len(timed), 3)]  # 3 calls per block (minimum)
+    assert [b[0] for b in blocks] == list("abc" "bca" "cab")
+    assert all(len(set(b)) == 1 for b in blocks)
+
+    def row(case, times):
+        return {"name": "i", "stats": {"median": 1e-3},
+                "extra_info": {"case": case, "method": "interleaved", "interleaved_ms": times}}
+
+    data = {"benchmarks": [row("c fwd", {"mtmm": 2.0, "torch_grouped_mm": 3.0, "dense": 1.5}),
+                           row("d fwd", {"mtmm_by_ids": 1.0, "sort": 2.0, "other": 4.0})]}
+    assert S.interleaved(data) == [("c fwd", "mtmm", "torch_grouped_mm", 1.5, 0.75),
+                                   ("d fwd", "mtmm_by_ids", "sort", 2.0, None)]
+    text = S.summarize(data)
+    assert "| c fwd | mtmm | torch_grouped_mm | 1.50x | 75% |" in text
+    assert "| d fwd | mtmm_by_ids | sort | 2.00x | - |" in text
+    assert "| i |" not in text  # not a method row
