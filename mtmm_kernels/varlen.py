@@ -244,7 +244,7 @@ if triton is not None:
         stride_b, stride_l,  # S ints each: batch and row stride of stream s
         stride_t,
         # --- meta
-        S: tl.constexpr, LENS_FROM_CU: tl.constexpr, HAS_ORDER: tl.constexpr,
+        S: tl.constexpr, HAS_ORDER: tl.constexpr,
         WRITE_META: tl.constexpr, ROW_ALIGN: tl.constexpr, ALL_STARTS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SEGMENTS: tl.constexpr = 0,
     ):
@@ -276,8 +276,6 @@ if triton is not None:
         modality = tl.zeros([BLOCK_R], dtype=tl.int32)
         stream_start = tl.zeros([BLOCK_R], dtype=tl.int32)
         in_stream = rows < 0  # all False
-        # lengths from cu_seqlens (no lens_SB) exist for one stream only
-        tl.static_assert(S == 1 or not LENS_FROM_CU, "LENS_FROM_CU needs S == 1")
         for s in tl.static_range(S):
             if SEGMENTS > 0:  # the search found the stream and the row in it
                 r = r_seg
@@ -535,6 +533,8 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
     stride_l = tuple([x.stride(1) for x in streams])
     # H == 0 still needs one column of programs: the metadata is owed
     grid = (cdiv(total, block_r), max(1, cdiv(H, block_h)))
+    # one stream reads no lengths (cu_seqlens holds them); several need lens_SB
+    assert lens_SB is not None or len(streams) == 1
     segments = _segments(len(streams), B, block_r, lens_SB is not None and order is None)
     direct_launch.launch(
         _varlen_pack_kernel, grid,
@@ -544,8 +544,7 @@ def _launch_pack(streams: list[torch.Tensor], lens_SB: Optional[torch.Tensor],
          total, H, B, _search_steps(B), tuple([x.shape[1] for x in streams]),
          stride_b, stride_l, H),
         direct_launch.named_tail(
-            _varlen_pack_kernel, S=len(streams), LENS_FROM_CU=lens_SB is None,
-            HAS_ORDER=order is not None, WRITE_META=True,
+            _varlen_pack_kernel, S=len(streams), HAS_ORDER=order is not None, WRITE_META=True,
             ROW_ALIGN=_row_align(es, [*streams, values], *stride_b, *stride_l, H),
             ALL_STARTS=_all_starts(B, block_r),  # B's bucket wherever SEGMENTS is set
             BLOCK_R=block_r, BLOCK_H=block_h, SEGMENTS=segments),
