@@ -178,10 +178,9 @@ def main() -> int:
         with torch.no_grad():
             return grouped_mm(x, w, offsets)
 
-
+    has_peer = hasattr(torch, "_grouped_mm")
     cases = {
-        "torch_grouped_mm": (lambda: torch._grouped_mm(x, w, offs=offsets))
-        if hasattr(torch, "_grouped_mm") else None,
+        "torch_grouped_mm": (lambda: torch._grouped_mm(x, w, offs=offsets)) if has_peer else None,
         "mtmm_public": public,
         "mtmm_public_triton_path": _without_direct_launch(public),
         "mtmm_launcher": lambda: gg._launch_grouped_mm(x, w, offsets, None, None),
@@ -192,7 +191,7 @@ def main() -> int:
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
     cases["mtmm_fwd_bwd_triton_path"] = _without_direct_launch(cases["mtmm_fwd_bwd"])
-    if hasattr(torch, "_grouped_mm"):
+    if has_peer:
         cases["torch_grouped_mm_fwd_bwd"] = lambda: torch.autograd.grad(
             torch._grouped_mm(xg, wg, offs=offsets), (xg, wg), dy)
     # the autograd engine's floor on this machine: one cheap op forward and backward
@@ -203,7 +202,7 @@ def main() -> int:
             return grouped_mm_by_ids(x, w, ids)
     cases["mtmm_by_ids"] = by_ids
     cases["mtmm_by_ids_triton_path"] = _without_direct_launch(by_ids)
-    if hasattr(torch, "_grouped_mm"):
+    if has_peer:
         peer = _forward_fn("sort_torch_grouped_mm_unsort", None, x, w, offsets, ids)
         cases["sort_torch_grouped_mm_unsort"] = lambda: peer(x, w)
     cases.update(_varlen_cases())
