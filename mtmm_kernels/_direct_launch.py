@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["launch", "named_tail", "disabled", "clear", "spec", "ENABLED", "stats"]
+__all__ = ["launch", "compiled_for", "named_tail", "disabled", "clear", "spec", "ENABLED",
+           "stats"]
 
 ENABLED = os.environ.get("MTMM_DIRECT_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # distinct keys; the table is cleared wholesale past it
@@ -159,6 +160,15 @@ def launch(kernel, grid: tuple, head: tuple, tail: tuple = (), options: tuple = 
                       "Triton's path", RuntimeWarning, stacklevel=2)
         stats["triton"] += 1
         kernel[grid](*head, *tail, **dict(options))
+
+
+def compiled_for(kernel, head: tuple, tail: tuple = (), options: tuple = ()):
+    """The CompiledKernel a direct launch with these arguments uses, or None if there is none
+    yet (mtmm_kernels/_cpp_launch.py hands it to the C++ launch path)."""
+    if not ENABLED or not _compiles(kernel):
+        return None
+    device = _driver().active.get_current_device()
+    return _COMPILED.get((id(kernel), device, tail, options, _head_key(head)))
 
 
 _COMPILES: dict[int, bool] = {}  # id(kernel) -> whether launching it compiles (no interpreter)

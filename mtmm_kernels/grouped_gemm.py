@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
 from . import reference
 from .group_sort import sort_by_group
@@ -592,16 +593,16 @@ def _switches() -> tuple:
     return (TMA, TMA_ON_CPU, AUTOTUNE)
 
 
-def _launch_planned(kernel, key: tuple, configs: list, grid, head: tuple) -> bool:
+def _launch_planned(kernel, key: tuple, configs: list, grid, head: tuple):
     """Launch with the plan stored under ``key``, if there is one (head: the per-call
-    arguments, the plan holds the rest)."""
+    arguments, the plan holds the rest). Returns the plan, or None if there was none."""
     plan = _PLANS.get(key) if direct_launch.ENABLED else None
     if plan is None or plan.configs is not configs or plan.tuned is not _TUNED_CONFIGS:
-        return False
+        return None
     if plan.descriptors and head[0].is_cuda:
         _ensure_allocator()
     direct_launch.launch(kernel, grid(plan.meta), head, plan.tail, plan.options)
-    return True
+    return plan
 
 
 def _store_plan(key: tuple, launched, descriptors: bool, configs: list) -> None:
@@ -660,7 +661,14 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
         perm_T is None, x_TK.data_ptr() % 16, w_GKN.data_ptr() % 16, _switches(),
         x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
     )
-    if _launch_planned(_grouped_mm_kernel, plan_key, _MM_CONFIGS, grid, head):
+    plan = _launch_planned(_grouped_mm_kernel, plan_key, _MM_CONFIGS, grid, head)
+    if plan is not None:
+        if perm_T is None and cpp_launch.takes(x_TK):  # the C++ path takes later calls like it
+            cpp_launch.offer_mm(
+                plan_key, direct_launch.compiled_for(_grouped_mm_kernel, head, plan.tail,
+                                                     plan.options),
+                _grouped_mm_kernel, head, plan.tail, plan.meta,
+                max_progs * plan.meta["PROGS_PER_SM"], x_TK, w_GKN, bias_GN, offsets_G)
         return y_TN
 
     args = dict(
@@ -710,7 +718,14 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         dy_TN.data_ptr() % 16, _switches(),
         x_TK.dtype == torch.float32 and _input_precision(x_TK.dtype),
     )
-    if _launch_planned(_grouped_mm_dw_kernel, plan_key, _DW_CONFIGS, grid, head):
+    plan = _launch_planned(_grouped_mm_dw_kernel, plan_key, _DW_CONFIGS, grid, head)
+    if plan is not None:
+        if perm_T is None and cpp_launch.takes(x_TK):
+            cpp_launch.offer_dw(
+                plan_key, direct_launch.compiled_for(_grouped_mm_dw_kernel, head, plan.tail,
+                                                     plan.options),
+                _grouped_mm_dw_kernel, head, plan.tail, grid(plan.meta)[0], x_TK, dy_TN,
+                offsets_G, need_bias)
         return dw_GKN, db_GN
 
     args = dict(
@@ -836,12 +851,18 @@ class _GroupedMmFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_TN):
+        if cpp_launch.wants_fresh_gradient(dy_TN):  # the layout the C++ path plans for
+            dy_TN = dy_TN.clone(memory_format=torch.contiguous_format)
         return _gradients(ctx, dy_TN, _grouped_mm_impl, _grouped_mm_dw_impl)
 
 
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if torch.compiler.is_compiling():
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+    if perm is None and cpp_launch.ENABLED:
+        y = cpp_launch.grouped_mm(x, w, offsets, bias)
+        if y is not None:
+            return y
     if wants_grad(x, w, bias):
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
     return _grouped_mm_impl(x, w, offsets, bias, perm)  # no graph to record: skip autograd

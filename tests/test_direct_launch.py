@@ -21,6 +21,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
 from mtmm_kernels import _direct_launch as direct_launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +129,7 @@ def test_gpu_direct_launches_compute_what_tritons_path_computes(monkeypatch):
     from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids, pack_padded
 
     monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)  # one config each: a short GPU run
+    monkeypatch.setattr(cpp_launch, "ENABLED", False)  # its own test: tests/test_cpp_launch.py
 
     dev = torch.device("cuda")
     x = torch.randn(1000, 96, device=dev, dtype=torch.bfloat16)

@@ -1,0 +1,196 @@
+"""Check, on a machine without a GPU, that the grouped GEMM's C++ launch path hands the CUDA
+driver exactly what Triton's launcher receives on the Python path.
+
+With a stand-in driver for sm_90 (bench/offline.py) the kernels compile for real; the Python
+path's launches are recorded, and the C++ path runs in dry-run mode (its launches logged, with
+the compiled kernel's identity in place of a CUfunction). For every case, forward and forward +
+backward, the two must agree launch by launch on: the compiled kernel, the grid, the block, the
+dynamic shared memory, the stream, the global scratch size and every kernel parameter (tensor
+addresses by the role of the tensor: x, w, bias, offsets, dy, y, dx, dw, db).
+
+    python bench/cpp_launch_check.py [--json OUT.json]
+
+tests/test_cpp_launch.py runs it. Needs Triton's NVIDIA backend, a C++ compiler and ninja,
+and no TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels without install
+
+from host_path import gpu_like_host_path, _misaligned  # noqa: E402
+from offline import offline_target  # noqa: E402
+
+from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
+from mtmm_kernels import grouped_gemm as gg  # noqa: E402
+
+
+def _cases():
+    """Calls that differ from the first in one property a plan key must tell apart."""
+    bf16, fp16 = torch.bfloat16, torch.float16
+    G, K, N = 5, 96, 80
+
+    def w_nk(dtype, g=G, k=K, n=N):  # [G, N, K] storage seen as [G, K, N]: TMA-readable
+        return torch.randn(g, n, k).to(dtype).transpose(1, 2)
+
+    def offsets(T, dtype=torch.int32):
+        return torch.tensor([T // 5, T // 3, T // 2, T // 2, T], dtype=dtype)
+
+    def misaligned_offsets(T):  # 4 bytes past a 16-byte boundary
+        return torch.cat([torch.zeros(1, dtype=torch.int32), offsets(T)])[1:]
+
+    x = torch.randn(1000, K).to(bf16)
+    yield "T=1000 bf16", (x, w_nk(bf16), offsets(1000), None)
+    yield "T=1024", (torch.randn(1024, K).to(bf16), w_nk(bf16), offsets(1024), None)
+    yield "x misaligned", (_misaligned(1000, K, bf16).copy_(x), w_nk(bf16), offsets(1000), None)
+    yield "int64 offsets", (x, w_nk(bf16), offsets(1000, torch.int64), None)
+    yield "offsets misaligned", (x, w_nk(bf16), misaligned_offsets(1000), None)
+    yield "w [G,K,N] contiguous", (x, torch.randn(G, K, N).to(bf16), offsets(1000), None)
+    yield "bias", (x, w_nk(bf16), offsets(1000), torch.randn(G, N).to(bf16))
+    yield "fp16", (x.to(fp16), w_nk(fp16), offsets(1000), None)
+    yield "T=1", (x[:1], w_nk(bf16), torch.tensor([0, 0, 1, 1, 1], dtype=torch.int32), None)
+    yield "T=3000 G=37 K=72 N=40 fp16 bias", (
+        torch.randn(3000, 72).to(fp16), w_nk(fp16, 37, 72, 40),
+        torch.linspace(0, 2900, 37).to(torch.int32), torch.randn(37, 40).to(fp16))
+
+
+def _roles(named: dict) -> dict:
+    return {t.data_ptr(): name for name, t in named.items() if t is not None and t.numel()}
+
+
+def _triton_launch(compiled, args, roles) -> dict:
+    """What Triton's launcher receives, in the C launcher's terms."""
+    grid, stream = args[:3], args[3]
+    params = []
+    for (name, kind), value in zip(compiled.src.signature.items(), args[9:]):
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            params.append(roles.get(value.data_ptr(), "?"))
+        else:
+            params.append(int(value))
+    return {"function": id(compiled), "grid": tuple(grid), "block": 32 * compiled.metadata.num_warps,
+            "shared": compiled.metadata.shared, "stream": stream,
+            "scratch": compiled.metadata.global_scratch_size * grid[0] * grid[1] * grid[2],
+            "params": params}
+
+
+def _cpp_launch(record, compiled_by_id, roles) -> dict:
+    function, grid, block, shared, stream, raw, scratch = record
+    compiled = compiled_by_id[function]
+    kinds = [k for k in compiled.src.signature.values() if k != "constexpr"]
+    assert len(raw) == len(kinds) + 2, "the global and profile scratch pointers come last"
+    params = []
+    for kind, b in zip(kinds, raw):
+        value = int.from_bytes(b, "little", signed=True)
+        params.append(roles.get(value, "?") if kind.startswith("*") else value)
+    scratch_ptr, profile_ptr = (int.from_bytes(b, "little") for b in raw[-2:])
+    assert (scratch_ptr != 0) == (scratch > 0) and profile_ptr == 0
+    return {"function": function, "grid": (grid, 1, 1), "block": block, "shared": shared,
+            "stream": stream, "scratch": scratch, "params": params}
+
+
+def _run(x, w, offsets, bias, train: bool, dy_kind: str):
+    """One call; returns the tensors by role (inputs, outputs, gradients). An expanded dy
+    (the gradient of y.sum()) is copied by both paths before their backward kernels: the
+    reference gets that copy directly."""
+    if train:
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        bias = bias.detach().requires_grad_() if bias is not None else None
+    y = gg.grouped_mm(x, w, offsets, bias)
+    named = {"x": x, "w": w, "bias": bias, "offsets": offsets, "y": y}
+    if train:
+        dy = torch.randn_like(y)
+        if dy_kind == "expanded":
+            dy = torch.ones(1, dtype=y.dtype).expand_as(y)
+        elif dy_kind == "expanded, copied":
+            dy = torch.ones(1, dtype=y.dtype).expand_as(y).contiguous()
+        inputs = [t for t in (x, w, bias) if t is not None]
+        grads = torch.autograd.grad(y, inputs, dy)
+        named.update(dy=dy, dx=grads[0], dw=grads[1], db=grads[2] if bias is not None else None)
+    return named
+
+
+def check() -> list[dict]:
+    ext = cpp_launch.extension()
+    if ext is None:
+        raise SystemExit("the C++ launch path did not build")
+    saved = cpp_launch.dry_run_on_cpu
+    cpp_launch.dry_run_on_cpu = True
+    ext.set_dry_run(True)
+    modes = ((False, "-"), (True, "fresh"), (True, "expanded"))
+    try:
+        with offline_target(90), gpu_like_host_path():
+            cpp_launch.clear()
+            # Every case's plans go into one table first: a key that failed to tell two
+            # cases apart would then launch the other case's kernel or parameters.
+            for _, (x, w, offsets, bias) in _cases():
+                for train, dy_kind in modes:
+                    for _ in range(2):  # plans, then the planned path that offers them
+                        _run(x, w, offsets, bias, train, dy_kind)
+            return [_check_case(ext, name, x, w, offsets, bias, train, dy_kind)
+                    for name, (x, w, offsets, bias) in _cases() for train, dy_kind in modes]
+    finally:
+        cpp_launch.dry_run_on_cpu = saved
+        ext.set_dry_run(False)
+        cpp_launch.clear()
+
+
+def _check_case(ext, name, x, w, offsets, bias, train, dy_kind) -> dict:
+    with offline_target(90, reference := []):  # the Python path, as Triton's launcher sees it
+        saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
+        try:
+            ref_named = _run(x, w, offsets, bias, train,
+                             "expanded, copied" if dy_kind == "expanded" else dy_kind)
+        finally:
+            cpp_launch.ENABLED = saved
+    if dy_kind == "expanded":  # both paths' copies of dy are internal: neither has a role
+        ref_named["dy"] = None
+    ext.take_launch_log()
+    with offline_target(90, python_calls := []):
+        cpp_named = _run(x, w, offsets, bias, train, dy_kind)
+    log = ext.take_launch_log()
+    compiled_by_id = {id(k): k for k, _ in reference}
+    want = [_triton_launch(k, args, _roles(ref_named)) for k, args in reference]
+    got = [_cpp_launch(r, compiled_by_id, _roles(cpp_named)) if r[0] in compiled_by_id
+           else {"function": "another kernel"} for r in log]
+    return {"case": f"{name}, {'forward+backward, ' + dy_kind + ' dy' if train else 'forward'}",
+            "launches": len(want), "cpp_launches": len(log),
+            "python_launches_left": len(python_calls), "same": got == want,
+            "difference": "" if got == want else _first_difference(got, want)}
+
+
+def _first_difference(got, want) -> str:
+    if len(got) != len(want):
+        return f"{len(got)} launches against {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        for field in b:
+            if a.get(field) != b[field]:
+                return f"launch {i}, {field}: {a.get(field)!r} against {b[field]!r}"
+    return "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    rows = check()
+    for row in rows:
+        print(f"{'ok ' if row['same'] and not row['python_launches_left'] else 'BAD'} "
+              f"{row['case']}: {row['cpp_launches']} C++ launches, "
+              f"{row['python_launches_left']} left in Python {row['difference']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if not r["same"] or r["python_launches_left"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The grouped GEMM's C++ launch path: forward and backward without Python between the call
+and the GPU.
+
+On an H200's host a small grouped GEMM's forward + backward spent 490 us in Python (checks,
+launch plans, Triton's launcher, three CUDA allocations, a Python backward) against 174 us for
+``torch._grouped_mm`` (docs/host_path.md); its kernels took 166 us. The C++ op
+(``mtmm_kernels/csrc``) does the same launches from a table of launch plans: per plan the
+compiled kernel (its CUfunction), block, shared memory, scratch size, grid rule and every
+kernel parameter, either fixed or taken from the call (tensor addresses, the row count). Its
+autograd node calls a C++ backward.
+
+The table is filled from the Python path: the second call of a launch plan there (the first
+one may tune) hands the compiled kernel Triton returned, with the arguments Triton's launcher
+received, to ``offer_mm``/``offer_dw``. A call finds its plans in the table, or takes the
+Python path, which fills it. The keys hold everything the Python plan and Triton's
+specialisation depend on: device, dtypes, K, N, G, the tile-height bucket, strides, addresses
+modulo 16, and T's specialisation (T == 1, T % 16). Switches the Python path reads (TMA,
+AUTOTUNE, the config tables, the direct launch) clear the table when they change.
+
+Used for fp16 and bf16 on CUDA, contiguous-offsets routing (``grouped_mm``; the by-ids route
+stays in Python), eager mode (``torch.compile`` traces the custom op), launches without
+profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on first use with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then cached); a
+failed build warns once and leaves the Python path.
+
+tests/test_cpp_launch.py (bench/cpp_launch_check.py) checks, with the kernels compiled for
+sm_90 on a CPU, that the C++ path hands the driver exactly what Triton's launcher receives on
+the Python path: the same kernel, grid, block, shared memory, scratch and parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from triton import knobs
+
+from . import _direct_launch as direct_launch
+
+__all__ = ["ENABLED", "extension", "grouped_mm", "takes", "offer_mm", "offer_dw", "clear",
+           "wants_fresh_gradient", "dry_run_on_cpu"]
+
+ENABLED = os.environ.get("MTMM_CPP_LAUNCH", "1") != "0"
+_SOURCES = ("bindings.cpp", "grouped_mm_launch.cpp", "driver_api.cpp")
+_DTYPES = (torch.float16, torch.bfloat16)
+
+_ext = None           # the built module
+_build_failed = False
+_state = None         # what the table's plans were made under (see _current_state)
+_offered: set = set()  # calls whose plans were handed to the table (_first_offer)
+# Tests and bench/cpp_launch_check.py: CPU tensors take the path too, with launches logged.
+dry_run_on_cpu = False
+
+# Bytes of each non-constexpr kernel parameter type Triton's launcher passes (its C types).
+_PARAM_BYTES = {"i1": 1, "i8": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4, "u32": 4,
+                "i64": 8, "u64": 8}
+
+
+def extension():
+    """The C++ module, built on first use; None if it cannot be built."""
+    global _ext, _build_failed
+    if _ext is None and not _build_failed:
+        try:
+            from torch.utils import cpp_extension
+            source_dir = Path(__file__).resolve().parent / "csrc"
+            _ext = cpp_extension.load(
+                name="mtmm_cpp_launch", sources=[str(source_dir / s) for s in _SOURCES],
+                extra_cflags=["-O2", "-std=c++17"], extra_ldflags=["-ldl"], verbose=False)
+            _ext.set_backward_fallback(_python_backward)
+        except Exception as error:  # no compiler, no ninja, a torch without headers
+            _build_failed = True
+            warnings.warn(f"mtmm: the C++ launch path could not be built ({error}); "
+                          "the grouped GEMM keeps its Python path", RuntimeWarning, stacklevel=2)
+    return _ext
+
+
+def clear() -> None:
+    """Forget every plan (the Python side offers them again)."""
+    _offered.clear()
+    if _ext is not None:
+        _ext.clear()
+
+
+_gg_module = None
+
+
+def _gg():
+    global _gg_module
+    if _gg_module is None:  # grouped_gemm imports this module: look it up on first use
+        from . import grouped_gemm
+        _gg_module = grouped_gemm
+    return _gg_module
+
+
+def _current_state() -> tuple:
+    gg = _gg()
+    return (gg.TMA, gg.TMA_ON_CPU, gg.AUTOTUNE, id(gg._MM_CONFIGS), id(gg._DW_CONFIGS),
+            id(gg._TUNED_CONFIGS), id(gg._PLANS), direct_launch.ENABLED)
+
+
+def _hooks_idle() -> bool:
+    """No launch hooks (profilers) installed: the C++ path would skip them."""
+    runtime = knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def _usable(x: torch.Tensor) -> bool:
+    global _state
+    if not ENABLED or x.dtype not in _DTYPES or _build_failed:
+        return False
+    if not (x.is_cuda or dry_run_on_cpu):
+        return False
+    state = _current_state()
+    if state != _state:  # a switch changed: plans made under the old one are stale
+        clear()
+        _state = state
+    return _hooks_idle()
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether plans for calls on x go to the C++ table (the Python path offers them)."""
+    return _ext is not None and _usable(x)
+
+
+def grouped_mm(x, w, offsets, bias):
+    """y through the C++ path, or None where the Python path must run this call."""
+    if not _usable(x):
+        return None
+    ext = extension()
+    if ext is None:
+        return None
+    return ext.grouped_mm(x, w, offsets, bias)
+
+
+def wants_fresh_gradient(dy: torch.Tensor) -> bool:
+    """The C++ backward plans for a fresh contiguous gradient: the Python path hands such a
+    copy to its backward kernels, so that the plans it offers are the ones asked for."""
+    return (ENABLED and _ext is not None and dy.dtype in _DTYPES
+            and (dy.is_cuda or dry_run_on_cpu)
+            and not (dy.is_contiguous() and dy.data_ptr() % 16 == 0))
+
+
+def _python_backward(x, w, offsets, dy, need_x, need_w, need_b):
+    gg = _gg()
+    dx = gg._grouped_mm_impl(dy, w.transpose(1, 2), offsets, None, None) if need_x else None
+    dw = db = None
+    if need_w or need_b:
+        dw, db = gg._grouped_mm_dw_impl(x, dy, offsets, None, need_b)
+    return dx, (dw if need_w else None), (db if need_b else None)
+
+
+# --- filling the table ----------------------------------------------------------------------
+
+
+def _plan_fields(compiled, kernel, head: tuple, tail: tuple):
+    """(function, block, shared bytes, scratch bytes per program, parameter slots) of one
+    compiled kernel, or None if its launch needs more than the C++ path does (clusters,
+    cooperative or PDL launches, profiling scratch, parameter types it does not pack)."""
+    meta = compiled.metadata
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+            or getattr(meta, "launch_pdl", False) or getattr(meta, "profile_scratch_size", 0)
+            or meta.shared > 227 * 1024):
+        return None
+    function = compiled.function
+    if function is None:  # no device: only the dry run, which logs the kernel's identity
+        if not dry_run_on_cpu:
+            return None
+        function = id(compiled)
+    signature = compiled.src.signature
+    slots = []
+    for i, (name, value) in enumerate(zip(kernel.arg_names, head + tail)):
+        kind = signature[name]
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            if i >= len(head) or not isinstance(value, torch.Tensor):
+                return None
+            slots.append((i, 8, 0))
+        elif kind in _PARAM_BYTES and type(value) in (int, bool):
+            slots.append((i, _PARAM_BYTES[kind], 0) if i < len(head)
+                         else (-1, _PARAM_BYTES[kind], int(value)))
+        else:
+            return None
+    scratch = getattr(meta, "global_scratch_size", 0)
+    return (int(function), 32 * meta.num_warps, meta.shared, scratch, slots)
+
+
+def _first_offer(plan_key, head) -> bool:
+    """Whether calls like this one were not offered yet. The Python plan key leaves out what
+    only Triton specialises on (T, the offsets' dtype and alignment): the head adds it."""
+    token = (plan_key, direct_launch._head_key(head),
+             tuple([a.data_ptr() % 16 for a in head if isinstance(a, torch.Tensor)]))
+    if token in _offered:
+        return False
+    _offered.add(token)
+    return True
+
+
+def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias, offsets):
+    """Store the forward/dX kernel's plan for calls like this one (x [T, K], w [G, K, N],
+    bias or None, offsets [G]). The caller has asked ``takes(x)``."""
+    if compiled is None or not _first_offer(plan_key, head):
+        return
+    fields = _plan_fields(compiled, kernel, head, tail)
+    if fields is not None:
+        function, block, shared, scratch, slots = fields
+        _ext.register_mm(x, w, bias, offsets, function, block, shared, scratch,
+                         meta["BLOCK_M"], meta["BLOCK_N"], grid_cap, slots)
+
+
+def offer_dw(plan_key, compiled, kernel, head, tail, grid, x, dy, offsets, need_bias):
+    """Store the dW kernel's plan for calls like this one (x [T, K], dy [T, N], offsets)."""
+    if compiled is None or not _first_offer(plan_key, head):
+        return
+    fields = _plan_fields(compiled, kernel, head, tail)
+    if fields is not None:
+        function, block, shared, scratch, slots = fields
+        _ext.register_dw(x, dy, offsets, need_bias, function, block, shared, scratch, grid,
+                         slots)

@@ -1,0 +1,276 @@
+#include "grouped_mm_launch.hpp"
+
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <array>
+#include <memory>
+#include <utility>
+
+#include "driver_api.hpp"
+
+namespace mtmm {
+
+PlanTable& plan_table() {
+  static PlanTable table;
+  return table;
+}
+
+namespace {
+
+BackwardFallback g_fallback;
+
+int64_t address_mod16(const at::Tensor& t) {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16);
+}
+
+// floor(log2(max(T / G, 1))): the tile-height bucket of grouped_gemm._m_bucket.
+int64_t m_bucket(int64_t T, int64_t G) {
+  int64_t q = T / (G > 1 ? G : 1);
+  int64_t bucket = 0;
+  while (q > 1) {
+    q >>= 1;
+    ++bucket;
+  }
+  return bucket;
+}
+
+void append(PlanKey& key, const Operand& t) {
+  key.insert(key.end(), {t.defined, t.dtype, t.align, t.stride[0], t.stride[1], t.stride[2]});
+}
+
+// What every key starts with: the kernel, the device, and how Triton specialises the row count.
+PlanKey key_head(KernelKind kind, const at::Device& device, int64_t T, int64_t K, int64_t N,
+                 int64_t G) {
+  return {static_cast<int64_t>(kind), static_cast<int64_t>(device.type()), device.index(),
+          T == 1, T % 16 == 0, K, N, G, m_bucket(T, G)};
+}
+
+uint64_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
+
+uint64_t current_stream(const at::Device& device) {
+  if (device.is_cpu()) return 0;  // dry-run tests
+  c10::impl::VirtualGuardImpl guard(device.type());
+  return reinterpret_cast<uint64_t>(guard.getStream(device).native_handle());
+}
+
+// Per-call values, in the order of the kernels' leading parameters.
+using CallValues = std::array<uint64_t, 7>;
+
+void run_plan(const LaunchPlan& plan, const CallValues& values, int64_t T, int64_t G, int64_t N,
+              const at::Device& device) {
+  constexpr size_t kMaxParams = 64;
+  const size_t n = plan.slots.size();
+  TORCH_INTERNAL_ASSERT(n + 2 <= kMaxParams, "mtmm: too many kernel parameters");
+  const int64_t grid = plan.grid(T, G, N);
+  if (grid <= 0) return;
+  at::Tensor scratch;
+  int64_t scratch_total = 0;
+  if (plan.scratch_bytes > 0) {
+    scratch_total = grid * plan.scratch_bytes;
+    scratch = at::empty({scratch_total}, at::TensorOptions().dtype(at::kByte).device(device));
+  }
+  std::array<uint64_t, kMaxParams> storage;
+  std::array<void*, kMaxParams> params;
+  std::array<uint8_t, kMaxParams> bytes;
+  for (size_t i = 0; i < n; ++i) {
+    const ParamSlot& slot = plan.slots[i];
+    storage[i] = slot.source == ParamSlot::kFixed ? static_cast<uint64_t>(slot.value)
+                                                  : values[slot.source];
+    params[i] = &storage[i];  // little-endian: a narrower parameter reads the low bytes
+    bytes[i] = slot.bytes;
+  }
+  // Triton's kernels end with the global and the profile scratch pointers.
+  storage[n] = scratch.defined() ? address(scratch) : 0;
+  storage[n + 1] = 0;
+  for (size_t i = n; i < n + 2; ++i) {
+    params[i] = &storage[i];
+    bytes[i] = 8;
+  }
+  launch_kernel(plan.function, static_cast<uint32_t>(grid), plan.block_x, plan.shared_bytes,
+                current_stream(device), params.data(), bytes.data(), static_cast<int>(n + 2),
+                scratch_total);
+}
+
+at::Tensor launch_mm(const LaunchPlan& plan, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& bias, const at::Tensor& offsets) {
+  const int64_t T = x.size(0), G = w.size(0), N = w.size(2);
+  at::Tensor y = at::empty({T, N}, x.options());
+  // Placeholders as in grouped_gemm._launch_grouped_mm: y for a missing bias (HAS_BIAS=False),
+  // offsets for the permutation (GATHER=False); neither is read.
+  const at::Tensor& bias_arg = bias.defined() ? bias : y;
+  run_plan(plan, {address(x), address(w), address(bias_arg), address(y), address(offsets),
+                  address(offsets), static_cast<uint64_t>(T)},
+           T, G, N, x.device());
+  return y;
+}
+
+std::pair<at::Tensor, at::Tensor> launch_dw(const LaunchPlan& plan, const at::Tensor& x,
+                                            const at::Tensor& dy, const at::Tensor& offsets,
+                                            bool need_bias) {
+  const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = offsets.size(0);
+  at::Tensor dw = at::empty({G, K, N}, x.options());
+  at::Tensor db = need_bias ? at::empty({G, N}, dy.options()) : at::empty({0}, dy.options());
+  // As in grouped_gemm._launch_grouped_mm_dw: dw stands in for an unwanted dBias (never written).
+  const at::Tensor& db_arg = need_bias ? db : dw;
+  run_plan(plan, {address(x), address(dy), address(offsets), address(offsets), address(dw),
+                  address(db_arg), static_cast<uint64_t>(T)},
+           T, G, N, x.device());
+  return {dw, db};
+}
+
+Operand transposed_12(const Operand& w) {
+  Operand t = w;
+  std::swap(t.stride[1], t.stride[2]);
+  return t;
+}
+
+// A gradient as autograd usually hands it over: a fresh contiguous [T, N] tensor.
+Operand fresh_rows(int64_t N, int64_t dtype) {
+  Operand t;
+  t.defined = true;
+  t.dtype = dtype;
+  t.align = 0;
+  t.stride[0] = N;
+  t.stride[1] = 1;
+  return t;
+}
+
+}  // namespace
+
+Operand operand(const at::Tensor& t) {
+  Operand o;
+  if (!t.defined()) return o;
+  o.defined = true;
+  o.dtype = static_cast<int64_t>(t.scalar_type());
+  o.align = address_mod16(t);
+  for (int64_t d = 0; d < t.dim() && d < 3; ++d) o.stride[d] = t.stride(d);
+  return o;
+}
+
+PlanKey mm_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
+               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets) {
+  PlanKey key = key_head(KernelKind::kMm, device, T, K, N, G);
+  key.reserve(key.size() + 24);
+  for (const Operand* t : {&x, &w, &bias, &offsets}) append(key, *t);
+  return key;
+}
+
+PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
+               const Operand& x, const Operand& dy, const Operand& offsets, bool need_bias) {
+  PlanKey key = key_head(KernelKind::kDw, device, T, K, N, G);
+  key.reserve(key.size() + 19);
+  for (const Operand* t : {&x, &dy, &offsets}) append(key, *t);
+  key.push_back(need_bias);
+  return key;
+}
+
+void set_backward_fallback(BackwardFallback fallback) { g_fallback = std::move(fallback); }
+
+namespace {
+
+struct BackwardPlans {
+  std::shared_ptr<const LaunchPlan> dx, dw;  // null where that gradient is not needed
+};
+
+// The backward's plans for a gradient laid out as `dy`, or nothing if a needed one is missing.
+std::optional<BackwardPlans> backward_plans(const at::Tensor& x, const at::Tensor& w,
+                                            const at::Tensor& offsets, const Operand& dy,
+                                            bool need_x, bool need_w, bool need_b) {
+  const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
+  BackwardPlans plans;
+  if (need_x) {  // dX = dy @ w^T: the forward kernel with K and N exchanged
+    plans.dx = plan_table().get(mm_key(x.device(), T, N, K, G, dy, transposed_12(operand(w)),
+                                       Operand{}, operand(offsets)));
+    if (!plans.dx) return std::nullopt;
+  }
+  if (need_w || need_b) {
+    plans.dw = plan_table().get(
+        dw_key(x.device(), T, K, N, G, operand(x), dy, operand(offsets), need_b));
+    if (!plans.dw) return std::nullopt;
+  }
+  return plans;
+}
+
+bool is_fresh_rows(const at::Tensor& t) {
+  return t.is_contiguous() && address_mod16(t) == 0;
+}
+
+class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, const at::Tensor& offsets,
+                            const std::optional<at::Tensor>& bias,
+                            std::shared_ptr<const LaunchPlan> plan) {
+    // An absent bias is no autograd input: gradient slots count x, w, offsets (and bias).
+    ctx->save_for_backward({x, w, offsets});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    c10::OptionalDeviceGuard guard(x.device());
+    return launch_mm(*plan, x, w, bias.value_or(at::Tensor()), offsets);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // The launches record no graph: a second derivative would silently be zero.
+    TORCH_CHECK(!c10::GradMode::is_enabled(),
+                "mtmm.grouped_mm: the backward is not differentiable (create_graph=True); "
+                "set MTMM_CPP_LAUNCH=0 to use the Python path, which defers this error to a "
+                "second backward");
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &offsets = saved[2];
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1);
+    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    at::Tensor dy = grads[0];
+    auto plans = backward_plans(x, w, offsets, operand(dy), need_x, need_w, need_b);
+    if (!plans && !is_fresh_rows(dy)) {  // e.g. the expanded ones of y.sum(): planned layout
+      dy = dy.clone(at::MemoryFormat::Contiguous);
+      plans = backward_plans(x, w, offsets, operand(dy), need_x, need_w, need_b);
+    }
+    at::Tensor dx, dw, db;
+    if (plans) {
+      c10::OptionalDeviceGuard guard(x.device());
+      if (plans->dx) dx = launch_mm(*plans->dx, dy, w.transpose(1, 2), at::Tensor(), offsets);
+      if (plans->dw) {
+        auto [dw_all, db_all] = launch_dw(*plans->dw, x, dy, offsets, need_b);
+        if (need_w) dw = dw_all;
+        if (need_b) db = db_all;
+      }
+    } else {
+      TORCH_CHECK(g_fallback, "mtmm.grouped_mm: no backward plan and no fallback");
+      std::tie(dx, dw, db) = g_fallback(x, w, offsets, dy, need_x, need_w, need_b);
+    }
+    return {dx, dw, at::Tensor(), db, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& offsets,
+                                     const std::optional<at::Tensor>& bias_opt) {
+  const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
+  if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
+  const at::Tensor bias = bias_opt.value_or(at::Tensor());
+  auto plan = plan_table().get(
+      mm_key(x.device(), T, K, N, G, operand(x), operand(w), operand(bias), operand(offsets)));
+  if (!plan) return std::nullopt;
+  const bool bias_grad = bias.defined() && bias.requires_grad();
+  if (!c10::GradMode::is_enabled() || !(x.requires_grad() || w.requires_grad() || bias_grad)) {
+    c10::OptionalDeviceGuard guard(x.device());
+    return launch_mm(*plan, x, w, bias, offsets);
+  }
+  // Train only where the backward for the usual gradient (fresh, contiguous) is planned too.
+  if (!backward_plans(x, w, offsets, fresh_rows(N, static_cast<int64_t>(x.scalar_type())),
+                      x.requires_grad(), w.requires_grad(), bias_grad)) {
+    return std::nullopt;
+  }
+  return GroupedMmFunction::apply(x, w, offsets,
+                                  bias.defined() ? bias_opt : std::optional<at::Tensor>(),
+                                  std::move(plan));
+}
+
+}  // namespace mtmm

@@ -1,0 +1,52 @@
+// The grouped GEMM's forward and backward launched from C++: the same compiled Triton kernels
+// as mtmm_kernels/grouped_gemm.py, with their launch plans looked up here, so that a call
+// spends no Python between the public function and the GPU, and autograd calls a C++
+// backward. A call whose plans are not in the table returns nothing: the Python path runs
+// it (and fills the table). No Python here; bindings.cpp is the only file that knows it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+#include "launch_table.hpp"
+
+namespace mtmm {
+
+enum class KernelKind : int64_t { kMm = 0, kDw = 1 };
+
+// What a plan key holds of one tensor: strides, dtype and address modulo 16 (what Triton
+// specialises a pointer on, and what decides whether a tile may use TMA).
+struct Operand {
+  bool defined = false;
+  int64_t dtype = -1;
+  int64_t align = -1;
+  int64_t stride[3] = {-1, -1, -1};
+};
+Operand operand(const at::Tensor& t);
+
+// Plan keys, computed alike when Python registers a plan and when a call looks it up.
+// kMm: the forward/dX kernel, x [T, K] @ w [G, K, N] (+ bias [G, N]) with offsets [G].
+PlanKey mm_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
+               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets);
+// kDw: the dW/dBias kernel, x [T, K] and dy [T, N] with offsets [G].
+PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
+               const Operand& x, const Operand& dy, const Operand& offsets, bool need_bias);
+
+// y = grouped_mm(x, w, offsets, bias), differentiable, or nothing when a plan it needs is not
+// in the table (then nothing was launched). Needs T, K, N and G all positive.
+std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& offsets,
+                                     const std::optional<at::Tensor>& bias);
+
+// What the backward calls when a plan is missing (a gradient with an unplanned layout):
+// (x, w, offsets, dy, need_x, need_w, need_bias) -> (dx, dw, dbias), undefined where not
+// needed. Set by the bindings to the Python path.
+using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
+    bool)>;
+void set_backward_fallback(BackwardFallback fallback);
+
+}  // namespace mtmm

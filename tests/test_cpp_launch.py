@@ -1,0 +1,315 @@
+"""The grouped GEMM's C++ launch path (mtmm_kernels/_cpp_launch.py, mtmm_kernels/csrc).
+
+On a CPU the extension runs in dry-run mode: launches are logged, not sent. Plans made by hand
+test its own logic (keys, grid rule, parameter packing, autograd, the fallback); the real
+kernels, compiled for sm_90 on the CPU, test that it hands the driver what Triton's launcher
+receives on the Python path (bench/cpp_launch_check.py, in a process without the
+interpreter). On a GPU its results must equal the Python path's bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
+from mtmm_kernels import grouped_gemm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_BUILDS = shutil.which("ninja") is not None and shutil.which(os.environ.get("CXX", "c++"))
+needs_build = pytest.mark.skipif(not _BUILDS, reason="needs ninja and a C++ compiler")
+
+G, K, N = 5, 24, 40
+FUNCTION = 0xF00D  # a stand-in CUfunction: dry runs only log it
+
+
+@pytest.fixture
+def ext():
+    """The extension in dry-run mode with an empty plan table, restored afterwards."""
+    module = cpp_launch.extension()
+    assert module is not None, "the C++ launch path did not build"
+    module.clear()
+    module.set_dry_run(True)
+    module.take_launch_log()
+    yield module
+    module.set_dry_run(False)
+    module.clear()
+    module.set_backward_fallback(cpp_launch._python_backward)
+
+
+def _operands(T=1000, dtype=torch.float16, bias=False):
+    x = torch.randn(T, K).to(dtype)
+    w = torch.randn(G, N, K).to(dtype).transpose(1, 2)
+    offsets = torch.tensor([T // 5, T // 3, T // 2, T // 2, T], dtype=torch.int32)
+    b = torch.randn(G, N).to(dtype) if bias else None
+    return x, w, offsets, b
+
+
+# Parameter slots of the hand-made plans: (source, bytes, value); sources 0-6 are the per-call
+# values (tensor addresses, then T), -1 a fixed value.
+MM_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 8, 0), (6, 4, 0), (-1, 4, 77),
+            (-1, 8, -5)]
+DW_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (4, 8, 0), (5, 8, 0), (6, 4, 0), (-1, 2, 9)]
+
+
+def _register_mm(ext, x, w, b, offsets, block_m=64, block_n=32, cap=7, scratch=0):
+    ext.register_mm(x, w, b, offsets, FUNCTION, 128, 4096, scratch, block_m, block_n, cap,
+                    MM_SLOTS)
+
+
+def _register_backward(ext, x, w, b, offsets, need_bias):
+    """Plans for a fresh contiguous dy: dX (the forward kernel, K and N exchanged) and dW."""
+    dy = torch.empty(x.shape[0], N, dtype=x.dtype)
+    _register_mm(ext, dy, w.transpose(1, 2), None, offsets)
+    ext.register_dw(x, dy, offsets, need_bias, FUNCTION + 1, 256, 0, 64, 11, DW_SLOTS)
+
+
+def _params(record):
+    """The logged parameters as ints (addresses and values)."""
+    return [int.from_bytes(p, "little", signed=True) for p in record[5]]
+
+
+@needs_build
+def test_missing_plan_returns_nothing_and_launches_nothing(ext):
+    x, w, offsets, _ = _operands()
+    assert ext.grouped_mm(x, w, offsets, None) is None
+    assert ext.take_launch_log() == []
+
+
+@needs_build
+@pytest.mark.parametrize("T", [1000, 1001, 17, 1])
+def test_forward_launch_packs_the_plan(ext, T):
+    x, w, offsets, _ = _operands(T)
+    offsets.clamp_(max=T)
+    _register_mm(ext, x, w, None, offsets, scratch=256)
+    y = ext.grouped_mm(x, w, offsets, None)
+    assert y.shape == (T, N) and y.dtype == x.dtype and y.is_contiguous()
+    [record] = ext.take_launch_log()
+    function, grid, block, shared, stream, raw, scratch = record
+    tiles = (-(-T // 64) + G + 1) * -(-N // 32)
+    assert (function, grid, block, shared, stream) == (FUNCTION, min(tiles, 7), 128, 4096, 0)
+    assert scratch == grid * 256
+    assert [len(p) for p in raw] == [8, 8, 8, 8, 8, 4, 4, 8, 8, 8]
+    params = _params(record)
+    # bias absent: y stands in for it; the slots skip the permutation (source 5)
+    assert params[:8] == [x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(),
+                          offsets.data_ptr(), T, 77, -5]
+    assert params[8] != 0 and params[9] == 0  # global scratch, profile scratch
+
+
+@needs_build
+def test_keys_tell_apart_what_the_python_plans_and_triton_do(ext):
+    x, w, offsets, b = _operands(1000, bias=True)
+    _register_mm(ext, x, w, b, offsets)
+    assert ext.grouped_mm(x, w, offsets, b) is not None
+    for name, args in {
+        "no bias": (x, w, offsets, None),
+        "dtype": (x.half().bfloat16(), w.bfloat16(), offsets, b.bfloat16()),
+        "w strides": (x, w.contiguous(), offsets, b),
+        "x misaligned": (torch.empty(1000 * K + 1, dtype=x.dtype)[1:].view(1000, K), w,
+                         offsets, b),
+        "int64 offsets": (x, w, offsets.long(), b),
+        "offsets misaligned": (x, w, torch.cat([offsets[:1], offsets])[1:], b),
+        "T == 1": (x[:1], w, offsets.clamp(max=1), b),
+        "T % 16 == 0": (x[:992], w, offsets.clamp(max=992), b),
+    }.items():
+        assert ext.grouped_mm(*args) is None, name
+
+
+@needs_build
+def test_tile_height_bucket_matches_pythons(ext):
+    x, w, offsets, _ = _operands(3000)
+    _register_mm(ext, x[:1000], w, None, offsets.clamp(max=1000))
+    bucket = grouped_gemm._m_bucket(1000, G)
+    for T in range(2, 3000, 37):
+        found = ext.grouped_mm(x[:T], w, offsets.clamp(max=T), None) is not None
+        same = grouped_gemm._m_bucket(T, G) == bucket and (T % 16 == 0) == (1000 % 16 == 0)
+        assert found == same, T
+
+
+@needs_build
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_call_launches_forward_dx_and_dw(ext, bias):
+    x, w, offsets, b = _operands(bias=bias)
+    x.requires_grad_(), w.requires_grad_()
+    if bias:
+        b.requires_grad_()
+    _register_mm(ext, x, w, b, offsets)
+    assert ext.grouped_mm(x, w, offsets, b) is None  # the backward is not planned yet
+    _register_backward(ext, x, w, b, offsets, need_bias=bias)
+    y = ext.grouped_mm(x, w, offsets, b)
+    assert y.requires_grad and y.grad_fn is not None
+    dy = torch.randn(y.shape).to(y.dtype)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    fwd, dx_launch, dw_launch = ext.take_launch_log()
+    assert (fwd[0], dx_launch[0], dw_launch[0]) == (FUNCTION, FUNCTION, FUNCTION + 1)
+    assert grads[0].shape == x.shape and grads[1].shape == (G, K, N)
+    # dX: dy @ w^T, no bias (dx stands in), T rows
+    assert _params(dx_launch)[:6] == [dy.data_ptr(), w.data_ptr(), grads[0].data_ptr(),
+                                      grads[0].data_ptr(), offsets.data_ptr(), 1000]
+    # dW: x, dy, offsets, dw, dbias (or dw standing in for it), T; then the fixed value
+    db_ptr = grads[2].data_ptr() if bias else grads[1].data_ptr()
+    assert _params(dw_launch)[:7] == [x.data_ptr(), dy.data_ptr(), offsets.data_ptr(),
+                                      grads[1].data_ptr(), db_ptr, 1000, 9]
+    assert dw_launch[1] == 11 and dw_launch[6] == 11 * 64  # fixed grid, scratch per program
+    if bias:
+        assert grads[2].shape == (G, N)
+
+
+@needs_build
+def test_only_the_needed_gradients_are_launched(ext):
+    x, w, offsets, _ = _operands()
+    w.requires_grad_()  # x needs no gradient: no dX plan needed, no dX launch
+    _register_mm(ext, x, w, None, offsets)
+    dy = torch.empty(1000, N, dtype=x.dtype)
+    ext.register_dw(x, dy, offsets, False, FUNCTION + 1, 256, 0, 0, 11, DW_SLOTS)
+    y = ext.grouped_mm(x, w, offsets, None)
+    torch.autograd.grad(y, [w], torch.randn(y.shape).to(y.dtype))
+    assert [r[0] for r in ext.take_launch_log()] == [FUNCTION, FUNCTION + 1]
+
+
+@needs_build
+def test_an_unplanned_gradient_layout_is_copied(ext):
+    x, w, offsets, _ = _operands()
+    x.requires_grad_(), w.requires_grad_()
+    _register_mm(ext, x, w, None, offsets)
+    _register_backward(ext, x, w, None, offsets, need_bias=False)
+    y = ext.grouped_mm(x, w, offsets, None)
+    dy = torch.ones(1, dtype=y.dtype).expand_as(y)  # y.sum()'s gradient: strides (0, 0)
+    torch.autograd.grad(y, [x, w], dy)
+    _, dx_launch, dw_launch = ext.take_launch_log()
+    copy = _params(dx_launch)[0]
+    assert copy not in (dy.data_ptr(), 0) and _params(dw_launch)[1] == copy
+
+
+@needs_build
+def test_a_missing_backward_plan_falls_back_to_python(ext):
+    x, w, offsets, _ = _operands()
+    x.requires_grad_(), w.requires_grad_()
+    _register_mm(ext, x, w, None, offsets)
+    _register_backward(ext, x, w, None, offsets, need_bias=False)
+    y = ext.grouped_mm(x, w, offsets, None)
+    ext.clear()  # e.g. a switch changed between forward and backward
+    seen = []
+
+    def fallback(x_, w_, offsets_, dy_, need_x, need_w, need_b):
+        seen.append((need_x, need_w, need_b))
+        return torch.full_like(x_, 3.0), torch.full((G, K, N), 4.0, dtype=x_.dtype), None
+    ext.set_backward_fallback(fallback)
+    dx, dw = torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype))
+    assert seen == [(True, True, False)]
+    assert bool((dx == 3).all()) and bool((dw == 4).all())
+
+
+@needs_build
+def test_second_derivatives_are_refused(ext):
+    x, w, offsets, _ = _operands()
+    x.requires_grad_(), w.requires_grad_()
+    _register_mm(ext, x, w, None, offsets)
+    _register_backward(ext, x, w, None, offsets, need_bias=False)
+    y = ext.grouped_mm(x, w, offsets, None)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype), create_graph=True)
+
+
+@needs_build
+def test_bad_plans_are_refused(ext):
+    x, w, offsets, _ = _operands()
+    with pytest.raises(RuntimeError, match="slot"):
+        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 64, 32, 7, [(9, 8, 0)])
+    with pytest.raises(RuntimeError, match="slot size"):
+        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 64, 32, 7, [(0, 3, 0)])
+    with pytest.raises(RuntimeError, match="grid"):
+        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 0, 32, 7, MM_SLOTS)
+
+
+@needs_build
+def test_switches_clear_the_table(ext, monkeypatch):
+    x, w, offsets, _ = _operands()
+    monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
+    assert cpp_launch._usable(x)  # records the current switches
+    _register_mm(ext, x, w, None, offsets)
+    assert cpp_launch.grouped_mm(x, w, offsets, None) is not None
+    monkeypatch.setattr(grouped_gemm, "TMA", not grouped_gemm.TMA)
+    assert cpp_launch.grouped_mm(x, w, offsets, None) is None
+    assert ext.size() == 0
+
+
+@needs_build
+@pytest.mark.skipif(not (_BIN / "ptxas").exists(), reason="this Triton bundles no ptxas")
+def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
+    out = tmp_path / "check.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile afresh, leave no trace
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "cpp_launch_check.py"),
+                           "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 30
+    for row in rows:
+        assert row["same"] and row["launches"] >= 1, row
+        assert row["cpp_launches"] == row["launches"] and row["python_launches_left"] == 0, row
+
+
+@pytest.mark.gpu
+@needs_build
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias):
+    """Same kernels, same inputs: bitwise the Python path's output and gradients, on the
+    current stream, and inside a CUDA graph."""
+    monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)  # one config each: a short GPU run
+    dev = torch.device("cuda")
+    x = torch.randn(1000, 96, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(5, 80, 96, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+    offsets = torch.tensor([100, 300, 300, 700, 990], device=dev, dtype=torch.int32)
+    b = torch.randn(5, 80, device=dev, dtype=torch.bfloat16) if bias else None
+    dy = torch.randn(1000, 80, device=dev, dtype=torch.bfloat16)
+
+    def call():
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        bg = b.detach().requires_grad_() if bias else None
+        y = grouped_gemm.grouped_mm(xg, wg, offsets, bg)
+        return (y, *torch.autograd.grad(y, [t for t in (xg, wg, bg) if t is not None], dy))
+
+    monkeypatch.setattr(cpp_launch, "ENABLED", False)
+    want = call()
+    monkeypatch.setattr(cpp_launch, "ENABLED", True)
+    call(), call()  # plans, then the planned path that fills the C++ table
+    ext = cpp_launch.extension()
+    before = ext.launch_count()
+    got = call()
+    assert ext.launch_count() == before + 3  # forward, dX, dW all from C++
+    for g, v in zip(got, want):
+        assert torch.equal(g, v)
+    ref = torch.zeros(1000, 80, dtype=torch.float64, device=dev)
+    starts = [0, 100, 300, 300, 700]
+    for g, (s, e) in enumerate(zip(starts, offsets.tolist())):
+        ref[s:e] = x[s:e].double() @ w[g].double() + (b[g].double() if bias else 0)
+    assert ((got[0].double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert bool((got[0][990:] == 0).all())  # rows past offsets[-1]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        y_side = grouped_gemm.grouped_mm(x, w, offsets, b)
+        y_side = grouped_gemm.grouped_mm(x, w, offsets, b)  # planned: the C++ path now
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(y_side, want[0])
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = grouped_gemm.grouped_mm(x, w, offsets, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want[0])
