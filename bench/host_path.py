@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels 
 
 from offline import offline_target  # noqa: E402  (after the path is set)
 
+from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
 from mtmm_kernels import _direct_launch as direct_launch  # noqa: E402
 from mtmm_kernels import group_sort  # noqa: E402
 from mtmm_kernels import grouped_gemm as gg  # noqa: E402
@@ -241,17 +242,45 @@ def _timed_calls():
     }
 
 
+@contextlib.contextmanager
+def cpp_launch_dry_run():
+    """The grouped GEMM's C++ launch path on CPU tensors, launches counted, not sent; None if
+    the extension does not build."""
+    ext = cpp_launch.extension()
+    if ext is None:
+        yield None
+        return
+    saved = cpp_launch.dry_run_on_cpu
+    cpp_launch.dry_run_on_cpu = True
+    ext.set_dry_run(True, log=False)
+    try:
+        yield ext
+    finally:
+        cpp_launch.dry_run_on_cpu = saved
+        ext.set_dry_run(False)
+        cpp_launch.clear()
+
+
 def timing(calls: int) -> list[dict]:
     rows = []
     with offline_target(90), gpu_like_host_path():
         for name, fn in _timed_calls().items():
             times = {}
             with direct_launch.disabled():
-                times[False] = _time_calls(fn, calls)
-            times[True] = _time_calls(fn, calls)
-            rows.append({"call": name, "triton_path_us": round(times[False], 1),
-                         "direct_launch_us": round(times[True], 1),
-                         "ratio": round(times[False] / times[True], 2)})
+                times["triton"] = _time_calls(fn, calls)
+            times["direct"] = _time_calls(fn, calls)
+            row = {"call": name, "triton_path_us": round(times["triton"], 1),
+                   "direct_launch_us": round(times["direct"], 1),
+                   "ratio": round(times["triton"] / times["direct"], 2)}
+            if name.startswith("grouped_mm,"):  # the calls the C++ path takes
+                with cpp_launch_dry_run() as ext:
+                    if ext is not None:
+                        before = ext.launch_count()
+                        cpp_us = _time_calls(fn, calls)
+                        launches = ext.launch_count() - before
+                        assert launches >= calls, f"{name}: the C++ path was not taken"
+                        row["cpp_launch_us"] = round(cpp_us, 1)
+            rows.append(row)
     return rows
 
 
@@ -283,10 +312,11 @@ def main() -> int:
               f"{row['direct_launches']} direct {row['difference']}")
     if not args.check:
         out["timing"] = timing(args.calls)
-        print("\nhost us per call        Triton's path   direct launch")
+        print("\nhost us per call                    Triton's path   direct launch   C++ launch")
         for row in out["timing"]:
+            cpp = f"{row['cpp_launch_us']:10.1f}" if "cpp_launch_us" in row else ""
             print(f"{row['call']:48s} {row['triton_path_us']:8.1f} {row['direct_launch_us']:10.1f}"
-                  f"  ({row['ratio']}x)")
+                  f"  ({row['ratio']}x) {cpp}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -98,7 +98,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The Python backward the C++ one calls when a plan is missing");
 
   m.def("launch_count", &mtmm::launch_count, "Launches made so far, dry runs included");
-  m.def("set_dry_run", &mtmm::set_dry_run, "Log launches instead of sending them to a GPU");
+  m.def("set_dry_run", &mtmm::set_dry_run, py::arg("on"), py::arg("log") = true,
+        "Log launches (or only count them) instead of sending them to a GPU");
   m.def("take_launch_log", [] {
     py::list out;
     for (const auto& r : mtmm::take_launch_log()) {

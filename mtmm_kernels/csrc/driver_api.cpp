@@ -39,13 +39,17 @@ const Driver& driver() {
 }
 
 std::atomic<bool> g_dry_run{false};
+std::atomic<bool> g_keep_log{true};
 std::atomic<int64_t> g_launches{0};
 std::mutex g_log_mutex;
 std::vector<LaunchRecord> g_log;
 
 }  // namespace
 
-void set_dry_run(bool on) { g_dry_run = on; }
+void set_dry_run(bool on, bool log) {
+  g_dry_run = on;
+  g_keep_log = log;
+}
 bool dry_run() { return g_dry_run; }
 int64_t launch_count() { return g_launches; }
 
@@ -61,6 +65,7 @@ void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_
                    int64_t scratch_bytes) {
   ++g_launches;
   if (g_dry_run) {
+    if (!g_keep_log) return;
     LaunchRecord record{function, grid_x, block_x, shared_bytes, stream, {}, scratch_bytes};
     for (int i = 0; i < num_params; ++i) {
       const auto* bytes = static_cast<const uint8_t*>(params[i]);

@@ -28,8 +28,9 @@ void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_
 // Launches made so far, dry runs included (tests ask whether the C++ path ran).
 int64_t launch_count();
 
-// In dry-run mode launches are appended to a log instead of reaching a device.
-void set_dry_run(bool on);
+// In dry-run mode launches are appended to a log (with `log`; else only counted) instead of
+// reaching a device.
+void set_dry_run(bool on, bool log = true);
 bool dry_run();
 std::vector<LaunchRecord> take_launch_log();
 
