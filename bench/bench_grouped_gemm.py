@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from device_timing import interleaved_ms
+from mtmm_kernels import _cpp_launch as cpp_launch
 from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 
 DTYPE = torch.bfloat16
@@ -36,7 +37,7 @@ CASES = {  # name: (group sizes, K, N)
     "lognormal32_k1024": (_lognormal_sizes(32, 500), 1024, 1024),
     "empty2of8_k2048": ([3000, 0, 700, 5000, 0, 64, 1500, 9000], 2048, 2048),
 }
-BY_IDS_CASE = "lognormal32_k1024"
+BY_IDS_CASE = HOST_BOUND_CASE = "lognormal32_k1024"
 MODES = ["fwd", "fwd+bwd"]
 METHODS = ["mtmm", "torch_grouped_mm", "loop", "padded_bmm", "dense"]
 BY_IDS_METHODS = ["mtmm_by_ids", "sort_torch_grouped_mm_unsort", "dense"]
@@ -63,6 +64,14 @@ def _forward_fn(method: str, sizes, x, w, offsets, ids):
     G, K, N = w.shape
     if method == "mtmm":
         return lambda x, w: grouped_mm(x, w, offsets)
+    if method == "mtmm_python":  # without the C++ launch path: its host time, side by side
+        def python_path(x, w):
+            saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
+            try:
+                return grouped_mm(x, w, offsets)
+            finally:
+                cpp_launch.ENABLED = saved
+        return python_path
     if method == "torch_grouped_mm":
         if not hasattr(torch, "_grouped_mm"):
             pytest.skip("torch._grouped_mm is not in this torch")
@@ -121,10 +130,11 @@ def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
     fn = _timed_fn(case, mode, method)
     if method.startswith("mtmm") and mode == "fwd":  # the timed kernel is right (untimed check)
         fwd = _forward_fn(method, sizes, x, w, offsets, ids)
-        sorted_x = x if method == "mtmm" else x.index_select(0, torch.sort(ids, stable=True)[1])
+        by_ids = method == "mtmm_by_ids"
+        sorted_x = x.index_select(0, torch.sort(ids, stable=True)[1]) if by_ids else x
         want = _forward_fn("loop", sizes, sorted_x, w, offsets, ids)(sorted_x, w).float()
         got = fwd(x, w).float()
-        if method != "mtmm":
+        if by_ids:
             got = got.index_select(0, torch.sort(ids, stable=True)[1])
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-2, f"{method} {case}: relative error {err:.2e} against the per-group loop"
@@ -156,6 +166,13 @@ def _tuned_configs(K: int, N: int) -> list[dict]:
                          [(c, m, f) for c in CASES for m in MODES for f in METHODS])
 def test_grouped_gemm(measure, benchmark, case, mode, method):
     _run(measure, benchmark, case, mode, method, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_grouped_gemm_python_path(measure, benchmark, mode):
+    """The host-bound case without the C++ launch path (plans and the direct launch only)."""
+    _run(measure, benchmark, HOST_BOUND_CASE, mode, "mtmm_python", HOST_BOUND_CASE)
 
 
 @pytest.mark.gpu

@@ -76,9 +76,10 @@ def _triton_launch(compiled, args, roles) -> dict:
             params.append(roles.get(value.data_ptr(), "?"))
         else:
             params.append(int(value))
-    return {"function": id(compiled), "grid": tuple(grid), "block": 32 * compiled.metadata.num_warps,
-            "shared": compiled.metadata.shared, "stream": stream,
-            "scratch": compiled.metadata.global_scratch_size * grid[0] * grid[1] * grid[2],
+    meta = compiled.metadata
+    return {"function": id(compiled), "grid": tuple(grid), "block": 32 * meta.num_warps,
+            "shared": meta.shared, "stream": stream,
+            "scratch": meta.global_scratch_size * grid[0] * grid[1] * grid[2],
             "params": params}
 
 

@@ -37,6 +37,14 @@ if ! python -m pip install --no-build-isolation --no-deps -e . >"$W/install.log"
     tail -40 "$W/install.log"
     exit 1
 fi
+# The grouped GEMM's C++ launch path is built on first use; build it once here (about a
+# minute), not in a test shard or inside a benchmark.
+stamp "build the C++ launch path"
+if ! python -c "import sys; from mtmm_kernels import _cpp_launch as c; sys.exit(c.extension() is None)" \
+        >"$W/cpp_launch_build.log" 2>&1; then
+    tail -20 "$W/cpp_launch_build.log"
+    status=1
+fi
 python -m scheduler.cli info --json >"$OUT_DIR/info.json"
 cat "$OUT_DIR/info.json"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -49,7 +57,7 @@ if wants tests; then
     stamp "tests"
     python bench/gpu_tests.py "$W/tests" --shards "${TEST_SHARDS:-8}" --limit "${TEST_LIMIT:-150}" \
         tests/test_varlen.py tests/test_grouped_gemm.py tests/test_nn.py tests/test_group_sort.py \
-        tests/test_direct_launch.py \
+        tests/test_direct_launch.py tests/test_cpp_launch.py \
         >"$W/tests_kernels.txt" 2>&1
     rc_kernels=$?
     python bench/gpu_tests.py "$W/tests_gpu_marked" -m gpu --shards 2 --limit "${TEST_LIMIT:-150}" \

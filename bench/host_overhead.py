@@ -5,14 +5,17 @@ The 32-small-groups forward is host-bound on an H200: about 0.26 ms per eager ca
 off at a time, so the next change aims at the layer that costs:
 
   torch_grouped_mm     torch._grouped_mm (C++ dispatch): the peer's host cost
-  mtmm_public          grouped_mm(x, w, offsets) under no_grad: what users call
+  mtmm_public          grouped_mm(x, w, offsets) under no_grad: what users call (the C++
+                       launch path, mtmm_kernels/_cpp_launch.py)
+  mtmm_public_python_path  the same without the C++ launch path (Python plans, direct launch)
   mtmm_public_triton_path  the same through Triton's launch path (no direct launch)
   mtmm_launcher        _launch_grouped_mm: no argument checks, no autograd.Function
   triton_autotuned     the autotuned kernel with prebuilt arguments: triton.autotune +
                        triton.heuristics + the JIT launch path
   triton_jit           the plain @triton.jit kernel with the tuned config: the JIT launch path
   triton_empty         an empty one-argument kernel: Triton's floor
-  mtmm_fwd_bwd         grouped_mm forward + backward (three launches); _triton_path likewise
+  mtmm_fwd_bwd         grouped_mm forward + backward (three launches); _python_path and
+                       _triton_path likewise
   torch_grouped_mm_fwd_bwd  the peer's forward + backward
   torch_mul_fwd_bwd    one elementwise op forward + backward: the autograd engine's floor
   mtmm_by_ids          grouped_mm_by_ids under no_grad (group sort: two launches, then the
@@ -89,6 +92,19 @@ def _profile(fn, path: Path, calls: int = 500) -> None:
     # file names relative to the checkout or the packages: the record names no machine's paths
     out = text.getvalue().replace(str(BENCH.parent) + "/", "")
     path.write_text(re.sub(r"\S*/(site|dist)-packages/", "", out))
+
+
+def _without_cpp_launch(fn):
+    """fn, called through the Python launch path (plans and the direct launch, no C++)."""
+    from mtmm_kernels import _cpp_launch as cpp_launch
+
+    def call():
+        saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
+        try:
+            return fn()
+        finally:
+            cpp_launch.ENABLED = saved
+    return call
 
 
 def _without_direct_launch(fn):
@@ -182,6 +198,7 @@ def main() -> int:
     cases = {
         "torch_grouped_mm": (lambda: torch._grouped_mm(x, w, offs=offsets)) if has_peer else None,
         "mtmm_public": public,
+        "mtmm_public_python_path": _without_cpp_launch(public),
         "mtmm_public_triton_path": _without_direct_launch(public),
         "mtmm_launcher": lambda: gg._launch_grouped_mm(x, w, offsets, None, None),
         "triton_autotuned": lambda: gg._grouped_mm_tuned[grid](**kargs),
@@ -190,6 +207,7 @@ def main() -> int:
         "triton_empty": lambda: _empty_kernel[(1,)](empty_arg),
         "mtmm_fwd_bwd": lambda: torch.autograd.grad(grouped_mm(xg, wg, offsets), (xg, wg), dy),
     }
+    cases["mtmm_fwd_bwd_python_path"] = _without_cpp_launch(cases["mtmm_fwd_bwd"])
     cases["mtmm_fwd_bwd_triton_path"] = _without_direct_launch(cases["mtmm_fwd_bwd"])
     if has_peer:
         cases["torch_grouped_mm_fwd_bwd"] = lambda: torch.autograd.grad(
@@ -216,7 +234,17 @@ def main() -> int:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name:18s} {results[name]}")
 
+    from mtmm_kernels import _cpp_launch as cpp_launch
+    ext = cpp_launch.extension()
+    if ext is not None:  # that the C++ path ran: a forward, then a forward + backward
+        before = ext.launch_count()
+        public()
+        cases["mtmm_fwd_bwd"]()
+        torch.cuda.synchronize()
+        results["cpp_launches_of_forward_and_forward_backward"] = ext.launch_count() - before
+
     for name, fn in (("grouped_mm", public), ("grouped_mm_fwd_bwd", cases["mtmm_fwd_bwd"]),
+                     ("grouped_mm_fwd_bwd_python_path", cases["mtmm_fwd_bwd_python_path"]),
                      ("varlen_pack", cases["varlen_pack_public"])):
         _profile(fn, out / f"host_profile_{name}.txt")
 
