@@ -6,7 +6,7 @@ path's launches are recorded, and the C++ path runs in dry-run mode (its launche
 the compiled kernel's identity in place of a CUfunction). For every case, forward and forward +
 backward, the two must agree launch by launch on: the compiled kernel, the grid, the block, the
 dynamic shared memory, the stream, the global scratch size and every kernel parameter (tensor
-addresses by the role of the tensor: x, w, bias, offsets, dy, y, dx, dw, db).
+addresses by the role of the tensor: x, w, bias, offsets, perm, dy, y, dx, dw, db).
 
     python bench/cpp_launch_check.py [--json OUT.json]
 
@@ -59,6 +59,13 @@ def _cases():
     yield "T=3000 G=37 K=72 N=40 fp16 bias", (
         torch.randn(3000, 72).to(fp16), w_nk(fp16, 37, 72, 40),
         torch.linspace(0, 2900, 37).to(torch.int32), torch.randn(37, 40).to(fp16))
+    # rows in any order: grouped_mm_by_ids's GEMMs, with the group sort's results given
+    ids = torch.randint(0, G, (1000,), generator=torch.Generator().manual_seed(0))
+    perm = torch.sort(ids, stable=True)[1].to(torch.int32)
+    by_ids_offsets = torch.bincount(ids, minlength=G).cumsum(0).to(torch.int32)
+    yield "by ids", (x, w_nk(bf16), by_ids_offsets, None, perm)
+    yield "by ids, int64 perm, bias", (x, w_nk(bf16), by_ids_offsets,
+                                       torch.randn(G, N).to(bf16), perm.long())
 
 
 def _roles(named: dict) -> dict:
@@ -98,15 +105,18 @@ def _cpp_launch(record, compiled_by_id, roles) -> dict:
             "stream": stream, "scratch": scratch, "params": params}
 
 
-def _run(x, w, offsets, bias, train: bool, dy_kind: str):
+def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str):
     """One call; returns the tensors by role (inputs, outputs, gradients). An expanded dy
     (the gradient of y.sum()) is copied by both paths before their backward kernels: the
     reference gets that copy directly."""
     if train:
         x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
         bias = bias.detach().requires_grad_() if bias is not None else None
-    y = gg.grouped_mm(x, w, offsets, bias)
-    named = {"x": x, "w": w, "bias": bias, "offsets": offsets, "y": y}
+    if perm is None:
+        y = gg.grouped_mm(x, w, offsets, bias)
+    else:  # what grouped_mm_by_ids calls after sorting
+        y = gg._grouped_mm_call(x, w, offsets, bias, perm)
+    named = {"x": x, "w": w, "bias": bias, "offsets": offsets, "perm": perm, "y": y}
     if train:
         dy = torch.randn_like(y)
         if dy_kind == "expanded":
@@ -132,23 +142,24 @@ def check() -> list[dict]:
             cpp_launch.clear()
             # Every case's plans go into one table first: a key that failed to tell two
             # cases apart would then launch the other case's kernel or parameters.
-            for _, (x, w, offsets, bias) in _cases():
+            cases = [(name, (*args, None)[:5]) for name, args in _cases()]
+            for _, args in cases:
                 for train, dy_kind in modes:
                     for _ in range(2):  # plans, then the planned path that offers them
-                        _run(x, w, offsets, bias, train, dy_kind)
-            return [_check_case(ext, name, x, w, offsets, bias, train, dy_kind)
-                    for name, (x, w, offsets, bias) in _cases() for train, dy_kind in modes]
+                        _run(*args, train, dy_kind)
+            return [_check_case(ext, name, args, train, dy_kind)
+                    for name, args in cases for train, dy_kind in modes]
     finally:
         cpp_launch.dry_run_on_cpu = saved
         ext.set_dry_run(False)
         cpp_launch.clear()
 
 
-def _check_case(ext, name, x, w, offsets, bias, train, dy_kind) -> dict:
+def _check_case(ext, name, args, train, dy_kind) -> dict:
     with offline_target(90, reference := []):  # the Python path, as Triton's launcher sees it
         saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
         try:
-            ref_named = _run(x, w, offsets, bias, train,
+            ref_named = _run(*args, train,
                              "expanded, copied" if dy_kind == "expanded" else dy_kind)
         finally:
             cpp_launch.ENABLED = saved
@@ -156,7 +167,7 @@ def _check_case(ext, name, x, w, offsets, bias, train, dy_kind) -> dict:
         ref_named["dy"] = None
     ext.take_launch_log()
     with offline_target(90, python_calls := []):
-        cpp_named = _run(x, w, offsets, bias, train, dy_kind)
+        cpp_named = _run(*args, train, dy_kind)
     log = ext.take_launch_log()
     compiled_by_id = {id(k): k for k, _ in reference}
     want = [_triton_launch(k, args, _roles(ref_named)) for k, args in reference]

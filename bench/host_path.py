@@ -272,7 +272,7 @@ def timing(calls: int) -> list[dict]:
             row = {"call": name, "triton_path_us": round(times["triton"], 1),
                    "direct_launch_us": round(times["direct"], 1),
                    "ratio": round(times["triton"] / times["direct"], 2)}
-            if name.startswith("grouped_mm,"):  # the calls the C++ path takes
+            if name.startswith("grouped_mm"):  # the calls the C++ path takes
                 with cpp_launch_dry_run() as ext:
                     if ext is not None:
                         before = ext.launch_count()

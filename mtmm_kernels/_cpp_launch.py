@@ -17,8 +17,8 @@ specialisation depend on: device, dtypes, K, N, G, the tile-height bucket, strid
 modulo 16, and T's specialisation (T == 1, T % 16). Switches the Python path reads (TMA,
 AUTOTUNE, the config tables, the direct launch) clear the table when they change.
 
-Used for fp16 and bf16 on CUDA, contiguous-offsets routing (``grouped_mm``; the by-ids route
-stays in Python), eager mode (``torch.compile`` traces the custom op), launches without
+Used for fp16 and bf16 on CUDA, both routings (``grouped_mm``, and ``grouped_mm_by_ids``
+after its group sort), eager mode (``torch.compile`` traces the custom op), launches without
 profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on first use with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then cached); a
 failed build warns once and leaves the Python path.
@@ -127,14 +127,14 @@ def takes(x: torch.Tensor) -> bool:
     return _ext is not None and _usable(x)
 
 
-def grouped_mm(x, w, offsets, bias):
+def grouped_mm(x, w, offsets, bias, perm):
     """y through the C++ path, or None where the Python path must run this call."""
     if not _usable(x):
         return None
     ext = extension()
     if ext is None:
         return None
-    return ext.grouped_mm(x, w, offsets, bias)
+    return ext.grouped_mm(x, w, offsets, bias, perm)
 
 
 def wants_fresh_gradient(dy: torch.Tensor) -> bool:
@@ -145,12 +145,12 @@ def wants_fresh_gradient(dy: torch.Tensor) -> bool:
             and not (dy.is_contiguous() and dy.data_ptr() % 16 == 0))
 
 
-def _python_backward(x, w, offsets, dy, need_x, need_w, need_b):
+def _python_backward(x, w, offsets, perm, dy, need_x, need_w, need_b):
     gg = _gg()
-    dx = gg._grouped_mm_impl(dy, w.transpose(1, 2), offsets, None, None) if need_x else None
+    dx = gg._grouped_mm_impl(dy, w.transpose(1, 2), offsets, None, perm) if need_x else None
     dw = db = None
     if need_w or need_b:
-        dw, db = gg._grouped_mm_dw_impl(x, dy, offsets, None, need_b)
+        dw, db = gg._grouped_mm_dw_impl(x, dy, offsets, perm, need_b)
     return dx, (dw if need_w else None), (db if need_b else None)
 
 
@@ -201,24 +201,26 @@ def _first_offer(plan_key, head) -> bool:
     return True
 
 
-def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias, offsets):
+def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias, offsets,
+             perm):
     """Store the forward/dX kernel's plan for calls like this one (x [T, K], w [G, K, N],
-    bias or None, offsets [G]). The caller has asked ``takes(x)``."""
+    bias or None, offsets [G], perm [T] or None). The caller has asked ``takes(x)``."""
     if compiled is None or not _first_offer(plan_key, head):
         return
     fields = _plan_fields(compiled, kernel, head, tail)
     if fields is not None:
         function, block, shared, scratch, slots = fields
-        _ext.register_mm(x, w, bias, offsets, function, block, shared, scratch,
+        _ext.register_mm(x, w, bias, offsets, perm, function, block, shared, scratch,
                          meta["BLOCK_M"], meta["BLOCK_N"], grid_cap, slots)
 
 
-def offer_dw(plan_key, compiled, kernel, head, tail, grid, x, dy, offsets, need_bias):
-    """Store the dW kernel's plan for calls like this one (x [T, K], dy [T, N], offsets)."""
+def offer_dw(plan_key, compiled, kernel, head, tail, grid, x, dy, offsets, perm, need_bias):
+    """Store the dW kernel's plan for calls like this one (x [T, K], dy [T, N], offsets,
+    perm or None)."""
     if compiled is None or not _first_offer(plan_key, head):
         return
     fields = _plan_fields(compiled, kernel, head, tail)
     if fields is not None:
         function, block, shared, scratch, slots = fields
-        _ext.register_dw(x, dy, offsets, need_bias, function, block, shared, scratch, grid,
-                         slots)
+        _ext.register_dw(x, dy, offsets, perm, need_bias, function, block, shared, scratch,
+                         grid, slots)

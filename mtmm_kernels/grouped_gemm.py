@@ -663,12 +663,12 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
     )
     plan = _launch_planned(_grouped_mm_kernel, plan_key, _MM_CONFIGS, grid, head)
     if plan is not None:
-        if perm_T is None and cpp_launch.takes(x_TK):  # the C++ path takes later calls like it
+        if cpp_launch.takes(x_TK):  # the C++ launch path takes later calls like this one
             cpp_launch.offer_mm(
                 plan_key, direct_launch.compiled_for(_grouped_mm_kernel, head, plan.tail,
                                                      plan.options),
                 _grouped_mm_kernel, head, plan.tail, plan.meta,
-                max_progs * plan.meta["PROGS_PER_SM"], x_TK, w_GKN, bias_GN, offsets_G)
+                max_progs * plan.meta["PROGS_PER_SM"], x_TK, w_GKN, bias_GN, offsets_G, perm_T)
         return y_TN
 
     args = dict(
@@ -720,12 +720,12 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
     )
     plan = _launch_planned(_grouped_mm_dw_kernel, plan_key, _DW_CONFIGS, grid, head)
     if plan is not None:
-        if perm_T is None and cpp_launch.takes(x_TK):
+        if cpp_launch.takes(x_TK):
             cpp_launch.offer_dw(
                 plan_key, direct_launch.compiled_for(_grouped_mm_dw_kernel, head, plan.tail,
                                                      plan.options),
                 _grouped_mm_dw_kernel, head, plan.tail, grid(plan.meta)[0], x_TK, dy_TN,
-                offsets_G, need_bias)
+                offsets_G, perm_T, need_bias)
         return dw_GKN, db_GN
 
     args = dict(
@@ -859,8 +859,8 @@ class _GroupedMmFunction(torch.autograd.Function):
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if torch.compiler.is_compiling():
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
-    if perm is None and cpp_launch.ENABLED:
-        y = cpp_launch.grouped_mm(x, w, offsets, bias)
+    if cpp_launch.ENABLED:
+        y = cpp_launch.grouped_mm(x, w, offsets, bias, perm)
         if y is not None:
             return y
     if wants_grad(x, w, bias):

@@ -57,21 +57,22 @@ def _operands(T=1000, dtype=torch.float16, bias=False):
 
 # Parameter slots of the hand-made plans: (source, bytes, value); sources 0-6 are the per-call
 # values (tensor addresses, then T), -1 a fixed value.
-MM_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 8, 0), (6, 4, 0), (-1, 4, 77),
-            (-1, 8, -5)]
-DW_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (4, 8, 0), (5, 8, 0), (6, 4, 0), (-1, 2, 9)]
+MM_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 8, 0), (5, 8, 0), (6, 4, 0),
+            (-1, 4, 77), (-1, 8, -5)]
+DW_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 8, 0), (5, 8, 0), (6, 4, 0),
+            (-1, 2, 9)]
 
 
-def _register_mm(ext, x, w, b, offsets, block_m=64, block_n=32, cap=7, scratch=0):
-    ext.register_mm(x, w, b, offsets, FUNCTION, 128, 4096, scratch, block_m, block_n, cap,
+def _register_mm(ext, x, w, b, offsets, perm=None, block_m=64, block_n=32, cap=7, scratch=0):
+    ext.register_mm(x, w, b, offsets, perm, FUNCTION, 128, 4096, scratch, block_m, block_n, cap,
                     MM_SLOTS)
 
 
-def _register_backward(ext, x, w, b, offsets, need_bias):
+def _register_backward(ext, x, w, b, offsets, need_bias, perm=None):
     """Plans for a fresh contiguous dy: dX (the forward kernel, K and N exchanged) and dW."""
     dy = torch.empty(x.shape[0], N, dtype=x.dtype)
-    _register_mm(ext, dy, w.transpose(1, 2), None, offsets)
-    ext.register_dw(x, dy, offsets, need_bias, FUNCTION + 1, 256, 0, 64, 11, DW_SLOTS)
+    _register_mm(ext, dy, w.transpose(1, 2), None, offsets, perm)
+    ext.register_dw(x, dy, offsets, perm, need_bias, FUNCTION + 1, 256, 0, 64, 11, DW_SLOTS)
 
 
 def _params(record):
@@ -99,12 +100,12 @@ def test_forward_launch_packs_the_plan(ext, T):
     tiles = (-(-T // 64) + G + 1) * -(-N // 32)
     assert (function, grid, block, shared, stream) == (FUNCTION, min(tiles, 7), 128, 4096, 0)
     assert scratch == grid * 256
-    assert [len(p) for p in raw] == [8, 8, 8, 8, 8, 4, 4, 8, 8, 8]
+    assert [len(p) for p in raw] == [8, 8, 8, 8, 8, 8, 4, 4, 8, 8, 8]
     params = _params(record)
-    # bias absent: y stands in for it; the slots skip the permutation (source 5)
-    assert params[:8] == [x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(),
-                          offsets.data_ptr(), T, 77, -5]
-    assert params[8] != 0 and params[9] == 0  # global scratch, profile scratch
+    # bias absent: y stands in for it; no permutation: offsets stand in for it
+    assert params[:9] == [x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(),
+                          offsets.data_ptr(), offsets.data_ptr(), T, 77, -5]
+    assert params[9] != 0 and params[10] == 0  # global scratch, profile scratch
 
 
 @needs_build
@@ -124,6 +125,22 @@ def test_keys_tell_apart_what_the_python_plans_and_triton_do(ext):
         "T % 16 == 0": (x[:992], w, offsets.clamp(max=992), b),
     }.items():
         assert ext.grouped_mm(*args) is None, name
+
+
+@needs_build
+def test_rows_in_any_order_launch_through_the_permutation(ext):
+    x, w, offsets, _ = _operands()
+    x.requires_grad_(), w.requires_grad_()
+    perm = torch.randperm(1000).to(torch.int32)
+    _register_mm(ext, x, w, None, offsets, perm)
+    _register_backward(ext, x, w, None, offsets, need_bias=False, perm=perm)
+    assert ext.grouped_mm(x, w, offsets, None) is None  # planned with a permutation only
+    assert ext.grouped_mm(x, w, offsets, None, perm.long()) is None  # its dtype is keyed
+    y = ext.grouped_mm(x, w, offsets, None, perm)
+    dy = torch.randn(y.shape).to(y.dtype)
+    torch.autograd.grad(y, [x, w], dy)
+    for record, source in zip(ext.take_launch_log(), (5, 5, 3)):  # forward, dX, dW
+        assert _params(record)[source] == perm.data_ptr()
 
 
 @needs_build
@@ -155,12 +172,14 @@ def test_training_call_launches_forward_dx_and_dw(ext, bias):
     assert (fwd[0], dx_launch[0], dw_launch[0]) == (FUNCTION, FUNCTION, FUNCTION + 1)
     assert grads[0].shape == x.shape and grads[1].shape == (G, K, N)
     # dX: dy @ w^T, no bias (dx stands in), T rows
-    assert _params(dx_launch)[:6] == [dy.data_ptr(), w.data_ptr(), grads[0].data_ptr(),
-                                      grads[0].data_ptr(), offsets.data_ptr(), 1000]
-    # dW: x, dy, offsets, dw, dbias (or dw standing in for it), T; then the fixed value
+    assert _params(dx_launch)[:7] == [dy.data_ptr(), w.data_ptr(), grads[0].data_ptr(),
+                                      grads[0].data_ptr(), offsets.data_ptr(),
+                                      offsets.data_ptr(), 1000]
+    # dW: x, dy, offsets (and again for the permutation), dw, dbias (or dw standing in for
+    # it), T; then the fixed value
     db_ptr = grads[2].data_ptr() if bias else grads[1].data_ptr()
-    assert _params(dw_launch)[:7] == [x.data_ptr(), dy.data_ptr(), offsets.data_ptr(),
-                                      grads[1].data_ptr(), db_ptr, 1000, 9]
+    assert _params(dw_launch)[:8] == [x.data_ptr(), dy.data_ptr(), offsets.data_ptr(),
+                                      offsets.data_ptr(), grads[1].data_ptr(), db_ptr, 1000, 9]
     assert dw_launch[1] == 11 and dw_launch[6] == 11 * 64  # fixed grid, scratch per program
     if bias:
         assert grads[2].shape == (G, N)
@@ -172,7 +191,7 @@ def test_only_the_needed_gradients_are_launched(ext):
     w.requires_grad_()  # x needs no gradient: no dX plan needed, no dX launch
     _register_mm(ext, x, w, None, offsets)
     dy = torch.empty(1000, N, dtype=x.dtype)
-    ext.register_dw(x, dy, offsets, False, FUNCTION + 1, 256, 0, 0, 11, DW_SLOTS)
+    ext.register_dw(x, dy, offsets, None, False, FUNCTION + 1, 256, 0, 0, 11, DW_SLOTS)
     y = ext.grouped_mm(x, w, offsets, None)
     torch.autograd.grad(y, [w], torch.randn(y.shape).to(y.dtype))
     assert [r[0] for r in ext.take_launch_log()] == [FUNCTION, FUNCTION + 1]
@@ -202,12 +221,12 @@ def test_a_missing_backward_plan_falls_back_to_python(ext):
     ext.clear()  # e.g. a switch changed between forward and backward
     seen = []
 
-    def fallback(x_, w_, offsets_, dy_, need_x, need_w, need_b):
-        seen.append((need_x, need_w, need_b))
+    def fallback(x_, w_, offsets_, perm_, dy_, need_x, need_w, need_b):
+        seen.append((perm_, need_x, need_w, need_b))
         return torch.full_like(x_, 3.0), torch.full((G, K, N), 4.0, dtype=x_.dtype), None
     ext.set_backward_fallback(fallback)
     dx, dw = torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype))
-    assert seen == [(True, True, False)]
+    assert seen == [(None, True, True, False)]
     assert bool((dx == 3).all()) and bool((dw == 4).all())
 
 
@@ -226,11 +245,11 @@ def test_second_derivatives_are_refused(ext):
 def test_bad_plans_are_refused(ext):
     x, w, offsets, _ = _operands()
     with pytest.raises(RuntimeError, match="slot"):
-        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 64, 32, 7, [(9, 8, 0)])
+        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 64, 32, 7, [(9, 8, 0)])
     with pytest.raises(RuntimeError, match="slot size"):
-        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 64, 32, 7, [(0, 3, 0)])
+        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 64, 32, 7, [(0, 3, 0)])
     with pytest.raises(RuntimeError, match="grid"):
-        ext.register_mm(x, w, None, offsets, FUNCTION, 128, 0, 0, 0, 32, 7, MM_SLOTS)
+        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 0, 32, 7, MM_SLOTS)
 
 
 @needs_build
@@ -239,9 +258,9 @@ def test_switches_clear_the_table(ext, monkeypatch):
     monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
     assert cpp_launch._usable(x)  # records the current switches
     _register_mm(ext, x, w, None, offsets)
-    assert cpp_launch.grouped_mm(x, w, offsets, None) is not None
+    assert cpp_launch.grouped_mm(x, w, offsets, None, None) is not None
     monkeypatch.setattr(grouped_gemm, "TMA", not grouped_gemm.TMA)
-    assert cpp_launch.grouped_mm(x, w, offsets, None) is None
+    assert cpp_launch.grouped_mm(x, w, offsets, None, None) is None
     assert ext.size() == 0
 
 
@@ -256,7 +275,7 @@ def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 30
+    assert len(rows) == 36
     for row in rows:
         assert row["same"] and row["launches"] >= 1, row
         assert row["cpp_launches"] == row["launches"] and row["python_launches_left"] == 0, row
@@ -264,8 +283,8 @@ def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
 
 @pytest.mark.gpu
 @needs_build
-@pytest.mark.parametrize("bias", [False, True])
-def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias):
+@pytest.mark.parametrize("bias,by_ids", [(False, False), (True, False), (True, True)])
+def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias, by_ids):
     """Same kernels, same inputs: bitwise the Python path's output and gradients, on the
     current stream, and inside a CUDA graph."""
     monkeypatch.setattr(grouped_gemm, "AUTOTUNE", False)  # one config each: a short GPU run
@@ -276,10 +295,20 @@ def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias
     b = torch.randn(5, 80, device=dev, dtype=torch.bfloat16) if bias else None
     dy = torch.randn(1000, 80, device=dev, dtype=torch.bfloat16)
 
+    ids = torch.repeat_interleave(torch.arange(5, device=dev), torch.tensor(
+        [100, 200, 0, 400, 290], device=dev), output_size=990)
+    ids = torch.cat([ids, torch.full((10,), 7, device=dev)])  # 10 ids out of range: zero rows
+    ids = ids[torch.randperm(1000, device=dev)] if by_ids else ids  # in order: as offsets
+
+    def forward(x_, w_, b_):
+        if by_ids:
+            return grouped_gemm.grouped_mm_by_ids(x_, w_, ids, b_)
+        return grouped_gemm.grouped_mm(x_, w_, offsets, b_)
+
     def call():
         xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
         bg = b.detach().requires_grad_() if bias else None
-        y = grouped_gemm.grouped_mm(xg, wg, offsets, bg)
+        y = forward(xg, wg, bg)
         return (y, *torch.autograd.grad(y, [t for t in (xg, wg, bg) if t is not None], dy))
 
     monkeypatch.setattr(cpp_launch, "ENABLED", False)
@@ -293,23 +322,23 @@ def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias
     for g, v in zip(got, want):
         assert torch.equal(g, v)
     ref = torch.zeros(1000, 80, dtype=torch.float64, device=dev)
-    starts = [0, 100, 300, 300, 700]
-    for g, (s, e) in enumerate(zip(starts, offsets.tolist())):
-        ref[s:e] = x[s:e].double() @ w[g].double() + (b[g].double() if bias else 0)
+    for g in range(5):
+        rows = ids == g
+        ref[rows] = x[rows].double() @ w[g].double() + (b[g].double() if bias else 0)
     assert ((got[0].double() - ref).norm() / ref.norm()).item() < 1e-2
-    assert bool((got[0][990:] == 0).all())  # rows past offsets[-1]
+    assert bool((got[0][ids == 7] == 0).all())  # rows of no group
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
-        y_side = grouped_gemm.grouped_mm(x, w, offsets, b)
-        y_side = grouped_gemm.grouped_mm(x, w, offsets, b)  # planned: the C++ path now
+        y_side = forward(x, w, b)
+        y_side = forward(x, w, b)  # planned: the C++ path now
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(y_side, want[0])
 
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        y = grouped_gemm.grouped_mm(x, w, offsets, b)
+        y = forward(x, w, b)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, want[0])

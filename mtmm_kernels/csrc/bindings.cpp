@@ -47,36 +47,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mtmm's C++ launch path for the grouped GEMM (mtmm_kernels/_cpp_launch.py)";
 
   m.def("grouped_mm", &mtmm::grouped_mm, py::arg("x"), py::arg("w"), py::arg("offsets"),
-        py::arg("bias"),
-        "grouped_mm through the planned launches, differentiable; None when a plan is missing");
+        py::arg("bias") = py::none(), py::arg("perm") = py::none(),
+        "grouped_mm through the planned launches (rows gathered through perm where given), "
+        "differentiable; None when a plan is missing");
 
   m.def(
       "register_mm",
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-         const at::Tensor& offsets, uint64_t function, int64_t block_x, int64_t shared_bytes,
-         int64_t scratch_bytes, int64_t block_m, int64_t block_n, int64_t grid_cap,
-         const std::vector<SlotTuple>& slots) {
-        const at::Tensor b = bias.value_or(at::Tensor());
+         const at::Tensor& offsets, const std::optional<at::Tensor>& perm, uint64_t function,
+         int64_t block_x, int64_t shared_bytes, int64_t scratch_bytes, int64_t block_m,
+         int64_t block_n, int64_t grid_cap, const std::vector<SlotTuple>& slots) {
         auto key = mtmm::mm_key(x.device(), x.size(0), x.size(1), w.size(2), w.size(0),
-                                mtmm::operand(x), mtmm::operand(w), mtmm::operand(b),
-                                mtmm::operand(offsets));
+                                mtmm::operand(x), mtmm::operand(w),
+                                mtmm::operand(bias.value_or(at::Tensor())),
+                                mtmm::operand(offsets),
+                                mtmm::operand(perm.value_or(at::Tensor())));
         mtmm::plan_table().put(key, make_plan(function, block_x, shared_bytes, scratch_bytes,
                                               0, block_m, block_n, grid_cap, slots));
       },
-      "Store the forward/dX kernel's plan for calls shaped like (x, w, bias, offsets)");
+      "Store the forward/dX kernel's plan for calls shaped like (x, w, bias, offsets, perm)");
 
   m.def(
       "register_dw",
-      [](const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets, bool need_bias,
-         uint64_t function, int64_t block_x, int64_t shared_bytes, int64_t scratch_bytes,
-         int64_t grid, const std::vector<SlotTuple>& slots) {
+      [](const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
+         const std::optional<at::Tensor>& perm, bool need_bias, uint64_t function,
+         int64_t block_x, int64_t shared_bytes, int64_t scratch_bytes, int64_t grid,
+         const std::vector<SlotTuple>& slots) {
         auto key = mtmm::dw_key(x.device(), x.size(0), x.size(1), dy.size(1), offsets.size(0),
                                 mtmm::operand(x), mtmm::operand(dy), mtmm::operand(offsets),
-                                need_bias);
+                                mtmm::operand(perm.value_or(at::Tensor())), need_bias);
         mtmm::plan_table().put(key, make_plan(function, block_x, shared_bytes, scratch_bytes,
                                               grid, 0, 0, 0, slots));
       },
-      "Store the dW kernel's plan for calls shaped like (x, dy, offsets, need_bias)");
+      "Store the dW kernel's plan for calls shaped like (x, dy, offsets, perm, need_bias)");
 
   m.def("clear", [] { mtmm::plan_table().clear(); }, "Forget every plan");
   m.def("size", [] { return mtmm::plan_table().size(); }, "Number of plans");
@@ -86,9 +89,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     auto* held = new py::function(std::move(fallback));
     mtmm::set_backward_fallback(
         [held](const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
-               const at::Tensor& dy, bool need_x, bool need_w, bool need_b) {
+               const at::Tensor& perm, const at::Tensor& dy, bool need_x, bool need_w,
+               bool need_b) {
           py::gil_scoped_acquire gil;
-          auto out = (*held)(x, w, offsets, dy, need_x, need_w, need_b);
+          py::object perm_or_none = perm.defined() ? py::cast(perm) : py::none();
+          auto out = (*held)(x, w, offsets, perm_or_none, dy, need_x, need_w, need_b);
           using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
                                    std::optional<at::Tensor>>;
           auto [dx, dw, db] = out.cast<Grads>();

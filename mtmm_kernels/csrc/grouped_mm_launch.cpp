@@ -96,27 +96,29 @@ void run_plan(const LaunchPlan& plan, const CallValues& values, int64_t T, int64
 }
 
 at::Tensor launch_mm(const LaunchPlan& plan, const at::Tensor& x, const at::Tensor& w,
-                     const at::Tensor& bias, const at::Tensor& offsets) {
+                     const at::Tensor& bias, const at::Tensor& offsets, const at::Tensor& perm) {
   const int64_t T = x.size(0), G = w.size(0), N = w.size(2);
   at::Tensor y = at::empty({T, N}, x.options());
   // Placeholders as in grouped_gemm._launch_grouped_mm: y for a missing bias (HAS_BIAS=False),
-  // offsets for the permutation (GATHER=False); neither is read.
+  // offsets for a missing permutation (GATHER=False); neither is read.
   const at::Tensor& bias_arg = bias.defined() ? bias : y;
+  const at::Tensor& perm_arg = perm.defined() ? perm : offsets;
   run_plan(plan, {address(x), address(w), address(bias_arg), address(y), address(offsets),
-                  address(offsets), static_cast<uint64_t>(T)},
+                  address(perm_arg), static_cast<uint64_t>(T)},
            T, G, N, x.device());
   return y;
 }
 
 std::pair<at::Tensor, at::Tensor> launch_dw(const LaunchPlan& plan, const at::Tensor& x,
                                             const at::Tensor& dy, const at::Tensor& offsets,
-                                            bool need_bias) {
+                                            const at::Tensor& perm, bool need_bias) {
   const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = offsets.size(0);
   at::Tensor dw = at::empty({G, K, N}, x.options());
   at::Tensor db = need_bias ? at::empty({G, N}, dy.options()) : at::empty({0}, dy.options());
   // As in grouped_gemm._launch_grouped_mm_dw: dw stands in for an unwanted dBias (never written).
   const at::Tensor& db_arg = need_bias ? db : dw;
-  run_plan(plan, {address(x), address(dy), address(offsets), address(offsets), address(dw),
+  const at::Tensor& perm_arg = perm.defined() ? perm : offsets;
+  run_plan(plan, {address(x), address(dy), address(offsets), address(perm_arg), address(dw),
                   address(db_arg), static_cast<uint64_t>(T)},
            T, G, N, x.device());
   return {dw, db};
@@ -152,18 +154,20 @@ Operand operand(const at::Tensor& t) {
 }
 
 PlanKey mm_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
-               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets) {
+               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets,
+               const Operand& perm) {
   PlanKey key = key_head(KernelKind::kMm, device, T, K, N, G);
-  key.reserve(key.size() + 24);
-  for (const Operand* t : {&x, &w, &bias, &offsets}) append(key, *t);
+  key.reserve(key.size() + 30);
+  for (const Operand* t : {&x, &w, &bias, &offsets, &perm}) append(key, *t);
   return key;
 }
 
 PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
-               const Operand& x, const Operand& dy, const Operand& offsets, bool need_bias) {
+               const Operand& x, const Operand& dy, const Operand& offsets, const Operand& perm,
+               bool need_bias) {
   PlanKey key = key_head(KernelKind::kDw, device, T, K, N, G);
-  key.reserve(key.size() + 19);
-  for (const Operand* t : {&x, &dy, &offsets}) append(key, *t);
+  key.reserve(key.size() + 25);
+  for (const Operand* t : {&x, &dy, &offsets, &perm}) append(key, *t);
   key.push_back(need_bias);
   return key;
 }
@@ -178,18 +182,19 @@ struct BackwardPlans {
 
 // The backward's plans for a gradient laid out as `dy`, or nothing if a needed one is missing.
 std::optional<BackwardPlans> backward_plans(const at::Tensor& x, const at::Tensor& w,
-                                            const at::Tensor& offsets, const Operand& dy,
-                                            bool need_x, bool need_w, bool need_b) {
+                                            const at::Tensor& offsets, const at::Tensor& perm,
+                                            const Operand& dy, bool need_x, bool need_w,
+                                            bool need_b) {
   const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
   BackwardPlans plans;
   if (need_x) {  // dX = dy @ w^T: the forward kernel with K and N exchanged
     plans.dx = plan_table().get(mm_key(x.device(), T, N, K, G, dy, transposed_12(operand(w)),
-                                       Operand{}, operand(offsets)));
+                                       Operand{}, operand(offsets), operand(perm)));
     if (!plans.dx) return std::nullopt;
   }
   if (need_w || need_b) {
-    plans.dw = plan_table().get(
-        dw_key(x.device(), T, K, N, G, operand(x), dy, operand(offsets), need_b));
+    plans.dw = plan_table().get(dw_key(x.device(), T, K, N, G, operand(x), dy,
+                                       operand(offsets), operand(perm), need_b));
     if (!plans.dw) return std::nullopt;
   }
   return plans;
@@ -204,12 +209,14 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w, const at::Tensor& offsets,
                             const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& perm,
                             std::shared_ptr<const LaunchPlan> plan) {
     // An absent bias is no autograd input: gradient slots count x, w, offsets (and bias).
-    ctx->save_for_backward({x, w, offsets});
+    ctx->save_for_backward({x, w, offsets, perm.value_or(at::Tensor())});
     ctx->saved_data["has_bias"] = bias.has_value();
     c10::OptionalDeviceGuard guard(x.device());
-    return launch_mm(*plan, x, w, bias.value_or(at::Tensor()), offsets);
+    return launch_mm(*plan, x, w, bias.value_or(at::Tensor()), offsets,
+                     perm.value_or(at::Tensor()));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -220,30 +227,32 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
                 "set MTMM_CPP_LAUNCH=0 to use the Python path, which defers this error to a "
                 "second backward");
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &offsets = saved[2];
+    const at::Tensor &x = saved[0], &w = saved[1], &offsets = saved[2], &perm = saved[3];
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
     at::Tensor dy = grads[0];
-    auto plans = backward_plans(x, w, offsets, operand(dy), need_x, need_w, need_b);
+    auto plans = backward_plans(x, w, offsets, perm, operand(dy), need_x, need_w, need_b);
     if (!plans && !is_fresh_rows(dy)) {  // e.g. the expanded ones of y.sum(): planned layout
       dy = dy.clone(at::MemoryFormat::Contiguous);
-      plans = backward_plans(x, w, offsets, operand(dy), need_x, need_w, need_b);
+      plans = backward_plans(x, w, offsets, perm, operand(dy), need_x, need_w, need_b);
     }
     at::Tensor dx, dw, db;
     if (plans) {
       c10::OptionalDeviceGuard guard(x.device());
-      if (plans->dx) dx = launch_mm(*plans->dx, dy, w.transpose(1, 2), at::Tensor(), offsets);
+      if (plans->dx) {
+        dx = launch_mm(*plans->dx, dy, w.transpose(1, 2), at::Tensor(), offsets, perm);
+      }
       if (plans->dw) {
-        auto [dw_all, db_all] = launch_dw(*plans->dw, x, dy, offsets, need_b);
+        auto [dw_all, db_all] = launch_dw(*plans->dw, x, dy, offsets, perm, need_b);
         if (need_w) dw = dw_all;
         if (need_b) db = db_all;
       }
     } else {
       TORCH_CHECK(g_fallback, "mtmm.grouped_mm: no backward plan and no fallback");
-      std::tie(dx, dw, db) = g_fallback(x, w, offsets, dy, need_x, need_w, need_b);
+      std::tie(dx, dw, db) = g_fallback(x, w, offsets, perm, dy, need_x, need_w, need_b);
     }
-    return {dx, dw, at::Tensor(), db, at::Tensor()};
+    return {dx, dw, at::Tensor(), db, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -251,25 +260,29 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
 
 std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
-                                     const std::optional<at::Tensor>& bias_opt) {
+                                     const std::optional<at::Tensor>& bias_opt,
+                                     const std::optional<at::Tensor>& perm_opt) {
   const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
   if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
   const at::Tensor bias = bias_opt.value_or(at::Tensor());
-  auto plan = plan_table().get(
-      mm_key(x.device(), T, K, N, G, operand(x), operand(w), operand(bias), operand(offsets)));
+  const at::Tensor perm = perm_opt.value_or(at::Tensor());
+  auto plan = plan_table().get(mm_key(x.device(), T, K, N, G, operand(x), operand(w),
+                                      operand(bias), operand(offsets), operand(perm)));
   if (!plan) return std::nullopt;
   const bool bias_grad = bias.defined() && bias.requires_grad();
   if (!c10::GradMode::is_enabled() || !(x.requires_grad() || w.requires_grad() || bias_grad)) {
     c10::OptionalDeviceGuard guard(x.device());
-    return launch_mm(*plan, x, w, bias, offsets);
+    return launch_mm(*plan, x, w, bias, offsets, perm);
   }
   // Train only where the backward for the usual gradient (fresh, contiguous) is planned too.
-  if (!backward_plans(x, w, offsets, fresh_rows(N, static_cast<int64_t>(x.scalar_type())),
-                      x.requires_grad(), w.requires_grad(), bias_grad)) {
+  if (!backward_plans(x, w, offsets, perm,
+                      fresh_rows(N, static_cast<int64_t>(x.scalar_type())), x.requires_grad(),
+                      w.requires_grad(), bias_grad)) {
     return std::nullopt;
   }
   return GroupedMmFunction::apply(x, w, offsets,
                                   bias.defined() ? bias_opt : std::optional<at::Tensor>(),
+                                  perm.defined() ? perm_opt : std::optional<at::Tensor>(),
                                   std::move(plan));
 }
 

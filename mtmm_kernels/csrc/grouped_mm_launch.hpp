@@ -28,25 +28,30 @@ struct Operand {
 Operand operand(const at::Tensor& t);
 
 // Plan keys, computed alike when Python registers a plan and when a call looks it up.
-// kMm: the forward/dX kernel, x [T, K] @ w [G, K, N] (+ bias [G, N]) with offsets [G].
+// kMm: the forward/dX kernel, x [T, K] @ w [G, K, N] (+ bias [G, N]) with offsets [G] and,
+// for rows in any order, the permutation perm [T] that sorts them by group.
 PlanKey mm_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
-               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets);
-// kDw: the dW/dBias kernel, x [T, K] and dy [T, N] with offsets [G].
+               const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets,
+               const Operand& perm);
+// kDw: the dW/dBias kernel, x [T, K] and dy [T, N] with offsets [G] (and perm [T]).
 PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
-               const Operand& x, const Operand& dy, const Operand& offsets, bool need_bias);
+               const Operand& x, const Operand& dy, const Operand& offsets, const Operand& perm,
+               bool need_bias);
 
-// y = grouped_mm(x, w, offsets, bias), differentiable, or nothing when a plan it needs is not
+// y = grouped_mm(x, w, offsets, bias), or with perm the same for rows in any order (rows
+// gathered and scattered through perm), differentiable; nothing when a plan it needs is not
 // in the table (then nothing was launched). Needs T, K, N and G all positive.
 std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
-                                     const std::optional<at::Tensor>& bias);
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& perm);
 
 // What the backward calls when a plan is missing (a gradient with an unplanned layout):
-// (x, w, offsets, dy, need_x, need_w, need_bias) -> (dx, dw, dbias), undefined where not
-// needed. Set by the bindings to the Python path.
+// (x, w, offsets, perm (undefined: none), dy, need_x, need_w, need_bias) -> (dx, dw, dbias),
+// undefined where not needed. Set by the bindings to the Python path.
 using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
-    bool)>;
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool, bool, bool)>;
 void set_backward_fallback(BackwardFallback fallback);
 
 }  // namespace mtmm
