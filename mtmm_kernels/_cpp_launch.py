@@ -134,7 +134,18 @@ def grouped_mm(x, w, offsets, bias, perm):
     ext = extension()
     if ext is None:
         return None
-    return ext.grouped_mm(x, w, offsets, bias, perm)
+    try:
+        return ext.grouped_mm(x, w, offsets, bias, perm)
+    except RuntimeError as error:  # a driver or torch that refuses what the path does
+        _turn_off(error)
+        return None
+
+
+def _turn_off(error: Exception) -> None:
+    global ENABLED
+    ENABLED = False
+    warnings.warn(f"mtmm: the C++ launch path is turned off ({error}); the grouped GEMM keeps "
+                  "its Python path", RuntimeWarning, stacklevel=3)
 
 
 def wants_fresh_gradient(dy: torch.Tensor) -> bool:

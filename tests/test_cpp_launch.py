@@ -265,6 +265,21 @@ def test_switches_clear_the_table(ext, monkeypatch):
 
 
 @needs_build
+def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
+    x, w, offsets, _ = _operands()
+    monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
+    monkeypatch.setattr(cpp_launch, "ENABLED", True)
+    _register_mm(ext, x, w, None, offsets)
+
+    def refuse(*args):
+        raise RuntimeError("cuLaunchKernel failed with error 400")
+    monkeypatch.setattr(ext, "grouped_mm", refuse)
+    with pytest.warns(RuntimeWarning, match="turned off .*error 400"):
+        assert cpp_launch.grouped_mm(x, w, offsets, None, None) is None
+    assert cpp_launch.ENABLED is False
+
+
+@needs_build
 @pytest.mark.skipif(not (_BIN / "ptxas").exists(), reason="this Triton bundles no ptxas")
 def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
     out = tmp_path / "check.json"
