@@ -212,13 +212,19 @@ def _first_offer(plan_key, head) -> bool:
     return True
 
 
+def _new_plan_fields(plan_key, compiled, kernel, head, tail):
+    """_plan_fields of a call like this one, or None if such calls were offered already or
+    the C++ path cannot launch the kernel."""
+    if compiled is None or not _first_offer(plan_key, head):
+        return None
+    return _plan_fields(compiled, kernel, head, tail)
+
+
 def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias, offsets,
              perm):
     """Store the forward/dX kernel's plan for calls like this one (x [T, K], w [G, K, N],
     bias or None, offsets [G], perm [T] or None). The caller has asked ``takes(x)``."""
-    if compiled is None or not _first_offer(plan_key, head):
-        return
-    fields = _plan_fields(compiled, kernel, head, tail)
+    fields = _new_plan_fields(plan_key, compiled, kernel, head, tail)
     if fields is not None:
         function, block, shared, scratch, slots = fields
         _ext.register_mm(x, w, bias, offsets, perm, function, block, shared, scratch,
@@ -227,10 +233,8 @@ def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias,
 
 def offer_dw(plan_key, compiled, kernel, head, tail, grid, x, dy, offsets, perm, need_bias):
     """Store the dW kernel's plan for calls like this one (x [T, K], dy [T, N], offsets,
-    perm or None)."""
-    if compiled is None or not _first_offer(plan_key, head):
-        return
-    fields = _plan_fields(compiled, kernel, head, tail)
+    perm or None). The caller has asked ``takes(x)``."""
+    fields = _new_plan_fields(plan_key, compiled, kernel, head, tail)
     if fields is not None:
         function, block, shared, scratch, slots = fields
         _ext.register_dw(x, dy, offsets, perm, need_bias, function, block, shared, scratch,

@@ -75,6 +75,16 @@ def _register_backward(ext, x, w, b, offsets, need_bias, perm=None):
     ext.register_dw(x, dy, offsets, perm, need_bias, FUNCTION + 1, 256, 0, 64, 11, DW_SLOTS)
 
 
+def _planned_training_call(ext):
+    """x and w that need gradients, every plan of their forward and backward, and the output
+    of one C++ call."""
+    x, w, offsets, _ = _operands()
+    x.requires_grad_(), w.requires_grad_()
+    _register_mm(ext, x, w, None, offsets)
+    _register_backward(ext, x, w, None, offsets, need_bias=False)
+    return x, w, offsets, ext.grouped_mm(x, w, offsets, None)
+
+
 def _params(record):
     """The logged parameters as ints (addresses and values)."""
     return [int.from_bytes(p, "little", signed=True) for p in record[5]]
@@ -199,11 +209,7 @@ def test_only_the_needed_gradients_are_launched(ext):
 
 @needs_build
 def test_an_unplanned_gradient_layout_is_copied(ext):
-    x, w, offsets, _ = _operands()
-    x.requires_grad_(), w.requires_grad_()
-    _register_mm(ext, x, w, None, offsets)
-    _register_backward(ext, x, w, None, offsets, need_bias=False)
-    y = ext.grouped_mm(x, w, offsets, None)
+    x, w, offsets, y = _planned_training_call(ext)
     dy = torch.ones(1, dtype=y.dtype).expand_as(y)  # y.sum()'s gradient: strides (0, 0)
     torch.autograd.grad(y, [x, w], dy)
     _, dx_launch, dw_launch = ext.take_launch_log()
@@ -213,11 +219,7 @@ def test_an_unplanned_gradient_layout_is_copied(ext):
 
 @needs_build
 def test_a_missing_backward_plan_falls_back_to_python(ext):
-    x, w, offsets, _ = _operands()
-    x.requires_grad_(), w.requires_grad_()
-    _register_mm(ext, x, w, None, offsets)
-    _register_backward(ext, x, w, None, offsets, need_bias=False)
-    y = ext.grouped_mm(x, w, offsets, None)
+    x, w, offsets, y = _planned_training_call(ext)
     ext.clear()  # e.g. a switch changed between forward and backward
     seen = []
 
@@ -232,11 +234,7 @@ def test_a_missing_backward_plan_falls_back_to_python(ext):
 
 @needs_build
 def test_second_derivatives_are_refused(ext):
-    x, w, offsets, _ = _operands()
-    x.requires_grad_(), w.requires_grad_()
-    _register_mm(ext, x, w, None, offsets)
-    _register_backward(ext, x, w, None, offsets, need_bias=False)
-    y = ext.grouped_mm(x, w, offsets, None)
+    x, w, offsets, y = _planned_training_call(ext)
     with pytest.raises(RuntimeError, match="create_graph"):
         torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype), create_graph=True)
 
