@@ -69,6 +69,7 @@ def extension():
                 name="mtmm_cpp_launch", sources=[str(source_dir / s) for s in _SOURCES],
                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=["-ldl"], verbose=False)
             _ext.set_backward_fallback(_python_backward)
+            _ext.set_stream_resolver(_stream_handle)
         except Exception as error:  # no compiler, no ninja, a torch without headers
             _build_failed = True
             warnings.warn(f"mtmm: the C++ launch path could not be built ({error}); "
@@ -154,6 +155,12 @@ def wants_fresh_gradient(dy: torch.Tensor) -> bool:
     return (ENABLED and _ext is not None and dy.dtype in _DTYPES
             and (dy.is_cuda or dry_run_on_cpu)
             and not (dy.is_contiguous() and dy.data_ptr() % 16 == 0))
+
+
+def _stream_handle(device_index: int, stream_id: int) -> int:
+    """The CUstream of a torch stream, by id: for torch without c10::Stream::native_handle."""
+    return torch.cuda.Stream(stream_id=stream_id, device_index=device_index,
+                             device_type=1).cuda_stream  # 1: DeviceType::CUDA
 
 
 def _python_backward(x, w, offsets, perm, dy, need_x, need_w, need_b):

@@ -263,6 +263,21 @@ def test_switches_clear_the_table(ext, monkeypatch):
 
 
 @needs_build
+def test_stream_handles_from_python_are_asked_once_per_stream(ext):
+    asked = []
+
+    def resolver(device_index, stream_id):
+        asked.append((device_index, stream_id))
+        return 1000 * device_index + stream_id
+    ext.set_stream_resolver(resolver)
+    try:  # device numbers no GPU has, so that no real stream is cached under them
+        got = [ext.stream_handle_from_resolver(d, s) for d, s in [(97, 3), (97, 3), (98, 3)]]
+    finally:
+        ext.set_stream_resolver(cpp_launch._stream_handle)
+    assert got == [97003, 97003, 98003] and asked == [(97, 3), (98, 3)]
+
+
+@needs_build
 def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
     x, w, offsets, _ = _operands()
     monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
@@ -342,6 +357,11 @@ def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias
     assert bool((got[0][ids == 7] == 0).all())  # rows of no group
 
     side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side):  # both ways to a stream's handle
+        with torch.cuda.stream(stream):
+            assert ext.current_stream_handle(dev) == stream.cuda_stream
+            assert ext.current_stream_handle(dev, through_resolver=True) == stream.cuda_stream
+        assert cpp_launch._stream_handle(dev.index or 0, stream.stream_id) == stream.cuda_stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
         y_side = forward(x, w, b)

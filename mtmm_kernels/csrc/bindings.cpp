@@ -103,6 +103,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The Python backward the C++ one calls when a plan is missing");
 
   m.def("launch_count", &mtmm::launch_count, "Launches made so far, dry runs included");
+  m.def("set_stream_resolver", [](py::function resolver) {
+    auto* held = new py::function(std::move(resolver));  // for the life of the process
+    mtmm::set_stream_resolver([held](int64_t device_index, int64_t stream_id) {
+      py::gil_scoped_acquire gil;
+      return (*held)(device_index, stream_id).cast<uint64_t>();
+    });
+  }, "(device index, stream id) -> CUstream, for torch without c10::Stream::native_handle");
+  m.def("stream_handle_from_resolver", &mtmm::stream_handle_from_resolver,
+        "The resolver's answer, asked once per (device index, stream id)");
+  m.def("current_stream_handle", &mtmm::current_stream_handle, py::arg("device"),
+        py::arg("through_resolver") = false,
+        "The CUstream launches on this device go to (or as the resolver finds it)");
   m.def("set_dry_run", &mtmm::set_dry_run, py::arg("on"), py::arg("log") = true,
         "Log launches (or only count them) instead of sending them to a GPU");
   m.def("take_launch_log", [] {

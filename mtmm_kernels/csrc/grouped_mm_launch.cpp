@@ -7,7 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <utility>
 
 #include "driver_api.hpp"
@@ -51,10 +53,26 @@ PlanKey key_head(KernelKind kind, const at::Device& device, int64_t T, int64_t K
 
 uint64_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
 
+StreamResolver g_stream_resolver;
+std::mutex g_streams_mutex;
+std::map<std::pair<int64_t, int64_t>, uint64_t> g_streams;  // (device, stream id) -> handle
+
+// torch with c10::Stream::native_handle (2026 on) gives the CUstream directly...
+template <typename S>
+auto native_handle_of(const S& stream, int) -> decltype(stream.native_handle(), uint64_t()) {
+  return reinterpret_cast<uint64_t>(stream.native_handle());
+}
+
+// ... an older one through Python, once per stream (a stream id names one stream for good).
+template <typename S>
+uint64_t native_handle_of(const S& stream, long) {
+  return stream_handle_from_resolver(stream.device_index(), stream.id());
+}
+
 uint64_t current_stream(const at::Device& device) {
   if (device.is_cpu()) return 0;  // dry-run tests
   c10::impl::VirtualGuardImpl guard(device.type());
-  return reinterpret_cast<uint64_t>(guard.getStream(device).native_handle());
+  return native_handle_of(guard.getStream(device), 0);
 }
 
 // Per-call values, in the order of the kernels' leading parameters.
@@ -173,6 +191,28 @@ PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_
 }
 
 void set_backward_fallback(BackwardFallback fallback) { g_fallback = std::move(fallback); }
+
+void set_stream_resolver(StreamResolver resolver) { g_stream_resolver = std::move(resolver); }
+
+uint64_t stream_handle_from_resolver(int64_t device_index, int64_t stream_id) {
+  const std::pair<int64_t, int64_t> key{device_index, stream_id};
+  {
+    std::lock_guard<std::mutex> lock(g_streams_mutex);
+    auto it = g_streams.find(key);
+    if (it != g_streams.end()) return it->second;
+  }
+  TORCH_CHECK(g_stream_resolver, "mtmm: no way to find the CUDA stream's handle");
+  const uint64_t handle = g_stream_resolver(device_index, stream_id);
+  std::lock_guard<std::mutex> lock(g_streams_mutex);
+  g_streams[key] = handle;
+  return handle;
+}
+
+uint64_t current_stream_handle(const at::Device& device, bool through_resolver) {
+  if (!through_resolver) return current_stream(device);
+  c10::impl::VirtualGuardImpl guard(device.type());
+  return native_handle_of(guard.getStream(device), 0L);  // the older torch's way, on any torch
+}
 
 namespace {
 

@@ -54,4 +54,13 @@ using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Te
     const at::Tensor&, bool, bool, bool)>;
 void set_backward_fallback(BackwardFallback fallback);
 
+// The current stream's CUstream. torch before c10::Stream::native_handle has no C++ way to it
+// without CUDA's headers: there it comes from a resolver (device, stream id) -> handle, set by
+// the bindings to ask torch's Python API, once per stream.
+using StreamResolver = std::function<uint64_t(int64_t, int64_t)>;
+void set_stream_resolver(StreamResolver resolver);
+uint64_t stream_handle_from_resolver(int64_t device_index, int64_t stream_id);
+// The current stream's CUstream as launches find it, or through the resolver (tests).
+uint64_t current_stream_handle(const at::Device& device, bool through_resolver);
+
 }  // namespace mtmm
