@@ -67,7 +67,7 @@ def extension():
             source_dir = Path(__file__).resolve().parent / "csrc"
             _ext = cpp_extension.load(
                 name="mtmm_cpp_launch", sources=[str(source_dir / s) for s in _SOURCES],
-                extra_cflags=["-O2", "-std=c++17"], extra_ldflags=["-ldl"], verbose=False)
+                extra_cflags=["-O2"], extra_ldflags=["-ldl"], verbose=False)
             _ext.set_backward_fallback(_python_backward)
             _ext.set_stream_resolver(_stream_handle)
         except Exception as error:  # no compiler, no ninja, a torch without headers
