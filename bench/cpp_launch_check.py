@@ -4,9 +4,10 @@ driver exactly what Triton's launcher receives on the Python path.
 With a stand-in driver for sm_90 (bench/offline.py) the kernels compile for real; the Python
 path's launches are recorded, and the C++ path runs in dry-run mode (its launches logged, with
 the compiled kernel's identity in place of a CUfunction). For every case, forward and forward +
-backward, the two must agree launch by launch on: the compiled kernel, the grid, the block, the
-dynamic shared memory, the stream, the global scratch size and every kernel parameter (tensor
-addresses by the role of the tensor: x, w, bias, offsets, perm, dy, y, dx, dw, db).
+backward, eager and through the custom op (what torch.compile's graphs call), the two must
+agree launch by launch on: the compiled kernel, the grid, the block, the dynamic shared
+memory, the stream, the global scratch size and every kernel parameter (tensor addresses by
+the role of the tensor: x, w, bias, offsets, perm, dy, y, dx, dw, db).
 
     python bench/cpp_launch_check.py [--json OUT.json]
 
@@ -105,14 +106,16 @@ def _cpp_launch(record, compiled_by_id, roles) -> dict:
             "stream": stream, "scratch": scratch, "params": params}
 
 
-def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str):
+def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str, via_op: bool = False):
     """One call; returns the tensors by role (inputs, outputs, gradients). An expanded dy
     (the gradient of y.sum()) is copied by both paths before their backward kernels: the
     reference gets that copy directly."""
     if train:
         x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
         bias = bias.detach().requires_grad_() if bias is not None else None
-    if perm is None:
+    if via_op:  # what a torch.compile graph calls: the custom op and its registered autograd
+        y = torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+    elif perm is None:
         y = gg.grouped_mm(x, w, offsets, bias)
     else:  # what grouped_mm_by_ids calls after sorting
         y = gg._grouped_mm_call(x, w, offsets, bias, perm)
@@ -136,7 +139,8 @@ def check() -> list[dict]:
     saved = cpp_launch.dry_run_on_cpu
     cpp_launch.dry_run_on_cpu = True
     ext.set_dry_run(True)
-    modes = ((False, "-"), (True, "fresh"), (True, "expanded"))
+    modes = ((False, "-", False), (True, "fresh", False), (True, "expanded", False),
+             (False, "-", True), (True, "fresh", True))
     try:
         with offline_target(90), gpu_like_host_path():
             cpp_launch.clear()
@@ -144,36 +148,36 @@ def check() -> list[dict]:
             # cases apart would then launch the other case's kernel or parameters.
             cases = [(name, (*args, None)[:5]) for name, args in _cases()]
             for _, args in cases:
-                for train, dy_kind in modes:
+                for mode in modes:
                     for _ in range(2):  # plans, then the planned path that offers them
-                        _run(*args, train, dy_kind)
-            return [_check_case(ext, name, args, train, dy_kind)
-                    for name, args in cases for train, dy_kind in modes]
+                        _run(*args, *mode)
+            return [_check_case(ext, name, args, *mode) for name, args in cases for mode in modes]
     finally:
         cpp_launch.dry_run_on_cpu = saved
         ext.set_dry_run(False)
         cpp_launch.clear()
 
 
-def _check_case(ext, name, args, train, dy_kind) -> dict:
+def _check_case(ext, name, args, train, dy_kind, via_op) -> dict:
     with offline_target(90, reference := []):  # the Python path, as Triton's launcher sees it
         saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
         try:
             ref_named = _run(*args, train,
-                             "expanded, copied" if dy_kind == "expanded" else dy_kind)
+                             "expanded, copied" if dy_kind == "expanded" else dy_kind, via_op)
         finally:
             cpp_launch.ENABLED = saved
     if dy_kind == "expanded":  # both paths' copies of dy are internal: neither has a role
         ref_named["dy"] = None
     ext.take_launch_log()
     with offline_target(90, python_calls := []):
-        cpp_named = _run(*args, train, dy_kind)
+        cpp_named = _run(*args, train, dy_kind, via_op)
     log = ext.take_launch_log()
     compiled_by_id = {id(k): k for k, _ in reference}
     want = [_triton_launch(k, args, _roles(ref_named)) for k, args in reference]
     got = [_cpp_launch(r, compiled_by_id, _roles(cpp_named)) if r[0] in compiled_by_id
            else {"function": "another kernel"} for r in log]
-    return {"case": f"{name}, {'forward+backward, ' + dy_kind + ' dy' if train else 'forward'}",
+    mode = f"forward+backward, {dy_kind} dy" if train else "forward"
+    return {"case": f"{name}, {mode}{', custom op' if via_op else ''}",
             "launches": len(want), "cpp_launches": len(log),
             "python_launches_left": len(python_calls), "same": got == want,
             "difference": "" if got == want else _first_difference(got, want)}

@@ -39,8 +39,8 @@ from triton import knobs
 
 from . import _direct_launch as direct_launch
 
-__all__ = ["ENABLED", "extension", "grouped_mm", "takes", "offer_mm", "offer_dw", "clear",
-           "wants_fresh_gradient", "dry_run_on_cpu"]
+__all__ = ["ENABLED", "extension", "grouped_mm", "grouped_mm_dw", "takes", "offer_mm",
+           "offer_dw", "clear", "wants_fresh_gradient", "dry_run_on_cpu"]
 
 ENABLED = os.environ.get("MTMM_CPP_LAUNCH", "1") != "0"
 _SOURCES = ("bindings.cpp", "grouped_mm_launch.cpp", "driver_api.cpp")
@@ -138,6 +138,20 @@ def grouped_mm(x, w, offsets, bias, perm):
     try:
         return ext.grouped_mm(x, w, offsets, bias, perm)
     except RuntimeError as error:  # a driver or torch that refuses what the path does
+        _turn_off(error)
+        return None
+
+
+def grouped_mm_dw(x, dy, offsets, perm, need_bias: bool):
+    """(dW, dBias) through the C++ path, or None where the Python path must run this call."""
+    if not _usable(x):
+        return None
+    ext = extension()
+    if ext is None:
+        return None
+    try:
+        return ext.grouped_mm_dw(x, dy, offsets, perm, need_bias)
+    except RuntimeError as error:
         _turn_off(error)
         return None
 

@@ -51,6 +51,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grouped_mm through the planned launches (rows gathered through perm where given), "
         "differentiable; None when a plan is missing");
 
+  m.def("grouped_mm_dw", &mtmm::grouped_mm_dw, py::arg("x"), py::arg("dy"),
+        py::arg("offsets"), py::arg("perm"), py::arg("need_bias"),
+        "(dW, dBias) through the planned launch; None when the plan is missing");
+
   m.def(
       "register_mm",
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,

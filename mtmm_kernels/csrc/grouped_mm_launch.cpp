@@ -190,6 +190,20 @@ PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_
   return key;
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
+    const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& perm_opt, bool need_bias) {
+  const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = offsets.size(0);
+  if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
+  const at::Tensor perm = perm_opt.value_or(at::Tensor());
+  auto plan = plan_table().get(dw_key(x.device(), T, K, N, G, operand(x), operand(dy),
+                                      operand(offsets), operand(perm), need_bias));
+  if (!plan) return std::nullopt;
+  c10::OptionalDeviceGuard guard(x.device());
+  auto [dw, db] = launch_dw(*plan, x, dy, offsets, perm, need_bias);
+  return std::make_tuple(dw, db);
+}
+
 void set_backward_fallback(BackwardFallback fallback) { g_fallback = std::move(fallback); }
 
 void set_stream_resolver(StreamResolver resolver) { g_stream_resolver = std::move(resolver); }

@@ -46,6 +46,13 @@ std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& perm);
 
+// (dW, dBias) = grouped_mm's weight and bias gradients for x [T, K] and dy [T, N] (dBias
+// [G, N] with need_bias, else empty), or nothing when the plan is not in the table. Needs T,
+// K, N and G all positive. For callers that run their own autograd (torch.compile's).
+std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
+    const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& perm, bool need_bias);
+
 // What the backward calls when a plan is missing (a gradient with an unplanned layout):
 // (x, w, offsets, perm (undefined: none), dy, need_x, need_w, need_bias) -> (dx, dw, dbias),
 // undefined where not needed. Set by the bindings to the Python path.
