@@ -31,6 +31,7 @@ the Python path: the same kernel, grid, block, shared memory, scratch and parame
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -65,8 +66,12 @@ def extension():
         try:
             from torch.utils import cpp_extension
             source_dir = Path(__file__).resolve().parent / "csrc"
+            # One build per torch version: torch's cache tells builds apart by sources and
+            # flags only, and a module built against another torch's headers must not load.
+            version = re.sub(r"\W", "_", torch.__version__)
             _ext = cpp_extension.load(
-                name="mtmm_cpp_launch", sources=[str(source_dir / s) for s in _SOURCES],
+                name=f"mtmm_cpp_launch_{version}",
+                sources=[str(source_dir / s) for s in _SOURCES],
                 extra_cflags=["-O2"], extra_ldflags=["-ldl"], verbose=False)
             _ext.set_backward_fallback(_python_backward)
             _ext.set_stream_resolver(_stream_handle)
