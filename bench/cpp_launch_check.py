@@ -115,6 +115,8 @@ def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str, via_op: bool = Fa
         bias = bias.detach().requires_grad_() if bias is not None else None
     if via_op:  # what a torch.compile graph calls: the custom op and its registered autograd
         y = torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+        # one autograd node, the op's: its implementation must not add the C++ one
+        assert not train or "GroupedMmFunction" not in y.grad_fn.name(), y.grad_fn.name()
     elif perm is None:
         y = gg.grouped_mm(x, w, offsets, bias)
     else:  # what grouped_mm_by_ids calls after sorting

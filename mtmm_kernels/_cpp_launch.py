@@ -133,15 +133,17 @@ def takes(x: torch.Tensor) -> bool:
     return _ext is not None and _usable(x)
 
 
-def grouped_mm(x, w, offsets, bias, perm):
-    """y through the C++ path, or None where the Python path must run this call."""
+def grouped_mm(x, w, offsets, bias, perm, autograd: bool):
+    """y through the C++ path, or None where the Python path must run this call. Without
+    ``autograd`` it only launches, whatever the inputs' requires_grad (callers with their own
+    autograd: the custom op's, the Python Function's)."""
     if not _usable(x):
         return None
     ext = extension()
     if ext is None:
         return None
     try:
-        return ext.grouped_mm(x, w, offsets, bias, perm)
+        return ext.grouped_mm(x, w, offsets, bias, perm, autograd)
     except RuntimeError as error:  # a driver or torch that refuses what the path does
         _turn_off(error)
         return None

@@ -772,7 +772,7 @@ def _grouped_mm_impl(x, w, offsets, bias, perm):
     tensors = [t for t in (x, w, offsets, bias, perm) if t is not None]
     if triton_runs_on(*tensors):
         if cpp_launch.ENABLED:
-            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm)
+            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=False)
             if y is not None:
                 return y
         return _launch_grouped_mm(x, w, offsets, bias, perm)
@@ -871,7 +871,7 @@ def _grouped_mm_call(x, w, offsets, bias, perm):
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
     if wants_grad(x, w, bias):
         if cpp_launch.ENABLED:  # with its C++ autograd node
-            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm)
+            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=True)
             if y is not None:
                 return y
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)

@@ -208,6 +208,15 @@ def test_only_the_needed_gradients_are_launched(ext):
 
 
 @needs_build
+def test_without_autograd_it_only_launches(ext):
+    x, w, offsets, _ = _planned_training_call(ext)
+    ext.take_launch_log()
+    y = ext.grouped_mm(x, w, offsets, None, None, False)  # inputs need gradients: no node
+    assert y.grad_fn is None and not y.requires_grad
+    assert len(ext.take_launch_log()) == 1
+
+
+@needs_build
 def test_an_unplanned_gradient_layout_is_copied(ext):
     x, w, offsets, y = _planned_training_call(ext)
     dy = torch.ones(1, dtype=y.dtype).expand_as(y)  # y.sum()'s gradient: strides (0, 0)
@@ -256,9 +265,9 @@ def test_switches_clear_the_table(ext, monkeypatch):
     monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
     assert cpp_launch._usable(x)  # records the current switches
     _register_mm(ext, x, w, None, offsets)
-    assert cpp_launch.grouped_mm(x, w, offsets, None, None) is not None
+    assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is not None
     monkeypatch.setattr(grouped_gemm, "TMA", not grouped_gemm.TMA)
-    assert cpp_launch.grouped_mm(x, w, offsets, None, None) is None
+    assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
     assert ext.size() == 0
 
 
@@ -288,7 +297,7 @@ def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
         raise RuntimeError("cuLaunchKernel failed with error 400")
     monkeypatch.setattr(ext, "grouped_mm", refuse)
     with pytest.warns(RuntimeWarning, match="turned off .*error 400"):
-        assert cpp_launch.grouped_mm(x, w, offsets, None, None) is None
+        assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
     assert cpp_launch.ENABLED is False
 
 

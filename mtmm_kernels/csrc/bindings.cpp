@@ -47,9 +47,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mtmm's C++ launch path for the grouped GEMM (mtmm_kernels/_cpp_launch.py)";
 
   m.def("grouped_mm", &mtmm::grouped_mm, py::arg("x"), py::arg("w"), py::arg("offsets"),
-        py::arg("bias") = py::none(), py::arg("perm") = py::none(),
+        py::arg("bias") = py::none(), py::arg("perm") = py::none(), py::arg("autograd") = true,
         "grouped_mm through the planned launches (rows gathered through perm where given), "
-        "differentiable; None when a plan is missing");
+        "differentiable with autograd; None when a plan is missing");
 
   m.def("grouped_mm_dw", &mtmm::grouped_mm_dw, py::arg("x"), py::arg("dy"),
         py::arg("offsets"), py::arg("perm"), py::arg("need_bias"),

@@ -315,7 +315,8 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
 std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
                                      const std::optional<at::Tensor>& bias_opt,
-                                     const std::optional<at::Tensor>& perm_opt) {
+                                     const std::optional<at::Tensor>& perm_opt,
+                                     bool autograd) {
   const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
   if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
   const at::Tensor bias = bias_opt.value_or(at::Tensor());
@@ -324,7 +325,8 @@ std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                       operand(bias), operand(offsets), operand(perm)));
   if (!plan) return std::nullopt;
   const bool bias_grad = bias.defined() && bias.requires_grad();
-  if (!c10::GradMode::is_enabled() || !(x.requires_grad() || w.requires_grad() || bias_grad)) {
+  if (!autograd || !c10::GradMode::is_enabled() ||
+      !(x.requires_grad() || w.requires_grad() || bias_grad)) {
     c10::OptionalDeviceGuard guard(x.device());
     return launch_mm(*plan, x, w, bias, offsets, perm);
   }

@@ -39,12 +39,14 @@ PlanKey dw_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_
                bool need_bias);
 
 // y = grouped_mm(x, w, offsets, bias), or with perm the same for rows in any order (rows
-// gathered and scattered through perm), differentiable; nothing when a plan it needs is not
-// in the table (then nothing was launched). Needs T, K, N and G all positive.
+// gathered and scattered through perm); nothing when a plan it needs is not in the table
+// (then nothing was launched). Needs T, K, N and G all positive. With `autograd`, inputs that
+// need gradients get the C++ autograd node; without, it only launches (for callers that run
+// their own autograd, such as the custom op's registered one).
 std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
                                      const std::optional<at::Tensor>& bias,
-                                     const std::optional<at::Tensor>& perm);
+                                     const std::optional<at::Tensor>& perm, bool autograd);
 
 // (dW, dBias) = grouped_mm's weight and bias gradients for x [T, K] and dy [T, N] (dBias
 // [G, N] with need_bias, else empty), or nothing when the plan is not in the table. Needs T,
