@@ -103,7 +103,8 @@ def _gg():
 def _current_state() -> tuple:
     gg = _gg()
     return (gg.TMA, gg.TMA_ON_CPU, gg.AUTOTUNE, id(gg._MM_CONFIGS), id(gg._DW_CONFIGS),
-            id(gg._TUNED_CONFIGS), id(gg._PLANS), direct_launch.ENABLED)
+            id(gg._TUNED_CONFIGS), id(gg._PLANS), direct_launch.ENABLED,
+            direct_launch.generation)
 
 
 def _hooks_idle() -> bool:

@@ -48,8 +48,13 @@ stats = {"direct": 0, "triton": 0}
 _UNKEYABLE = object()  # an argument kind the key does not cover: that call takes Triton's path
 
 
+generation = 0  # counts clear(): the C++ launch path drops its plans when it changes
+
+
 def clear() -> None:
+    global generation
     _COMPILED.clear()
+    generation += 1
 
 
 @contextlib.contextmanager

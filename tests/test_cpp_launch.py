@@ -22,6 +22,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
+from mtmm_kernels import _direct_launch as direct_launch  # noqa: E402
 from mtmm_kernels import grouped_gemm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,6 +270,9 @@ def test_switches_clear_the_table(ext, monkeypatch):
     monkeypatch.setattr(grouped_gemm, "TMA", not grouped_gemm.TMA)
     assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
     assert ext.size() == 0
+    _register_mm(ext, x, w, None, offsets)
+    direct_launch.clear()  # e.g. a Triton knob changed: kernels compile afresh
+    assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
 
 
 @needs_build
