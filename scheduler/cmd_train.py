@@ -24,8 +24,15 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
     )
     if launch.init_from_env():  # under torchrun: this process is one rank
-        result = train(cfg)
-        results = [result]
+        # The group is torn down here, not by the interpreter's exit, where gloo's threads
+        # could outlive it (a rank once aborted with "terminate called without an active
+        # exception").
+        finished = False
+        try:
+            results = [train(cfg)]
+            finished = True
+        finally:
+            launch.finish_from_env(wait=finished)
     else:
         nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else min(4, os.cpu_count() or 1))
         try:

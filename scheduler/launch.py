@@ -163,6 +163,15 @@ def run_local(fn: Callable[..., Any], nproc: int, *args, backend: str | None = N
     return [out[r] for r in range(nproc)]
 
 
+def finish_from_env(wait: bool = True) -> None:
+    """Leaves the group ``init_from_env`` joined: waits for the other ranks (``wait``; not
+    after a failure, where they may never come) and destroys the process group."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> bool:
     """Joins the group torchrun set up (env RANK/WORLD_SIZE); True if it did."""
     if dist.is_initialized():
