@@ -769,23 +769,23 @@ def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
 def _grouped_mm_impl(x, w, offsets, bias, perm):
     """y without autograd: the C++ launch path where it has the plan (torch.compile's graphs
     and the Python backward call this too), else the Python launcher, else the reference."""
+    if cpp_launch.ENABLED:  # it checks the devices itself
+        y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=False)
+        if y is not None:
+            return y
     tensors = [t for t in (x, w, offsets, bias, perm) if t is not None]
     if triton_runs_on(*tensors):
-        if cpp_launch.ENABLED:
-            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=False)
-            if y is not None:
-                return y
         return _launch_grouped_mm(x, w, offsets, bias, perm)
     return _fallback_grouped_mm(x, w, offsets, bias, perm)
 
 
 def _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias):
+    if cpp_launch.ENABLED:
+        grads = cpp_launch.grouped_mm_dw(x, dy, offsets, perm, need_bias)
+        if grads is not None:
+            return grads
     tensors = [t for t in (x, dy, offsets, perm) if t is not None]
     if triton_runs_on(*tensors):
-        if cpp_launch.ENABLED:
-            grads = cpp_launch.grouped_mm_dw(x, dy, offsets, perm, need_bias)
-            if grads is not None:
-                return grads
         return _launch_grouped_mm_dw(x, dy, offsets, perm, need_bias)
     return _fallback_grouped_mm_dw(x, dy, offsets, perm, need_bias)
 
@@ -869,11 +869,11 @@ class _GroupedMmFunction(torch.autograd.Function):
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if torch.compiler.is_compiling():
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+    if cpp_launch.ENABLED:  # with its C++ autograd node where inputs need gradients
+        y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=True)
+        if y is not None:
+            return y
     if wants_grad(x, w, bias):
-        if cpp_launch.ENABLED:  # with its C++ autograd node
-            y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=True)
-            if y is not None:
-                return y
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
     return _grouped_mm_impl(x, w, offsets, bias, perm)  # no graph to record: skip autograd
 

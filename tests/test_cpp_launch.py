@@ -155,6 +155,18 @@ def test_rows_in_any_order_launch_through_the_permutation(ext):
 
 
 @needs_build
+def test_operands_on_another_device_are_left_to_python(ext):
+    x, w, offsets, _ = _operands()
+    _register_mm(ext, x, w, None, offsets)
+    meta = torch.empty(1000, dtype=torch.int32, device="meta")
+    assert ext.grouped_mm(x, w, offsets, None, meta) is None
+    assert ext.grouped_mm(x, w.to("meta"), offsets, None) is None
+    assert ext.grouped_mm_dw(x, torch.empty(1000, N, dtype=x.dtype, device="meta"), offsets,
+                             None, False) is None
+    assert ext.take_launch_log() == []
+
+
+@needs_build
 def test_tile_height_bucket_matches_pythons(ext):
     x, w, offsets, _ = _operands(3000)
     _register_mm(ext, x[:1000], w, None, offsets.clamp(max=1000))

@@ -53,6 +53,15 @@ PlanKey key_head(KernelKind kind, const at::Device& device, int64_t T, int64_t K
 
 uint64_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
 
+// Whether every defined tensor of `others` lives on x's device (callers of the raw ops may not
+// have checked: a kernel must never get another device's addresses).
+bool on_device_of(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
+  for (const at::Tensor* t : others) {
+    if (t->defined() && t->device() != x.device()) return false;
+  }
+  return true;
+}
+
 StreamResolver g_stream_resolver;
 std::mutex g_streams_mutex;
 std::map<std::pair<int64_t, int64_t>, uint64_t> g_streams;  // (device, stream id) -> handle
@@ -196,6 +205,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
   const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = offsets.size(0);
   if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
   const at::Tensor perm = perm_opt.value_or(at::Tensor());
+  if (!on_device_of(x, {&dy, &offsets, &perm})) return std::nullopt;
   auto plan = plan_table().get(dw_key(x.device(), T, K, N, G, operand(x), operand(dy),
                                       operand(offsets), operand(perm), need_bias));
   if (!plan) return std::nullopt;
@@ -321,6 +331,7 @@ std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
   if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
   const at::Tensor bias = bias_opt.value_or(at::Tensor());
   const at::Tensor perm = perm_opt.value_or(at::Tensor());
+  if (!on_device_of(x, {&w, &offsets, &bias, &perm})) return std::nullopt;
   auto plan = plan_table().get(mm_key(x.device(), T, K, N, G, operand(x), operand(w),
                                       operand(bias), operand(offsets), operand(perm)));
   if (!plan) return std::nullopt;
