@@ -317,6 +317,76 @@ def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
     assert cpp_launch.ENABLED is False
 
 
+_FAKE_DRIVER = r"""
+#include <stdint.h>
+#include <string.h>
+/* cuLaunchKernel and cuGetErrorString as libcuda declares them, recording their arguments */
+static uint64_t last[9];
+static unsigned char params_seen[64][8];
+static int params_to_read = 0, fail = 0;
+void fake_set(int num_params, int fail_with) { params_to_read = num_params; fail = fail_with; }
+void fake_last(uint64_t* out, unsigned char* params_out) {
+  memcpy(out, last, sizeof last);
+  memcpy(params_out, params_seen, 8 * (size_t)params_to_read);
+}
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                   unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
+  uint64_t now[9] = {(uint64_t)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared,
+                     (uint64_t)(uintptr_t)stream};
+  memcpy(last, now, sizeof now);
+  for (int i = 0; i < params_to_read; ++i) memcpy(params_seen[i], params[i], 8);
+  return extra == 0 ? fail : -1;
+}
+int cuGetErrorString(int error, const char** text) { *text = "fake driver error"; return 0; }
+"""
+
+_DRIVE_FAKE = r"""
+import ctypes, torch
+from mtmm_kernels import _cpp_launch as cpp_launch
+ext = cpp_launch.extension()
+lib = ctypes.CDLL("libcuda.so.1")  # the fake: the one the extension loads too
+x = torch.randn(100, 8).half()
+w = torch.randn(3, 8, 16).half()
+offsets = torch.tensor([10, 50, 90], dtype=torch.int32)
+slots = [(0, 8, 0), (1, 8, 0), (3, 8, 0), (6, 4, 0), (-1, 8, 123456789)]
+ext.register_mm(x, w, None, offsets, None, 0xBEEF, 256, 1000, 0, 64, 16, 5, slots)
+lib.fake_set(len(slots) + 2, 0)
+y = ext.grouped_mm(x, w, offsets, None, None, False)
+last, seen = (ctypes.c_uint64 * 9)(), (ctypes.c_ubyte * (8 * 7))()
+lib.fake_last(last, seen)
+params = [int.from_bytes(bytes(seen[8 * i:8 * i + 8]), "little") for i in range(7)]
+assert list(last) == [0xBEEF, 5, 1, 1, 256, 1, 1, 1000, 0], list(last)
+assert params[:3] == [x.data_ptr(), w.data_ptr(), y.data_ptr()], params
+assert params[3] & 0xFFFFFFFF == 100 and params[4] == 123456789 and params[5:] == [0, 0]
+lib.fake_set(len(slots) + 2, 700)
+try:
+    ext.grouped_mm(x, w, offsets, None, None, False)
+except RuntimeError as error:
+    assert "700" in str(error) and "fake driver error" in str(error), error
+else:
+    raise AssertionError("a failed launch must raise")
+print("driven")
+"""
+
+
+@needs_build
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests drive the real driver")
+def test_launches_reach_the_driver_as_declared(tmp_path):
+    """The real launch branch (not the dry run), against a stand-in libcuda.so.1: the
+    extension finds cuLaunchKernel by name and hands it grid, block, shared memory, stream
+    and the parameters; a failed launch raises with the driver's message."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    (tmp_path / "fake.c").write_text(_FAKE_DRIVER)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"),
+                    str(tmp_path / "fake.c")], check=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _DRIVE_FAKE], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and "driven" in done.stdout, done.stderr[-3000:]
+
+
 @needs_build
 @pytest.mark.skipif(not (_BIN / "ptxas").exists(), reason="this Triton bundles no ptxas")
 def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
