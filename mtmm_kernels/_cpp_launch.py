@@ -138,28 +138,24 @@ def grouped_mm(x, w, offsets, bias, perm, autograd: bool):
     """y through the C++ path, or None where the Python path must run this call. Without
     ``autograd`` it only launches, whatever the inputs' requires_grad (callers with their own
     autograd: the custom op's, the Python Function's)."""
-    if not _usable(x):
-        return None
-    ext = extension()
-    if ext is None:
-        return None
-    try:
-        return ext.grouped_mm(x, w, offsets, bias, perm, autograd)
-    except RuntimeError as error:  # a driver or torch that refuses what the path does
-        _turn_off(error)
-        return None
+    return _call("grouped_mm", x, x, w, offsets, bias, perm, autograd)
 
 
 def grouped_mm_dw(x, dy, offsets, perm, need_bias: bool):
     """(dW, dBias) through the C++ path, or None where the Python path must run this call."""
+    return _call("grouped_mm_dw", x, x, dy, offsets, perm, need_bias)
+
+
+def _call(entry: str, x: torch.Tensor, *args):
+    """The extension's ``entry`` on args where the C++ path may take calls on x, else None."""
     if not _usable(x):
         return None
     ext = extension()
     if ext is None:
         return None
     try:
-        return ext.grouped_mm_dw(x, dy, offsets, perm, need_bias)
-    except RuntimeError as error:
+        return getattr(ext, entry)(*args)
+    except RuntimeError as error:  # a driver or torch that refuses what the path does
         _turn_off(error)
         return None
 
@@ -168,7 +164,7 @@ def _turn_off(error: Exception) -> None:
     global ENABLED
     ENABLED = False
     warnings.warn(f"mtmm: the C++ launch path is turned off ({error}); the grouped GEMM keeps "
-                  "its Python path", RuntimeWarning, stacklevel=3)
+                  "its Python path", RuntimeWarning, stacklevel=4)
 
 
 def wants_fresh_gradient(dy: torch.Tensor) -> bool:
