@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mtmm_kernels without install
 
-from host_path import gpu_like_host_path, _misaligned  # noqa: E402
+from host_path import cpp_launch_dry_run, gpu_like_host_path, _misaligned  # noqa: E402
 from offline import offline_target  # noqa: E402
 
 from mtmm_kernels import _cpp_launch as cpp_launch  # noqa: E402
@@ -135,29 +135,20 @@ def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str, via_op: bool = Fa
 
 
 def check() -> list[dict]:
-    ext = cpp_launch.extension()
-    if ext is None:
-        raise SystemExit("the C++ launch path did not build")
-    saved = cpp_launch.dry_run_on_cpu
-    cpp_launch.dry_run_on_cpu = True
-    ext.set_dry_run(True)
     modes = ((False, "-", False), (True, "fresh", False), (True, "expanded", False),
              (False, "-", True), (True, "fresh", True))
-    try:
-        with offline_target(90), gpu_like_host_path():
-            cpp_launch.clear()
-            # Every case's plans go into one table first: a key that failed to tell two
-            # cases apart would then launch the other case's kernel or parameters.
-            cases = [(name, (*args, None)[:5]) for name, args in _cases()]
-            for _, args in cases:
-                for mode in modes:
-                    for _ in range(2):  # plans, then the planned path that offers them
-                        _run(*args, *mode)
-            return [_check_case(ext, name, args, *mode) for name, args in cases for mode in modes]
-    finally:
-        cpp_launch.dry_run_on_cpu = saved
-        ext.set_dry_run(False)
+    with offline_target(90), gpu_like_host_path(), cpp_launch_dry_run(log=True) as ext:
+        if ext is None:
+            raise SystemExit("the C++ launch path did not build")
         cpp_launch.clear()
+        # Every case's plans go into one table first: a key that failed to tell two cases
+        # apart would then launch the other case's kernel or parameters.
+        cases = [(name, (*args, None)[:5]) for name, args in _cases()]
+        for _, args in cases:
+            for mode in modes:
+                for _ in range(2):  # plans, then the planned path that offers them
+                    _run(*args, *mode)
+        return [_check_case(ext, name, args, *mode) for name, args in cases for mode in modes]
 
 
 def _check_case(ext, name, args, train, dy_kind, via_op) -> dict:

@@ -243,16 +243,16 @@ def _timed_calls():
 
 
 @contextlib.contextmanager
-def cpp_launch_dry_run():
-    """The grouped GEMM's C++ launch path on CPU tensors, launches counted, not sent; None if
-    the extension does not build."""
+def cpp_launch_dry_run(log: bool = False):
+    """The grouped GEMM's C++ launch path on CPU tensors, launches counted (and with ``log``,
+    logged), not sent; None if the extension does not build."""
     ext = cpp_launch.extension()
     if ext is None:
         yield None
         return
     saved = cpp_launch.dry_run_on_cpu
     cpp_launch.dry_run_on_cpu = True
-    ext.set_dry_run(True, log=False)
+    ext.set_dry_run(True, log=log)
     try:
         yield ext
     finally:

@@ -237,29 +237,29 @@ def _first_offer(plan_key, head) -> bool:
     return True
 
 
-def _new_plan_fields(plan_key, compiled, kernel, head, tail):
-    """_plan_fields of a call like this one, or None if such calls were offered already or
-    the C++ path cannot launch the kernel."""
-    if compiled is None or not _first_offer(plan_key, head):
+def _new_plan_fields(plan_key, kernel, head, plan):
+    """_plan_fields of a call like this one (``plan``: the Python launch plan it took), or
+    None if such calls were offered already or the C++ path cannot launch the kernel."""
+    if not _first_offer(plan_key, head):
         return None
-    return _plan_fields(compiled, kernel, head, tail)
+    compiled = direct_launch.compiled_for(kernel, head, plan.tail, plan.options)
+    return None if compiled is None else _plan_fields(compiled, kernel, head, plan.tail)
 
 
-def offer_mm(plan_key, compiled, kernel, head, tail, meta, grid_cap, x, w, bias, offsets,
-             perm):
+def offer_mm(plan_key, kernel, head, plan, grid_cap, x, w, bias, offsets, perm):
     """Store the forward/dX kernel's plan for calls like this one (x [T, K], w [G, K, N],
     bias or None, offsets [G], perm [T] or None). The caller has asked ``takes(x)``."""
-    fields = _new_plan_fields(plan_key, compiled, kernel, head, tail)
+    fields = _new_plan_fields(plan_key, kernel, head, plan)
     if fields is not None:
         function, block, shared, scratch, slots = fields
         _ext.register_mm(x, w, bias, offsets, perm, function, block, shared, scratch,
-                         meta["BLOCK_M"], meta["BLOCK_N"], grid_cap, slots)
+                         plan.meta["BLOCK_M"], plan.meta["BLOCK_N"], grid_cap, slots)
 
 
-def offer_dw(plan_key, compiled, kernel, head, tail, grid, x, dy, offsets, perm, need_bias):
+def offer_dw(plan_key, kernel, head, plan, grid, x, dy, offsets, perm, need_bias):
     """Store the dW kernel's plan for calls like this one (x [T, K], dy [T, N], offsets,
     perm or None). The caller has asked ``takes(x)``."""
-    fields = _new_plan_fields(plan_key, compiled, kernel, head, tail)
+    fields = _new_plan_fields(plan_key, kernel, head, plan)
     if fields is not None:
         function, block, shared, scratch, slots = fields
         _ext.register_dw(x, dy, offsets, perm, need_bias, function, block, shared, scratch,

@@ -664,11 +664,9 @@ def _launch_grouped_mm(x_TK, w_GKN, offsets_G, bias_GN, perm_T) -> torch.Tensor:
     plan = _launch_planned(_grouped_mm_kernel, plan_key, _MM_CONFIGS, grid, head)
     if plan is not None:
         if cpp_launch.takes(x_TK):  # the C++ launch path takes later calls like this one
-            cpp_launch.offer_mm(
-                plan_key, direct_launch.compiled_for(_grouped_mm_kernel, head, plan.tail,
-                                                     plan.options),
-                _grouped_mm_kernel, head, plan.tail, plan.meta,
-                max_progs * plan.meta["PROGS_PER_SM"], x_TK, w_GKN, bias_GN, offsets_G, perm_T)
+            cpp_launch.offer_mm(plan_key, _grouped_mm_kernel, head, plan,
+                                max_progs * plan.meta["PROGS_PER_SM"], x_TK, w_GKN, bias_GN,
+                                offsets_G, perm_T)
         return y_TN
 
     args = dict(
@@ -721,11 +719,8 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
     plan = _launch_planned(_grouped_mm_dw_kernel, plan_key, _DW_CONFIGS, grid, head)
     if plan is not None:
         if cpp_launch.takes(x_TK):
-            cpp_launch.offer_dw(
-                plan_key, direct_launch.compiled_for(_grouped_mm_dw_kernel, head, plan.tail,
-                                                     plan.options),
-                _grouped_mm_dw_kernel, head, plan.tail, grid(plan.meta)[0], x_TK, dy_TN,
-                offsets_G, perm_T, need_bias)
+            cpp_launch.offer_dw(plan_key, _grouped_mm_dw_kernel, head, plan,
+                                grid(plan.meta)[0], x_TK, dy_TN, offsets_G, perm_T, need_bias)
         return dw_GKN, db_GN
 
     args = dict(
