@@ -67,10 +67,32 @@ def _cases():
     yield "by ids", (x, w_nk(bf16), by_ids_offsets, None, perm)
     yield "by ids, int64 perm, bias", (x, w_nk(bf16), by_ids_offsets,
                                        torch.randn(G, N).to(bf16), perm.long())
+    # the public call: the group sort's two launches, then the GEMMs through its results
+    yield "by ids, sorted", (x, w_nk(bf16), None, None, None, ids)
+    yield "by ids, sorted, int32 ids", (x, w_nk(bf16), None, None, None, ids.to(torch.int32))
+    ids_3000 = torch.randint(0, 37, (3000,), generator=torch.Generator().manual_seed(1))
+    yield "by ids, sorted, T=3000 G=37 fp16 bias", (
+        torch.randn(3000, 72).to(fp16), w_nk(fp16, 37, 72, 40), None,
+        torch.randn(37, 40).to(fp16), None, ids_3000)
+    every_other = torch.randint(0, G, (2000,), generator=torch.Generator().manual_seed(2))
+    yield "by ids, sorted, strided ids", (x, w_nk(bf16), None, None, None, every_other[::2])
 
 
-def _roles(named: dict) -> dict:
-    return {t.data_ptr(): name for name, t in named.items() if t is not None and t.numel()}
+class _Roles:
+    """Names of the addresses a call's launches receive: the named tensors' roles, and for
+    the others (the group sort's counts, perm and offsets inside grouped_mm_by_ids) the order
+    of their first appearance, so that the two paths' launches compare by data flow."""
+
+    def __init__(self, named: dict):
+        self.names = {t.data_ptr(): name for name, t in named.items()
+                      if t is not None and t.numel()}
+        self.internal = 0
+
+    def __call__(self, address: int) -> str:
+        if address not in self.names:
+            self.names[address] = f"internal {self.internal}"
+            self.internal += 1
+        return self.names[address]
 
 
 def _triton_launch(compiled, args, roles) -> dict:
@@ -81,7 +103,7 @@ def _triton_launch(compiled, args, roles) -> dict:
         if kind == "constexpr":
             continue
         if kind.startswith("*"):
-            params.append(roles.get(value.data_ptr(), "?"))
+            params.append(roles(value.data_ptr()))
         else:
             params.append(int(value))
     meta = compiled.metadata
@@ -99,29 +121,35 @@ def _cpp_launch(record, compiled_by_id, roles) -> dict:
     params = []
     for kind, b in zip(kinds, raw):
         value = int.from_bytes(b, "little", signed=True)
-        params.append(roles.get(value, "?") if kind.startswith("*") else value)
+        params.append(roles(value) if kind.startswith("*") else value)
     scratch_ptr, profile_ptr = (int.from_bytes(b, "little") for b in raw[-2:])
     assert (scratch_ptr != 0) == (scratch > 0) and profile_ptr == 0
     return {"function": function, "grid": (grid, 1, 1), "block": block, "shared": shared,
             "stream": stream, "scratch": scratch, "params": params}
 
 
-def _run(x, w, offsets, bias, perm, train: bool, dy_kind: str, via_op: bool = False):
-    """One call; returns the tensors by role (inputs, outputs, gradients). An expanded dy
-    (the gradient of y.sum()) is copied by both paths before their backward kernels: the
-    reference gets that copy directly."""
+def _run(x, w, offsets, bias, perm, ids, train: bool, dy_kind: str, via_op: bool = False):
+    """One call (with ids: grouped_mm_by_ids, or the ops a torch.compile graph of it calls);
+    returns the tensors by role (inputs, outputs, gradients). An expanded dy (the gradient of
+    y.sum()) is copied by both paths before their backward kernels: the reference gets that
+    copy directly."""
     if train:
         x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
         bias = bias.detach().requires_grad_() if bias is not None else None
+    if ids is not None and via_op:
+        perm, offsets = torch.ops.mtmm.sort_by_group(ids, w.shape[0])
     if via_op:  # what a torch.compile graph calls: the custom op and its registered autograd
         y = torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
         # one autograd node, the op's: its implementation must not add the C++ one
         assert not train or "GroupedMmFunction" not in y.grad_fn.name(), y.grad_fn.name()
+    elif ids is not None:
+        y = gg.grouped_mm_by_ids(x, w, ids, bias)
+        perm = offsets = None  # the sort's, internal to the call
     elif perm is None:
         y = gg.grouped_mm(x, w, offsets, bias)
     else:  # what grouped_mm_by_ids calls after sorting
         y = gg._grouped_mm_call(x, w, offsets, bias, perm)
-    named = {"x": x, "w": w, "bias": bias, "offsets": offsets, "perm": perm, "y": y}
+    named = {"x": x, "w": w, "bias": bias, "offsets": offsets, "perm": perm, "ids": ids, "y": y}
     if train:
         dy = torch.randn_like(y)
         if dy_kind == "expanded":
@@ -143,7 +171,7 @@ def check() -> list[dict]:
         cpp_launch.clear()
         # Every case's plans go into one table first: a key that failed to tell two cases
         # apart would then launch the other case's kernel or parameters.
-        cases = [(name, (*args, None)[:5]) for name, args in _cases()]
+        cases = [(name, (*args, None, None)[:6]) for name, args in _cases()]
         for _, args in cases:
             for mode in modes:
                 for _ in range(2):  # plans, then the planned path that offers them
@@ -166,8 +194,9 @@ def _check_case(ext, name, args, train, dy_kind, via_op) -> dict:
         cpp_named = _run(*args, train, dy_kind, via_op)
     log = ext.take_launch_log()
     compiled_by_id = {id(k): k for k, _ in reference}
-    want = [_triton_launch(k, args, _roles(ref_named)) for k, args in reference]
-    got = [_cpp_launch(r, compiled_by_id, _roles(cpp_named)) if r[0] in compiled_by_id
+    want_roles, got_roles = _Roles(ref_named), _Roles(cpp_named)
+    want = [_triton_launch(k, args, want_roles) for k, args in reference]
+    got = [_cpp_launch(r, compiled_by_id, got_roles) if r[0] in compiled_by_id
            else {"function": "another kernel"} for r in log]
     mode = f"forward+backward, {dy_kind} dy" if train else "forward"
     return {"case": f"{name}, {mode}{', custom op' if via_op else ''}",

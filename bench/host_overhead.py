@@ -219,10 +219,16 @@ def main() -> int:
         with torch.no_grad():
             return grouped_mm_by_ids(x, w, ids)
     cases["mtmm_by_ids"] = by_ids
+    cases["mtmm_by_ids_python_path"] = _without_cpp_launch(by_ids)
     cases["mtmm_by_ids_triton_path"] = _without_direct_launch(by_ids)
+    cases["mtmm_by_ids_fwd_bwd"] = lambda: torch.autograd.grad(
+        grouped_mm_by_ids(xg, wg, ids), (xg, wg), dy)
+    cases["mtmm_by_ids_fwd_bwd_python_path"] = _without_cpp_launch(cases["mtmm_by_ids_fwd_bwd"])
     if has_peer:
         peer = _forward_fn("sort_torch_grouped_mm_unsort", None, x, w, offsets, ids)
         cases["sort_torch_grouped_mm_unsort"] = lambda: peer(x, w)
+        cases["sort_torch_grouped_mm_unsort_fwd_bwd"] = lambda: torch.autograd.grad(
+            peer(xg, wg), (xg, wg), dy)
     cases.update(_varlen_cases())
     results = {}
     for name, fn in cases.items():
@@ -242,6 +248,10 @@ def main() -> int:
         cases["mtmm_fwd_bwd"]()
         torch.cuda.synchronize()
         results["cpp_launches_of_forward_and_forward_backward"] = ext.launch_count() - before
+        before = ext.launch_count()  # by ids: the group sort's two launches, then the GEMM
+        by_ids()
+        torch.cuda.synchronize()
+        results["cpp_launches_of_by_ids_forward"] = ext.launch_count() - before
 
     for name, fn in (("grouped_mm", public), ("grouped_mm_fwd_bwd", cases["mtmm_fwd_bwd"]),
                      ("grouped_mm_fwd_bwd_python_path", cases["mtmm_fwd_bwd_python_path"]),

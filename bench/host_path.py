@@ -222,6 +222,9 @@ def _timed_calls():
     def fwd_bwd():
         torch.autograd.grad(gg.grouped_mm(xg, wg, offsets), (xg, wg), dy)
 
+    def by_ids_fwd_bwd():
+        torch.autograd.grad(gg.grouped_mm_by_ids(xg, wg, ids), (xg, wg), dy)
+
     g = torch.Generator().manual_seed(0)
     B, H = 256, 64
     xp = torch.zeros(B, 1500, H, dtype=bf16)
@@ -234,6 +237,7 @@ def _timed_calls():
         "grouped_mm, 32 groups, no grad": lambda: gg.grouped_mm(x, w, offsets),
         "grouped_mm, 32 groups, forward + backward": fwd_bwd,
         "grouped_mm_by_ids, 32 groups, no grad": lambda: gg.grouped_mm_by_ids(x, w, ids),
+        "grouped_mm_by_ids, 32 groups, forward + backward": by_ids_fwd_bwd,
         "pack_padded, B=256, lengths on the CPU": lambda: V.pack_padded(xp, lens),
         "pack_multimodal, 3 streams, B=128, grouped": lambda: V.pack_multimodal(
             streams, lengths, gids, 4),

@@ -40,11 +40,13 @@ from triton import knobs
 
 from . import _direct_launch as direct_launch
 
-__all__ = ["ENABLED", "extension", "grouped_mm", "grouped_mm_dw", "takes", "offer_mm",
-           "offer_dw", "clear", "wants_fresh_gradient", "dry_run_on_cpu"]
+__all__ = ["ENABLED", "extension", "grouped_mm", "grouped_mm_dw", "sort_by_group", "takes",
+           "takes_ids", "offer_mm", "offer_dw", "offer_sort", "clear", "wants_fresh_gradient",
+           "dry_run_on_cpu"]
 
 ENABLED = os.environ.get("MTMM_CPP_LAUNCH", "1") != "0"
-_SOURCES = ("bindings.cpp", "grouped_mm_launch.cpp", "driver_api.cpp")
+_SOURCES = ("bindings.cpp", "grouped_mm_launch.cpp", "group_sort_launch.cpp", "plan_launch.cpp",
+            "driver_api.cpp")
 _DTYPES = (torch.float16, torch.bfloat16)
 
 _ext = None           # the built module
@@ -116,11 +118,11 @@ def _hooks_idle() -> bool:
     return True
 
 
-def _usable(x: torch.Tensor) -> bool:
+def _usable(t: torch.Tensor, dtypes: tuple = _DTYPES) -> bool:
     global _state
-    if not ENABLED or x.dtype not in _DTYPES or _build_failed:
+    if not ENABLED or t.dtype not in dtypes or _build_failed:
         return False
-    if not (x.is_cuda or dry_run_on_cpu):
+    if not (t.is_cuda or dry_run_on_cpu):
         return False
     state = _current_state()
     if state != _state:  # a switch changed: plans made under the old one are stale
@@ -132,6 +134,14 @@ def _usable(x: torch.Tensor) -> bool:
 def takes(x: torch.Tensor) -> bool:
     """Whether plans for calls on x go to the C++ table (the Python path offers them)."""
     return _ext is not None and _usable(x)
+
+
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def takes_ids(ids: torch.Tensor) -> bool:
+    """Whether the group sort's plans for these ids go to the C++ table."""
+    return _ext is not None and _usable(ids, _ID_DTYPES)
 
 
 def grouped_mm(x, w, offsets, bias, perm, autograd: bool):
@@ -146,9 +156,15 @@ def grouped_mm_dw(x, dy, offsets, perm, need_bias: bool):
     return _call("grouped_mm_dw", x, x, dy, offsets, perm, need_bias)
 
 
-def _call(entry: str, x: torch.Tensor, *args):
+def sort_by_group(ids, num_groups: int):
+    """(perm, offsets) of ``group_sort.sort_by_group`` through the C++ path, or None where
+    the Python path must run this call."""
+    return _call("sort_by_group", ids, ids, num_groups, dtypes=_ID_DTYPES)
+
+
+def _call(entry: str, x: torch.Tensor, *args, dtypes: tuple = _DTYPES):
     """The extension's ``entry`` on args where the C++ path may take calls on x, else None."""
-    if not _usable(x):
+    if not _usable(x, dtypes):
         return None
     ext = extension()
     if ext is None:
@@ -251,9 +267,8 @@ def offer_mm(plan_key, kernel, head, plan, grid_cap, x, w, bias, offsets, perm):
     bias or None, offsets [G], perm [T] or None). The caller has asked ``takes(x)``."""
     fields = _new_plan_fields(plan_key, kernel, head, plan)
     if fields is not None:
-        function, block, shared, scratch, slots = fields
-        _ext.register_mm(x, w, bias, offsets, perm, function, block, shared, scratch,
-                         plan.meta["BLOCK_M"], plan.meta["BLOCK_N"], grid_cap, slots)
+        _ext.register_mm(x, w, bias, offsets, perm, fields, plan.meta["BLOCK_M"],
+                         plan.meta["BLOCK_N"], grid_cap)
 
 
 def offer_dw(plan_key, kernel, head, plan, grid, x, dy, offsets, perm, need_bias):
@@ -261,6 +276,30 @@ def offer_dw(plan_key, kernel, head, plan, grid, x, dy, offsets, perm, need_bias
     perm or None). The caller has asked ``takes(x)``."""
     fields = _new_plan_fields(plan_key, kernel, head, plan)
     if fields is not None:
-        function, block, shared, scratch, slots = fields
-        _ext.register_dw(x, dy, offsets, perm, need_bias, function, block, shared, scratch,
-                         grid, slots)
+        _ext.register_dw(x, dy, offsets, perm, need_bias, fields, grid)
+
+
+def offer_sort(launches, num_groups: int, split: dict) -> None:
+    """Store the group sort's two plans for calls like this one. ``launches``: the counting
+    and the scatter kernel's (kernel, head, tail, options) as launched, heads starting with
+    the ids; ``split``: how the call split its rows (max_programs, row_step, block_g,
+    block_p_cap, and its rows_per_program, programs, block_p), which the C++ side checks
+    against its own rule. The caller has asked ``takes_ids(ids)``."""
+    token = ("sort", num_groups, *[(id(k), direct_launch._head_key(head), tail, options)
+                                   for k, head, tail, options in launches])
+    if token in _offered:
+        return
+    _offered.add(token)
+    fields = []
+    for kernel, head, tail, options in launches:
+        compiled = direct_launch.compiled_for(kernel, head, tail, options)
+        found = None if compiled is None else _plan_fields(compiled, kernel, head, tail)
+        if found is None:
+            return
+        fields.append(found)
+    try:
+        _ext.register_sort(launches[0][1][0], num_groups, *fields, split["max_programs"],
+                           split["row_step"], split["block_g"], split["block_p_cap"],
+                           (split["rows_per_program"], split["programs"], split["block_p"]))
+    except RuntimeError as error:  # the C++ rule splits otherwise: a bug, keep Python's path
+        _turn_off(error)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
 from ._triton_utils import cdiv, next_power_of_2, num_sms, triton_runs_on
 
@@ -121,20 +122,28 @@ def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch
     block_g = max(16, next_power_of_2(G + 1))
     block_t = max(16, min(1024, _TILE // block_g))
     # One program per SM at most: each reads every program's counts.
-    rows_per_program = cdiv(cdiv(T, num_sms(device)), block_t) * block_t
+    max_programs = num_sms(device)
+    rows_per_program = cdiv(cdiv(T, max_programs), block_t) * block_t
     P = cdiv(T, rows_per_program)
+    block_p = max(16, min(next_power_of_2(P), _TILE // block_g))
     counts_PG = torch.empty(P, block_g, dtype=torch.int32, device=device)
-    direct_launch.launch(_group_counts_kernel, (P,),
-                         (ids_T, counts_PG, T, G, rows_per_program),
-                         direct_launch.named_tail(_group_counts_kernel, BLOCK_T=block_t,
-                                                  BLOCK_G=block_g),
-                         (("num_warps", 4),))
-    direct_launch.launch(_group_scatter_kernel, (P,),
-                         (ids_T, counts_PG, perm_T, offsets_G, T, G, rows_per_program, P),
-                         direct_launch.named_tail(
-                             _group_scatter_kernel, BLOCK_T=block_t, BLOCK_G=block_g,
-                             BLOCK_P=max(16, min(next_power_of_2(P), _TILE // block_g))),
-                         (("num_warps", 4),))
+    options = (("num_warps", 4),)
+    launches = (
+        (_group_counts_kernel, (ids_T, counts_PG, T, G, rows_per_program),
+         direct_launch.named_tail(_group_counts_kernel, BLOCK_T=block_t, BLOCK_G=block_g),
+         options),
+        (_group_scatter_kernel, (ids_T, counts_PG, perm_T, offsets_G, T, G, rows_per_program, P),
+         direct_launch.named_tail(_group_scatter_kernel, BLOCK_T=block_t, BLOCK_G=block_g,
+                                  BLOCK_P=block_p),
+         options),
+    )
+    for kernel, head, tail, options in launches:
+        direct_launch.launch(kernel, (P,), head, tail, options)
+    if cpp_launch.takes_ids(ids_T):  # the C++ launch path takes later calls like this one
+        cpp_launch.offer_sort(launches, G, dict(
+            max_programs=max_programs, row_step=block_t, block_g=block_g,
+            block_p_cap=_TILE // block_g, rows_per_program=rows_per_program, programs=P,
+            block_p=block_p))
     return perm_T, offsets_G
 
 
@@ -143,6 +152,10 @@ def _uses_counting_sort(ids_T: torch.Tensor, G: int) -> bool:
 
 
 def _sort_by_group_impl(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if cpp_launch.ENABLED:  # the same two launches from C++, where it has their plans
+        sorted_ = cpp_launch.sort_by_group(ids_T, G)
+        if sorted_ is not None:
+            return sorted_
     ids_T = ids_T.contiguous()
     if _uses_counting_sort(ids_T, G):
         return _launch_group_sort(ids_T, G)

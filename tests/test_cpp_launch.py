@@ -65,15 +65,15 @@ DW_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 8, 0), (5, 8, 0), (6
 
 
 def _register_mm(ext, x, w, b, offsets, perm=None, block_m=64, block_n=32, cap=7, scratch=0):
-    ext.register_mm(x, w, b, offsets, perm, FUNCTION, 128, 4096, scratch, block_m, block_n, cap,
-                    MM_SLOTS)
+    ext.register_mm(x, w, b, offsets, perm, (FUNCTION, 128, 4096, scratch, MM_SLOTS), block_m,
+                    block_n, cap)
 
 
 def _register_backward(ext, x, w, b, offsets, need_bias, perm=None):
     """Plans for a fresh contiguous dy: dX (the forward kernel, K and N exchanged) and dW."""
     dy = torch.empty(x.shape[0], N, dtype=x.dtype)
     _register_mm(ext, dy, w.transpose(1, 2), None, offsets, perm)
-    ext.register_dw(x, dy, offsets, perm, need_bias, FUNCTION + 1, 256, 0, 64, 11, DW_SLOTS)
+    ext.register_dw(x, dy, offsets, perm, need_bias, (FUNCTION + 1, 256, 0, 64, DW_SLOTS), 11)
 
 
 def _planned_training_call(ext):
@@ -214,7 +214,7 @@ def test_only_the_needed_gradients_are_launched(ext):
     w.requires_grad_()  # x needs no gradient: no dX plan needed, no dX launch
     _register_mm(ext, x, w, None, offsets)
     dy = torch.empty(1000, N, dtype=x.dtype)
-    ext.register_dw(x, dy, offsets, None, False, FUNCTION + 1, 256, 0, 0, 11, DW_SLOTS)
+    ext.register_dw(x, dy, offsets, None, False, (FUNCTION + 1, 256, 0, 0, DW_SLOTS), 11)
     y = ext.grouped_mm(x, w, offsets, None)
     torch.autograd.grad(y, [w], torch.randn(y.shape).to(y.dtype))
     assert [r[0] for r in ext.take_launch_log()] == [FUNCTION, FUNCTION + 1]
@@ -265,11 +265,11 @@ def test_second_derivatives_are_refused(ext):
 def test_bad_plans_are_refused(ext):
     x, w, offsets, _ = _operands()
     with pytest.raises(RuntimeError, match="slot"):
-        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 64, 32, 7, [(9, 8, 0)])
+        ext.register_mm(x, w, None, offsets, None, (FUNCTION, 128, 0, 0, [(9, 8, 0)]), 64, 32, 7)
     with pytest.raises(RuntimeError, match="slot size"):
-        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 64, 32, 7, [(0, 3, 0)])
+        ext.register_mm(x, w, None, offsets, None, (FUNCTION, 128, 0, 0, [(0, 3, 0)]), 64, 32, 7)
     with pytest.raises(RuntimeError, match="grid"):
-        ext.register_mm(x, w, None, offsets, None, FUNCTION, 128, 0, 0, 0, 32, 7, MM_SLOTS)
+        ext.register_mm(x, w, None, offsets, None, (FUNCTION, 128, 0, 0, MM_SLOTS), 0, 32, 7)
 
 
 @needs_build
@@ -285,6 +285,77 @@ def test_switches_clear_the_table(ext, monkeypatch):
     _register_mm(ext, x, w, None, offsets)
     direct_launch.clear()  # e.g. a Triton knob changed: kernels compile afresh
     assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
+
+
+# The group sort's plans: per-call values are the kernels' heads (group_sort.py).
+COUNTS_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 4, 0), (3, 4, 0), (4, 4, 0)]
+SCATTER_SLOTS = [(0, 8, 0), (1, 8, 0), (2, 8, 0), (3, 8, 0), (4, 4, 0), (5, 4, 0), (6, 4, 0),
+                 (7, 4, 0)]
+SORT_RULE = dict(max_programs=4, row_step=256, block_g=16, block_p_cap=512)
+
+
+def _split(T, max_programs=4, row_step=256, block_p_cap=512, **_):
+    """group_sort._launch_group_sort's split of T rows, written out again."""
+    rows = -(-(-(-T // max_programs)) // row_step) * row_step
+    programs = -(-T // rows)
+    return rows, programs, max(16, min(1 << (programs - 1).bit_length(), block_p_cap))
+
+
+def _register_sort(ext, ids, num_groups=G, rule=SORT_RULE, split=None):
+    ext.register_sort(ids, num_groups, (FUNCTION + 2, 128, 0, 0, COUNTS_SLOTS),
+                      (FUNCTION + 3, 128, 512, 0, SCATTER_SLOTS), *rule.values(),
+                      split or _split(ids.shape[0], **rule))
+
+
+@needs_build
+@pytest.mark.parametrize("T", [1000, 3001, 16, 1])
+def test_group_sort_launches_its_two_kernels_over_the_split(ext, T):
+    ids = torch.randint(0, G, (T,))
+    _register_sort(ext, ids)
+    perm, offsets = ext.sort_by_group(ids, G)
+    assert perm.shape == (T,) and offsets.shape == (G,)
+    assert perm.dtype == offsets.dtype == torch.int32
+    counts_launch, scatter_launch = ext.take_launch_log()
+    rows, programs, _ = _split(T)
+    assert counts_launch[:5] == (FUNCTION + 2, programs, 128, 0, 0)
+    assert scatter_launch[:5] == (FUNCTION + 3, programs, 128, 512, 0)
+    counts = _params(counts_launch)[1]  # the same [P, BLOCK_G] scratch for both
+    assert _params(counts_launch)[:5] == [ids.data_ptr(), counts, T, G, rows]
+    assert _params(scatter_launch)[:8] == [ids.data_ptr(), counts, perm.data_ptr(),
+                                           offsets.data_ptr(), T, G, rows, programs]
+
+
+@needs_build
+def test_group_sort_keys_tell_apart_what_triton_specialises(ext):
+    ids = torch.randint(0, G, (1000,))
+    _register_sort(ext, ids)
+    assert ext.sort_by_group(ids, G) is not None
+    assert ext.sort_by_group(torch.stack([ids, ids], 1)[:, 0], G) is not None  # made contiguous
+    for name, args in {
+        "int32 ids": (ids.to(torch.int32), G),
+        "misaligned ids": (torch.cat([ids[:1], ids])[1:], G),
+        "G": (ids, G + 1),
+        "T == 1": (ids[:1], G),
+        "T % 16 == 0": (ids[:992], G),
+        "one program": (ids[:250], G),  # against 4 of 256 rows
+        "no rows": (ids[:0], G),
+        "no groups": (ids, 0),
+    }.items():
+        assert ext.sort_by_group(*args) is None, name
+    assert ext.take_launch_log()[4:] == []  # the two planned calls' launches only
+    assert _split(250)[1] == 1 and _split(700)[1] == 3
+    assert ext.sort_by_group(ids[:700], G) is not None  # 3 programs: specialised as 4 are
+
+
+@needs_build
+def test_a_group_sort_split_unlike_pythons_is_refused(ext):
+    ids = torch.randint(0, G, (1000,))
+    rows, programs, block_p = _split(1000)
+    with pytest.raises(RuntimeError, match="row split"):
+        _register_sort(ext, ids, split=(rows, programs + 1, block_p))
+    with pytest.raises(RuntimeError, match="row split"):
+        _register_sort(ext, ids, split=(rows, programs, block_p * 2))
+    assert ext.size() == 0
 
 
 @needs_build
@@ -349,7 +420,7 @@ x = torch.randn(100, 8).half()
 w = torch.randn(3, 8, 16).half()
 offsets = torch.tensor([10, 50, 90], dtype=torch.int32)
 slots = [(0, 8, 0), (1, 8, 0), (3, 8, 0), (6, 4, 0), (-1, 8, 123456789)]
-ext.register_mm(x, w, None, offsets, None, 0xBEEF, 256, 1000, 0, 64, 16, 5, slots)
+ext.register_mm(x, w, None, offsets, None, (0xBEEF, 256, 1000, 0, slots), 64, 16, 5)
 lib.fake_set(len(slots) + 2, 0)
 y = ext.grouped_mm(x, w, offsets, None, None, False)
 last, seen = (ctypes.c_uint64 * 9)(), (ctypes.c_ubyte * (8 * 7))()
@@ -398,7 +469,7 @@ def test_cpp_launch_hands_the_driver_what_tritons_launcher_receives(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 60
+    assert len(rows) == 80
     for row in rows:
         assert row["same"] and row["launches"] >= 1, row
         assert row["cpp_launches"] == row["launches"] and row["python_launches_left"] == 0, row
@@ -441,7 +512,8 @@ def test_gpu_cpp_launch_computes_what_the_python_path_computes(monkeypatch, bias
     ext = cpp_launch.extension()
     before = ext.launch_count()
     got = call()
-    assert ext.launch_count() == before + 3  # forward, dX, dW all from C++
+    # forward, dX, dW all from C++, by ids after the group sort's two launches
+    assert ext.launch_count() == before + (5 if by_ids else 3)
     for g, v in zip(got, want):
         assert torch.equal(g, v)
     ref = torch.zeros(1000, 80, dtype=torch.float64, device=dev)

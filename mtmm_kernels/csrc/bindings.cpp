@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "driver_api.hpp"
+#include "group_sort_launch.hpp"
 #include "grouped_mm_launch.hpp"
 #include "launch_table.hpp"
 
@@ -16,25 +17,22 @@ namespace {
 
 using SlotTuple = std::tuple<int64_t, int64_t, int64_t>;  // (source, bytes, value)
 
-mtmm::LaunchPlan make_plan(uint64_t function, int64_t block_x, int64_t shared_bytes,
-                           int64_t scratch_bytes, int64_t grid_fixed, int64_t block_m,
-                           int64_t block_n, int64_t grid_cap,
-                           const std::vector<SlotTuple>& slots) {
+// (function, block, shared bytes, scratch bytes per program, slots) of one compiled kernel.
+using PlanFields = std::tuple<uint64_t, int64_t, int64_t, int64_t, std::vector<SlotTuple>>;
+
+// A plan without its grid rule (the caller sets it).
+mtmm::LaunchPlan plan_from(const PlanFields& fields) {
+  const auto& [function, block_x, shared_bytes, scratch_bytes, slots] = fields;
   TORCH_CHECK(block_x > 0 && shared_bytes >= 0 && scratch_bytes >= 0, "bad launch plan");
-  TORCH_CHECK(grid_fixed > 0 || (block_m > 0 && block_n > 0 && grid_cap > 0),
-              "a launch plan needs a fixed grid or its tile sizes");
   TORCH_CHECK(slots.size() <= 62, "too many kernel parameters: ", slots.size());
   mtmm::LaunchPlan plan;
   plan.function = function;
   plan.block_x = static_cast<uint32_t>(block_x);
   plan.shared_bytes = static_cast<uint32_t>(shared_bytes);
   plan.scratch_bytes = scratch_bytes;
-  plan.grid_fixed = grid_fixed;
-  plan.block_m = block_m;
-  plan.block_n = block_n;
-  plan.grid_cap = grid_cap;
   for (const auto& [source, bytes, value] : slots) {
-    TORCH_CHECK(source >= mtmm::ParamSlot::kFixed && source < 7, "bad slot source ", source);
+    TORCH_CHECK(source >= mtmm::ParamSlot::kFixed && source < mtmm::kMaxCallValues,
+                "bad slot source ", source);
     TORCH_CHECK(bytes == 1 || bytes == 2 || bytes == 4 || bytes == 8, "bad slot size ", bytes);
     plan.slots.push_back({static_cast<int8_t>(source), static_cast<uint8_t>(bytes), value});
   }
@@ -44,7 +42,8 @@ mtmm::LaunchPlan make_plan(uint64_t function, int64_t block_x, int64_t shared_by
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mtmm's C++ launch path for the grouped GEMM (mtmm_kernels/_cpp_launch.py)";
+  m.doc() = "mtmm's C++ launch path for the grouped GEMM and its group sort "
+            "(mtmm_kernels/_cpp_launch.py)";
 
   m.def("grouped_mm", &mtmm::grouped_mm, py::arg("x"), py::arg("w"), py::arg("offsets"),
         py::arg("bias") = py::none(), py::arg("perm") = py::none(), py::arg("autograd") = true,
@@ -58,32 +57,67 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "register_mm",
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-         const at::Tensor& offsets, const std::optional<at::Tensor>& perm, uint64_t function,
-         int64_t block_x, int64_t shared_bytes, int64_t scratch_bytes, int64_t block_m,
-         int64_t block_n, int64_t grid_cap, const std::vector<SlotTuple>& slots) {
+         const at::Tensor& offsets, const std::optional<at::Tensor>& perm,
+         const PlanFields& fields, int64_t block_m, int64_t block_n, int64_t grid_cap) {
+        TORCH_CHECK(block_m > 0 && block_n > 0 && grid_cap > 0, "bad grid rule");
         auto key = mtmm::mm_key(x.device(), x.size(0), x.size(1), w.size(2), w.size(0),
                                 mtmm::operand(x), mtmm::operand(w),
                                 mtmm::operand(bias.value_or(at::Tensor())),
                                 mtmm::operand(offsets),
                                 mtmm::operand(perm.value_or(at::Tensor())));
-        mtmm::plan_table().put(key, make_plan(function, block_x, shared_bytes, scratch_bytes,
-                                              0, block_m, block_n, grid_cap, slots));
+        mtmm::LaunchPlan plan = plan_from(fields);
+        plan.block_m = block_m;
+        plan.block_n = block_n;
+        plan.grid_cap = grid_cap;
+        mtmm::plan_table().put(key, std::move(plan));
       },
       "Store the forward/dX kernel's plan for calls shaped like (x, w, bias, offsets, perm)");
 
   m.def(
       "register_dw",
       [](const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
-         const std::optional<at::Tensor>& perm, bool need_bias, uint64_t function,
-         int64_t block_x, int64_t shared_bytes, int64_t scratch_bytes, int64_t grid,
-         const std::vector<SlotTuple>& slots) {
+         const std::optional<at::Tensor>& perm, bool need_bias, const PlanFields& fields,
+         int64_t grid) {
+        TORCH_CHECK(grid > 0, "bad grid");
         auto key = mtmm::dw_key(x.device(), x.size(0), x.size(1), dy.size(1), offsets.size(0),
                                 mtmm::operand(x), mtmm::operand(dy), mtmm::operand(offsets),
                                 mtmm::operand(perm.value_or(at::Tensor())), need_bias);
-        mtmm::plan_table().put(key, make_plan(function, block_x, shared_bytes, scratch_bytes,
-                                              grid, 0, 0, 0, slots));
+        mtmm::LaunchPlan plan = plan_from(fields);
+        plan.grid_fixed = grid;
+        mtmm::plan_table().put(key, std::move(plan));
       },
       "Store the dW kernel's plan for calls shaped like (x, dy, offsets, perm, need_bias)");
+
+  m.def("sort_by_group", &mtmm::sort_by_group, py::arg("ids"), py::arg("num_groups"),
+        "(perm, offsets) of the group sort through its planned launches; None when a plan is "
+        "missing");
+
+  m.def(
+      "register_sort",
+      [](const at::Tensor& ids, int64_t G, const PlanFields& counts, const PlanFields& scatter,
+         int64_t max_programs, int64_t row_step, int64_t block_g, int64_t block_p_cap,
+         const std::tuple<int64_t, int64_t, int64_t>& python_split) {
+        TORCH_CHECK(ids.dim() == 1 && ids.is_contiguous(), "the sort's ids must be contiguous");
+        TORCH_CHECK(max_programs > 0 && row_step > 0 && block_g > G && block_p_cap > 0,
+                    "bad row split");
+        const int64_t T = ids.size(0);
+        mtmm::LaunchPlan counts_plan = plan_from(counts);
+        counts_plan.split = {max_programs, row_step, block_g, block_p_cap};
+        const mtmm::SortSplit split = mtmm::sort_split(counts_plan.split, T);
+        // The C++ rule must split as group_sort._launch_group_sort did for this call.
+        const auto [rows, programs, block_p] = python_split;
+        TORCH_CHECK(split.rows_per_program == rows && split.programs == programs &&
+                        split.block_p == block_p,
+                    "mtmm: the C++ row split (", split.rows_per_program, ", ", split.programs,
+                    ", ", split.block_p, ") differs from the Python one (", rows, ", ",
+                    programs, ", ", block_p, ")");
+        const mtmm::Operand ids_key = mtmm::operand(ids);
+        mtmm::plan_table().put(mtmm::sort_counts_key(ids.device(), T, G, ids_key),
+                               std::move(counts_plan));
+        mtmm::plan_table().put(mtmm::sort_scatter_key(ids.device(), T, G, ids_key, split),
+                               plan_from(scatter));
+      },
+      "Store the group sort's two plans for calls shaped like (ids, G)");
 
   m.def("clear", [] { mtmm::plan_table().clear(); }, "Forget every plan");
   m.def("size", [] { return mtmm::plan_table().size(); }, "Number of plans");

@@ -3,31 +3,16 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <array>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <utility>
 
-#include "driver_api.hpp"
-
 namespace mtmm {
-
-PlanTable& plan_table() {
-  static PlanTable table;
-  return table;
-}
 
 namespace {
 
 BackwardFallback g_fallback;
-
-int64_t address_mod16(const at::Tensor& t) {
-  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16);
-}
 
 // floor(log2(max(T / G, 1))): the tile-height bucket of grouped_gemm._m_bucket.
 int64_t m_bucket(int64_t T, int64_t G) {
@@ -40,18 +25,12 @@ int64_t m_bucket(int64_t T, int64_t G) {
   return bucket;
 }
 
-void append(PlanKey& key, const Operand& t) {
-  key.insert(key.end(), {t.defined, t.dtype, t.align, t.stride[0], t.stride[1], t.stride[2]});
-}
-
 // What every key starts with: the kernel, the device, and how Triton specialises the row count.
 PlanKey key_head(KernelKind kind, const at::Device& device, int64_t T, int64_t K, int64_t N,
                  int64_t G) {
   return {static_cast<int64_t>(kind), static_cast<int64_t>(device.type()), device.index(),
           T == 1, T % 16 == 0, K, N, G, m_bucket(T, G)};
 }
-
-uint64_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
 
 // Whether every defined tensor of `others` lives on x's device (callers of the raw ops may not
 // have checked: a kernel must never get another device's addresses).
@@ -60,66 +39,6 @@ bool on_device_of(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
     if (t->defined() && t->device() != x.device()) return false;
   }
   return true;
-}
-
-StreamResolver g_stream_resolver;
-std::mutex g_streams_mutex;
-std::map<std::pair<int64_t, int64_t>, uint64_t> g_streams;  // (device, stream id) -> handle
-
-// torch with c10::Stream::native_handle (2026 on) gives the CUstream directly...
-template <typename S>
-auto native_handle_of(const S& stream, int) -> decltype(stream.native_handle(), uint64_t()) {
-  return reinterpret_cast<uint64_t>(stream.native_handle());
-}
-
-// ... an older one through Python, once per stream (a stream id names one stream for good).
-template <typename S>
-uint64_t native_handle_of(const S& stream, long) {
-  return stream_handle_from_resolver(stream.device_index(), stream.id());
-}
-
-uint64_t current_stream(const at::Device& device) {
-  if (device.is_cpu()) return 0;  // dry-run tests
-  c10::impl::VirtualGuardImpl guard(device.type());
-  return native_handle_of(guard.getStream(device), 0);
-}
-
-// Per-call values, in the order of the kernels' leading parameters.
-using CallValues = std::array<uint64_t, 7>;
-
-void run_plan(const LaunchPlan& plan, const CallValues& values, int64_t T, int64_t G, int64_t N,
-              const at::Device& device) {
-  constexpr size_t kMaxParams = 64;
-  const size_t n = plan.slots.size();
-  TORCH_INTERNAL_ASSERT(n + 2 <= kMaxParams, "mtmm: too many kernel parameters");
-  const int64_t grid = plan.grid(T, G, N);
-  if (grid <= 0) return;
-  at::Tensor scratch;
-  int64_t scratch_total = 0;
-  if (plan.scratch_bytes > 0) {
-    scratch_total = grid * plan.scratch_bytes;
-    scratch = at::empty({scratch_total}, at::TensorOptions().dtype(at::kByte).device(device));
-  }
-  std::array<uint64_t, kMaxParams> storage;
-  std::array<void*, kMaxParams> params;
-  std::array<uint8_t, kMaxParams> bytes;
-  for (size_t i = 0; i < n; ++i) {
-    const ParamSlot& slot = plan.slots[i];
-    storage[i] = slot.source == ParamSlot::kFixed ? static_cast<uint64_t>(slot.value)
-                                                  : values[slot.source];
-    params[i] = &storage[i];  // little-endian: a narrower parameter reads the low bytes
-    bytes[i] = slot.bytes;
-  }
-  // Triton's kernels end with the global and the profile scratch pointers.
-  storage[n] = scratch.defined() ? address(scratch) : 0;
-  storage[n + 1] = 0;
-  for (size_t i = n; i < n + 2; ++i) {
-    params[i] = &storage[i];
-    bytes[i] = 8;
-  }
-  launch_kernel(plan.function, static_cast<uint32_t>(grid), plan.block_x, plan.shared_bytes,
-                current_stream(device), params.data(), bytes.data(), static_cast<int>(n + 2),
-                scratch_total);
 }
 
 at::Tensor launch_mm(const LaunchPlan& plan, const at::Tensor& x, const at::Tensor& w,
@@ -132,7 +51,7 @@ at::Tensor launch_mm(const LaunchPlan& plan, const at::Tensor& x, const at::Tens
   const at::Tensor& perm_arg = perm.defined() ? perm : offsets;
   run_plan(plan, {address(x), address(w), address(bias_arg), address(y), address(offsets),
                   address(perm_arg), static_cast<uint64_t>(T)},
-           T, G, N, x.device());
+           plan.grid(T, G, N), x.device());
   return y;
 }
 
@@ -147,7 +66,7 @@ std::pair<at::Tensor, at::Tensor> launch_dw(const LaunchPlan& plan, const at::Te
   const at::Tensor& perm_arg = perm.defined() ? perm : offsets;
   run_plan(plan, {address(x), address(dy), address(offsets), address(perm_arg), address(dw),
                   address(db_arg), static_cast<uint64_t>(T)},
-           T, G, N, x.device());
+           plan.grid(T, G, N), x.device());
   return {dw, db};
 }
 
@@ -169,16 +88,6 @@ Operand fresh_rows(int64_t N, int64_t dtype) {
 }
 
 }  // namespace
-
-Operand operand(const at::Tensor& t) {
-  Operand o;
-  if (!t.defined()) return o;
-  o.defined = true;
-  o.dtype = static_cast<int64_t>(t.scalar_type());
-  o.align = address_mod16(t);
-  for (int64_t d = 0; d < t.dim() && d < 3; ++d) o.stride[d] = t.stride(d);
-  return o;
-}
 
 PlanKey mm_key(const at::Device& device, int64_t T, int64_t K, int64_t N, int64_t G,
                const Operand& x, const Operand& w, const Operand& bias, const Operand& offsets,
@@ -216,28 +125,6 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
 
 void set_backward_fallback(BackwardFallback fallback) { g_fallback = std::move(fallback); }
 
-void set_stream_resolver(StreamResolver resolver) { g_stream_resolver = std::move(resolver); }
-
-uint64_t stream_handle_from_resolver(int64_t device_index, int64_t stream_id) {
-  const std::pair<int64_t, int64_t> key{device_index, stream_id};
-  {
-    std::lock_guard<std::mutex> lock(g_streams_mutex);
-    auto it = g_streams.find(key);
-    if (it != g_streams.end()) return it->second;
-  }
-  TORCH_CHECK(g_stream_resolver, "mtmm: no way to find the CUDA stream's handle");
-  const uint64_t handle = g_stream_resolver(device_index, stream_id);
-  std::lock_guard<std::mutex> lock(g_streams_mutex);
-  g_streams[key] = handle;
-  return handle;
-}
-
-uint64_t current_stream_handle(const at::Device& device, bool through_resolver) {
-  if (!through_resolver) return current_stream(device);
-  c10::impl::VirtualGuardImpl guard(device.type());
-  return native_handle_of(guard.getStream(device), 0L);  // the older torch's way, on any torch
-}
-
 namespace {
 
 struct BackwardPlans {
@@ -265,7 +152,7 @@ std::optional<BackwardPlans> backward_plans(const at::Tensor& x, const at::Tenso
 }
 
 bool is_fresh_rows(const at::Tensor& t) {
-  return t.is_contiguous() && address_mod16(t) == 0;
+  return t.is_contiguous() && address(t) % 16 == 0;
 }
 
 class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {

@@ -12,20 +12,9 @@
 #include <tuple>
 
 #include "launch_table.hpp"
+#include "plan_launch.hpp"
 
 namespace mtmm {
-
-enum class KernelKind : int64_t { kMm = 0, kDw = 1 };
-
-// What a plan key holds of one tensor: strides, dtype and address modulo 16 (what Triton
-// specialises a pointer on, and what decides whether a tile may use TMA).
-struct Operand {
-  bool defined = false;
-  int64_t dtype = -1;
-  int64_t align = -1;
-  int64_t stride[3] = {-1, -1, -1};
-};
-Operand operand(const at::Tensor& t);
 
 // Plan keys, computed alike when Python registers a plan and when a call looks it up.
 // kMm: the forward/dX kernel, x [T, K] @ w [G, K, N] (+ bias [G, N]) with offsets [G] and,
@@ -62,14 +51,5 @@ using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Te
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool, bool, bool)>;
 void set_backward_fallback(BackwardFallback fallback);
-
-// The current stream's CUstream. torch before c10::Stream::native_handle has no C++ way to it
-// without CUDA's headers: there it comes from a resolver (device, stream id) -> handle, set by
-// the bindings to ask torch's Python API, once per stream.
-using StreamResolver = std::function<uint64_t(int64_t, int64_t)>;
-void set_stream_resolver(StreamResolver resolver);
-uint64_t stream_handle_from_resolver(int64_t device_index, int64_t stream_id);
-// The current stream's CUstream as launches find it, or through the resolver (tests).
-uint64_t current_stream_handle(const at::Device& device, bool through_resolver);
 
 }  // namespace mtmm

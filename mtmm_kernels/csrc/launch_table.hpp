@@ -13,6 +13,9 @@
 
 namespace mtmm {
 
+// The kernel a plan launches: a plan key's first word, so that keys of different kernels differ.
+enum class KernelKind : int64_t { kMm = 0, kDw = 1, kSortCounts = 2, kSortScatter = 3 };
+
 // One kernel parameter that is not a constexpr, in signature order.
 struct ParamSlot {
   static constexpr int8_t kFixed = -1;
@@ -26,13 +29,21 @@ struct LaunchPlan {
   uint32_t block_x = 0;        // 32 * num_warps
   uint32_t shared_bytes = 0;   // dynamic shared memory
   int64_t scratch_bytes = 0;   // global scratch per program (in-kernel descriptors), 0: none
-  // Grid: grid_fixed when positive, else min((cdiv(T, block_m) + G + 1) * cdiv(N, block_n),
-  // grid_cap), the persistent kernel's bound on its tiles.
+  // The grouped GEMM's grid: grid_fixed when positive, else min((cdiv(T, block_m) + G + 1) *
+  // cdiv(N, block_n), grid_cap), the persistent kernel's bound on its tiles. (The group sort's
+  // grid comes from its row split.)
   int64_t grid_fixed = 0;
   int64_t block_m = 0;
   int64_t block_n = 0;
   int64_t grid_cap = 0;
   std::vector<ParamSlot> slots;
+  // The group sort's counting plan (mtmm_kernels/group_sort.py) also holds how a call splits
+  // its T rows: rows_per_program = cdiv(cdiv(T, max_programs), row_step) * row_step, one
+  // program per rows_per_program rows, block_g counts per program, and the scatter kernel's
+  // BLOCK_P = max(16, min(next_power_of_2(programs), block_p_cap)).
+  struct RowSplit {
+    int64_t max_programs = 0, row_step = 0, block_g = 0, block_p_cap = 0;
+  } split;
 
   int64_t grid(int64_t T, int64_t G, int64_t N) const {
     if (grid_fixed > 0) return grid_fixed;
