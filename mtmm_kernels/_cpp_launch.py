@@ -1,5 +1,5 @@
-"""The grouped GEMM's C++ launch path: forward and backward without Python between the call
-and the GPU.
+"""The grouped GEMM's C++ launch path: forward and backward, and the group sort, without
+Python between the call and the GPU.
 
 On an H200's host a small grouped GEMM's forward + backward spent 490 us in Python (checks,
 launch plans, Triton's launcher, three CUDA allocations, a Python backward) against 174 us for
@@ -17,8 +17,13 @@ specialisation depend on: device, dtypes, K, N, G, the tile-height bucket, strid
 modulo 16, and T's specialisation (T == 1, T % 16). Switches the Python path reads (TMA,
 AUTOTUNE, the config tables, the direct launch) clear the table when they change.
 
+The group sort of ``grouped_mm_by_ids`` (``group_sort.py``, two launches) takes the path
+too: its first call offers both kernels' plans (``offer_sort``; the sort never tunes), with
+the rule by which a call splits its rows over programs, which C++ checks against the Python
+split of that call before it takes the plans.
+
 Used for fp16 and bf16 on CUDA, both routings (``grouped_mm``, and ``grouped_mm_by_ids``
-after its group sort), eager mode (``torch.compile`` traces the custom op), launches without
+with its group sort of int32 or int64 ids), eager mode (``torch.compile`` traces the custom op), launches without
 profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on first use with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then cached); a
 failed build warns once and leaves the Python path.
