@@ -185,7 +185,9 @@ def _grouped_gemm_cases():
                with_config("_MM_CONFIGS", config,
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, None)))
     for config in gg._dw_configs(False):
-        yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}",
+        persistent = config.kwargs.get("PROGS_PER_SM")  # compiled apart: a loop over tiles
+        yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}"
+               f"{f' p{persistent}' if persistent else ''}",
                with_config("_DW_CONFIGS", config,
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))
     perm = torch.arange(T)

@@ -105,6 +105,7 @@ class Cand:
             return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load}{flat} gm{m['GROUP_M']} "
                     f"{persist} w{w} s{s}")
         load = " tma" if m.get("TMA") else ""
+        load += f" p{m['PROGS_PER_SM']}" if m.get("PROGS_PER_SM") else ""  # persistent
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
@@ -117,8 +118,10 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
-def dw_cand(bk, bn, bm, warps, stages, tma=False) -> Cand:
+def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
+    if progs:  # persistent: at most progs programs per SM walk the tiles
+        meta["PROGS_PER_SM"] = progs
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
@@ -178,6 +181,12 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
         (64, 128, 64, 4, 4),
     ]),
     dw_cand(128, 256, 64, 8, 3, TMA),
+    # the autotuner's persistent descriptor configs: descriptors built once per program
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1),
+    dw_cand(128, 128, 64, 8, 3, TMA, progs=1),
+    dw_cand(128, 128, 32, 4, 4, TMA, progs=2),
+    dw_cand(64, 128, 64, 4, 4, TMA, progs=2),
+    dw_cand(128, 256, 64, 8, 4, TMA, progs=1),
     dw_cand(128, 128, 64, 8, 4, TMA),
     # around the wide descriptor tile, still 0.89-0.91x CUTLASS's dW on the large cases:
     # a deeper pipeline, the transposed shape, longer reduction steps
@@ -203,6 +212,7 @@ SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
              mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, tma_store=True)]
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
+            dw_cand(16, 16, 16, 4, 1, progs=1), dw_cand(16, 16, 16, 4, 1, TMA, progs=1),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -297,8 +307,10 @@ def dw_args(x_TK, dy_TN, offsets_G, dw_GKN) -> dict:
 
 
 def dw_grid(args: dict, meta: dict) -> int:
-    return args["G"] * triton.cdiv(args["K"], meta["BLOCK_K"]) * triton.cdiv(args["N"],
-                                                                             meta["BLOCK_N"])
+    tiles = args["G"] * triton.cdiv(args["K"], meta["BLOCK_K"]) * triton.cdiv(args["N"],
+                                                                              meta["BLOCK_N"])
+    progs = meta.get("PROGS_PER_SM", 0)  # as _launch_grouped_mm_dw's grid
+    return min(tiles, gg._num_sms(args["x_ptr"].device) * progs) if progs else tiles
 
 
 @dataclass
@@ -325,7 +337,8 @@ class KernelSpec:
     def meta(self, cand: Cand) -> dict:
         meta = dict(cand.meta)
         params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
-        for flag in ("TMA", "FLATTEN", "TMA_STORE"):  # flags an older kernel does not have
+        # flags an older kernel does not have
+        for flag in ("TMA", "FLATTEN", "TMA_STORE", "PROGS_PER_SM"):
             if flag not in params:
                 meta.pop(flag, None)
         if self.even_k:

@@ -19,9 +19,9 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_grouped_gemm_sweep_smoke(tmp_path):
-    """Every kernel the sweep launches (forward, dX, dW; pointer and descriptor builds) runs in
-    the interpreter with the launcher's arguments and matches the reference; a candidate the
-    kernel cannot compile becomes an error row, not a crash."""
+    """Every kernel the sweep launches (forward, dX, dW; pointer and descriptor builds; dW also
+    persistent) runs in the interpreter with the launcher's arguments and matches the
+    reference; a candidate the kernel cannot compile becomes an error row, not a crash."""
     out = tmp_path / "sweep.json"
     proc = _run("bench/sweep_grouped_gemm.py", "--cpu-smoke", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,6 +29,9 @@ def test_grouped_gemm_sweep_smoke(tmp_path):
     ours = [r for r in rows if r["kernel"] in ("fwd", "dx", "dw")]
     assert {(r["kernel"], r["config"]["TMA"]) for r in ours} == {
         (k, tma) for k in ("fwd", "dx", "dw") for tma in (False, True)}
+    persistent_dw = {r["config"]["TMA"] for r in ours
+                     if r["kernel"] == "dw" and r["config"].get("PROGS_PER_SM")}
+    assert persistent_dw == {False, True}
     failed = [r for r in ours if r["error"]]
     assert [(r["kernel"], r["config"]["BLOCK_M"]) for r in failed] == [("dw", 24)]
     for r in ours:

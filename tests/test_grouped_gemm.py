@@ -12,6 +12,7 @@ import triton
 
 from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 from mtmm_kernels import reference as ref
+from mtmm_kernels._triton_utils import num_sms
 
 
 @pytest.fixture(autouse=True)
@@ -180,6 +181,46 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
     check_against_reference(x, w, b, offsets, tail=3)
     for kind in ("mm", "dw"):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_persistent_dw(device, monkeypatch, tma):
+    """dW with fewer programs than tiles (PROGS_PER_SM > 0): each program walks several
+    (group, K-tile, N-tile) tiles, with descriptors built once (tma) or pointer loads, over
+    empty groups, partial row tiles, dBias and rows in any order; the grid really is smaller
+    than the tile count (4 programs per SM stand-in on the CPU)."""
+    if tma:
+        _use_tma(device, monkeypatch)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    # with tma, the pointer config stays for what has no descriptors (gathered rows)
+    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1), num_warps=4,
+        num_stages=1 if device.type == "cpu" else 3) for t in sorted({tma, False}, reverse=True)])
+    grids = []
+    real_launch = grouped_gemm.direct_launch.launch
+
+    def spy(kernel, grid, head, tail, options):
+        if kernel is grouped_gemm._grouped_mm_dw_kernel:
+            grids.append(grid[0])
+        return real_launch(kernel, grid, head, tail, options)
+    monkeypatch.setattr(grouped_gemm.direct_launch, "launch", spy)
+    sizes, K, N = [5, 0, 33, 9, 16], 40, 24  # 5 groups x 3 K-tiles x 2 N-tiles = 30 tiles
+    x, w, b, offsets = make_problem(sizes, K, N, dtype, device, tail=3)
+    check_against_reference(x, w, b, offsets, tail=3)
+    assert grids and all(g == min(30, num_sms(device)) for g in grids), grids  # 4 on a CPU
+    ids = torch.repeat_interleave(torch.arange(5, device=device),
+                                  torch.tensor(sizes, device=device))
+    ids = ids[torch.randperm(ids.shape[0], device=device)]
+    xl, wl, bl = leaf(x[:63]), leaf(w), leaf(b)
+    y = grouped_mm_by_ids(xl, wl, ids, bl)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    order = torch.sort(ids, stable=True).indices
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x[:63], w, b))
+    y64 = ref.grouped_mm_reference(x64[order], w64, offsets.cpu(), b64)
+    y64.backward(dy[order].double())
+    for got, want in ((wl.grad, w64.grad), (bl.grad, b64.grad)):
+        assert rel_err(got, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("N", [40, 20])
