@@ -409,6 +409,26 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
   return extra == 0 ? fail : -1;
 }
 int cuGetErrorString(int error, const char** text) { *text = "fake driver error"; return 0; }
+/* the current context, per thread as in libcuda; the primary contexts retained */
+static __thread void* current = 0;
+static int retains = 0, ordinal_asked = -1;
+int cuCtxGetCurrent(void** ctx) { *ctx = current; return 0; }
+int cuCtxSetCurrent(void* ctx) { current = ctx; return 0; }
+int cuDeviceGet(int* device, int ordinal) {
+  ordinal_asked = ordinal;
+  *device = 100 + ordinal;
+  return 0;
+}
+int cuDevicePrimaryCtxRetain(void** ctx, int device) {
+  ++retains;
+  *ctx = (void*)(uintptr_t)(0xC0DE00 + device);
+  return 0;
+}
+void fake_context(uint64_t* out) {
+  out[0] = (uint64_t)retains;
+  out[1] = (uint64_t)ordinal_asked;
+  out[2] = (uint64_t)(uintptr_t)current;
+}
 """
 
 _DRIVE_FAKE = r"""
@@ -429,6 +449,17 @@ params = [int.from_bytes(bytes(seen[8 * i:8 * i + 8]), "little") for i in range(
 assert list(last) == [0xBEEF, 5, 1, 1, 256, 1, 1, 1000, 0], list(last)
 assert params[:3] == [x.data_ptr(), w.data_ptr(), y.data_ptr()], params
 assert params[3] & 0xFFFFFFFF == 100 and params[4] == 123456789 and params[5:] == [0, 0]
+context = (ctypes.c_uint64 * 3)()
+lib.fake_context(context)  # no context in this thread: device 0's primary one made current
+assert list(context) == [1, 0, 0xC0DE00 + 100], list(context)
+ext.grouped_mm(x, w, offsets, None, None, False)
+lib.fake_context(context)
+assert context[0] == 1  # current now: nothing retained again
+import threading
+thread = threading.Thread(target=ext.grouped_mm, args=(x, w, offsets, None, None, False))
+thread.start(), thread.join()
+lib.fake_context(context)
+assert context[0] == 2 and context[2] == 0xC0DE00 + 100, list(context)  # the new thread's own
 lib.fake_set(len(slots) + 2, 700)
 try:
     ext.grouped_mm(x, w, offsets, None, None, False)
@@ -445,7 +476,9 @@ print("driven")
 def test_launches_reach_the_driver_as_declared(tmp_path):
     """The real launch branch (not the dry run), against a stand-in libcuda.so.1: the
     extension finds cuLaunchKernel by name and hands it grid, block, shared memory, stream
-    and the parameters; a failed launch raises with the driver's message."""
+    and the parameters; a thread without a current context (an autograd engine thread) gets
+    the device's primary context first, once; a failed launch raises with the driver's
+    message."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         pytest.skip("needs a C compiler")

@@ -17,11 +17,26 @@ using LaunchFn = CUresult (*)(void* f, unsigned grid_x, unsigned grid_y, unsigne
                               unsigned block_x, unsigned block_y, unsigned block_z,
                               unsigned shared_bytes, void* stream, void** params, void** extra);
 using ErrorStringFn = CUresult (*)(CUresult error, const char** text);
+using CtxGetCurrentFn = CUresult (*)(void** context);
+using CtxSetCurrentFn = CUresult (*)(void* context);
+using DeviceGetFn = CUresult (*)(int* device, int ordinal);
+using PrimaryCtxRetainFn = CUresult (*)(void** context, int device);
 
 struct Driver {
   LaunchFn launch = nullptr;
   ErrorStringFn error_string = nullptr;
+  CtxGetCurrentFn ctx_get_current = nullptr;
+  CtxSetCurrentFn ctx_set_current = nullptr;
+  DeviceGetFn device_get = nullptr;
+  PrimaryCtxRetainFn primary_ctx_retain = nullptr;
 };
+
+template <typename Fn>
+Fn symbol(void* lib, const char* name) {
+  Fn fn = reinterpret_cast<Fn>(dlsym(lib, name));
+  if (fn == nullptr) throw std::runtime_error(std::string("mtmm: libcuda has no ") + name);
+  return fn;
+}
 
 const Driver& driver() {
   static const Driver loaded = [] {
@@ -30,12 +45,23 @@ const Driver& driver() {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
     if (lib == nullptr) throw std::runtime_error("mtmm: cannot load libcuda.so.1");
-    d.launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+    d.launch = symbol<LaunchFn>(lib, "cuLaunchKernel");
     d.error_string = reinterpret_cast<ErrorStringFn>(dlsym(lib, "cuGetErrorString"));
-    if (d.launch == nullptr) throw std::runtime_error("mtmm: libcuda has no cuLaunchKernel");
+    d.ctx_get_current = symbol<CtxGetCurrentFn>(lib, "cuCtxGetCurrent");
+    d.ctx_set_current = symbol<CtxSetCurrentFn>(lib, "cuCtxSetCurrent");
+    d.device_get = symbol<DeviceGetFn>(lib, "cuDeviceGet");
+    d.primary_ctx_retain = symbol<PrimaryCtxRetainFn>(lib, "cuDevicePrimaryCtxRetain");
     return d;
   }();
   return loaded;
+}
+
+void check(const Driver& d, CUresult status, const char* call) {
+  if (status == 0) return;
+  const char* text = nullptr;
+  if (d.error_string != nullptr) d.error_string(status, &text);
+  throw std::runtime_error(std::string("mtmm: ") + call + " failed with error " +
+                           std::to_string(status) + " (" + (text ? text : "unknown") + ")");
 }
 
 std::atomic<bool> g_dry_run{false};
@@ -61,8 +87,8 @@ std::vector<LaunchRecord> take_launch_log() {
 }
 
 void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_t shared_bytes,
-                   uint64_t stream, void** params, const uint8_t* param_bytes, int num_params,
-                   int64_t scratch_bytes) {
+                   uint64_t stream, int64_t device_index, void** params,
+                   const uint8_t* param_bytes, int num_params, int64_t scratch_bytes) {
   ++g_launches;
   if (g_dry_run) {
     if (!g_keep_log) return;
@@ -76,14 +102,20 @@ void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_
     return;
   }
   const Driver& d = driver();
+  // A thread that never made a CUDA runtime call has no current context (the autograd
+  // engine's device threads, whose cudaSetDevice torch skips when the device already matches):
+  // make the device's primary context, which torch and Triton use, current there.
+  void* context = nullptr;
+  check(d, d.ctx_get_current(&context), "cuCtxGetCurrent");
+  if (context == nullptr) {
+    int device = 0;
+    check(d, d.device_get(&device, device_index < 0 ? 0 : device_index), "cuDeviceGet");
+    check(d, d.primary_ctx_retain(&context, device), "cuDevicePrimaryCtxRetain");
+    check(d, d.ctx_set_current(context), "cuCtxSetCurrent");
+  }
   CUresult status = d.launch(reinterpret_cast<void*>(function), grid_x, 1, 1, block_x, 1, 1,
                              shared_bytes, reinterpret_cast<void*>(stream), params, nullptr);
-  if (status != 0) {
-    const char* text = nullptr;
-    if (d.error_string != nullptr) d.error_string(status, &text);
-    throw std::runtime_error("mtmm: cuLaunchKernel failed with error " +
-                             std::to_string(status) + " (" + (text ? text : "unknown") + ")");
-  }
+  check(d, status, "cuLaunchKernel");
 }
 
 }  // namespace mtmm

@@ -1,5 +1,6 @@
-// The one CUDA driver call the C++ launch path makes, cuLaunchKernel, and a dry-run mode that
-// logs launches instead (tests on machines without a GPU). No torch, no Python here.
+// The CUDA driver calls the C++ launch path makes (cuLaunchKernel, and the current context's
+// check), and a dry-run mode that logs launches instead (tests on machines without a GPU).
+// No torch, no Python here.
 #pragma once
 
 #include <cstdint>
@@ -18,12 +19,13 @@ struct LaunchRecord {
   int64_t scratch_bytes = 0;                 // size of the global scratch handed to the kernel
 };
 
-// Launches a 1-D grid of `function` (a CUfunction) on `stream` (a CUstream); `params` and
-// `param_bytes` describe the kernel parameters as cuLaunchKernel takes them. Throws
-// std::runtime_error with the driver's message when the launch fails.
+// Launches a 1-D grid of `function` (a CUfunction) on `stream` (a CUstream) of device
+// `device_index`; `params` and `param_bytes` describe the kernel parameters as cuLaunchKernel
+// takes them. A calling thread without a current CUDA context gets the device's primary one
+// first. Throws std::runtime_error with the driver's message when a driver call fails.
 void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_t shared_bytes,
-                   uint64_t stream, void** params, const uint8_t* param_bytes, int num_params,
-                   int64_t scratch_bytes);
+                   uint64_t stream, int64_t device_index, void** params,
+                   const uint8_t* param_bytes, int num_params, int64_t scratch_bytes);
 
 // Launches made so far, dry runs included (tests ask whether the C++ path ran).
 int64_t launch_count();

@@ -88,8 +88,8 @@ void run_plan(const LaunchPlan& plan, const CallValues& values, int64_t grid,
     bytes[i] = 8;
   }
   launch_kernel(plan.function, static_cast<uint32_t>(grid), plan.block_x, plan.shared_bytes,
-                current_stream(device), params.data(), bytes.data(), static_cast<int>(n + 2),
-                scratch_total);
+                current_stream(device), device.index(), params.data(), bytes.data(),
+                static_cast<int>(n + 2), scratch_total);
 }
 
 void set_stream_resolver(StreamResolver resolver) { g_stream_resolver = std::move(resolver); }
