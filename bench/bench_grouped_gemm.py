@@ -64,11 +64,14 @@ def _forward_fn(method: str, sizes, x, w, offsets, ids):
     G, K, N = w.shape
     if method == "mtmm":
         return lambda x, w: grouped_mm(x, w, offsets)
-    if method == "mtmm_python":  # without the C++ launch path: its host time, side by side
+    if method in ("mtmm_python", "mtmm_by_ids_python"):  # without the C++ launch path: its
+        # host time, side by side
         def python_path(x, w):
             saved, cpp_launch.ENABLED = cpp_launch.ENABLED, False
             try:
-                return grouped_mm(x, w, offsets)
+                if method == "mtmm_python":
+                    return grouped_mm(x, w, offsets)
+                return grouped_mm_by_ids(x, w, ids)
             finally:
                 cpp_launch.ENABLED = saved
         return python_path
@@ -130,7 +133,7 @@ def _run(measure, benchmark, case: str, mode: str, method: str, label: str):
     fn = _timed_fn(case, mode, method)
     if method.startswith("mtmm") and mode == "fwd":  # the timed kernel is right (untimed check)
         fwd = _forward_fn(method, sizes, x, w, offsets, ids)
-        by_ids = method == "mtmm_by_ids"
+        by_ids = method.startswith("mtmm_by_ids")
         sorted_x = x.index_select(0, torch.sort(ids, stable=True)[1]) if by_ids else x
         want = _forward_fn("loop", sizes, sorted_x, w, offsets, ids)(sorted_x, w).float()
         got = fwd(x, w).float()
@@ -169,10 +172,14 @@ def test_grouped_gemm(measure, benchmark, case, mode, method):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES)
-def test_grouped_gemm_python_path(measure, benchmark, mode):
-    """The host-bound case without the C++ launch path (plans and the direct launch only)."""
-    _run(measure, benchmark, HOST_BOUND_CASE, mode, "mtmm_python", HOST_BOUND_CASE)
+@pytest.mark.parametrize("mode,method", [(m, f) for m in MODES
+                                         for f in ("mtmm_python", "mtmm_by_ids_python")])
+def test_grouped_gemm_python_path(measure, benchmark, mode, method):
+    """The host-bound cases without the C++ launch path (plans and the direct launch only)."""
+    if method == "mtmm_python":
+        _run(measure, benchmark, HOST_BOUND_CASE, mode, method, HOST_BOUND_CASE)
+    else:
+        _run(measure, benchmark, BY_IDS_CASE, mode, method, f"{BY_IDS_CASE} by_ids")
 
 
 @pytest.mark.gpu
