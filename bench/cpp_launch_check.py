@@ -76,6 +76,9 @@ def _cases():
         torch.randn(37, 40).to(fp16), None, ids_3000)
     every_other = torch.randint(0, G, (2000,), generator=torch.Generator().manual_seed(2))
     yield "by ids, sorted, strided ids", (x, w_nk(bf16), None, None, None, every_other[::2])
+    ids_32 = torch.cat([torch.zeros(2, dtype=torch.int32), ids.to(torch.int32)])
+    yield "by ids, sorted, int32 ids 4 bytes off", (x, w_nk(bf16), None, None, None, ids_32[1:-1])
+    yield "by ids, sorted, int32 ids 8 bytes off", (x, w_nk(bf16), None, None, None, ids_32[2:])
 
 
 class _Roles:

@@ -292,7 +292,10 @@ def offer_sort(launches, num_groups: int, split: dict) -> None:
     the ids; ``split``: how the call split its rows (max_programs, row_step, block_g,
     block_p_cap, and its rows_per_program, programs, block_p), which the C++ side checks
     against its own rule. The caller has asked ``takes_ids(ids)``."""
-    token = ("sort", num_groups, *[(id(k), direct_launch._head_key(head), tail, options)
+    # as _first_offer: Triton's specialisation, and the addresses modulo 16 the keys hold
+    token = ("sort", num_groups, *[(id(k), direct_launch._head_key(head), tail, options,
+                                    tuple([a.data_ptr() % 16 for a in head
+                                           if isinstance(a, torch.Tensor)]))
                                    for k, head, tail, options in launches])
     if token in _offered:
         return
