@@ -974,8 +974,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         x: [T, K] float16, bfloat16 or float32; the rows of group g are
             ``x[offsets[g-1]:offsets[g]]`` (``offsets[-1]`` counts as 0 for g = 0).
         w: [G, K, N], x's dtype, any strides (``w_GNK.transpose(1, 2)`` needs no copy).
-        offsets: [G] int32 or int64, cumulative END row of each group, non-decreasing, at most
-            T (``torch.nn.functional.grouped_mm``'s ``offs``). Checked on the CPU only: on a
+        offsets: [G] int32 or int64, any stride, cumulative END row of each group,
+            non-decreasing, at most T (``torch.nn.functional.grouped_mm``'s ``offs``). Checked on the CPU only: on a
             GPU a check would be a host synchronisation; there bad values are clamped into
             [0, T] (never an out-of-bounds access) and give unspecified results.
         bias: optional [G, N], x's dtype.
@@ -996,6 +996,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         if int(offsets[-1]) > x.shape[0]:
             raise ValueError(f"offsets[-1] must be at most T={x.shape[0]} (rows of x), "
                              f"got {int(offsets[-1])}")
+    if not offsets.is_contiguous():  # the kernels read offsets[g] at offsets_ptr + g
+        offsets = offsets.contiguous()
     return _grouped_mm_call(x, w, offsets, bias, None)
 
 

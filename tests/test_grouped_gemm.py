@@ -396,6 +396,18 @@ def test_int64_offsets_and_strided_x(device):
     check_against_reference(x_strided, w, b, offsets)
 
 
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_strided_offsets(device, offsets_dtype):
+    """offsets as a strided view (every other entry of a longer tensor): the kernels read
+    them as contiguous, so the public function must hand them a contiguous copy."""
+    x, w, b, offsets = make_problem([9, 0, 14, 5], 12, 10, torch.float32, device, tail=2,
+                                    offsets_dtype=offsets_dtype)
+    spread = torch.full((2 * offsets.shape[0],), 10**6, dtype=offsets_dtype, device=device)
+    spread[::2] = offsets
+    assert not spread[::2].is_contiguous()
+    check_against_reference(x, w, b, spread[::2], tail=2)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_poisoned_outputs_are_fully_written(device, dtype, monkeypatch):
     """Every output the kernels allocate is NaN-filled before they run, as a reused buffer
