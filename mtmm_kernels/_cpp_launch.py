@@ -26,7 +26,9 @@ Used for fp16 and bf16 on CUDA, both routings (``grouped_mm``, and ``grouped_mm_
 with its group sort of int32 or int64 ids), eager mode (``torch.compile`` traces the custom
 op), launches without profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on
 first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then
-cached); a failed build warns once and leaves the Python path. A thread without a current
+cached); a failed build warns once and leaves the Python path, and so does an error in a
+call (a forward's call runs on the Python path; a backward's gradients come from the Python
+backward). A thread without a current
 CUDA context (the autograd engine's) gets the device's primary context before its first
 launch, as Triton's own launcher does.
 
@@ -83,6 +85,7 @@ def extension():
                 sources=[str(source_dir / s) for s in _SOURCES],
                 extra_cflags=["-O2"], extra_ldflags=["-ldl"], verbose=False)
             _ext.set_backward_fallback(_python_backward)
+            _ext.set_launch_error_handler(_backward_launch_error)
             _ext.set_stream_resolver(_stream_handle)
         except Exception as error:  # no compiler, no ninja, a torch without headers
             _build_failed = True
@@ -188,6 +191,11 @@ def _turn_off(error: Exception) -> None:
     ENABLED = False
     warnings.warn(f"mtmm: the C++ launch path is turned off ({error}); the grouped GEMM keeps "
                   "its Python path", RuntimeWarning, stacklevel=4)
+
+
+def _backward_launch_error(message: str) -> None:
+    """A launch of the C++ backward failed; it computes that backward in Python."""
+    _turn_off(RuntimeError(message))
 
 
 def wants_fresh_gradient(dy: torch.Tensor) -> bool:

@@ -467,6 +467,29 @@ except RuntimeError as error:
     assert "700" in str(error) and "fake driver error" in str(error), error
 else:
     raise AssertionError("a failed launch must raise")
+
+# A training call whose backward launches fail: the Python path computes the gradients, and
+# the C++ path is turned off with a warning.
+import warnings
+from mtmm_kernels import reference
+xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+fresh_dy = torch.empty(100, 16).half()
+ext.register_mm(fresh_dy, wg.transpose(1, 2), None, offsets, None,
+                (0xBEEF, 256, 1000, 0, slots), 64, 16, 5)
+ext.register_dw(xg, fresh_dy, offsets, None, False, (0xBEEF, 256, 0, 0, slots), 7)
+lib.fake_set(len(slots) + 2, 0)
+y = ext.grouped_mm(xg, wg, offsets, None, None, True)
+assert "GroupedMmFunction" in y.grad_fn.name(), y.grad_fn.name()
+lib.fake_set(len(slots) + 2, 700)
+dy = torch.randn(100, 16).half()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    dx, dw = torch.autograd.grad(y, [xg, wg], dy)
+assert cpp_launch.ENABLED is False
+assert any("turned off" in str(c.message) and "700" in str(c.message) for c in caught), caught
+x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+reference.grouped_mm_reference(x64, w64, offsets, None).backward(dy.double())
+assert (dx.double() - x64.grad).abs().max() < 0.05 and (dw.double() - w64.grad).abs().max() < 0.05
 print("driven")
 """
 
@@ -478,7 +501,8 @@ def test_launches_reach_the_driver_as_declared(tmp_path):
     extension finds cuLaunchKernel by name and hands it grid, block, shared memory, stream
     and the parameters; a thread without a current context (an autograd engine thread) gets
     the device's primary context first, once; a failed launch raises with the driver's
-    message."""
+    message, and one in the C++ backward leaves the gradients to the Python path and turns
+    the C++ path off with a warning."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         pytest.skip("needs a C compiler")

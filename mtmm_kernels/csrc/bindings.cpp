@@ -140,6 +140,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         });
   }, "The Python backward the C++ one calls when a plan is missing");
 
+  m.def("set_launch_error_handler", [](py::function handler) {
+    auto* held = new py::function(std::move(handler));  // for the life of the process
+    mtmm::set_launch_error_handler([held](const std::string& message) {
+      py::gil_scoped_acquire gil;
+      (*held)(message);
+    });
+  }, "Called with the message of a launch error in the C++ backward (before its fallback)");
   m.def("launch_count", &mtmm::launch_count, "Launches made so far, dry runs included");
   m.def("set_stream_resolver", [](py::function resolver) {
     auto* held = new py::function(std::move(resolver));  // for the life of the process

@@ -13,6 +13,7 @@ namespace mtmm {
 namespace {
 
 BackwardFallback g_fallback;
+LaunchErrorHandler g_launch_error_handler;
 
 // floor(log2(max(T / G, 1))): the tile-height bucket of grouped_gemm._m_bucket.
 int64_t m_bucket(int64_t T, int64_t G) {
@@ -125,6 +126,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
 
 void set_backward_fallback(BackwardFallback fallback) { g_fallback = std::move(fallback); }
 
+void set_launch_error_handler(LaunchErrorHandler handler) {
+  g_launch_error_handler = std::move(handler);
+}
+
 namespace {
 
 struct BackwardPlans {
@@ -189,17 +194,26 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
       plans = backward_plans(x, w, offsets, perm, operand(dy), need_x, need_w, need_b);
     }
     at::Tensor dx, dw, db;
+    bool launched = false;
     if (plans) {
-      c10::OptionalDeviceGuard guard(x.device());
-      if (plans->dx) {
-        dx = launch_mm(*plans->dx, dy, w.transpose(1, 2), at::Tensor(), offsets, perm);
+      try {
+        c10::OptionalDeviceGuard guard(x.device());
+        if (plans->dx) {
+          dx = launch_mm(*plans->dx, dy, w.transpose(1, 2), at::Tensor(), offsets, perm);
+        }
+        if (plans->dw) {
+          auto [dw_all, db_all] = launch_dw(*plans->dw, x, dy, offsets, perm, need_b);
+          if (need_w) dw = dw_all;
+          if (need_b) db = db_all;
+        }
+        launched = true;
+      } catch (const std::exception& error) {
+        // A launch the driver refused ran nothing: the Python path computes these gradients,
+        // and the handler turns the C++ path off for later calls (as a refused forward does).
+        if (g_launch_error_handler) g_launch_error_handler(error.what());
       }
-      if (plans->dw) {
-        auto [dw_all, db_all] = launch_dw(*plans->dw, x, dy, offsets, perm, need_b);
-        if (need_w) dw = dw_all;
-        if (need_b) db = db_all;
-      }
-    } else {
+    }
+    if (!launched) {
       TORCH_CHECK(g_fallback, "mtmm.grouped_mm: no backward plan and no fallback");
       std::tie(dx, dw, db) = g_fallback(x, w, offsets, perm, dy, need_x, need_w, need_b);
     }

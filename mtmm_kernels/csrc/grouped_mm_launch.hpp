@@ -9,6 +9,7 @@
 
 #include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "launch_table.hpp"
@@ -51,5 +52,10 @@ using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Te
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool, bool, bool)>;
 void set_backward_fallback(BackwardFallback fallback);
+
+// Told the message of a launch error in the backward (which then calls the fallback). Set by
+// the bindings to turn the Python side's use of this path off.
+using LaunchErrorHandler = std::function<void(const std::string&)>;
+void set_launch_error_handler(LaunchErrorHandler handler);
 
 }  // namespace mtmm
