@@ -22,15 +22,14 @@ too: its first call offers both kernels' plans (``offer_sort``; the sort never t
 the rule by which a call splits its rows over programs, which C++ checks against the Python
 split of that call before it takes the plans.
 
-Used for fp16 and bf16 on CUDA, both routings (``grouped_mm``, and ``grouped_mm_by_ids``
-with its group sort of int32 or int64 ids), eager mode (``torch.compile`` traces the custom
-op), launches without profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on
-first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then
-cached); a failed build warns once and leaves the Python path, and so does an error in a
-call (a forward's call runs on the Python path; a backward's gradients come from the Python
-backward). A thread without a current
-CUDA context (the autograd engine's) gets the device's primary context before its first
-launch, as Triton's own launcher does.
+Used for fp16 and bf16 on CUDA, both routings (``grouped_mm``, and ``grouped_mm_by_ids`` with
+its group sort of int32 or int64 ids), eager mode (``torch.compile`` traces the custom op),
+launches without profiler hooks. ``MTMM_CPP_LAUNCH=0`` turns it off. It is built on first use
+with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, then cached); a
+failed build warns once and leaves the Python path, and so does an error in a call (a forward's
+call runs on the Python path; a backward's gradients come from the Python backward). A thread
+without a current CUDA context (the autograd engine's) gets the device's primary context before
+its first launch, as Triton's own launcher does.
 
 tests/test_cpp_launch.py (bench/cpp_launch_check.py) checks, with the kernels compiled for
 sm_90 on a CPU, that the C++ path hands the driver exactly what Triton's launcher receives on
