@@ -48,13 +48,13 @@ from triton import knobs
 
 from . import _direct_launch as direct_launch
 
-__all__ = ["ENABLED", "extension", "grouped_mm", "grouped_mm_dw", "sort_by_group", "takes",
-           "takes_ids", "offer_mm", "offer_dw", "offer_sort", "clear", "wants_fresh_gradient",
-           "dry_run_on_cpu"]
+__all__ = ["ENABLED", "extension", "public_call", "grouped_mm", "grouped_mm_dw", "sort_by_group",
+           "takes", "takes_ids", "offer_mm", "offer_dw", "offer_sort", "clear",
+           "wants_fresh_gradient", "dry_run_on_cpu"]
 
 ENABLED = os.environ.get("MTMM_CPP_LAUNCH", "1") != "0"
-_SOURCES = ("bindings.cpp", "grouped_mm_launch.cpp", "group_sort_launch.cpp", "plan_launch.cpp",
-            "driver_api.cpp")
+_SOURCES = ("bindings.cpp", "public_calls.cpp", "grouped_mm_launch.cpp", "group_sort_launch.cpp",
+            "plan_launch.cpp", "driver_api.cpp")
 _DTYPES = (torch.float16, torch.bfloat16)
 
 _ext = None           # the built module
@@ -163,6 +163,20 @@ def grouped_mm(x, w, offsets, bias, perm, autograd: bool):
 def grouped_mm_dw(x, dy, offsets, perm, need_bias: bool):
     """(dW, dBias) through the C++ path, or None where the Python path must run this call."""
     return _call("grouped_mm_dw", x, x, dy, offsets, perm, need_bias)
+
+
+def public_call(entry: str, x, w, index, bias):
+    """The public function ``entry``'s plain call (``grouped_mm_public`` or
+    ``grouped_mm_by_ids_public``), checked and launched in C++; None where the Python function
+    must check and run this call (any argument unlike the plain case, a missing plan). The
+    caller has made sure that torch.compile is not tracing."""
+    if _ext is None or not isinstance(x, torch.Tensor) or not _usable(x):
+        return None
+    try:
+        return getattr(_ext, entry)(x, w, index, bias)
+    except RuntimeError as error:  # a driver or torch that refuses what the path does
+        _turn_off(error)
+        return None
 
 
 def sort_by_group(ids, num_groups: int):

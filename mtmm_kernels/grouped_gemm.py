@@ -975,9 +975,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
             ``x[offsets[g-1]:offsets[g]]`` (``offsets[-1]`` counts as 0 for g = 0).
         w: [G, K, N], x's dtype, any strides (``w_GNK.transpose(1, 2)`` needs no copy).
         offsets: [G] int32 or int64, any stride, cumulative END row of each group,
-            non-decreasing, at most T (``torch.nn.functional.grouped_mm``'s ``offs``). Checked on the CPU only: on a
-            GPU a check would be a host synchronisation; there bad values are clamped into
-            [0, T] (never an out-of-bounds access) and give unspecified results.
+            non-decreasing, at most T (``torch.nn.functional.grouped_mm``'s ``offs``).
+            Checked on the CPU only: on a GPU a check would be a host synchronisation; there
+            bad values are clamped into [0, T] (never an out-of-bounds access) and give
+            unspecified results.
         bias: optional [G, N], x's dtype.
 
     Returns:
@@ -985,6 +986,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         past ``offsets[-1]`` are zero. Differentiable in x, w and bias (deterministic dW and
         dBias; an empty group gets exact zeros).
     """
+    if cpp_launch.ENABLED and not torch.compiler.is_compiling():
+        y = cpp_launch.public_call("grouped_mm_public", x, w, offsets, bias)
+        if y is not None:  # the plain call, checked and launched in C++ (docs/host_path.md)
+            return y
     _check_operands(x, w, bias, "offsets", offsets)
     if offsets.shape[0] != w.shape[0]:
         raise ValueError(f"offsets must have one entry per group of w (G={w.shape[0]}), "
@@ -1021,6 +1026,10 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     Returns:
         [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias.
     """
+    if cpp_launch.ENABLED and not torch.compiler.is_compiling():
+        y = cpp_launch.public_call("grouped_mm_by_ids_public", x, w, group_ids, bias)
+        if y is not None:  # the plain call, sort included, checked and launched in C++
+            return y
     _check_operands(x, w, bias, "group_ids", group_ids)
     G = w.shape[0]
     if group_ids.shape[0] != x.shape[0]:

@@ -359,6 +359,96 @@ def test_a_group_sort_split_unlike_pythons_is_refused(ext):
 
 
 @needs_build
+@pytest.mark.parametrize("bias", [False, True])
+def test_public_grouped_mm_takes_the_plain_call_only(ext, bias):
+    """grouped_mm's plain call is checked and launched in one C++ call; every other call
+    (of another kind, or invalid) returns None and launches nothing, so that the Python
+    function checks it and names the bad argument."""
+    x, w, offsets, b = _operands(bias=bias)
+    _register_mm(ext, x, w, b, offsets)
+    y = ext.grouped_mm_public(x, w, offsets, b)
+    assert y is not None and y.shape == (1000, N)
+    [launch] = ext.take_launch_log()
+    assert _params(launch)[:5] == [x.data_ptr(), w.data_ptr(), (b if bias else y).data_ptr(),
+                                   y.data_ptr(), offsets.data_ptr()]
+    other = torch.randn(G, N).to(x.dtype)
+    for name, args in {
+        "x not a tensor": (x.tolist(), w, offsets, b),
+        "offsets not a tensor": (x, w, offsets.tolist(), b),
+        "bias not a tensor": (x, w, offsets, 1.0),
+        "x of rank 3": (x[None], w, offsets, b),
+        "w of rank 2": (x, w[0], offsets, b),
+        "offsets of rank 2": (x, w, offsets[None], b),
+        "fp32": (x.float(), w.float(), offsets, b if b is None else b.float()),
+        "w of another dtype": (x, w.bfloat16(), offsets, b),
+        "offsets of floats": (x, w, offsets.float(), b),
+        "int16 offsets": (x, w, offsets.short(), b),
+        "G mismatch": (x, w, offsets[:-1], b),
+        "K mismatch": (x[:, :-1], w, offsets, b),
+        "strided offsets": (x, w, torch.stack([offsets, offsets], 1)[:, 0], b),
+        "bias of another shape": (x, w, offsets, other[:, :-1]),
+        "bias of another dtype": (x, w, offsets, other.float()),
+        "bias where none was planned" if not bias else "no bias": (
+            x, w, offsets, None if bias else other),
+        "operands on another device": (x, w, offsets.to("meta"), b),
+    }.items():
+        assert ext.grouped_mm_public(*args) is None, name
+    assert ext.take_launch_log() == []
+
+
+@needs_build
+def test_public_by_ids_decides_before_it_launches(ext):
+    """grouped_mm_by_ids's plain call: the group sort and the GEMM from one C++ call, taken
+    only where both are planned; a call that lacks either plan launches nothing (not even the
+    sort), and ids unlike the plain case return None."""
+    x, w, _, _ = _operands()
+    ids = torch.randint(0, G, (1000,))
+    assert ext.grouped_mm_by_ids_public(x, w, ids, None) is None  # no plans at all
+    _register_sort(ext, ids)
+    assert ext.grouped_mm_by_ids_public(x, w, ids, None) is None  # the GEMM's missing
+    assert ext.take_launch_log() == []
+    sorted_index = (torch.empty(G, dtype=torch.int32), torch.empty(1000, dtype=torch.int32))
+    _register_mm(ext, x, w, None, *sorted_index)
+    y = ext.grouped_mm_by_ids_public(x, w, ids, None)
+    counts, scatter, gemm = ext.take_launch_log()
+    assert [r[0] for r in (counts, scatter, gemm)] == [FUNCTION + 2, FUNCTION + 3, FUNCTION]
+    perm, offsets = _params(scatter)[2:4]  # the GEMM reads the sort's results
+    assert _params(gemm)[:6] == [x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(),
+                                 offsets, perm]
+    for name, args in {
+        "ids of another length": (x, w, ids[:-1], None),
+        "ids of floats": (x, w, ids.float(), None),
+        "ids of rank 2": (x, w, ids[None], None),
+        "ids not a tensor": (x, w, ids.tolist(), None),
+        "ids on another device": (x, w, ids.to("meta"), None),
+    }.items():
+        assert ext.grouped_mm_by_ids_public(*args) is None, name
+    assert ext.take_launch_log() == []
+
+
+@needs_build
+def test_public_functions_still_name_bad_arguments(ext, monkeypatch):
+    """With the C++ path on and the plain call planned, bad arguments still meet the Python
+    function's checks."""
+    monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
+    monkeypatch.setattr(grouped_gemm, "_values_checkable", lambda t: False)  # as on a GPU
+    x, w, offsets, _ = _operands()
+    assert cpp_launch._usable(x)  # records the current switches (a change clears the table)
+    _register_mm(ext, x, w, None, offsets)
+    assert grouped_gemm.grouped_mm(x, w, offsets) is not None
+    assert len(ext.take_launch_log()) == 1  # the C++ call took it
+    with pytest.raises(ValueError, match="offsets must have one entry per group"):
+        grouped_gemm.grouped_mm(x, w, offsets[:-1])
+    with pytest.raises(TypeError, match="w must have x's dtype"):
+        grouped_gemm.grouped_mm(x, w.bfloat16(), offsets)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        grouped_gemm.grouped_mm(x.tolist(), w, offsets)
+    with pytest.raises(ValueError, match="group_ids must have one entry per row"):
+        grouped_gemm.grouped_mm_by_ids(x, w, torch.zeros(999, dtype=torch.int64))
+    assert ext.take_launch_log() == []
+
+
+@needs_build
 def test_stream_handles_from_python_are_asked_once_per_stream(ext):
     asked = []
 

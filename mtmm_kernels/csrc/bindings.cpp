@@ -1,6 +1,7 @@
 // Python bindings of the C++ launch path: the only file here that knows Python.
 #include <pybind11/functional.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include <tuple>
@@ -10,6 +11,7 @@
 #include "group_sort_launch.hpp"
 #include "grouped_mm_launch.hpp"
 #include "launch_table.hpp"
+#include "public_calls.hpp"
 
 namespace py = pybind11;
 
@@ -39,6 +41,24 @@ mtmm::LaunchPlan plan_from(const PlanFields& fields) {
   return plan;
 }
 
+// The tensor behind a Python object, or null for anything else (None included).
+const at::Tensor* tensor_of(py::handle obj) {
+  return THPVariable_Check(obj.ptr()) ? &THPVariable_Unpack(obj.ptr()) : nullptr;
+}
+
+// A public function's plain call from Python arguments of any kind: None where an argument is
+// not a tensor (bias may be None) or the C++ call does not take it.
+template <typename Call>
+py::object public_call(Call call, py::handle x, py::handle w, py::handle index,
+                       py::handle bias) {
+  const at::Tensor *x_t = tensor_of(x), *w_t = tensor_of(w), *index_t = tensor_of(index);
+  const at::Tensor* bias_t = bias.is_none() ? nullptr : tensor_of(bias);
+  if (!x_t || !w_t || !index_t || (!bias.is_none() && !bias_t)) return py::none();
+  std::optional<at::Tensor> y = call(*x_t, *w_t, *index_t,
+                                     bias_t ? std::optional<at::Tensor>(*bias_t) : std::nullopt);
+  return y ? py::cast(*y) : py::none();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -49,6 +69,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("perm") = py::none(), py::arg("autograd") = true,
         "grouped_mm through the planned launches (rows gathered through perm where given), "
         "differentiable with autograd; None when a plan is missing");
+
+  m.def("grouped_mm_public", [](py::handle x, py::handle w, py::handle offsets,
+                                py::handle bias) {
+    return public_call(mtmm::grouped_mm_public, x, w, offsets, bias);
+  }, "mtmm_kernels.grouped_mm's plain call, checked and launched here; None for any other");
+  m.def("grouped_mm_by_ids_public", [](py::handle x, py::handle w, py::handle group_ids,
+                                       py::handle bias) {
+    return public_call(mtmm::grouped_mm_by_ids_public, x, w, group_ids, bias);
+  }, "mtmm_kernels.grouped_mm_by_ids's plain call (group sort included); None for any other");
 
   m.def("grouped_mm_dw", &mtmm::grouped_mm_dw, py::arg("x"), py::arg("dy"),
         py::arg("offsets"), py::arg("perm"), py::arg("need_bias"),

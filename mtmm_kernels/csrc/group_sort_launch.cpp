@@ -50,34 +50,56 @@ PlanKey sort_scatter_key(const at::Device& device, int64_t T, int64_t G, const O
   return key;
 }
 
-std::optional<std::tuple<at::Tensor, at::Tensor>> sort_by_group(const at::Tensor& ids_in,
-                                                                int64_t G) {
-  if (ids_in.dim() != 1 || G <= 0) return std::nullopt;
-  const int64_t T = ids_in.size(0);
+std::optional<SortPlans> sort_plans(const at::Tensor& ids, int64_t G) {
+  if (ids.dim() != 1 || G <= 0) return std::nullopt;
+  const int64_t T = ids.size(0);
   if (T <= 0 || T >= (int64_t(1) << 31)) return std::nullopt;
-  const at::Tensor ids = ids_in.contiguous();
   const Operand ids_key = operand(ids);
-  auto counts_plan = plan_table().get(sort_counts_key(ids.device(), T, G, ids_key));
-  if (!counts_plan) return std::nullopt;
-  const SortSplit split = sort_split(counts_plan->split, T);
-  auto scatter_plan = plan_table().get(sort_scatter_key(ids.device(), T, G, ids_key, split));
-  if (!scatter_plan) return std::nullopt;
+  SortPlans plans;
+  plans.counts = plan_table().get(sort_counts_key(ids.device(), T, G, ids_key));
+  if (!plans.counts) return std::nullopt;
+  plans.split = sort_split(plans.counts->split, T);
+  plans.scatter = plan_table().get(sort_scatter_key(ids.device(), T, G, ids_key, plans.split));
+  if (!plans.scatter) return std::nullopt;
+  return plans;
+}
 
+std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
+                                               int64_t G) {
+  const int64_t T = ids.size(0);
   c10::OptionalDeviceGuard guard(ids.device());
   const auto int32 = ids.options().dtype(at::kInt);
   at::Tensor perm = at::empty({T}, int32);
   at::Tensor offsets = at::empty({G}, int32);
-  at::Tensor counts = at::empty({split.programs, counts_plan->split.block_g}, int32);
+  at::Tensor counts = at::empty({plans.split.programs, plans.counts->split.block_g}, int32);
   const uint64_t t = static_cast<uint64_t>(T), g = static_cast<uint64_t>(G);
-  const uint64_t rows = static_cast<uint64_t>(split.rows_per_program);
+  const uint64_t rows = static_cast<uint64_t>(plans.split.rows_per_program);
   // In the order of the kernels' leading parameters (group_sort._launch_group_sort's heads).
-  run_plan(*counts_plan, {address(ids), address(counts), t, g, rows}, split.programs,
+  run_plan(*plans.counts, {address(ids), address(counts), t, g, rows}, plans.split.programs,
            ids.device());
-  run_plan(*scatter_plan,
+  run_plan(*plans.scatter,
            {address(ids), address(counts), address(perm), address(offsets), t, g, rows,
-            static_cast<uint64_t>(split.programs)},
-           split.programs, ids.device());
-  return std::make_tuple(perm, offsets);
+            static_cast<uint64_t>(plans.split.programs)},
+           plans.split.programs, ids.device());
+  return {perm, offsets};
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> sort_by_group(const at::Tensor& ids_in,
+                                                                int64_t G) {
+  if (ids_in.dim() != 1) return std::nullopt;
+  const at::Tensor ids = ids_in.contiguous();
+  auto plans = sort_plans(ids, G);
+  if (!plans) return std::nullopt;
+  return launch_sort(*plans, ids, G);
+}
+
+Operand sorted_index_operand() {
+  Operand o;  // as launch_sort makes perm and offsets: at::empty int32 vectors
+  o.defined = true;
+  o.dtype = static_cast<int64_t>(at::kInt);
+  o.align = 0;  // torch's allocators align far past 16 bytes (asserted by the callers)
+  o.stride[0] = 1;
+  return o;
 }
 
 }  // namespace mtmm

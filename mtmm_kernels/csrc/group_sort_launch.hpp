@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -25,6 +26,20 @@ SortSplit sort_split(const LaunchPlan::RowSplit& rule, int64_t T);
 PlanKey sort_counts_key(const at::Device& device, int64_t T, int64_t G, const Operand& ids);
 PlanKey sort_scatter_key(const at::Device& device, int64_t T, int64_t G, const Operand& ids,
                          const SortSplit& split);
+
+// The two kernels' plans for contiguous ids [T] and G groups, and the row split of the call;
+// nothing where a plan is missing or 0 < T < 2**31, G > 0 does not hold.
+struct SortPlans {
+  std::shared_ptr<const LaunchPlan> counts, scatter;
+  SortSplit split;
+};
+std::optional<SortPlans> sort_plans(const at::Tensor& ids, int64_t G);
+// Launches them: (perm [T] int32, offsets [G] int32).
+std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
+                                               int64_t G);
+// The key operand of the sort's perm and offsets (fresh contiguous int32 vectors), for plans
+// decided before the sort runs.
+Operand sorted_index_operand();
 
 // (perm [T] int32, offsets [G] int32) of group_sort.sort_by_group for ids [T] int32/int64, or
 // nothing when a plan is missing (then nothing was launched). Needs 0 < T < 2**31, G > 0.

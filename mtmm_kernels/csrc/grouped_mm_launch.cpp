@@ -138,19 +138,19 @@ struct BackwardPlans {
 
 // The backward's plans for a gradient laid out as `dy`, or nothing if a needed one is missing.
 std::optional<BackwardPlans> backward_plans(const at::Tensor& x, const at::Tensor& w,
-                                            const at::Tensor& offsets, const at::Tensor& perm,
+                                            const Operand& offsets, const Operand& perm,
                                             const Operand& dy, bool need_x, bool need_w,
                                             bool need_b) {
   const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
   BackwardPlans plans;
   if (need_x) {  // dX = dy @ w^T: the forward kernel with K and N exchanged
     plans.dx = plan_table().get(mm_key(x.device(), T, N, K, G, dy, transposed_12(operand(w)),
-                                       Operand{}, operand(offsets), operand(perm)));
+                                       Operand{}, offsets, perm));
     if (!plans.dx) return std::nullopt;
   }
   if (need_w || need_b) {
-    plans.dw = plan_table().get(dw_key(x.device(), T, K, N, G, operand(x), dy,
-                                       operand(offsets), operand(perm), need_b));
+    plans.dw = plan_table().get(dw_key(x.device(), T, K, N, G, operand(x), dy, offsets, perm,
+                                       need_b));
     if (!plans.dw) return std::nullopt;
   }
   return plans;
@@ -188,10 +188,12 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
     const bool need_w = ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
     at::Tensor dy = grads[0];
-    auto plans = backward_plans(x, w, offsets, perm, operand(dy), need_x, need_w, need_b);
+    auto plans = backward_plans(x, w, operand(offsets), operand(perm), operand(dy), need_x,
+                                need_w, need_b);
     if (!plans && !is_fresh_rows(dy)) {  // e.g. the expanded ones of y.sum(): planned layout
       dy = dy.clone(at::MemoryFormat::Contiguous);
-      plans = backward_plans(x, w, offsets, perm, operand(dy), need_x, need_w, need_b);
+      plans = backward_plans(x, w, operand(offsets), operand(perm), operand(dy), need_x, need_w,
+                             need_b);
     }
     at::Tensor dx, dw, db;
     bool launched = false;
@@ -223,35 +225,52 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
 
 }  // namespace
 
+std::optional<PlannedCall> plan_call(const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& bias, const Operand& offsets,
+                                     const Operand& perm, bool autograd) {
+  const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
+  if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
+  PlannedCall call;
+  call.plan = plan_table().get(mm_key(x.device(), T, K, N, G, operand(x), operand(w),
+                                      operand(bias), offsets, perm));
+  if (!call.plan) return std::nullopt;
+  const bool bias_grad = bias.defined() && bias.requires_grad();
+  call.trains = autograd && c10::GradMode::is_enabled() &&
+                (x.requires_grad() || w.requires_grad() || bias_grad);
+  // Train only where the backward for the usual gradient (fresh, contiguous) is planned too.
+  if (call.trains &&
+      !backward_plans(x, w, offsets, perm, fresh_rows(N, static_cast<int64_t>(x.scalar_type())),
+                      x.requires_grad(), w.requires_grad(), bias_grad)) {
+    return std::nullopt;
+  }
+  return call;
+}
+
+at::Tensor run_call(const PlannedCall& call, const at::Tensor& x, const at::Tensor& w,
+                    const at::Tensor& offsets, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& perm) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_perm = perm.has_value() && perm->defined();
+  if (!call.trains) {
+    c10::OptionalDeviceGuard guard(x.device());
+    return launch_mm(*call.plan, x, w, has_bias ? *bias : at::Tensor(), offsets,
+                     has_perm ? *perm : at::Tensor());
+  }
+  return GroupedMmFunction::apply(x, w, offsets, has_bias ? bias : std::optional<at::Tensor>(),
+                                  has_perm ? perm : std::optional<at::Tensor>(), call.plan);
+}
+
 std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
                                      const std::optional<at::Tensor>& bias_opt,
                                      const std::optional<at::Tensor>& perm_opt,
                                      bool autograd) {
-  const int64_t T = x.size(0), K = x.size(1), G = w.size(0), N = w.size(2);
-  if (T <= 0 || K <= 0 || N <= 0 || G <= 0) return std::nullopt;
   const at::Tensor bias = bias_opt.value_or(at::Tensor());
   const at::Tensor perm = perm_opt.value_or(at::Tensor());
   if (!on_device_of(x, {&w, &offsets, &bias, &perm})) return std::nullopt;
-  auto plan = plan_table().get(mm_key(x.device(), T, K, N, G, operand(x), operand(w),
-                                      operand(bias), operand(offsets), operand(perm)));
-  if (!plan) return std::nullopt;
-  const bool bias_grad = bias.defined() && bias.requires_grad();
-  if (!autograd || !c10::GradMode::is_enabled() ||
-      !(x.requires_grad() || w.requires_grad() || bias_grad)) {
-    c10::OptionalDeviceGuard guard(x.device());
-    return launch_mm(*plan, x, w, bias, offsets, perm);
-  }
-  // Train only where the backward for the usual gradient (fresh, contiguous) is planned too.
-  if (!backward_plans(x, w, offsets, perm,
-                      fresh_rows(N, static_cast<int64_t>(x.scalar_type())), x.requires_grad(),
-                      w.requires_grad(), bias_grad)) {
-    return std::nullopt;
-  }
-  return GroupedMmFunction::apply(x, w, offsets,
-                                  bias.defined() ? bias_opt : std::optional<at::Tensor>(),
-                                  perm.defined() ? perm_opt : std::optional<at::Tensor>(),
-                                  std::move(plan));
+  auto call = plan_call(x, w, bias, operand(offsets), operand(perm), autograd);
+  if (!call) return std::nullopt;
+  return run_call(*call, x, w, offsets, bias_opt, perm_opt);
 }
 
 }  // namespace mtmm

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -37,6 +38,23 @@ std::optional<at::Tensor> grouped_mm(const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& offsets,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& perm, bool autograd);
+
+// The plans a call of grouped_mm takes, decided before anything is launched: the forward's,
+// and whether it trains (autograd on, an input that needs gradients), in which case the
+// backward's plans for a fresh contiguous gradient exist too. Nothing where a plan is missing.
+// offsets and perm are given as key operands, so that a caller can decide for tensors it has
+// yet to make (grouped_mm_by_ids, before its group sort).
+struct PlannedCall {
+  std::shared_ptr<const LaunchPlan> plan;
+  bool trains = false;
+};
+std::optional<PlannedCall> plan_call(const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& bias, const Operand& offsets,
+                                     const Operand& perm, bool autograd);
+// Launches a planned call (with the C++ autograd node where it trains).
+at::Tensor run_call(const PlannedCall& call, const at::Tensor& x, const at::Tensor& w,
+                    const at::Tensor& offsets, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& perm);
 
 // (dW, dBias) = grouped_mm's weight and bias gradients for x [T, K] and dy [T, N] (dBias
 // [G, N] with need_bias, else empty), or nothing when the plan is not in the table. Needs T,
