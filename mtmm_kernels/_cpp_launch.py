@@ -55,7 +55,7 @@ __all__ = ["ENABLED", "extension", "public_call", "grouped_mm", "grouped_mm_dw",
 ENABLED = os.environ.get("MTMM_CPP_LAUNCH", "1") != "0"
 _SOURCES = ("bindings.cpp", "public_calls.cpp", "grouped_mm_launch.cpp", "group_sort_launch.cpp",
             "plan_launch.cpp", "driver_api.cpp")
-_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = frozenset((torch.float16, torch.bfloat16))
 
 _ext = None           # the built module
 _build_failed = False
@@ -127,12 +127,19 @@ def _hooks_idle() -> bool:
     return True
 
 
-def _usable(t: torch.Tensor, dtypes: tuple = _DTYPES) -> bool:
-    global _state
+def _usable(t: torch.Tensor, dtypes: frozenset = _DTYPES) -> bool:
+    """Whether calls on t may take the path: its dtype, its device, and _ready()."""
     if not ENABLED or t.dtype not in dtypes or _build_failed:
         return False
     if not (t.is_cuda or dry_run_on_cpu):
         return False
+    return _ready()
+
+
+def _ready() -> bool:
+    """The table's plans hold under the switches as they are now (else it is cleared), and no
+    launch hook waits for calls."""
+    global _state
     state = _current_state()
     if state != _state:  # a switch changed: plans made under the old one are stale
         clear()
@@ -145,7 +152,7 @@ def takes(x: torch.Tensor) -> bool:
     return _ext is not None and _usable(x)
 
 
-_ID_DTYPES = (torch.int32, torch.int64)
+_ID_DTYPES = frozenset((torch.int32, torch.int64))
 
 
 def takes_ids(ids: torch.Tensor) -> bool:
@@ -170,7 +177,8 @@ def public_call(entry: str, x, w, index, bias):
     ``grouped_mm_by_ids_public``), checked and launched in C++; None where the Python function
     must check and run this call (any argument unlike the plain case, a missing plan). The
     caller has made sure that torch.compile is not tracing."""
-    if _ext is None or not isinstance(x, torch.Tensor) or not _usable(x):
+    # the C++ call checks the tensors (dtype, device) itself
+    if not ENABLED or _ext is None or not _ready():
         return None
     try:
         return getattr(_ext, entry)(x, w, index, bias)
@@ -185,7 +193,7 @@ def sort_by_group(ids, num_groups: int):
     return _call("sort_by_group", ids, ids, num_groups, dtypes=_ID_DTYPES)
 
 
-def _call(entry: str, x: torch.Tensor, *args, dtypes: tuple = _DTYPES):
+def _call(entry: str, x: torch.Tensor, *args, dtypes: frozenset = _DTYPES):
     """The extension's ``entry`` on args where the C++ path may take calls on x, else None."""
     if not _usable(x, dtypes):
         return None
