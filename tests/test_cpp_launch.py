@@ -415,6 +415,9 @@ def test_public_by_ids_decides_before_it_launches(ext):
     perm, offsets = _params(scatter)[2:4]  # the GEMM reads the sort's results
     assert _params(gemm)[:6] == [x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(),
                                  offsets, perm]
+    strided = torch.stack([ids, ids], 1)[:, 0]  # keyed as the contiguous copy it gets
+    assert ext.grouped_mm_by_ids_public(x, w, strided, None) is not None
+    assert len(ext.take_launch_log()) == 3
     for name, args in {
         "ids of another length": (x, w, ids[:-1], None),
         "ids of floats": (x, w, ids.float(), None),

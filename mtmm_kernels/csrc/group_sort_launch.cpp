@@ -50,18 +50,26 @@ PlanKey sort_scatter_key(const at::Device& device, int64_t T, int64_t G, const O
   return key;
 }
 
-std::optional<SortPlans> sort_plans(const at::Tensor& ids, int64_t G) {
-  if (ids.dim() != 1 || G <= 0) return std::nullopt;
-  const int64_t T = ids.size(0);
-  if (T <= 0 || T >= (int64_t(1) << 31)) return std::nullopt;
-  const Operand ids_key = operand(ids);
+std::optional<SortPlans> sort_plans(const at::Device& device, int64_t T, int64_t G,
+                                    const Operand& ids) {
+  if (T <= 0 || T >= (int64_t(1) << 31) || G <= 0) return std::nullopt;
   SortPlans plans;
-  plans.counts = plan_table().get(sort_counts_key(ids.device(), T, G, ids_key));
+  plans.counts = plan_table().get(sort_counts_key(device, T, G, ids));
   if (!plans.counts) return std::nullopt;
   plans.split = sort_split(plans.counts->split, T);
-  plans.scatter = plan_table().get(sort_scatter_key(ids.device(), T, G, ids_key, plans.split));
+  plans.scatter = plan_table().get(sort_scatter_key(device, T, G, ids, plans.split));
   if (!plans.scatter) return std::nullopt;
   return plans;
+}
+
+Operand contiguous_ids_operand(const at::Tensor& ids) {
+  if (ids.is_contiguous()) return operand(ids);
+  Operand o;  // the copy ids.contiguous() will make: a fresh vector
+  o.defined = true;
+  o.dtype = static_cast<int64_t>(ids.scalar_type());
+  o.align = 0;
+  o.stride[0] = 1;
+  return o;
 }
 
 std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
@@ -87,9 +95,11 @@ std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at:
 std::optional<std::tuple<at::Tensor, at::Tensor>> sort_by_group(const at::Tensor& ids_in,
                                                                 int64_t G) {
   if (ids_in.dim() != 1) return std::nullopt;
-  const at::Tensor ids = ids_in.contiguous();
-  auto plans = sort_plans(ids, G);
+  auto plans = sort_plans(ids_in.device(), ids_in.size(0), G, contiguous_ids_operand(ids_in));
   if (!plans) return std::nullopt;
+  const at::Tensor ids = ids_in.contiguous();
+  TORCH_INTERNAL_ASSERT(address(ids) % 16 == 0 || ids.is_same(ids_in),
+                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
   return launch_sort(*plans, ids, G);
 }
 

@@ -27,13 +27,16 @@ PlanKey sort_counts_key(const at::Device& device, int64_t T, int64_t G, const Op
 PlanKey sort_scatter_key(const at::Device& device, int64_t T, int64_t G, const Operand& ids,
                          const SortSplit& split);
 
-// The two kernels' plans for contiguous ids [T] and G groups, and the row split of the call;
-// nothing where a plan is missing or 0 < T < 2**31, G > 0 does not hold.
+// The two kernels' plans for T contiguous ids (their key operand `ids`) and G groups, and the
+// row split of the call; nothing where a plan is missing or 0 < T < 2**31, G > 0 does not hold.
 struct SortPlans {
   std::shared_ptr<const LaunchPlan> counts, scatter;
   SortSplit split;
 };
-std::optional<SortPlans> sort_plans(const at::Tensor& ids, int64_t G);
+std::optional<SortPlans> sort_plans(const at::Device& device, int64_t T, int64_t G,
+                                    const Operand& ids);
+// The key operand of ids.contiguous(), before any copy is made.
+Operand contiguous_ids_operand(const at::Tensor& ids);
 // Launches them: (perm [T] int32, offsets [G] int32).
 std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
                                                int64_t G);

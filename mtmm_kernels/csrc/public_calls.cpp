@@ -53,13 +53,15 @@ std::optional<at::Tensor> grouped_mm_by_ids_public(const at::Tensor& x, const at
     return std::nullopt;
   }
   const int64_t G = w.size(0);
-  const at::Tensor ids = group_ids.contiguous();
-  auto sort = sort_plans(ids, G);
+  auto sort = sort_plans(x.device(), x.size(0), G, contiguous_ids_operand(group_ids));
   if (!sort) return std::nullopt;
   // The GEMM's plans for the sort's results, whose layout is known before they exist.
   const Operand index = sorted_index_operand();
   auto call = plan_call(x, w, b, index, index, /*autograd=*/true);
   if (!call) return std::nullopt;
+  const at::Tensor ids = group_ids.contiguous();
+  TORCH_INTERNAL_ASSERT(address(ids) % 16 == 0 || ids.is_same(group_ids),
+                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
   auto [perm, offsets] = launch_sort(*sort, ids, G);
   TORCH_INTERNAL_ASSERT(address(perm) % 16 == 0 && address(offsets) % 16 == 0,
                         "mtmm: the group sort's outputs are not 16-byte aligned");
