@@ -180,11 +180,7 @@ def public_call(entry: str, x, w, index, bias):
     # the C++ call checks the tensors (dtype, device) itself
     if not ENABLED or _ext is None or not _ready():
         return None
-    try:
-        return getattr(_ext, entry)(x, w, index, bias)
-    except RuntimeError as error:  # a driver or torch that refuses what the path does
-        _turn_off(error)
-        return None
+    return _invoke(entry, x, w, index, bias)
 
 
 def sort_by_group(ids, num_groups: int):
@@ -197,11 +193,15 @@ def _call(entry: str, x: torch.Tensor, *args, dtypes: frozenset = _DTYPES):
     """The extension's ``entry`` on args where the C++ path may take calls on x, else None."""
     if not _usable(x, dtypes):
         return None
-    ext = extension()
-    if ext is None:
+    if extension() is None:
         return None
+    return _invoke(entry, *args)
+
+
+def _invoke(entry: str, *args):
+    """The extension's ``entry`` on args; None (and the path turned off) where it raises."""
     try:
-        return getattr(ext, entry)(*args)
+        return getattr(_ext, entry)(*args)
     except RuntimeError as error:  # a driver or torch that refuses what the path does
         _turn_off(error)
         return None

@@ -16,6 +16,9 @@ The order is stable and the result deterministic (no atomics). Ids outside [0, G
 possible unchecked, on a GPU) count as a pseudo-group G after the last: their rows land past
 ``offsets[-1]``, where the grouped GEMM writes zeros. Beyond ``MAX_GROUPS`` groups the one-hot
 tile outgrows the registers and ``sort_by_group`` uses ``torch.sort``.
+
+From its second call of a kind, the counting sort launches from C++ on CUDA
+(``mtmm_kernels/_cpp_launch.py``): the first offers both kernels' plans.
 """
 
 from __future__ import annotations
@@ -137,8 +140,8 @@ def _launch_group_sort(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torch
                                   BLOCK_P=block_p),
          options),
     )
-    for kernel, head, tail, options in launches:
-        direct_launch.launch(kernel, (P,), head, tail, options)
+    for kernel, head, tail, launch_options in launches:
+        direct_launch.launch(kernel, (P,), head, tail, launch_options)
     if cpp_launch.takes_ids(ids_T):  # the C++ launch path takes later calls like this one
         cpp_launch.offer_sort(launches, G, dict(
             max_programs=max_programs, row_step=block_t, block_g=block_g,

@@ -63,13 +63,14 @@ std::optional<SortPlans> sort_plans(const at::Device& device, int64_t T, int64_t
 }
 
 Operand contiguous_ids_operand(const at::Tensor& ids) {
-  if (ids.is_contiguous()) return operand(ids);
-  Operand o;  // the copy ids.contiguous() will make: a fresh vector
-  o.defined = true;
-  o.dtype = static_cast<int64_t>(ids.scalar_type());
-  o.align = 0;
-  o.stride[0] = 1;
-  return o;
+  return ids.is_contiguous() ? operand(ids) : fresh_operand(ids.scalar_type(), {1});
+}
+
+at::Tensor contiguous_ids(const at::Tensor& ids) {
+  at::Tensor out = ids.contiguous();
+  TORCH_INTERNAL_ASSERT(out.is_same(ids) || address(out) % 16 == 0,
+                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
@@ -97,19 +98,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> sort_by_group(const at::Tensor
   if (ids_in.dim() != 1) return std::nullopt;
   auto plans = sort_plans(ids_in.device(), ids_in.size(0), G, contiguous_ids_operand(ids_in));
   if (!plans) return std::nullopt;
-  const at::Tensor ids = ids_in.contiguous();
-  TORCH_INTERNAL_ASSERT(address(ids) % 16 == 0 || ids.is_same(ids_in),
-                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
-  return launch_sort(*plans, ids, G);
+  return launch_sort(*plans, contiguous_ids(ids_in), G);
 }
 
-Operand sorted_index_operand() {
-  Operand o;  // as launch_sort makes perm and offsets: at::empty int32 vectors
-  o.defined = true;
-  o.dtype = static_cast<int64_t>(at::kInt);
-  o.align = 0;  // torch's allocators align far past 16 bytes (asserted by the callers)
-  o.stride[0] = 1;
-  return o;
-}
+Operand sorted_index_operand() { return fresh_operand(at::kInt, {1}); }
 
 }  // namespace mtmm

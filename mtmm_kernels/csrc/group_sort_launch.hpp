@@ -35,8 +35,9 @@ struct SortPlans {
 };
 std::optional<SortPlans> sort_plans(const at::Device& device, int64_t T, int64_t G,
                                     const Operand& ids);
-// The key operand of ids.contiguous(), before any copy is made.
+// The key operand of ids.contiguous(), before any copy is made; and that copy (or ids).
 Operand contiguous_ids_operand(const at::Tensor& ids);
+at::Tensor contiguous_ids(const at::Tensor& ids);
 // Launches them: (perm [T] int32, offsets [G] int32).
 std::tuple<at::Tensor, at::Tensor> launch_sort(const SortPlans& plans, const at::Tensor& ids,
                                                int64_t G);

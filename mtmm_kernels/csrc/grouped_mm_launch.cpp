@@ -78,15 +78,7 @@ Operand transposed_12(const Operand& w) {
 }
 
 // A gradient as autograd usually hands it over: a fresh contiguous [T, N] tensor.
-Operand fresh_rows(int64_t N, int64_t dtype) {
-  Operand t;
-  t.defined = true;
-  t.dtype = dtype;
-  t.align = 0;
-  t.stride[0] = N;
-  t.stride[1] = 1;
-  return t;
-}
+Operand fresh_rows(int64_t N, at::ScalarType dtype) { return fresh_operand(dtype, {N, 1}); }
 
 }  // namespace
 
@@ -239,7 +231,7 @@ std::optional<PlannedCall> plan_call(const at::Tensor& x, const at::Tensor& w,
                 (x.requires_grad() || w.requires_grad() || bias_grad);
   // Train only where the backward for the usual gradient (fresh, contiguous) is planned too.
   if (call.trains &&
-      !backward_plans(x, w, offsets, perm, fresh_rows(N, static_cast<int64_t>(x.scalar_type())),
+      !backward_plans(x, w, offsets, perm, fresh_rows(N, x.scalar_type()),
                       x.requires_grad(), w.requires_grad(), bias_grad)) {
     return std::nullopt;
   }

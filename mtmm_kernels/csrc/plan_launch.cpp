@@ -26,6 +26,16 @@ Operand operand(const at::Tensor& t) {
   return o;
 }
 
+Operand fresh_operand(at::ScalarType dtype, std::initializer_list<int64_t> strides) {
+  Operand o;
+  o.defined = true;
+  o.dtype = static_cast<int64_t>(dtype);
+  o.align = 0;
+  int64_t d = 0;
+  for (int64_t stride : strides) o.stride[d++] = stride;
+  return o;
+}
+
 void append(PlanKey& key, const Operand& t) {
   key.insert(key.end(), {t.defined, t.dtype, t.align, t.stride[0], t.stride[1], t.stride[2]});
 }

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 
 #include "launch_table.hpp"
 
@@ -23,6 +24,10 @@ struct Operand {
   int64_t stride[3] = {-1, -1, -1};
 };
 Operand operand(const at::Tensor& t);
+// The operand of a tensor the caller has yet to make with at::empty (or a contiguous copy):
+// contiguous with these strides, and 16-byte aligned, as torch's allocators align far past
+// that (callers that depend on it assert it).
+Operand fresh_operand(at::ScalarType dtype, std::initializer_list<int64_t> strides);
 void append(PlanKey& key, const Operand& t);
 
 uint64_t address(const at::Tensor& t);

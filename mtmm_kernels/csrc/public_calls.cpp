@@ -59,10 +59,7 @@ std::optional<at::Tensor> grouped_mm_by_ids_public(const at::Tensor& x, const at
   const Operand index = sorted_index_operand();
   auto call = plan_call(x, w, b, index, index, /*autograd=*/true);
   if (!call) return std::nullopt;
-  const at::Tensor ids = group_ids.contiguous();
-  TORCH_INTERNAL_ASSERT(address(ids) % 16 == 0 || ids.is_same(group_ids),
-                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
-  auto [perm, offsets] = launch_sort(*sort, ids, G);
+  auto [perm, offsets] = launch_sort(*sort, contiguous_ids(group_ids), G);
   TORCH_INTERNAL_ASSERT(address(perm) % 16 == 0 && address(offsets) % 16 == 0,
                         "mtmm: the group sort's outputs are not 16-byte aligned");
   return run_call(*call, x, w, offsets, bias, perm);
