@@ -8,8 +8,10 @@ namespace mtmm {
 
 namespace {
 
-bool is_index_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
+// An int32/int64 vector of `length` entries on `device`.
+bool index_vector(const at::Tensor& t, int64_t length, const at::Device& device) {
+  return t.dim() == 1 && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong) &&
+         t.size(0) == length && t.device() == device;
 }
 
 // x [T, K] and w [G, K, N] of one fp16/bf16 dtype, bias none or [G, N] of it, T < 2**31, all
@@ -34,8 +36,8 @@ std::optional<at::Tensor> grouped_mm_public(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias) {
   const at::Tensor b = bias.value_or(at::Tensor());
   if (!plain_operands(x, w, b)) return std::nullopt;
-  if (offsets.dim() != 1 || !is_index_dtype(offsets) || offsets.size(0) != w.size(0) ||
-      !offsets.is_contiguous() || offsets.device() != x.device()) {
+  // (strided offsets: the Python function makes them contiguous first)
+  if (!index_vector(offsets, w.size(0), x.device()) || !offsets.is_contiguous()) {
     return std::nullopt;
   }
   auto call = plan_call(x, w, b, operand(offsets), Operand{}, /*autograd=*/true);
@@ -48,10 +50,7 @@ std::optional<at::Tensor> grouped_mm_by_ids_public(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& bias) {
   const at::Tensor b = bias.value_or(at::Tensor());
   if (!plain_operands(x, w, b)) return std::nullopt;
-  if (group_ids.dim() != 1 || !is_index_dtype(group_ids) || group_ids.size(0) != x.size(0) ||
-      group_ids.device() != x.device()) {
-    return std::nullopt;
-  }
+  if (!index_vector(group_ids, x.size(0), x.device())) return std::nullopt;
   const int64_t G = w.size(0);
   auto sort = sort_plans(x.device(), x.size(0), G, contiguous_ids_operand(group_ids));
   if (!sort) return std::nullopt;
