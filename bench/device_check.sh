@@ -3,22 +3,25 @@
 # (its own time limit and JSON, so one slow stage loses nothing else); optionally the varlen
 # tile sweep, a grouped-GEMM config sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
-# STAGES (default "tests grouped_gemm host", what the open grouped-GEMM issue needs; also
-# "varlen", "varlen_sweep", "train_step", "sweep" and "profile") picks stages; they run in the
-# order tests varlen grouped_gemm varlen_sweep train_step host sweep profile. Everything goes
-# to OUT_DIR/work; OUT_DIR itself gets three files (the device tool brings back only a few):
-# results.tar.gz (all of work/, refreshed after every stage), summary.md (every table and the
-# test summary) and info.json. The default stages' limits add up to about 7 minutes (tests 150
-# s per shard, grouped_gemm 210 s, host 60 s), so a run cut short by the device's limit brings
-# back the stages it finished and loses the last ones. Most of the test time is Triton
-# compiling, spread over TEST_SHARDS pytest processes, each limited to TEST_LIMIT seconds.
+# STAGES (default "cpp_errors tests grouped_gemm host", what the open grouped-GEMM issue needs;
+# also "varlen", "varlen_sweep", "train_step", "sweep" and "profile") picks stages; they run in
+# the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step host sweep profile.
+# "cpp_errors" (~40 s) records which ways of raising from a C++ extension crash on this machine
+# (bench/cpp_error_check.py). Everything goes to OUT_DIR/work; OUT_DIR itself gets three files
+# (the device tool brings back only a few): results.tar.gz (all of work/, refreshed after every
+# stage), summary.md (every table and the test summary) and info.json. The default stages'
+# limits add up to about 9 minutes (cpp_errors 120 s, tests 150 s per shard, grouped_gemm 210 s,
+# host 60 s; run 5 on an H200 took 261 s without cpp_errors), so a run cut short by the
+# device's limit brings back the stages it finished and loses the last ones. Most of the test
+# time is Triton compiling, spread over TEST_SHARDS pytest processes, each limited to
+# TEST_LIMIT seconds.
 # "host" (the small grouped GEMM's and the pack's host time, layer by layer) takes ~30 s,
 # "varlen" ~75 s, "varlen_sweep" up to 90 s, "sweep" ~2 minutes, "profile" ~30 s.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/latest}}
-STAGES=${2:-"tests grouped_gemm host"}
+STAGES=${2:-"cpp_errors tests grouped_gemm host"}
 mkdir -p "$OUT_DIR/work"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 W="$OUT_DIR/work"
@@ -27,7 +30,7 @@ stamp() { echo "[device_check +$(($(date +%s) - start))s] $*" | tee -a "$W/stage
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 bundle() {
-    cat "$W"/tests_summary.txt "$W"/*.md >"$OUT_DIR/summary.md" 2>/dev/null
+    cat "$W"/cpp_errors.txt "$W"/tests_summary.txt "$W"/*.md >"$OUT_DIR/summary.md" 2>/dev/null
     tar -czf "$OUT_DIR/results.tar.gz" -C "$W" . 2>/dev/null
 }
 trap bundle EXIT
@@ -50,6 +53,14 @@ cat "$OUT_DIR/info.json"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import numpy, triton, torch; print('numpy', numpy.__version__, 'cuda', torch.version.cuda)"
 } >"$W/versions.txt" 2>&1
+
+if wants cpp_errors; then
+    stamp "cpp_errors"
+    timeout 120 python bench/cpp_error_check.py "$W/cpp_errors.json" >"$W/cpp_errors.txt" 2>&1 \
+        || status=1
+    cat "$W/cpp_errors.txt"
+    bundle
+fi
 
 if wants tests; then
     # The kernel test files whole and the GPU-marked tests elsewhere, dealt to parallel pytest

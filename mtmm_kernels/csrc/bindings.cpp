@@ -7,6 +7,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.hpp"
 #include "driver_api.hpp"
 #include "group_sort_launch.hpp"
 #include "grouped_mm_launch.hpp"
@@ -25,17 +26,17 @@ using PlanFields = std::tuple<uint64_t, int64_t, int64_t, int64_t, std::vector<S
 // A plan without its grid rule (the caller sets it).
 mtmm::LaunchPlan plan_from(const PlanFields& fields) {
   const auto& [function, block_x, shared_bytes, scratch_bytes, slots] = fields;
-  TORCH_CHECK(block_x > 0 && shared_bytes >= 0 && scratch_bytes >= 0, "bad launch plan");
-  TORCH_CHECK(slots.size() <= 62, "too many kernel parameters: ", slots.size());
+  MTMM_CHECK(block_x > 0 && shared_bytes >= 0 && scratch_bytes >= 0, "bad launch plan");
+  MTMM_CHECK(slots.size() <= 62, "too many kernel parameters: ", slots.size());
   mtmm::LaunchPlan plan;
   plan.function = function;
   plan.block_x = static_cast<uint32_t>(block_x);
   plan.shared_bytes = static_cast<uint32_t>(shared_bytes);
   plan.scratch_bytes = scratch_bytes;
   for (const auto& [source, bytes, value] : slots) {
-    TORCH_CHECK(source >= mtmm::ParamSlot::kFixed && source < mtmm::kMaxCallValues,
-                "bad slot source ", source);
-    TORCH_CHECK(bytes == 1 || bytes == 2 || bytes == 4 || bytes == 8, "bad slot size ", bytes);
+    MTMM_CHECK(source >= mtmm::ParamSlot::kFixed && source < mtmm::kMaxCallValues,
+               "bad slot source ", source);
+    MTMM_CHECK(bytes == 1 || bytes == 2 || bytes == 4 || bytes == 8, "bad slot size ", bytes);
     plan.slots.push_back({static_cast<int8_t>(source), static_cast<uint8_t>(bytes), value});
   }
   return plan;
@@ -88,7 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
          const at::Tensor& offsets, const std::optional<at::Tensor>& perm,
          const PlanFields& fields, int64_t block_m, int64_t block_n, int64_t grid_cap) {
-        TORCH_CHECK(block_m > 0 && block_n > 0 && grid_cap > 0, "bad grid rule");
+        MTMM_CHECK(block_m > 0 && block_n > 0 && grid_cap > 0, "bad grid rule");
         auto key = mtmm::mm_key(x.device(), x.size(0), x.size(1), w.size(2), w.size(0),
                                 mtmm::operand(x), mtmm::operand(w),
                                 mtmm::operand(bias.value_or(at::Tensor())),
@@ -107,7 +108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
          const std::optional<at::Tensor>& perm, bool need_bias, const PlanFields& fields,
          int64_t grid) {
-        TORCH_CHECK(grid > 0, "bad grid");
+        MTMM_CHECK(grid > 0, "bad grid");
         auto key = mtmm::dw_key(x.device(), x.size(0), x.size(1), dy.size(1), offsets.size(0),
                                 mtmm::operand(x), mtmm::operand(dy), mtmm::operand(offsets),
                                 mtmm::operand(perm.value_or(at::Tensor())), need_bias);
@@ -126,20 +127,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& ids, int64_t G, const PlanFields& counts, const PlanFields& scatter,
          int64_t max_programs, int64_t row_step, int64_t block_g, int64_t block_p_cap,
          const std::tuple<int64_t, int64_t, int64_t>& python_split) {
-        TORCH_CHECK(ids.dim() == 1 && ids.is_contiguous(), "the sort's ids must be contiguous");
-        TORCH_CHECK(max_programs > 0 && row_step > 0 && block_g > G && block_p_cap > 0,
-                    "bad row split");
+        MTMM_CHECK(ids.dim() == 1 && ids.is_contiguous(), "the sort's ids must be contiguous");
+        MTMM_CHECK(max_programs > 0 && row_step > 0 && block_g > G && block_p_cap > 0,
+                   "bad row split");
         const int64_t T = ids.size(0);
         mtmm::LaunchPlan counts_plan = plan_from(counts);
         counts_plan.split = {max_programs, row_step, block_g, block_p_cap};
         const mtmm::SortSplit split = mtmm::sort_split(counts_plan.split, T);
         // The C++ rule must split as group_sort._launch_group_sort did for this call.
         const auto [rows, programs, block_p] = python_split;
-        TORCH_CHECK(split.rows_per_program == rows && split.programs == programs &&
-                        split.block_p == block_p,
-                    "mtmm: the C++ row split (", split.rows_per_program, ", ", split.programs,
-                    ", ", split.block_p, ") differs from the Python one (", rows, ", ",
-                    programs, ", ", block_p, ")");
+        MTMM_CHECK(split.rows_per_program == rows && split.programs == programs &&
+                      split.block_p == block_p,
+                   "mtmm: the C++ row split (", split.rows_per_program, ", ", split.programs,
+                   ", ", split.block_p, ") differs from the Python one (", rows, ", ",
+                   programs, ", ", block_p, ")");
         const mtmm::Operand ids_key = mtmm::operand(ids);
         mtmm::plan_table().put(mtmm::sort_counts_key(ids.device(), T, G, ids_key),
                                std::move(counts_plan));

@@ -34,7 +34,7 @@ struct Driver {
 template <typename Fn>
 Fn symbol(void* lib, const char* name) {
   Fn fn = reinterpret_cast<Fn>(dlsym(lib, name));
-  if (fn == nullptr) throw std::runtime_error(std::string("mtmm: libcuda has no ") + name);
+  if (fn == nullptr) throw DriverError(std::string("mtmm: libcuda has no ") + name);
   return fn;
 }
 
@@ -44,7 +44,7 @@ const Driver& driver() {
     // torch has loaded libcuda by the time a CUDA tensor exists; RTLD_NOLOAD finds that copy.
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
-    if (lib == nullptr) throw std::runtime_error("mtmm: cannot load libcuda.so.1");
+    if (lib == nullptr) throw DriverError("mtmm: cannot load libcuda.so.1");
     d.launch = symbol<LaunchFn>(lib, "cuLaunchKernel");
     d.error_string = reinterpret_cast<ErrorStringFn>(dlsym(lib, "cuGetErrorString"));
     d.ctx_get_current = symbol<CtxGetCurrentFn>(lib, "cuCtxGetCurrent");
@@ -60,7 +60,7 @@ void check(const Driver& d, CUresult status, const char* call) {
   if (status == 0) return;
   const char* text = nullptr;
   if (d.error_string != nullptr) d.error_string(status, &text);
-  throw std::runtime_error(std::string("mtmm: ") + call + " failed with error " +
+  throw DriverError(std::string("mtmm: ") + call + " failed with error " +
                            std::to_string(status) + " (" + (text ? text : "unknown") + ")");
 }
 

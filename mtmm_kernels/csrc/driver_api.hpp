@@ -4,9 +4,15 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace mtmm {
+
+// A driver call that failed (libcuda missing, a launch refused): nothing was launched.
+struct DriverError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // One launch, as the log keeps it: what cuLaunchKernel would have received.
 struct LaunchRecord {
@@ -22,7 +28,7 @@ struct LaunchRecord {
 // Launches a 1-D grid of `function` (a CUfunction) on `stream` (a CUstream) of device
 // `device_index`; `params` and `param_bytes` describe the kernel parameters as cuLaunchKernel
 // takes them. A calling thread without a current CUDA context gets the device's primary one
-// first. Throws std::runtime_error with the driver's message when a driver call fails.
+// first. Throws DriverError with the driver's message when a driver call fails.
 void launch_kernel(uint64_t function, uint32_t grid_x, uint32_t block_x, uint32_t shared_bytes,
                    uint64_t stream, int64_t device_index, void** params,
                    const uint8_t* param_bytes, int num_params, int64_t scratch_bytes);

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "checks.hpp"
+
 namespace mtmm {
 
 namespace {
@@ -68,8 +70,8 @@ Operand contiguous_ids_operand(const at::Tensor& ids) {
 
 at::Tensor contiguous_ids(const at::Tensor& ids) {
   at::Tensor out = ids.contiguous();
-  TORCH_INTERNAL_ASSERT(out.is_same(ids) || address(out) % 16 == 0,
-                        "mtmm: a contiguous copy of the ids is not 16-byte aligned");
+  MTMM_ASSERT(out.is_same(ids) || address(out) % 16 == 0,
+              "a contiguous copy of the ids is not 16-byte aligned");
   return out;
 }
 

@@ -8,6 +8,9 @@
 #include <memory>
 #include <utility>
 
+#include "checks.hpp"
+#include "driver_api.hpp"
+
 namespace mtmm {
 
 namespace {
@@ -170,10 +173,10 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     // The launches record no graph: a second derivative would silently be zero.
-    TORCH_CHECK(!c10::GradMode::is_enabled(),
-                "mtmm.grouped_mm: the backward is not differentiable (create_graph=True); "
-                "set MTMM_CPP_LAUNCH=0 to use the Python path, which defers this error to a "
-                "second backward");
+    MTMM_CHECK(!c10::GradMode::is_enabled(),
+               "mtmm.grouped_mm: the backward is not differentiable (create_graph=True); "
+               "set MTMM_CPP_LAUNCH=0 to use the Python path, which defers this error to a "
+               "second backward");
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &offsets = saved[2], &perm = saved[3];
     const bool need_x = ctx->needs_input_grad(0);
@@ -201,14 +204,14 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
           if (need_b) db = db_all;
         }
         launched = true;
-      } catch (const std::exception& error) {
+      } catch (const DriverError& error) {
         // A launch the driver refused ran nothing: the Python path computes these gradients,
         // and the handler turns the C++ path off for later calls (as a refused forward does).
         if (g_launch_error_handler) g_launch_error_handler(error.what());
       }
     }
     if (!launched) {
-      TORCH_CHECK(g_fallback, "mtmm.grouped_mm: no backward plan and no fallback");
+      MTMM_CHECK(g_fallback, "mtmm.grouped_mm: no backward plan and no fallback");
       std::tie(dx, dw, db) = g_fallback(x, w, offsets, perm, dy, need_x, need_w, need_b);
     }
     return {dx, dw, at::Tensor(), db, at::Tensor(), at::Tensor()};

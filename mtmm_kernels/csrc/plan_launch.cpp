@@ -7,6 +7,7 @@
 #include <mutex>
 #include <utility>
 
+#include "checks.hpp"
 #include "driver_api.hpp"
 
 namespace mtmm {
@@ -72,7 +73,7 @@ void run_plan(const LaunchPlan& plan, const CallValues& values, int64_t grid,
               const at::Device& device) {
   constexpr size_t kMaxParams = 64;
   const size_t n = plan.slots.size();
-  TORCH_INTERNAL_ASSERT(n + 2 <= kMaxParams, "mtmm: too many kernel parameters");
+  MTMM_ASSERT(n + 2 <= kMaxParams, "too many kernel parameters");
   if (grid <= 0) return;
   at::Tensor scratch;
   int64_t scratch_total = 0;
@@ -111,7 +112,7 @@ uint64_t stream_handle_from_resolver(int64_t device_index, int64_t stream_id) {
     auto it = g_streams.find(key);
     if (it != g_streams.end()) return it->second;
   }
-  TORCH_CHECK(g_stream_resolver, "mtmm: no way to find the CUDA stream's handle");
+  MTMM_CHECK(g_stream_resolver, "mtmm: no way to find the CUDA stream's handle");
   const uint64_t handle = g_stream_resolver(device_index, stream_id);
   std::lock_guard<std::mutex> lock(g_streams_mutex);
   g_streams[key] = handle;

@@ -1,5 +1,6 @@
 #include "public_calls.hpp"
 
+#include "checks.hpp"
 #include "driver_api.hpp"
 #include "group_sort_launch.hpp"
 #include "grouped_mm_launch.hpp"
@@ -59,8 +60,8 @@ std::optional<at::Tensor> grouped_mm_by_ids_public(const at::Tensor& x, const at
   auto call = plan_call(x, w, b, index, index, /*autograd=*/true);
   if (!call) return std::nullopt;
   auto [perm, offsets] = launch_sort(*sort, contiguous_ids(group_ids), G);
-  TORCH_INTERNAL_ASSERT(address(perm) % 16 == 0 && address(offsets) % 16 == 0,
-                        "mtmm: the group sort's outputs are not 16-byte aligned");
+  MTMM_ASSERT(address(perm) % 16 == 0 && address(offsets) % 16 == 0,
+              "the group sort's outputs are not 16-byte aligned");
   return run_call(*call, x, w, offsets, bias, perm);
 }
 
