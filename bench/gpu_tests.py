@@ -12,6 +12,7 @@ time limit. The summary lists every test as passed, failed, skipped or not finis
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -28,16 +29,20 @@ def collect(files: list[str], marks: str) -> list[str]:
     return ids
 
 
+_RESULT_LINE = re.compile(r"(\S+::.*?) (PASSED|FAILED|SKIPPED|ERROR)(?: |$)")
+
+
 def outcomes(xml_path: Path, log_path: Path) -> dict[str, str]:
     """Test id -> passed / failed / skipped, from a shard's JUnit XML, or where the shard was
     killed before writing it, from the verbose log's result lines."""
     if not xml_path.exists():
         result = {}
         for line in log_path.read_text(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED",
-                                                                       "SKIPPED", "ERROR"):
-                result[parts[0]] = {"ERROR": "failed"}.get(parts[1], parts[1].lower())
+            # a test id may hold spaces ("test_bad_input[x type]"): the status ends it
+            match = _RESULT_LINE.match(line)
+            if match:
+                test_id, outcome = match.groups()
+                result[test_id] = {"ERROR": "failed"}.get(outcome, outcome.lower())
         return result
     result = {}
     for case in ET.parse(xml_path).getroot().iter("testcase"):

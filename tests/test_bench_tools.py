@@ -113,3 +113,22 @@ def test_interleaved_timings_rotate_and_summarise():
     assert "| c fwd | mtmm | torch_grouped_mm | 1.50x | 75% |" in text
     assert "| d fwd | mtmm_by_ids | sort | 2.00x | - |" in text
     assert "| i |" not in text  # not a method row
+
+
+def test_gpu_test_shards_read_a_crashed_shards_log(tmp_path):
+    """A shard that crashed wrote no JUnit XML: its verbose log gives the outcomes, test ids
+    with spaces included, and the test it crashed in stays not finished."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_tests
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    log = tmp_path / "shard0.log"
+    log.write_text(
+        "tests/a.py::test_bad[x type] PASSED                       [ 50%]\n"
+        "tests/a.py::test_plain FAILED                             [ 60%]\n"
+        "tests/a.py::test_skip[1-2] SKIPPED (needs a GPU)          [ 70%]\n"
+        "tests/a.py::test_crash Fatal Python error: Segmentation fault\n")
+    assert gpu_tests.outcomes(tmp_path / "shard0.xml", log) == {
+        "tests/a.py::test_bad[x type]": "passed", "tests/a.py::test_plain": "failed",
+        "tests/a.py::test_skip[1-2]": "skipped"}
