@@ -61,7 +61,7 @@ void check(const Driver& d, CUresult status, const char* call) {
   const char* text = nullptr;
   if (d.error_string != nullptr) d.error_string(status, &text);
   throw DriverError(std::string("mtmm: ") + call + " failed with error " +
-                           std::to_string(status) + " (" + (text ? text : "unknown") + ")");
+                    std::to_string(status) + " (" + (text ? text : "unknown") + ")");
 }
 
 std::atomic<bool> g_dry_run{false};
