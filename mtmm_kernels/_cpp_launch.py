@@ -202,6 +202,8 @@ def _invoke(entry: str, *args):
     """The extension's ``entry`` on args; None (and the path turned off) where it raises."""
     try:
         return getattr(_ext, entry)(*args)
+    except torch.OutOfMemoryError:  # the caller's problem on any path: the path stays on
+        raise
     except RuntimeError as error:  # a driver or torch that refuses what the path does
         _turn_off(error)
         return None

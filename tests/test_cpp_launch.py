@@ -496,6 +496,21 @@ def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
     assert cpp_launch.ENABLED is False
 
 
+@needs_build
+def test_running_out_of_memory_leaves_the_cpp_path_on(ext, monkeypatch):
+    x, w, offsets, _ = _operands()
+    monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
+    monkeypatch.setattr(cpp_launch, "ENABLED", True)
+    _register_mm(ext, x, w, None, offsets)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ext, "grouped_mm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        cpp_launch.grouped_mm(x, w, offsets, None, None, True)
+    assert cpp_launch.ENABLED is True
+
+
 _FAKE_DRIVER = r"""
 #include <stdint.h>
 #include <string.h>
