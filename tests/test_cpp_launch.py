@@ -481,33 +481,34 @@ def test_stream_handles_from_python_are_asked_once_per_stream(ext):
     assert got == [97003, 97003, 98003] and asked == [(97, 3), (98, 3)]
 
 
-@needs_build
-def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
+def _planned_call_whose_cpp_entry_raises(ext, monkeypatch, error):
+    """A planned forward call, on a path whose C++ entry raises error."""
     x, w, offsets, _ = _operands()
     monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
     monkeypatch.setattr(cpp_launch, "ENABLED", True)
     _register_mm(ext, x, w, None, offsets)
 
-    def refuse(*args):
-        raise RuntimeError("cuLaunchKernel failed with error 400")
-    monkeypatch.setattr(ext, "grouped_mm", refuse)
+    def raise_error(*args):
+        raise error
+    monkeypatch.setattr(ext, "grouped_mm", raise_error)
+    return lambda: cpp_launch.grouped_mm(x, w, offsets, None, None, True)
+
+
+@needs_build
+def test_an_error_in_the_cpp_path_turns_it_off(ext, monkeypatch):
+    call = _planned_call_whose_cpp_entry_raises(
+        ext, monkeypatch, RuntimeError("cuLaunchKernel failed with error 400"))
     with pytest.warns(RuntimeWarning, match="turned off .*error 400"):
-        assert cpp_launch.grouped_mm(x, w, offsets, None, None, True) is None
+        assert call() is None
     assert cpp_launch.ENABLED is False
 
 
 @needs_build
 def test_running_out_of_memory_leaves_the_cpp_path_on(ext, monkeypatch):
-    x, w, offsets, _ = _operands()
-    monkeypatch.setattr(cpp_launch, "dry_run_on_cpu", True)
-    monkeypatch.setattr(cpp_launch, "ENABLED", True)
-    _register_mm(ext, x, w, None, offsets)
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(ext, "grouped_mm", out_of_memory)
+    call = _planned_call_whose_cpp_entry_raises(
+        ext, monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     with pytest.raises(torch.OutOfMemoryError):
-        cpp_launch.grouped_mm(x, w, offsets, None, None, True)
+        call()
     assert cpp_launch.ENABLED is True
 
 
