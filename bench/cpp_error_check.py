@@ -32,7 +32,11 @@ void torch_check_number(int64_t v) { TORCH_CHECK(v < 0, "bad value ", v); }
 void torch_check_literal(int64_t v) { TORCH_CHECK(v < 0, "bad value"); }
 void std_plain(int64_t) { throw std::runtime_error("bad value"); }
 void std_to_string(int64_t v) { throw std::runtime_error("bad value " + std::to_string(v)); }
-std::string ostringstream_only(int64_t v) { std::ostringstream s; s << "value " << v; return s.str(); }
+std::string ostringstream_only(int64_t v) {
+  std::ostringstream s;
+  s << "value " << v;
+  return s.str();
+}
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_check_number", &torch_check_number);
   m.def("torch_check_literal", &torch_check_literal);
@@ -67,25 +71,27 @@ def _run_case(case: str) -> str:
     return f"returned {result!r}"
 
 
+def _child(case: str) -> str:
+    """The case's outcome, run in a process of its own: its line, or how the process died."""
+    run = subprocess.run([sys.executable, __file__, "--case", case], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode == 0 and run.stdout.strip():
+        return run.stdout.strip().splitlines()[-1]
+    return f"exit status {run.returncode}: {run.stderr.strip().splitlines()[:1]}"
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--case":
         print(_run_case(sys.argv[2]))
         return
     out = Path(sys.argv[1])
-    # Build the minimal extension once, in a process of its own, before timing any case.
-    subprocess.run([sys.executable, __file__, "--case", "std_plain"], cwd=REPO,
-                   capture_output=True, text=True, timeout=300)
+    _child("std_plain")  # builds the minimal extension, so that no case's timeout includes it
     results = {}
     for case in ("mtmm_bad_plan",) + MINIMAL_CASES:
-        run = subprocess.run([sys.executable, __file__, "--case", case], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        outcome = run.stdout.strip().splitlines()[-1] if run.returncode == 0 and run.stdout.strip() \
-            else f"exit status {run.returncode}: {run.stderr.strip().splitlines()[:1]}"
-        results[case] = outcome
-        print(f"{case:22s} {outcome}", flush=True)
+        results[case] = _child(case)
+        print(f"{case:22s} {results[case]}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()
