@@ -13,6 +13,8 @@ spills), static and dynamic shared memory, and the instructions that decide spee
   utmaldg / utmastg  TMA tensor loads / stores (descriptors on Hopper)
   hgmma / hmma       warpgroup (Hopper) / warp-level tensor-core MMAs
   bar                block-wide barriers (cross-warp reductions and shared-memory hand-offs)
+  cp_async_depth     the most cp.async groups a wait leaves in flight (DEPBAR.LE SB0, n):
+                     0 where a loop of pointer loads waits for each load (not pipelined)
 
     python bench/sass_report.py [--arch 90] [--json OUT.json] [--only varlen|grouped_gemm]
 
@@ -77,6 +79,7 @@ def sass_summary(kernel) -> dict:
                                                       r"([A-Z][\w.]*)", sass, re.M))
     counts = {name: sum(n for op, n in opcodes.items() if re.fullmatch(pattern, op))
               for name, pattern in _INSTRUCTIONS.items()}
+    waits = [int(n, 16) for n in re.findall(r"DEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", sass)]
     meta = kernel.metadata
     return {
         "kernel": meta.name,
@@ -87,6 +90,7 @@ def sass_summary(kernel) -> dict:
         "shared_static": int(resources.get("SHARED", 0)),
         "shared_dynamic": int(getattr(meta, "shared", 0)),
         **counts,
+        "cp_async_depth": max(waits, default=0),
         # the instructions and operands in order, addresses and encodings stripped: equal
         # digests mean the same machine code
         "sass_digest": hashlib.sha256("\n".join(
@@ -232,7 +236,8 @@ def report(arch: int = 90, only: str | None = None) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["case", "registers", "local_bytes", "shared_dynamic", *_INSTRUCTIONS]
+    cols = ["case", "registers", "local_bytes", "shared_dynamic", *_INSTRUCTIONS,
+            "cp_async_depth"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

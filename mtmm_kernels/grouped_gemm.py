@@ -247,6 +247,16 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
+def _group_rows(offsets_ptr, g, T):
+    """First and end row of group g, clamped so that bad offsets stay inside [0, T]."""
+    start = tl.load(offsets_ptr + g - 1, mask=g > 0, other=0)
+    end = tl.load(offsets_ptr + g)
+    start = tl.minimum(tl.maximum(start, 0), T).to(tl.int32)
+    end = tl.minimum(tl.maximum(end, start), T).to(tl.int32)
+    return start, end
+
+
+@triton.jit
 def _dw_tile(tile, x_desc, dy_desc,
              x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
              T, K, N,
@@ -264,11 +274,7 @@ def _dw_tile(tile, x_desc, dy_desc,
     tile_k = tile // num_n
     tile_n = tile % num_n
 
-    # --- the group's rows, clamped so that bad offsets stay inside [0, T]
-    start = tl.load(offsets_ptr + g - 1, mask=g > 0, other=0)
-    end = tl.load(offsets_ptr + g)
-    start = tl.minimum(tl.maximum(start, 0), T).to(tl.int32)
-    end = tl.minimum(tl.maximum(end, start), T).to(tl.int32)
+    start, end = _group_rows(offsets_ptr, g, T)
 
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
@@ -319,6 +325,93 @@ def _dw_tile(tile, x_desc, dy_desc,
 
 
 @triton.jit
+def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
+                  T, K, N, G,
+                  stride_xt, stride_xk, stride_dyt, stride_dyn,
+                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+                  HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    """dW tiles pid, pid + P, ... of a persistent program as one loop over their row steps.
+    A tile's steps are its group's row tiles, at least one: an empty group's tile runs one
+    fully masked step and stores its exact zeros. Rows are summed in the order _dw_tile's
+    pointer loads sum them, so the results are the same bits."""
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_g = tl.cdiv(K, BLOCK_K) * num_n
+
+    # --- the loop's length: per group, this program's tiles in it times its row steps.
+    # Tiles [g * per_g, (g + 1) * per_g) hold cdiv(b - pid, P) tiles t < b with t % P == pid.
+    idx_G = tl.arange(0, BLOCK_G)
+    end_G = tl.load(offsets_ptr + idx_G, mask=idx_G < G, other=0)
+    start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G < G), other=0)
+    start_G = tl.minimum(tl.maximum(start_G, 0), T)
+    end_G = tl.minimum(tl.maximum(end_G, start_G), T)
+    steps_G = tl.maximum(tl.cdiv(end_G - start_G, BLOCK_M), 1).to(tl.int32)
+    first_G = idx_G * per_g
+    below_end = tl.where(first_G + per_g > pid, tl.cdiv(first_G + per_g - pid, progs), 0)
+    below_first = tl.where(first_G > pid, tl.cdiv(first_G - pid, progs), 0)
+    mine_G = tl.where(idx_G < G, below_end - below_first, 0)
+    num_steps = tl.sum(mine_G * steps_G, 0)
+
+    # --- one row step per iteration; a tile starts when the last one's steps are done.
+    # The state advances first thing in the iteration, from values of the last one only, and
+    # the next tile's rows come from the vectors above, not from memory: otherwise Triton's
+    # pipeliner cannot run the next steps' loads ahead (it leaves the loop synchronous).
+    tile = pid - progs
+    step = 0
+    steps = 0
+    start = 0
+    end = 0
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for _ in range(0, num_steps):
+        step += 1
+        if step >= steps:
+            tile += progs
+            step = 0
+            is_g = idx_G == tile // per_g
+            start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
+            end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+            steps = tl.maximum(tl.cdiv(end - start, BLOCK_M), 1)
+        g = tile // per_g
+        tile_k = (tile % per_g) // num_n
+        tile_n = tile % num_n
+        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        rows = start + step * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        if GATHER:
+            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            rows_x = rows.to(tl.int64)
+        a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            db_acc += tl.sum(d.to(tl.float32), 0)
+
+        # --- epilogue of a finished tile
+        if step == steps - 1:
+            g64 = g.to(tl.int64)
+            dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
+                       + cols[None, :].to(tl.int64) * stride_dwn)
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty),
+                     mask=k_ok[:, None] & col_ok[None, :])
+            if HAS_BIAS:
+                db_ptrs = db_ptr + g64 * stride_dbg + cols.to(tl.int64) * stride_dbn
+                db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward
+                tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+
+@triton.jit
 def _grouped_mm_dw_kernel(
     # pointers
     x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
@@ -333,6 +426,7 @@ def _grouped_mm_dw_kernel(
     HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr, TMA_OK: tl.constexpr, PROGS_PER_SM: tl.constexpr = 0,
+    FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
@@ -343,8 +437,18 @@ def _grouped_mm_dw_kernel(
     With TMA (Hopper and later; never with GATHER), the group's full row tiles arrive through
     tensor descriptors; its last partial tile, whose rows run into the next group, takes the
     masked pointer loads. The rows are summed in the same order either way. TMA_OK as in the
-    forward kernel."""
-    if PROGS_PER_SM == 0:  # the tile builds its descriptors
+    forward kernel.
+    With FLATTEN (persistent, pointer loads), each program runs all its tiles' row steps as
+    one loop, so that one software pipeline spans the tiles: the next tile's first loads are
+    in flight during this tile's last MMAs and its epilogue (BLOCK_G: the schedule vectors'
+    width, as in the forward kernel)."""
+    if FLATTEN:
+        tl.static_assert(PROGS_PER_SM > 0 and not TMA, "FLATTEN: persistent, pointer loads")
+        _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
+                      stride_xt, stride_xk, stride_dyt, stride_dyn,
+                      stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+                      HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_G)
+    elif PROGS_PER_SM == 0:  # the tile builds its descriptors
         _dw_tile(tl.program_id(0), x_ptr, dy_ptr, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
@@ -420,6 +524,14 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
     for c in [c for c in configs if c.kwargs["TMA"]]:
         configs.append(triton.Config({**c.kwargs, "PROGS_PER_SM": 1 if c.num_warps == 8 else 2},
                                      num_warps=c.num_warps, num_stages=c.num_stages))
+    # Last: the flattened pointer build (not timed on a GPU yet), for small groups, whose
+    # tiles have few row steps each: there a tile's pipeline fill and epilogue cost about as
+    # much as its MMAs unless the next tile's loads overlap them. The first shape is the
+    # H200 sweep's fastest dW on 32 small groups (one program per tile, pointer loads).
+    for k, n, m, w, s in ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 4)):
+        configs.append(triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m, TMA=False,
+                                          PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True),
+                                     num_warps=w, num_stages=s))
     return configs
 
 
@@ -781,7 +893,7 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         stride_dwg=dw_GKN.stride(0), stride_dwk=dw_GKN.stride(1), stride_dwn=dw_GKN.stride(2),
         stride_dbg=db.stride(0), stride_dbn=db.stride(1),
         HAS_BIAS=need_bias, GATHER=perm_T is not None,
-        INPUT_PRECISION=_input_precision(x_TK.dtype),
+        INPUT_PRECISION=_input_precision(x_TK.dtype), BLOCK_G=_block_g(G),
     )
     args["TMA_OK"] = _tma_dw_ok(args)
     if x_TK.is_cuda and args["TMA_OK"]:

@@ -183,17 +183,20 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
 
 
-@pytest.mark.parametrize("tma", [True, False])
-def test_persistent_dw(device, monkeypatch, tma):
+@pytest.mark.parametrize("build", ["tma", "pointer", "flattened"])
+def test_persistent_dw(device, monkeypatch, build):
     """dW with fewer programs than tiles (PROGS_PER_SM > 0): each program walks several
-    (group, K-tile, N-tile) tiles, with descriptors built once (tma) or pointer loads, over
-    empty groups, partial row tiles, dBias and rows in any order."""
+    (group, K-tile, N-tile) tiles, with descriptors built once (tma), pointer loads, or all
+    its tiles' row steps as one loop (flattened), over empty groups, partial row tiles, dBias
+    and rows in any order."""
+    tma = build == "tma"
     if tma:
         _use_tma(device, monkeypatch)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     # with tma, the pointer config stays for what has no descriptors (gathered rows)
     monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
-        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1), num_warps=4,
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1,
+             FLATTEN=build == "flattened"), num_warps=4,
         num_stages=1 if device.type == "cpu" else 3) for t in sorted({tma, False}, reverse=True)])
     grids = []
     real_launch = grouped_gemm.direct_launch.launch
@@ -305,6 +308,42 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
     without = grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)
     for a, b in zip(with_tma, without):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("G", [6, 70])
+def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G):
+    """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
+    build does: the same bits, for empty groups (first, inside and last), partial row
+    tiles, rows in any order, and more groups than the schedule vectors' minimum width
+    (70: BLOCK_G = 128)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    sizes = ([0, 5, 0, 33, 9, 0] if G == 6 else
+             torch.randint(0, 12, (G,), generator=torch.Generator().manual_seed(G)).tolist())
+    sizes[-1] = 0
+    x, _, _, offsets = make_problem(sizes, 24, 40, dtype, device, tail=5)
+    dy = torch.randn(x.shape[0], 40, dtype=dtype, device=device)
+    ids = torch.repeat_interleave(torch.arange(G, device=device),
+                                  torch.tensor(sizes, device=device))
+    perm = torch.randperm(x.shape[0], device=device)[:ids.shape[0]].to(torch.int32)
+    stages = 1 if device.type == "cpu" else 3
+    results = []
+    for flatten in (False, True):
+        extra = dict(PROGS_PER_SM=1, FLATTEN=True) if flatten else {}
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=False, **extra), num_warps=4,
+            num_stages=stages)])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        results.append([*grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True),
+                        *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, perm, True)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    dw, db = results[1][:2]
+    sizes_t = torch.tensor(sizes)
+    assert torch.equal(dw[sizes_t == 0], torch.zeros_like(dw[sizes_t == 0]))
+    assert torch.equal(db[sizes_t == 0], torch.zeros_like(db[sizes_t == 0]))
+    dw64 = torch.stack([x[s:e].double().T @ dy[s:e].double() for s, e in
+                        zip([0, *offsets[:-1].tolist()], offsets.tolist())])
+    assert rel_err(dw, dw64) < TOL[dtype]
 
 
 def test_tma_needs_aligned_unit_stride_operands(device, tma_path):
@@ -753,6 +792,33 @@ def test_bf16_flattened_pipeline(monkeypatch):
     assert flattened
     for config in flattened:  # forward and dX (the same kernel), dW, against float64
         monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [config])
+        check_against_reference(x, w, b, offsets, tail=17)
+
+
+@pytest.mark.gpu
+def test_bf16_flattened_dw_configs(monkeypatch):
+    """The autotuner's flattened dW configs, forced one by one on the device (the
+    interpreter checks the loop's logic; this checks the compiled pipeline across tiles):
+    against float64 and bit for bit against the one-program-per-tile build of the same
+    tile, warps and stages, by ids too."""
+    flattened = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("FLATTEN")]
+    assert flattened
+    sizes = [700, 0, 129, 1, 2048, 0, 63, 300, 0]
+    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17)
+    dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
+    perm = torch.randperm(x.shape[0], device="cuda")[:sum(sizes)].to(torch.int32)
+    for config in flattened:
+        twin = {k: v for k, v in config.kwargs.items() if k not in ("FLATTEN", "PROGS_PER_SM")}
+        results = []
+        for kwargs in (config.kwargs, twin):
+            monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+                kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
+            monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+            results.append([*grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True),
+                            *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, perm, True)])
+        for got, want in zip(*results):
+            assert torch.equal(got, want), config
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
         check_against_reference(x, w, b, offsets, tail=17)
 
 

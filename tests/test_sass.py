@@ -95,6 +95,9 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
             assert row["utmaldg"] > 0, case
         if "tma=0" in case or "by_ids" in case:  # gathered x rows never use descriptors
             assert row["ldgsts"] > 0, case  # pointer loads pipelined through cp.async
+        if "tma=0" in case:  # loads of later steps in flight while one step's MMAs run
+            assert row["cp_async_depth"] > 0, case
     assert any("by_ids" in case and "tma=1" in case for case in gemm)  # w's descriptor
+    assert any("dW" in case and "flat" in case for case in gemm)  # one loop over the tiles
     stores = [case for case in gemm if "tma-store" in case]
     assert stores and all(gemm[case]["utmastg"] > 0 for case in stores)  # y's descriptor
