@@ -30,7 +30,7 @@ Every config is checked against an fp32 loop reference (``max_rel_err`` = max |e
 recorded with its error and skipped. The JSON ({"header": {...}, "rows": [...]}) is rewritten
 after every case, and no new measurement starts once ``--max-seconds`` have passed since start.
 
-Compiling is most of the cost (88 distinct kernels on Hopper, seconds each): before timing
+Compiling is most of the cost (about 95 distinct kernels on Hopper, seconds each): before timing
 anything, ``--compile-procs`` child processes (default: one per core, at most 16) compile all
 of them into Triton's on-disk cache, for at most half the budget; the sweep then only loads.
 """
@@ -106,6 +106,7 @@ class Cand:
                     f"{persist} w{w} s{s}")
         load = " tma" if m.get("TMA") else ""
         load += f" p{m['PROGS_PER_SM']}" if m.get("PROGS_PER_SM") else ""  # persistent
+        load += " flat" if m.get("FLATTEN") else ""  # one loop over a program's tiles' steps
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
@@ -118,10 +119,12 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
-def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0) -> Cand:
+def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
     if progs:  # persistent: at most progs programs per SM walk the tiles
         meta["PROGS_PER_SM"] = progs
+    if flatten:  # only where asked: a kernel without the switch still takes the others
+        meta["FLATTEN"] = True
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
@@ -181,6 +184,15 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
         (64, 128, 64, 4, 4),
     ]),
     dw_cand(128, 256, 64, 8, 3, TMA),
+    # the flattened pointer build (the autotuner's three, then around them): one pipeline
+    # across a program's tiles, for small groups' short row loops
+    dw_cand(128, 128, 32, 4, 4, progs=2, flatten=True),
+    dw_cand(128, 128, 64, 8, 3, progs=1, flatten=True),
+    dw_cand(128, 256, 32, 8, 4, progs=1, flatten=True),
+    dw_cand(128, 128, 32, 4, 4, progs=1, flatten=True),
+    dw_cand(128, 128, 64, 4, 3, progs=2, flatten=True),
+    dw_cand(128, 256, 64, 8, 3, progs=1, flatten=True),
+    dw_cand(128, 128, 32, 8, 5, progs=1, flatten=True),
     # the autotuner's persistent descriptor configs: descriptors built once per program
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1),
     dw_cand(128, 128, 64, 8, 3, TMA, progs=1),
@@ -213,6 +225,7 @@ SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 16, 4, 1, progs=1), dw_cand(16, 16, 16, 4, 1, TMA, progs=1),
+            dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -301,6 +314,8 @@ def dw_args(x_TK, dy_TN, offsets_G, dw_GKN) -> dict:
         "stride_dbg": db.stride(0), "stride_dbn": db.stride(1),
         "HAS_BIAS": False, "GATHER": False, "INPUT_PRECISION": gg._input_precision(x_TK.dtype),
     }
+    if "BLOCK_G" in DW_PARAMS:  # the flattened build's schedule vectors
+        args["BLOCK_G"] = gg._block_g(G)
     if "TMA_OK" in DW_PARAMS:
         args["TMA_OK"] = gg._tma_dw_ok(args)
     return args

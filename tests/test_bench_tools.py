@@ -20,8 +20,9 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_grouped_gemm_sweep_smoke(tmp_path):
     """Every kernel the sweep launches (forward, dX, dW; pointer and descriptor builds; dW also
-    persistent) runs in the interpreter with the launcher's arguments and matches the
-    reference; a candidate the kernel cannot compile becomes an error row, not a crash."""
+    persistent and flattened) runs in the interpreter with the launcher's arguments and
+    matches the reference; a candidate the kernel cannot compile becomes an error row, not a
+    crash."""
     out = tmp_path / "sweep.json"
     proc = _run("bench/sweep_grouped_gemm.py", "--cpu-smoke", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,6 +33,8 @@ def test_grouped_gemm_sweep_smoke(tmp_path):
     persistent_dw = {r["config"]["TMA"] for r in ours
                      if r["kernel"] == "dw" and r["config"].get("PROGS_PER_SM")}
     assert persistent_dw == {False, True}
+    assert any(r["kernel"] == "dw" and r["config"].get("FLATTEN") and not r["error"]
+               for r in ours)
     failed = [r for r in ours if r["error"]]
     assert [(r["kernel"], r["config"]["BLOCK_M"]) for r in failed] == [("dw", 24)]
     for r in ours:
