@@ -4,8 +4,9 @@
 # tile sweep, a grouped-GEMM config sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
 # STAGES (default "cpp_errors tests grouped_gemm host", what the open grouped-GEMM issue needs;
-# also "varlen", "varlen_sweep", "train_step", "sweep" and "profile") picks stages; they run in
-# the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step host sweep profile.
+# also "varlen", "varlen_sweep", "train_step", "dw_sweep", "sweep" and "profile") picks stages;
+# they run in the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step host
+# dw_sweep sweep profile.
 # "cpp_errors" (~40 s) records which ways of raising from a C++ extension crash on this machine
 # (bench/cpp_error_check.py). Everything goes to OUT_DIR/work; OUT_DIR itself gets three files
 # (the device tool brings back only a few): results.tar.gz (all of work/, refreshed after every
@@ -16,7 +17,8 @@
 # time is Triton compiling, spread over TEST_SHARDS pytest processes, each limited to
 # TEST_LIMIT seconds.
 # "host" (the small grouped GEMM's and the pack's host time, layer by layer) takes ~30 s,
-# "varlen" ~75 s, "varlen_sweep" up to 90 s, "sweep" ~2 minutes, "profile" ~30 s.
+# "varlen" ~75 s, "varlen_sweep" up to 90 s, "dw_sweep" (the dW kernel's configs on the
+# 32-small-groups and equal-groups cases) up to 100 s, "sweep" ~2 minutes, "profile" ~30 s.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +111,13 @@ if wants host; then
     stamp "host overhead"
     timeout 60 python bench/host_overhead.py "$W/host" >"$W/host_overhead.log" 2>&1 || status=1
     tail -25 "$W/host_overhead.log"
+    bundle
+fi
+if wants dw_sweep; then
+    stamp "sweep dW configs"
+    timeout 100 python bench/sweep_grouped_gemm.py "$W/sweep_dw.json" --max-seconds 85 \
+        --kernels dw --cases lognormal32_k1024,equal8_k4096 >"$W/sweep_dw.log" 2>&1 || status=1
+    tail -30 "$W/sweep_dw.log"
     bundle
 fi
 if wants sweep; then

@@ -6,7 +6,7 @@ bypassing the autotuner, on the cases of ``bench_grouped_gemm.CASES``, next to r
 measured in the same process: ``torch._grouped_mm`` (forward, dX and dW), one dense GEMM of the
 same FLOPs, and this package's public ops (autotuned over their built-in config lists).
 
-    python bench/sweep_grouped_gemm.py OUT.json [--max-seconds S] [--cases a,b]
+    python bench/sweep_grouped_gemm.py OUT.json [--max-seconds S] [--cases a,b] [--kernels dw]
     python bench/sweep_grouped_gemm.py OUT.json --cpu-smoke   # no GPU: interpreter, tiny shapes
 
 Kernels (the ``kernel`` field of a row):
@@ -486,7 +486,7 @@ def precompile_in_children(args, case_names: list[str], budget_s: float) -> None
         return
     t0 = time.monotonic()
     base = [sys.executable, str(Path(__file__).resolve()), str(args.out), "--cases",
-            ",".join(case_names)]
+            ",".join(case_names), "--kernels", args.kernels]
     procs = [subprocess.Popen([*base, "--precompile-shard", f"{i}/{n}"]) for i in range(n)]
     codes = []
     for proc in procs:
@@ -598,7 +598,7 @@ def sweep_case(name: str, sizes, K: int, N: int, dtype, device, cands: dict,
             break
         expected = specs[expect].expected if expect else None
         add(kernel, None, measure(fn, p.flops, expected=expected))
-    for kind in ("fwd", "dw", "dx"):
+    for kind in [k for k in ("fwd", "dw", "dx") if k in cands]:
         spec = specs[kind]
         for cand in cands[kind]:
             if not budget.left():
@@ -725,6 +725,8 @@ def main() -> int:
     parser.add_argument("--compile-procs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes compiling the candidates before the sweep starts "
                              "(0: compile at first launch)")
+    parser.add_argument("--kernels", default="fwd,dw,dx",
+                        help="comma-separated kernels to sweep: fwd, dw, dx (default: all)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="no GPU: run the interpreter on a tiny case, end to end")
     parser.add_argument("--precompile-shard", default=None, help=argparse.SUPPRESS)  # "i/n"
@@ -745,6 +747,11 @@ def main() -> int:
             parser.error(f"unknown cases {unknown}; known: {list(CASES)}")
         cases, dtype, device = {c: CASES[c] for c in names}, torch.bfloat16, torch.device("cuda")
         cands = {"fwd": FWD_CANDIDATES, "dx": DX_CANDIDATES, "dw": DW_CANDIDATES}
+
+    kernels = args.kernels.split(",")
+    if not kernels or any(k not in cands for k in kernels):
+        parser.error(f"--kernels: expected some of {list(cands)}, got {args.kernels!r}")
+    cands = {k: v for k, v in cands.items() if k in kernels}
 
     if args.precompile_shard:  # a child of precompile_in_children
         shard, shards = map(int, args.precompile_shard.split("/"))
