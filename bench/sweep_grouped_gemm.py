@@ -30,7 +30,7 @@ Every config is checked against an fp32 loop reference (``max_rel_err`` = max |e
 recorded with its error and skipped. The JSON ({"header": {...}, "rows": [...]}) is rewritten
 after every case, and no new measurement starts once ``--max-seconds`` have passed since start.
 
-Compiling is most of the cost (about 95 distinct kernels on Hopper, seconds each): before timing
+Compiling is most of the cost (about 100 distinct kernels on Hopper, seconds each): before timing
 anything, ``--compile-procs`` child processes (default: one per core, at most 16) compile all
 of them into Triton's on-disk cache, for at most half the budget; the sweep then only loads.
 """
@@ -193,6 +193,12 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     dw_cand(128, 128, 64, 4, 3, progs=2, flatten=True),
     dw_cand(128, 256, 64, 8, 3, progs=1, flatten=True),
     dw_cand(128, 128, 32, 8, 5, progs=1, flatten=True),
+    # ... and with descriptors (full row tiles in the pipeline, the partial one by pointer
+    # loads in the tile's epilogue): for large groups, whose tiles end in an exposed epilogue
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1, flatten=True),
+    dw_cand(128, 128, 64, 8, 3, TMA, progs=1, flatten=True),
+    dw_cand(128, 128, 64, 8, 4, TMA, progs=1, flatten=True),
+    dw_cand(128, 128, 32, 4, 4, TMA, progs=2, flatten=True),
     # the autotuner's persistent descriptor configs: descriptors built once per program
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1),
     dw_cand(128, 128, 64, 8, 3, TMA, progs=1),
@@ -226,6 +232,7 @@ SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 16, 4, 1, progs=1), dw_cand(16, 16, 16, 4, 1, TMA, progs=1),
             dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True),
+            dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 

@@ -325,21 +325,50 @@ def _dw_tile(tile, x_desc, dy_desc,
 
 
 @triton.jit
+def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
+             stride_xt, stride_xk, stride_dyt, stride_dyn,
+             GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Masked pointer loads of rows [r0, min(r0 + BLOCK_M, end)): x's columns ks, dy's cols."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    if GATHER:
+        rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows_x = rows.to(tl.int64)
+    a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return a, d
+
+
+@triton.jit
 def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                   T, K, N, G,
                   stride_xt, stride_xk, stride_dyt, stride_dyn,
                   stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                   HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
-    """dW tiles pid, pid + P, ... of a persistent program as one loop over their row steps.
-    A tile's steps are its group's row tiles, at least one: an empty group's tile runs one
-    fully masked step and stores its exact zeros. Rows are summed in the order _dw_tile's
-    pointer loads sum them, so the results are the same bits."""
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+                  TMA: tl.constexpr):
+    """dW tiles pid, pid + P, ... of a persistent program as one loop over their row steps,
+    one software pipeline across the tiles. Rows are summed in _dw_tile's order, so the
+    results are the same bits as its build of the same loads.
+    Pointer loads (TMA False): a tile's steps are its group's row tiles, at least one (an
+    empty group's tile runs one fully masked step and stores its exact zeros).
+    Descriptors (TMA): the steps are the group's full row tiles; a tile without any runs one
+    step at row T, past the descriptor's rows, which reads zeros. The last partial row tile,
+    whose rows run into the next group, takes masked pointer loads in the tile's epilogue
+    (outside the pipeline, after the full ones, as in _dw_tile)."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_n = tl.cdiv(N, BLOCK_N)
     per_g = tl.cdiv(K, BLOCK_K) * num_n
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N], strides=[stride_dyt, 1],
+                                            block_shape=[BLOCK_M, BLOCK_N])
 
     # --- the loop's length: per group, this program's tiles in it times its row steps.
     # Tiles [g * per_g, (g + 1) * per_g) hold cdiv(b - pid, P) tiles t < b with t % P == pid.
@@ -348,7 +377,10 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G < G), other=0)
     start_G = tl.minimum(tl.maximum(start_G, 0), T)
     end_G = tl.minimum(tl.maximum(end_G, start_G), T)
-    steps_G = tl.maximum(tl.cdiv(end_G - start_G, BLOCK_M), 1).to(tl.int32)
+    if TMA:
+        steps_G = tl.maximum((end_G - start_G) // BLOCK_M, 1).to(tl.int32)
+    else:
+        steps_G = tl.maximum(tl.cdiv(end_G - start_G, BLOCK_M), 1).to(tl.int32)
     first_G = idx_G * per_g
     below_end = tl.where(first_G + per_g > pid, tl.cdiv(first_G + per_g - pid, progs), 0)
     below_first = tl.where(first_G > pid, tl.cdiv(first_G - pid, progs), 0)
@@ -374,7 +406,10 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             is_g = idx_G == tile // per_g
             start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
             end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
-            steps = tl.maximum(tl.cdiv(end - start, BLOCK_M), 1)
+            if TMA:
+                steps = tl.maximum((end - start) // BLOCK_M, 1)
+            else:
+                steps = tl.maximum(tl.cdiv(end - start, BLOCK_M), 1)
         g = tile // per_g
         tile_k = (tile % per_g) // num_n
         tile_n = tile % num_n
@@ -382,22 +417,29 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
         k_ok = ks < K
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        rows = start + step * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        if GATHER:
-            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        r0 = start + step * BLOCK_M
+        if TMA:
+            r0 = tl.where(r0 + BLOCK_M <= end, r0, T)  # no full row tile: zeros, past T
+            a = x_desc.load([r0, tile_k * BLOCK_K])
+            d = dy_desc.load([r0, tile_n * BLOCK_N])
         else:
-            rows_x = rows.to(tl.int64)
-        a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a, d = _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
+                            stride_xt, stride_xk, stride_dyt, stride_dyn, GATHER, BLOCK_M)
         acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             db_acc += tl.sum(d.to(tl.float32), 0)
 
-        # --- epilogue of a finished tile
+        # --- epilogue of a finished tile (with TMA, its partial row tile first)
         if step == steps - 1:
+            if TMA:
+                r_tail = start + (end - start) // BLOCK_M * BLOCK_M
+                if r_tail < end:
+                    a, d = _dw_rows(x_ptr, dy_ptr, perm_ptr, r_tail, end, ks, k_ok, cols,
+                                    col_ok, stride_xt, stride_xk, stride_dyt, stride_dyn,
+                                    GATHER, BLOCK_M)
+                    acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
+                    if HAS_BIAS:
+                        db_acc += tl.sum(d.to(tl.float32), 0)
             g64 = g.to(tl.int64)
             dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
                        + cols[None, :].to(tl.int64) * stride_dwn)
@@ -438,16 +480,17 @@ def _grouped_mm_dw_kernel(
     tensor descriptors; its last partial tile, whose rows run into the next group, takes the
     masked pointer loads. The rows are summed in the same order either way. TMA_OK as in the
     forward kernel.
-    With FLATTEN (persistent, pointer loads), each program runs all its tiles' row steps as
-    one loop, so that one software pipeline spans the tiles: the next tile's first loads are
-    in flight during this tile's last MMAs and its epilogue (BLOCK_G: the schedule vectors'
-    width, as in the forward kernel)."""
+    With FLATTEN (persistent), each program runs all its tiles' row steps as one loop, so
+    that one software pipeline spans the tiles: the next tile's first loads are in flight
+    during this tile's last MMAs and its epilogue (BLOCK_G: the schedule vectors' width, as
+    in the forward kernel)."""
     if FLATTEN:
-        tl.static_assert(PROGS_PER_SM > 0 and not TMA, "FLATTEN: persistent, pointer loads")
+        tl.static_assert(PROGS_PER_SM > 0, "FLATTEN configs are persistent")
         _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
                       stride_xt, stride_xk, stride_dyt, stride_dyn,
                       stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
-                      HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_G)
+                      HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_G,
+                      TMA and TMA_OK)
     elif PROGS_PER_SM == 0:  # the tile builds its descriptors
         _dw_tile(tl.program_id(0), x_ptr, dy_ptr, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
@@ -524,12 +567,16 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
     for c in [c for c in configs if c.kwargs["TMA"]]:
         configs.append(triton.Config({**c.kwargs, "PROGS_PER_SM": 1 if c.num_warps == 8 else 2},
                                      num_warps=c.num_warps, num_stages=c.num_stages))
-    # Last: the flattened pointer build (not timed on a GPU yet), for small groups, whose
-    # tiles have few row steps each: there a tile's pipeline fill and epilogue cost about as
-    # much as its MMAs unless the next tile's loads overlap them. The first shape is the
-    # H200 sweep's fastest dW on 32 small groups (one program per tile, pointer loads).
-    for k, n, m, w, s in ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 4)):
-        configs.append(triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m, TMA=False,
+    # Last: the flattened builds (not timed on a GPU yet), one pipeline across a program's
+    # tiles. With pointer loads, for small groups, whose tiles have few row steps each: there
+    # a tile's pipeline fill and epilogue cost about as much as its MMAs unless the next
+    # tile's loads overlap them (the first shape is the H200 sweep's fastest dW on 32 small
+    # groups, one program per tile). With descriptors, the wide tile and the 128x128 one, for
+    # large groups (the equal groups' dW was 0.91x CUTLASS's in run 5).
+    for k, n, m, w, s, tma in ((128, 128, 32, 4, 4, False), (128, 128, 64, 8, 3, False),
+                               (128, 256, 32, 8, 4, False), (128, 256, 64, 8, 3, True),
+                               (128, 128, 64, 8, 3, True)):
+        configs.append(triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m, TMA=tma,
                                           PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True),
                                      num_warps=w, num_stages=s))
     return configs

@@ -183,20 +183,20 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
 
 
-@pytest.mark.parametrize("build", ["tma", "pointer", "flattened"])
+@pytest.mark.parametrize("build", ["tma", "pointer", "flattened tma", "flattened pointer"])
 def test_persistent_dw(device, monkeypatch, build):
     """dW with fewer programs than tiles (PROGS_PER_SM > 0): each program walks several
-    (group, K-tile, N-tile) tiles, with descriptors built once (tma), pointer loads, or all
-    its tiles' row steps as one loop (flattened), over empty groups, partial row tiles, dBias
-    and rows in any order."""
-    tma = build == "tma"
+    (group, K-tile, N-tile) tiles, with descriptors built once (tma) or pointer loads, as a
+    loop per tile or all its tiles' row steps as one loop (flattened), over empty groups,
+    partial row tiles, dBias and rows in any order."""
+    tma = build.endswith("tma")
     if tma:
         _use_tma(device, monkeypatch)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     # with tma, the pointer config stays for what has no descriptors (gathered rows)
     monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1,
-             FLATTEN=build == "flattened"), num_warps=4,
+             FLATTEN=build.startswith("flattened")), num_warps=4,
         num_stages=1 if device.type == "cpu" else 3) for t in sorted({tma, False}, reverse=True)])
     grids = []
     real_launch = grouped_gemm.direct_launch.launch
@@ -310,12 +310,15 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("G", [6, 70])
-def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G):
+@pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
+def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
-    build does: the same bits, for empty groups (first, inside and last), partial row
-    tiles, rows in any order, and more groups than the schedule vectors' minimum width
-    (70: BLOCK_G = 128)."""
+    build of the same loads does (with tma: the full row tiles through descriptors, then the
+    partial one by pointer loads): the same bits, for empty groups (first, inside and last),
+    groups without a full row tile, partial row tiles, rows in any order (pointer loads
+    only), and more groups than the schedule vectors' minimum width (70: BLOCK_G = 128)."""
+    if tma:
+        _use_tma(device, monkeypatch)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     sizes = ([0, 5, 0, 33, 9, 0] if G == 6 else
              torch.randint(0, 12, (G,), generator=torch.Generator().manual_seed(G)).tolist())
@@ -327,14 +330,24 @@ def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeyp
     perm = torch.randperm(x.shape[0], device=device)[:ids.shape[0]].to(torch.int32)
     stages = 1 if device.type == "cpu" else 3
     results = []
+    took = []
+    real_prune = grouped_gemm._prune_dw
+
+    def prune(configs, named_args, **kwargs):
+        kept = real_prune(configs, named_args, **kwargs)
+        took.append(kept[0].kwargs["TMA"])
+        return kept
+    monkeypatch.setattr(grouped_gemm, "_prune_dw", prune)
     for flatten in (False, True):
         extra = dict(PROGS_PER_SM=1, FLATTEN=True) if flatten else {}
+        # with tma, the pointer config stays for the gathered rows
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=False, **extra), num_warps=4,
-            num_stages=stages)])
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, **extra), num_warps=4,
+            num_stages=stages) for t in sorted({tma, False}, reverse=True)])
         monkeypatch.setattr(grouped_gemm, "_PLANS", {})
         results.append([*grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True),
                         *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, perm, True)])
+    assert took == [tma, False] * 2  # descriptors where asked, never with gathered rows
     for a, b in zip(*results):
         assert torch.equal(a, b)
     dw, db = results[1][:2]
@@ -800,7 +813,8 @@ def test_bf16_flattened_dw_configs(monkeypatch):
     """The autotuner's flattened dW configs, forced one by one on the device (the
     interpreter checks the loop's logic; this checks the compiled pipeline across tiles):
     against float64 and bit for bit against the one-program-per-tile build of the same
-    tile, warps and stages, by ids too."""
+    loads, tile, warps and stages; the pointer builds by ids too (gathered rows take no
+    descriptors)."""
     flattened = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("FLATTEN")]
     assert flattened
     sizes = [700, 0, 129, 1, 2048, 0, 63, 300, 0]
@@ -814,8 +828,9 @@ def test_bf16_flattened_dw_configs(monkeypatch):
             monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
                 kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
             monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-            results.append([*grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True),
-                            *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, perm, True)])
+            results.append([out for p in ([None] if config.kwargs["TMA"] else [None, perm])
+                            for out in grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, p,
+                                                                          True)])
         for got, want in zip(*results):
             assert torch.equal(got, want), config
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
