@@ -602,11 +602,13 @@ def _prune_mm(configs, named_args, **kwargs):
 
 
 def _prune_dw(configs, named_args, **kwargs):
-    """TMA configs only where the operands allow descriptors; fp32 halves the reduction tile to
-    fit shared memory."""
+    """TMA configs only where the operands allow descriptors; the flattened ones only while
+    DW_FLATTEN holds; fp32 halves the reduction tile to fit shared memory."""
     named_args = {**named_args, **kwargs}
     if not named_args["TMA_OK"]:
         configs = [c for c in configs if not c.kwargs["TMA"]]
+    if not DW_FLATTEN:
+        configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
     if named_args["x_ptr"].dtype != torch.float32:
         return configs
     return [triton.Config({**c.kwargs, "BLOCK_M": min(c.kwargs["BLOCK_M"], 32)},
@@ -618,6 +620,11 @@ def _prune_dw(configs, named_args, **kwargs):
 # run the descriptor path under the interpreter.
 TMA = os.environ.get("MTMM_TMA", "1") != "0"
 TMA_ON_CPU = False
+# The flattened dW configs are offered to the autotuner unless MTMM_DW_FLATTEN=0 (or
+# DW_FLATTEN = False before a size is first tuned): added without a GPU, they have a switch
+# of their own until a device has run them (bench/device_check.sh sets it where their GPU
+# test fails, so that a broken build cannot take the benchmarks down with it).
+DW_FLATTEN = os.environ.get("MTMM_DW_FLATTEN", "1") != "0"
 
 
 def _tma_device_ok(t: torch.Tensor) -> bool:

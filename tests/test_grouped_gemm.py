@@ -679,7 +679,7 @@ def test_by_ids_tunes_apart_from_grouped_mm(device, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_config_pruning(dtype):
+def test_gpu_config_pruning(dtype, monkeypatch):
     """The GPU autotuner's pruning, called the way triton.autotune calls it (every kernel
     argument by keyword): tile height follows the mean group size, fp32 shrinks BLOCK_K."""
     tuner = triton.autotune(configs=grouped_gemm._mm_configs(interpreter=False), key=["K"],
@@ -714,6 +714,14 @@ def test_gpu_config_pruning(dtype):
         assert len(kept) == sum(tma_ok or not c.kwargs["TMA"] for c in dw_configs)
         assert all(c.kwargs["BLOCK_M"] <= (32 if dtype == torch.float32 else 64) for c in kept)
         assert kept[0].kwargs["TMA"] == tma_ok
+        # the flattened builds, last, unless switched off
+        flat = [c.kwargs.get("FLATTEN", False) for c in kept]
+        assert flat == sorted(flat) and {c.kwargs["TMA"] for c in kept if c.kwargs.get(
+            "FLATTEN")} == ({True, False} if tma_ok else {False})
+        monkeypatch.setattr(grouped_gemm, "DW_FLATTEN", False)
+        unflat = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
+        assert unflat == [c for c in kept if not c.kwargs.get("FLATTEN")]
+        monkeypatch.setattr(grouped_gemm, "DW_FLATTEN", True)
 
 
 def test_fake_implementations_trace(device):
