@@ -3,17 +3,19 @@
 # (its own time limit and JSON, so one slow stage loses nothing else); optionally the varlen
 # tile sweep, a grouped-GEMM config sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
-# STAGES (default "cpp_errors tests grouped_gemm host", what the open grouped-GEMM issue needs;
-# also "varlen", "varlen_sweep", "train_step", "dw_sweep", "sweep" and "profile") picks stages;
-# they run in the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step host
-# dw_sweep sweep profile.
+# STAGES (default "cpp_errors tests grouped_gemm host dw_sweep", what the open grouped-GEMM
+# issue needs; also "varlen", "varlen_sweep", "train_step", "sweep" and "profile") picks
+# stages; they run in the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step
+# host dw_sweep sweep profile. Before the first benchmark, a check of the flattened dW configs
+# (~15 s) decides whether the autotuner may take them (MTMM_DW_FLATTEN, below).
 # "cpp_errors" (~40 s) records which ways of raising from a C++ extension crash on this machine
 # (bench/cpp_error_check.py). Everything goes to OUT_DIR/work; OUT_DIR itself gets three files
 # (the device tool brings back only a few): results.tar.gz (all of work/, refreshed after every
 # stage), summary.md (every table and the test summary) and info.json. The default stages'
-# limits add up to about 9 minutes (cpp_errors 120 s, tests 150 s per shard, grouped_gemm 210 s,
-# host 60 s; run 5 on an H200 took 261 s without cpp_errors), so a run cut short by the
-# device's limit brings back the stages it finished and loses the last ones. Most of the test
+# limits add up to about 12 minutes (cpp_errors 120 s, tests 150 s per shard, the flattened dW
+# check 150 s, grouped_gemm 210 s, host 60 s, dw_sweep 100 s; run 5 on an H200 took 261 s for
+# tests, grouped_gemm and host), so a run cut short by the device's limit brings back the
+# stages it finished and loses the last ones. Most of the test
 # time is Triton compiling, spread over TEST_SHARDS pytest processes, each limited to
 # TEST_LIMIT seconds.
 # "host" (the small grouped GEMM's and the pack's host time, layer by layer) takes ~30 s,
@@ -23,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/latest}}
-STAGES=${2:-"cpp_errors tests grouped_gemm host"}
+STAGES=${2:-"cpp_errors tests grouped_gemm host dw_sweep"}
 mkdir -p "$OUT_DIR/work"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 W="$OUT_DIR/work"
