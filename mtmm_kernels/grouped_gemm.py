@@ -257,6 +257,39 @@ def _group_rows(offsets_ptr, g, T):
 
 
 @triton.jit
+def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
+             stride_xt, stride_xk, stride_dyt, stride_dyn,
+             GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Masked pointer loads of rows [r0, min(r0 + BLOCK_M, end)): x's columns ks, dy's cols."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    if GATHER:
+        rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows_x = rows.to(tl.int64)
+    a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return a, d
+
+
+@triton.jit
+def _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
+              stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+              HAS_BIAS: tl.constexpr):
+    """A finished dW tile, and its dBias share where it is the K-tile-0 tile."""
+    g64 = g.to(tl.int64)
+    dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
+               + cols[None, :].to(tl.int64) * stride_dwn)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        db_ptrs = db_ptr + g64 * stride_dbg + cols.to(tl.int64) * stride_dbn
+        db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward kernel
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
+
+
+@triton.jit
 def _dw_tile(tile, x_desc, dy_desc,
              x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
              T, K, N,
@@ -297,7 +330,9 @@ def _dw_tile(tile, x_desc, dy_desc,
             acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
                 db_acc += tl.sum(d.to(tl.float32), 0)
-    # --- masked pointer loads: every tile without TMA, the last partial tile with it
+    # --- masked pointer loads: every tile without TMA, the last partial tile with it. (Written
+    # out: through _dw_rows, Triton 3.6 orders the machine code of two configs measured on the
+    # H200 differently; as it is, every one-program-per-tile config compiles as measured.)
     for r0 in range(r_tail, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -313,33 +348,8 @@ def _dw_tile(tile, x_desc, dy_desc,
         if HAS_BIAS:
             db_acc += tl.sum(d.to(tl.float32), 0)
 
-    # --- epilogue
-    g64 = g.to(tl.int64)
-    dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
-               + cols[None, :].to(tl.int64) * stride_dwn)
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
-    if HAS_BIAS:
-        db_ptrs = db_ptr + g64 * stride_dbg + cols.to(tl.int64) * stride_dbn
-        db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward kernel
-        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
-
-
-@triton.jit
-def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
-             stride_xt, stride_xk, stride_dyt, stride_dyn,
-             GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Masked pointer loads of rows [r0, min(r0 + BLOCK_M, end)): x's columns ks, dy's cols."""
-    rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    if GATHER:
-        rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows_x = rows.to(tl.int64)
-    a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    return a, d
+    _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
+              stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
 
 
 @triton.jit
@@ -440,15 +450,8 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                     acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
                     if HAS_BIAS:
                         db_acc += tl.sum(d.to(tl.float32), 0)
-            g64 = g.to(tl.int64)
-            dw_ptrs = (dw_ptr + g64 * stride_dwg + ks[:, None].to(tl.int64) * stride_dwk
-                       + cols[None, :].to(tl.int64) * stride_dwn)
-            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty),
-                     mask=k_ok[:, None] & col_ok[None, :])
-            if HAS_BIAS:
-                db_ptrs = db_ptr + g64 * stride_dbg + cols.to(tl.int64) * stride_dbn
-                db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward
-                tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
+            _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
+                      stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
             acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
