@@ -132,8 +132,10 @@ def device_events(prof):
             yield evt.name, getattr(evt, key)
 
 
-def kernel_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> Optional[float]:
-    """Device time per call of everything ``fn`` runs on the GPU, host gaps excluded."""
+def kernel_times(fn: Callable[[], object], *, warmup: int = 3,
+                 reps: int = 10) -> Optional[dict[str, float]]:
+    """Device milliseconds per call of each kernel (and memcpy/memset) ``fn`` runs on the GPU,
+    by name, summed over its launches in one call; None without CUDA."""
     if not HAS_CUDA:
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -145,5 +147,13 @@ def kernel_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> O
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(us for _, us in device_events(prof))
-    return total_us / 1e3 / reps
+    per_name: dict[str, float] = {}
+    for name, us in device_events(prof):
+        per_name[name] = per_name.get(name, 0.0) + us / 1e3 / reps
+    return per_name
+
+
+def kernel_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> Optional[float]:
+    """Device time per call of everything ``fn`` runs on the GPU, host gaps excluded."""
+    times = kernel_times(fn, warmup=warmup, reps=reps)
+    return None if times is None else sum(times.values())

@@ -6,7 +6,7 @@ the ceiling on the kernel-time basis (on the latency basis for runs that predate
 times). The second has one row per case and mtmm method: its speed against the fastest other
 method of the same case and run (the dense-GEMM ceiling excluded), on each timing basis. A
 third, where the run timed methods in alternation, gives those ratios with the GPU's clock
-drift shared.
+drift shared; a fourth splits each multi-kernel call's kernel time by kernel.
 
     python bench/summarize.py OUT/bench.json > OUT/bench.md
 """
@@ -90,6 +90,23 @@ def speedups(data: dict) -> list[tuple[str, str, str, dict[str, float]]]:
     return out
 
 
+def by_kernel(data: dict) -> list[str]:
+    """Lines of a table of each multi-kernel call's device time by kernel (a forward +
+    backward: which of its kernels the time goes to), for the runs that record it."""
+    lines = []
+    for name, info in _rows(data):
+        kernels = info.get("kernels_ms") or {}
+        if len(kernels) < 2 or info.get("method") in CEILINGS:
+            continue
+        parts = sorted(kernels.items(), key=lambda kv: -kv[1])
+        cells = "; ".join(f"{k[:48]} {v:.4f}" for k, v in parts)
+        lines.append(f"| {info.get('case', '')} | {info.get('method', '')} | {cells} |")
+    if not lines:
+        return []
+    return ["", "Kernel time by kernel (ms per call, CUPTI), calls of several kernels:", "",
+            "| case | method | kernels |", "|---|---|---|", *lines]
+
+
 def summarize(data: dict) -> str:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
@@ -126,6 +143,7 @@ def summarize(data: dict) -> str:
                  "| case | method | peer | vs peer | of dense |", "|---|---|---|---|---|"]
         rows += [f"| {case} | {method} | {peer} | {vs_peer:.2f}x | {_fmt(of_dense, '.0%')} |"
                  for case, method, peer, vs_peer, of_dense in alternated]
+    rows += by_kernel(data)
     tuned = {}
     for _, info in _rows(data):
         for c in info.get("tuned_configs", []):

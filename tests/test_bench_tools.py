@@ -86,6 +86,11 @@ def test_summary_ratios_per_timing_basis():
     assert "| c fwd | mtmm | torch_grouped_mm | 0.50x | 1.20x | 1.50x |" in text
     old = {"benchmarks": [row("loop", 2.0), row("mtmm", 1.0)]}
     assert "| c fwd | mtmm | loop | 2.00x | - | - |" in S.summarize(old)
+    # a forward + backward's kernel time by kernel, largest first; one-kernel calls left out
+    data["benchmarks"][-1]["extra_info"]["kernels_ms"] = {"_fwd": 0.05, "_dw": 0.1, "_dx": 0.05}
+    data["benchmarks"][0]["extra_info"]["kernels_ms"] = {"cutlass": 0.4}
+    assert S.by_kernel(data)[-1] == "| c fwd | mtmm | _dw 0.1000; _fwd 0.0500; _dx 0.0500 |"
+    assert "| c fwd | mtmm | _dw 0.1000" in S.summarize(data)
 
 
 def test_interleaved_timings_rotate_and_summarise():
