@@ -201,6 +201,13 @@ def _grouped_gemm_cases():
         yield (f"grouped_mm_by_ids fwd bf16 K=N=4096 {label(config)}",
                with_config("_MM_CONFIGS", config,
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
+    # dW over gathered rows: pointer loads, each step's row numbers loaded a step ahead
+    for config in [c for c in gg._dw_configs(False) if not c.kwargs["TMA"]]:
+        persistent = config.kwargs.get("PROGS_PER_SM")
+        yield (f"grouped_mm_by_ids dW bf16 K=N=4096 {label(config)}"
+               f"{f' p{persistent}' if persistent else ''}",
+               with_config("_DW_CONFIGS", config,
+                           lambda: gg._launch_grouped_mm_dw(x, dy, offsets, perm, False)))
 
 
 def _group_sort_cases():

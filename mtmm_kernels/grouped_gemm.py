@@ -333,17 +333,24 @@ def _dw_tile(tile, x_desc, dy_desc,
     # --- masked pointer loads: every tile without TMA, the last partial tile with it. (Written
     # out: through _dw_rows, Triton 3.6 orders the machine code of two configs measured on the
     # H200 differently; as it is, every one-program-per-tile config compiles as measured.)
+    # Gathered rows: each step's row numbers are loaded one step ahead. Loaded in the step that
+    # uses them, they would put a load on the data loads' addresses, and Triton's pipeliner
+    # leaves such a loop synchronous (bench/sass_report.py: cp_async_depth 0).
+    if GATHER:
+        rows = r_tail + tl.arange(0, BLOCK_M)
+        rows_x = tl.load(perm_ptr + rows, mask=rows < end, other=0).to(tl.int64)
     for r0 in range(r_tail, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        if GATHER:
-            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
+        if not GATHER:
             rows_x = rows.to(tl.int64)
         a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if GATHER:
+            rows = rows + BLOCK_M
+            rows_x = tl.load(perm_ptr + rows, mask=rows < end, other=0).to(tl.int64)
         acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             db_acc += tl.sum(d.to(tl.float32), 0)
@@ -401,11 +408,21 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     # The state advances first thing in the iteration, from values of the last one only, and
     # the next tile's rows come from the vectors above, not from memory: otherwise Triton's
     # pipeliner cannot run the next steps' loads ahead (it leaves the loop synchronous).
+    # Gathered rows: each step's row numbers are loaded one step ahead (a load on the data
+    # loads' addresses would leave the loop synchronous too), so the rows of a program's next
+    # tile are known one tile ahead.
+    tl.static_assert(not (TMA and GATHER), "gathered rows take pointer loads")
     tile = pid - progs
     step = 0
     steps = 0
     start = 0
     end = 0
+    if GATHER:
+        is_g = idx_G == pid // per_g
+        next_start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
+        next_end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+        rows = next_start + tl.arange(0, BLOCK_M)
+        rows_x = tl.load(perm_ptr + rows, mask=rows < next_end, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for _ in range(0, num_steps):
@@ -413,9 +430,16 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
         if step >= steps:
             tile += progs
             step = 0
-            is_g = idx_G == tile // per_g
-            start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
-            end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+            if GATHER:
+                start = next_start
+                end = next_end
+                is_g = idx_G == (tile + progs) // per_g
+                next_start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
+                next_end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+            else:
+                is_g = idx_G == tile // per_g
+                start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
+                end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
             if TMA:
                 steps = tl.maximum((end - start) // BLOCK_M, 1)
             else:
@@ -432,6 +456,20 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             r0 = tl.where(r0 + BLOCK_M <= end, r0, T)  # no full row tile: zeros, past T
             a = x_desc.load([r0, tile_k * BLOCK_K])
             d = dy_desc.load([r0, tile_n * BLOCK_N])
+        elif GATHER:
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            a = tl.load(x_ptr + rows_x[:, None] * stride_xt
+                        + ks[None, :].to(tl.int64) * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt
+                        + cols[None, :].to(tl.int64) * stride_dyn,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            # the next step's row numbers: this tile's next rows, or the next tile's first
+            last = step + 1 >= steps
+            rows = tl.where(last, next_start, r0 + BLOCK_M) + tl.arange(0, BLOCK_M)
+            rows_x = tl.load(perm_ptr + rows, mask=rows < tl.where(last, next_end, end),
+                             other=0).to(tl.int64)
         else:
             a, d = _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
                             stride_xt, stride_xk, stride_dyt, stride_dyn, GATHER, BLOCK_M)

@@ -96,8 +96,9 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
         if "tma=0" in case or "by_ids" in case:  # gathered x rows never use descriptors
             assert row["ldgsts"] > 0, case  # pointer loads pipelined through cp.async
         if "tma=0" in case:  # loads of later steps in flight while one step's MMAs run
-            assert row["cp_async_depth"] > 0, case
+            assert row["cp_async_depth"] > 0, case  # gathered dW rows too (0 before 11-27)
     assert any("by_ids" in case and "tma=1" in case for case in gemm)  # w's descriptor
     assert any("dW" in case and "flat" in case for case in gemm)  # one loop over the tiles
+    assert sum("by_ids dW" in case for case in gemm) >= 6  # per tile and flattened
     stores = [case for case in gemm if "tma-store" in case]
     assert stores and all(gemm[case]["utmastg"] > 0 for case in stores)  # y's descriptor
