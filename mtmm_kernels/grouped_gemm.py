@@ -47,6 +47,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _source_rows(perm_ptr, rows, row_ok, GATHER: tl.constexpr):
+    """The x (and y or dy) rows of sorted rows: perm[rows] with GATHER, else rows; 64-bit."""
+    if GATHER:
+        return tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """Per group g <= G: first row, end row, first M-tile and end M-tile. Entry G is the pseudo-
     group of rows past offsets[-1]; entries past G are empty. Offsets are clamped into [0, T]."""
@@ -159,10 +167,7 @@ def _grouped_mm_kernel(
                                       tile_end_G, BLOCK_M, BLOCK_G)
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
-        if GATHER:
-            rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            rows_x = rows.to(tl.int64)
+        rows_x = _source_rows(perm_ptr, rows, row_ok, GATHER)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
 
@@ -263,10 +268,7 @@ def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
     """Masked pointer loads of rows [r0, min(r0 + BLOCK_M, end)): x's columns ks, dy's cols."""
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    if GATHER:
-        rows_x = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows_x = rows.to(tl.int64)
+    rows_x = _source_rows(perm_ptr, rows, row_ok, GATHER)
     a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
