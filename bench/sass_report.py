@@ -15,6 +15,8 @@ spills), static and dynamic shared memory, and the instructions that decide spee
   bar                block-wide barriers (cross-warp reductions and shared-memory hand-offs)
   cp_async_depth     the most cp.async groups a wait leaves in flight (DEPBAR.LE SB0, n):
                      0 where a loop of pointer loads waits for each load (not pipelined)
+  ctas_per_sm        how many programs of the kernel an SM holds at once (registers, shared
+                     memory, threads); the grouped GEMM cases' "p<n>": n persistent per SM
 
     python bench/sass_report.py [--arch 90] [--json OUT.json] [--only varlen|grouped_gemm]
 
@@ -65,6 +67,17 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many of a kernel's programs one Hopper SM holds at once (the occupancy
+    calculator's rule for sm_90: 64K registers allocated per warp in units of 256, 228 KB of
+    shared memory with 1 KB reserved per program, 2048 threads, 32 programs). A persistent
+    grid of P programs per SM needs P here, or its last programs wait for the first ones."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    by_shared = 233472 // (-(-(shared_bytes + 1024) // 128) * 128)
+    return min(by_regs, by_shared, 2048 // (32 * num_warps), 32)
+
+
 def sass_summary(kernel) -> dict:
     """Registers, spills, shared memory and instruction counts of one compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,16 +94,19 @@ def sass_summary(kernel) -> dict:
               for name, pattern in _INSTRUCTIONS.items()}
     waits = [int(n, 16) for n in re.findall(r"DEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", sass)]
     meta = kernel.metadata
+    registers = int(resources.get("REG", -1))
+    shared = int(resources.get("SHARED", 0)) + int(getattr(meta, "shared", 0))
     return {
         "kernel": meta.name,
         "num_warps": meta.num_warps,
         "num_stages": meta.num_stages,
-        "registers": int(resources.get("REG", -1)),
+        "registers": registers,
         "local_bytes": int(resources.get("LOCAL", 0)) + int(resources.get("STACK", 0)),
         "shared_static": int(resources.get("SHARED", 0)),
         "shared_dynamic": int(getattr(meta, "shared", 0)),
         **counts,
         "cp_async_depth": max(waits, default=0),
+        "ctas_per_sm": ctas_per_sm(registers, shared, meta.num_warps),
         # the instructions and operands in order, addresses and encodings stripped: equal
         # digests mean the same machine code
         "sass_digest": hashlib.sha256("\n".join(
@@ -181,17 +197,16 @@ def _grouped_gemm_cases():
         tiles = " ".join(f"{k[6:]}{kw[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         flat = " flat" if kw.get("FLATTEN") else ""
         store = " tma-store" if kw.get("TMA_STORE") else ""
+        persistent = f" p{kw['PROGS_PER_SM']}" if kw.get("PROGS_PER_SM") else ""
         return (f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}"
-                f"{flat}{store}")
+                f"{flat}{store}{persistent}")
 
     for config in gg._mm_configs(False):
         yield (f"grouped_mm fwd bf16 K=N=4096 {label(config)}",
                with_config("_MM_CONFIGS", config,
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, None)))
-    for config in gg._dw_configs(False):
-        persistent = config.kwargs.get("PROGS_PER_SM")  # compiled apart: a loop over tiles
-        yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}"
-               f"{f' p{persistent}' if persistent else ''}",
+    for config in gg._dw_configs(False):  # (persistent dW configs compile apart: p<n>)
+        yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}",
                with_config("_DW_CONFIGS", config,
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))
     perm = torch.arange(T)
@@ -203,9 +218,7 @@ def _grouped_gemm_cases():
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, perm)))
     # dW over gathered rows: pointer loads, each step's row numbers loaded a step ahead
     for config in [c for c in gg._dw_configs(False) if not c.kwargs["TMA"]]:
-        persistent = config.kwargs.get("PROGS_PER_SM")
-        yield (f"grouped_mm_by_ids dW bf16 K=N=4096 {label(config)}"
-               f"{f' p{persistent}' if persistent else ''}",
+        yield (f"grouped_mm_by_ids dW bf16 K=N=4096 {label(config)}",
                with_config("_DW_CONFIGS", config,
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, perm, False)))
 
@@ -244,7 +257,7 @@ def report(arch: int = 90, only: str | None = None) -> list[dict]:
 
 def _table(rows: list[dict]) -> str:
     cols = ["case", "registers", "local_bytes", "shared_dynamic", *_INSTRUCTIONS,
-            "cp_async_depth"]
+            "cp_async_depth", "ctas_per_sm"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -102,3 +102,17 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
     assert sum("by_ids dW" in case for case in gemm) >= 6  # per tile and flattened
     stores = [case for case in gemm if "tma-store" in case]
     assert stores and all(gemm[case]["utmastg"] > 0 for case in stores)  # y's descriptor
+
+
+def test_persistent_grouped_gemm_programs_fit_on_an_sm_at_once(rows):
+    """A persistent config ("p<n>": a grid of n programs per SM, each walking its share of
+    the tiles) is sized for n programs resident on each SM at once, so that they hide each
+    other's pipeline fills and epilogues. Where fewer fit, its grid runs in waves of long
+    programs instead: the last programs start only when the first finish."""
+    import re
+
+    persistent = {case: int(m.group(1)) for case in rows
+                  if case.startswith("grouped_mm") and (m := re.search(r" p(\d+)\b", case))}
+    assert len(persistent) >= 10 and 2 in persistent.values()
+    for case, n in persistent.items():
+        assert rows[case]["ctas_per_sm"] >= n, (case, rows[case]["ctas_per_sm"])
