@@ -717,11 +717,14 @@ def _w_tma_ok(args: dict) -> bool:
 
 
 def _tma_dw_ok(args: dict) -> bool:
-    """Whether the dW kernel may read x and dy through tensor descriptors (as _tma_ok)."""
+    """Whether the dW kernel may read x and dy through tensor descriptors (as _tma_ok). Not
+    without rows: the flattened build reads a step of zeros past the last row through the
+    descriptors, and a descriptor needs every dimension non-empty."""
     x, dy = args.get("x_ptr"), args.get("dy_ptr")
     if args.get("GATHER", True) or x is None or dy is None or not _tma_device_ok(x):
         return False
-    return x.shape[1] > 0 and dy.shape[1] > 0 and _tma_rows_ok(x) and _tma_rows_ok(dy)
+    return (x.shape[0] > 0 and x.shape[1] > 0 and dy.shape[1] > 0 and _tma_rows_ok(x)
+            and _tma_rows_ok(dy))
 
 
 def _w_k_contiguous(w: torch.Tensor) -> bool:

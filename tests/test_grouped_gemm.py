@@ -370,6 +370,25 @@ def test_tma_needs_aligned_unit_stride_operands(device, tma_path):
     assert not grouped_gemm._tma_dw_ok(dict(x_ptr=x, dy_ptr=x, GATHER=True))
 
 
+def test_dw_without_rows_takes_no_descriptors(device, monkeypatch):
+    """No rows at all (every group empty): a descriptor needs every dimension non-empty,
+    and the flattened descriptor build would read through it (a step of zeros per tile), so
+    the dW kernel takes the pointer loads; every dW and dBias is exactly zero."""
+    _use_tma(device, monkeypatch)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x = torch.empty(0, 24, dtype=dtype, device=device)
+    dy = torch.empty(0, 40, dtype=dtype, device=device)
+    offsets = torch.zeros(3, dtype=torch.int32, device=device)
+    assert grouped_gemm._tma_dw_ok(dict(x_ptr=x[:0].new_zeros(1, 24), dy_ptr=dy.new_zeros(1, 40),
+                                        GATHER=False))
+    assert not grouped_gemm._tma_dw_ok(dict(x_ptr=x, dy_ptr=dy, GATHER=False))
+    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1, FLATTEN=True),
+        num_warps=4, num_stages=1 if device.type == "cpu" else 3) for t in (True, False)])
+    dw, db = grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
 def test_tuned_descriptor_config_is_safe_for_unaligned_operands(device, monkeypatch):
     """Configs are tuned per K, N and mean-group bucket, whatever the layouts: a config tuned
     with the descriptor build is reused for operands of the same sizes that descriptors cannot
