@@ -262,18 +262,42 @@ def _group_rows(offsets_ptr, g, T):
 
 
 @triton.jit
-def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
-             stride_xt, stride_xk, stride_dyt, stride_dyn,
-             GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Masked pointer loads of rows [r0, min(r0 + BLOCK_M, end)): x's columns ks, dy's cols."""
-    rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    rows_x = _source_rows(perm_ptr, rows, row_ok, GATHER)
+def _dw_loads(x_ptr, dy_ptr, rows_x, row_ok, ks, k_ok, cols, col_ok,
+              stride_xt, stride_xk, stride_dyt, stride_dyn):
+    """Masked pointer loads of x rows rows_x (columns ks) and the same dy rows (columns cols)."""
     a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     return a, d
+
+
+@triton.jit
+def _dw_rows(x_ptr, dy_ptr, perm_ptr, r0, end, ks, k_ok, cols, col_ok,
+             stride_xt, stride_xk, stride_dyt, stride_dyn,
+             GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Masked pointer loads of sorted rows [r0, min(r0 + BLOCK_M, end))."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    return _dw_loads(x_ptr, dy_ptr, _source_rows(perm_ptr, rows, row_ok, GATHER), row_ok,
+                     ks, k_ok, cols, col_ok, stride_xt, stride_xk, stride_dyt, stride_dyn)
+
+
+@triton.jit
+def _row_steps(rows, BLOCK_M: tl.constexpr, FULL_ONLY: tl.constexpr):
+    """A dW tile's steps over rows rows of its group (scalar or vector): its row tiles, or
+    only its full ones (FULL_ONLY); at least one, so that every tile stores its result."""
+    if FULL_ONLY:
+        return tl.maximum(rows // BLOCK_M, 1)
+    return tl.maximum(tl.cdiv(rows, BLOCK_M), 1)
+
+
+@triton.jit
+def _rows_of(g, idx_G, start_G, end_G):
+    """First and end row of group g, from the schedule vectors (a sum, no memory read)."""
+    is_g = idx_G == g
+    return (tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32),
+            tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32))
 
 
 @triton.jit
@@ -396,10 +420,7 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G < G), other=0)
     start_G = tl.minimum(tl.maximum(start_G, 0), T)
     end_G = tl.minimum(tl.maximum(end_G, start_G), T)
-    if TMA:
-        steps_G = tl.maximum((end_G - start_G) // BLOCK_M, 1).to(tl.int32)
-    else:
-        steps_G = tl.maximum(tl.cdiv(end_G - start_G, BLOCK_M), 1).to(tl.int32)
+    steps_G = _row_steps(end_G - start_G, BLOCK_M, TMA).to(tl.int32)
     first_G = idx_G * per_g
     below_end = tl.where(first_G + per_g > pid, tl.cdiv(first_G + per_g - pid, progs), 0)
     below_first = tl.where(first_G > pid, tl.cdiv(first_G - pid, progs), 0)
@@ -420,9 +441,7 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     start = 0
     end = 0
     if GATHER:
-        is_g = idx_G == pid // per_g
-        next_start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
-        next_end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+        next_start, next_end = _rows_of(pid // per_g, idx_G, start_G, end_G)
         rows = next_start + tl.arange(0, BLOCK_M)
         rows_x = tl.load(perm_ptr + rows, mask=rows < next_end, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -435,17 +454,10 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             if GATHER:
                 start = next_start
                 end = next_end
-                is_g = idx_G == (tile + progs) // per_g
-                next_start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
-                next_end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
+                next_start, next_end = _rows_of((tile + progs) // per_g, idx_G, start_G, end_G)
             else:
-                is_g = idx_G == tile // per_g
-                start = tl.sum(tl.where(is_g, start_G, 0), 0).to(tl.int32)
-                end = tl.sum(tl.where(is_g, end_G, 0), 0).to(tl.int32)
-            if TMA:
-                steps = tl.maximum((end - start) // BLOCK_M, 1)
-            else:
-                steps = tl.maximum(tl.cdiv(end - start, BLOCK_M), 1)
+                start, end = _rows_of(tile // per_g, idx_G, start_G, end_G)
+            steps = _row_steps(end - start, BLOCK_M, TMA)
         g = tile // per_g
         tile_k = (tile % per_g) // num_n
         tile_n = tile % num_n
@@ -459,14 +471,8 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             a = x_desc.load([r0, tile_k * BLOCK_K])
             d = dy_desc.load([r0, tile_n * BLOCK_N])
         elif GATHER:
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            a = tl.load(x_ptr + rows_x[:, None] * stride_xt
-                        + ks[None, :].to(tl.int64) * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt
-                        + cols[None, :].to(tl.int64) * stride_dyn,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a, d = _dw_loads(x_ptr, dy_ptr, rows_x, r0 + tl.arange(0, BLOCK_M) < end, ks, k_ok,
+                             cols, col_ok, stride_xt, stride_xk, stride_dyt, stride_dyn)
             # the next step's row numbers: this tile's next rows, or the next tile's first
             last = step + 1 >= steps
             rows = tl.where(last, next_start, r0 + BLOCK_M) + tl.arange(0, BLOCK_M)
