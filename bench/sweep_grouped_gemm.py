@@ -107,6 +107,7 @@ class Cand:
         load = " tma" if m.get("TMA") else ""
         load += f" p{m['PROGS_PER_SM']}" if m.get("PROGS_PER_SM") else ""  # persistent
         load += " flat" if m.get("FLATTEN") else ""  # one loop over a program's tiles' steps
+        load += " group-order" if m.get("PROGS_PER_SM") and not m.get("BALANCED") else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
@@ -119,10 +120,13 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
-def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False) -> Cand:
+def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False,
+            balanced=True) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
     if progs:  # persistent: at most progs programs per SM walk the tiles
         meta["PROGS_PER_SM"] = progs
+        if balanced:  # longest group first, the programs in a snake (as the autotuner's)
+            meta["BALANCED"] = True
     if flatten:  # only where asked: a kernel without the switch still takes the others
         meta["FLATTEN"] = True
     return Cand(tuple(sorted(meta.items())), warps, stages)
@@ -199,6 +203,13 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     dw_cand(128, 128, 64, 8, 3, TMA, progs=1, flatten=True),
     dw_cand(128, 128, 64, 8, 4, TMA, progs=1, flatten=True),
     dw_cand(128, 128, 32, 4, 4, TMA, progs=2, flatten=True),
+    # the tile order of persistent programs: in group order (as run 5 had it), against the
+    # balanced order above, side by side (in a model, on 32 log-normal groups the SMs idle
+    # 14-23% of the time in group order, 1-3.5% balanced: bench/dw_order_model.py)
+    dw_cand(128, 128, 32, 4, 4, progs=2, flatten=True, balanced=False),
+    dw_cand(128, 128, 64, 8, 3, progs=1, flatten=True, balanced=False),
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1, flatten=True, balanced=False),
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1, balanced=False),
     # the autotuner's persistent descriptor configs: descriptors built once per program
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1),
     dw_cand(128, 128, 64, 8, 3, TMA, progs=1),
@@ -233,6 +244,7 @@ SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16
             dw_cand(16, 16, 16, 4, 1, progs=1), dw_cand(16, 16, 16, 4, 1, TMA, progs=1),
             dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True),
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True),
+            dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True, balanced=False),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -360,7 +372,7 @@ class KernelSpec:
         meta = dict(cand.meta)
         params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
         # flags an older kernel does not have
-        for flag in ("TMA", "FLATTEN", "TMA_STORE", "PROGS_PER_SM"):
+        for flag in ("TMA", "FLATTEN", "TMA_STORE", "PROGS_PER_SM", "BALANCED"):
             if flag not in params:
                 meta.pop(flag, None)
         if self.even_k:

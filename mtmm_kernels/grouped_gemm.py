@@ -301,6 +301,63 @@ def _rows_of(g, idx_G, start_G, end_G):
 
 
 @triton.jit
+def _dw_order(offsets_ptr, G, T, BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
+    """The order in which persistent dW programs take the tiles: positions
+    [r * per_g, (r + 1) * per_g) are the tiles of the group of rank r. Returns the schedule
+    vectors (idx_G, and each group's rows [start_G, end_G), clamped into [0, T]) and, per rank
+    r < G, key_R = rows * BLOCK_G + BLOCK_G - 1 - g of the group g of that rank.
+    BALANCED: the groups with the most rows first (ties: the lower index first), so that the
+    snake of _position can even out the programs' work; else in index order."""
+    idx_G = tl.arange(0, BLOCK_G)
+    end_G = tl.load(offsets_ptr + idx_G, mask=idx_G < G, other=0)
+    start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G < G), other=0)
+    start_G = tl.minimum(tl.maximum(start_G, 0), T)
+    end_G = tl.minimum(tl.maximum(end_G, start_G), T)
+    # past G: negative keys, which a descending sort puts last
+    key_R = tl.where(idx_G < G, (end_G - start_G).to(tl.int64) * BLOCK_G + (BLOCK_G - 1 - idx_G),
+                     idx_G - BLOCK_G)
+    if BALANCED:
+        key_R = tl.sort(key_R, descending=True)
+    return idx_G, start_G, end_G, key_R
+
+
+@triton.jit
+def _group_at(rank, idx_G, key_R, BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
+    """The group of rank rank in _dw_order's order (a sum over the vector, no memory read).
+    A rank past the groups' gives a group past them (no rows), as the index order does."""
+    if BALANCED:
+        key = tl.sum(tl.where(idx_G == rank, key_R, 0), 0)
+        return tl.where(key >= 0, BLOCK_G - 1 - key % BLOCK_G, BLOCK_G - 1).to(tl.int32)
+    return rank
+
+
+@triton.jit
+def _position(i, pid, progs, BALANCED: tl.constexpr):
+    """The position (in _dw_order's order) of program pid's i-th tile. BALANCED, a snake: the
+    programs take round i's progs positions forward in even rounds and backward in odd ones,
+    so that the program with a round's longest tile gets the next round's shortest; else
+    pid + i * progs."""
+    if BALANCED:
+        return i * progs + tl.where(i % 2 == 0, pid, progs - 1 - pid)
+    return pid + i * progs
+
+
+@triton.jit
+def _count_below(b, first, step):
+    """How many of first, first + step, first + 2 * step, ... are below b (scalar or vector)."""
+    return tl.where(b > first, tl.cdiv(b - first, step), 0)
+
+
+@triton.jit
+def _positions_below(b, pid, progs, BALANCED: tl.constexpr):
+    """How many of program pid's positions (_position) are below b (scalar or vector)."""
+    if BALANCED:  # the even rounds' and the odd rounds' positions, each a step of 2 * progs
+        return (_count_below(b, pid, 2 * progs)
+                + _count_below(b, 2 * progs - 1 - pid, 2 * progs))
+    return _count_below(b, pid, progs)
+
+
+@triton.jit
 def _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
               stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
               HAS_BIAS: tl.constexpr):
@@ -393,10 +450,10 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                   HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  TMA: tl.constexpr):
-    """dW tiles pid, pid + P, ... of a persistent program as one loop over their row steps,
-    one software pipeline across the tiles. Rows are summed in _dw_tile's order, so the
-    results are the same bits as its build of the same loads.
+                  TMA: tl.constexpr, BALANCED: tl.constexpr):
+    """A persistent program's dW tiles (in _dw_order's order, at the positions of _position)
+    as one loop over their row steps, one software pipeline across the tiles. Rows are summed
+    in _dw_tile's order, so the results are the same bits as its build of the same loads.
     Pointer loads (TMA False): a tile's steps are its group's row tiles, at least one (an
     empty group's tile runs one fully masked step and stores its exact zeros).
     Descriptors (TMA): the steps are the group's full row tiles; a tile without any runs one
@@ -413,19 +470,14 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
         dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N], strides=[stride_dyt, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
 
-    # --- the loop's length: per group, this program's tiles in it times its row steps.
-    # Tiles [g * per_g, (g + 1) * per_g) hold cdiv(b - pid, P) tiles t < b with t % P == pid.
-    idx_G = tl.arange(0, BLOCK_G)
-    end_G = tl.load(offsets_ptr + idx_G, mask=idx_G < G, other=0)
-    start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G < G), other=0)
-    start_G = tl.minimum(tl.maximum(start_G, 0), T)
-    end_G = tl.minimum(tl.maximum(end_G, start_G), T)
-    steps_G = _row_steps(end_G - start_G, BLOCK_M, TMA).to(tl.int32)
-    first_G = idx_G * per_g
-    below_end = tl.where(first_G + per_g > pid, tl.cdiv(first_G + per_g - pid, progs), 0)
-    below_first = tl.where(first_G > pid, tl.cdiv(first_G - pid, progs), 0)
-    mine_G = tl.where(idx_G < G, below_end - below_first, 0)
-    num_steps = tl.sum(mine_G * steps_G, 0)
+    # --- the loop's length: per rank, this program's tiles among the rank's group's tiles
+    # (positions [r * per_g, (r + 1) * per_g)) times the group's row steps
+    idx_G, start_G, end_G, key_R = _dw_order(offsets_ptr, G, T, BLOCK_G, BALANCED)
+    steps_R = _row_steps((key_R // BLOCK_G).to(tl.int32), BLOCK_M, TMA)
+    first_R = idx_G * per_g
+    mine_R = tl.where(idx_G < G, _positions_below(first_R + per_g, pid, progs, BALANCED)
+                      - _positions_below(first_R, pid, progs, BALANCED), 0)
+    num_steps = tl.sum(mine_R * steps_R, 0)
 
     # --- one row step per iteration; a tile starts when the last one's steps are done.
     # The state advances first thing in the iteration, from values of the last one only, and
@@ -435,13 +487,16 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     # loads' addresses would leave the loop synchronous too), so the rows of a program's next
     # tile are known one tile ahead.
     tl.static_assert(not (TMA and GATHER), "gathered rows take pointer loads")
-    tile = pid - progs
+    i = -1  # the program's tile
+    g = 0
+    within = 0  # the tile among its group's per_g
     step = 0
     steps = 0
     start = 0
     end = 0
     if GATHER:
-        next_start, next_end = _rows_of(pid // per_g, idx_G, start_G, end_G)
+        next_start, next_end = _rows_of(_group_at(pid // per_g, idx_G, key_R, BLOCK_G, BALANCED),
+                                        idx_G, start_G, end_G)
         rows = next_start + tl.arange(0, BLOCK_M)
         rows_x = tl.load(perm_ptr + rows, mask=rows < next_end, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -449,18 +504,22 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     for _ in range(0, num_steps):
         step += 1
         if step >= steps:
-            tile += progs
+            i += 1
             step = 0
+            pos = _position(i, pid, progs, BALANCED)
+            g = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, BALANCED)
+            within = pos % per_g
             if GATHER:
                 start = next_start
                 end = next_end
-                next_start, next_end = _rows_of((tile + progs) // per_g, idx_G, start_G, end_G)
+                next_g = _group_at(_position(i + 1, pid, progs, BALANCED) // per_g, idx_G,
+                                   key_R, BLOCK_G, BALANCED)
+                next_start, next_end = _rows_of(next_g, idx_G, start_G, end_G)
             else:
-                start, end = _rows_of(tile // per_g, idx_G, start_G, end_G)
+                start, end = _rows_of(g, idx_G, start_G, end_G)
             steps = _row_steps(end - start, BLOCK_M, TMA)
-        g = tile // per_g
-        tile_k = (tile % per_g) // num_n
-        tile_n = tile % num_n
+        tile_k = within // num_n
+        tile_n = within % num_n
         ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -517,7 +576,7 @@ def _grouped_mm_dw_kernel(
     HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr, TMA_OK: tl.constexpr, PROGS_PER_SM: tl.constexpr = 0,
-    FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64,
+    FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64, BALANCED: tl.constexpr = False,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
@@ -532,14 +591,20 @@ def _grouped_mm_dw_kernel(
     With FLATTEN (persistent), each program runs all its tiles' row steps as one loop, so
     that one software pipeline spans the tiles: the next tile's first loads are in flight
     during this tile's last MMAs and its epilogue (BLOCK_G: the schedule vectors' width, as
-    in the forward kernel)."""
+    in the forward kernel).
+    Persistent programs take the tiles in steps of the grid, in group order; with BALANCED,
+    the groups with the most rows first and the programs in a snake (_dw_order, _position).
+    A tile's work is its group's rows, so in group order a program can get several of the
+    longest groups' tiles while others idle at the end (on 32 log-normal groups, in a model,
+    the SMs idle 14-23% of the time in group order, 1-3.5% balanced: docs/grouped_gemm.md).
+    The order decides which program computes a tile, never how: the results are the same bits."""
     if FLATTEN:
         tl.static_assert(PROGS_PER_SM > 0, "FLATTEN configs are persistent")
         _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
                       stride_xt, stride_xk, stride_dyt, stride_dyn,
                       stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                       HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_G,
-                      TMA and TMA_OK)
+                      TMA and TMA_OK, BALANCED)
     elif PROGS_PER_SM == 0:  # the tile builds its descriptors
         _dw_tile(tl.program_id(0), x_ptr, dy_ptr, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
@@ -555,13 +620,27 @@ def _grouped_mm_dw_kernel(
         else:  # never read: the tiles take the pointer loads
             x_desc = x_ptr
             dy_desc = dy_ptr
-        num_tiles = G * tl.cdiv(K, BLOCK_K) * tl.cdiv(N, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _dw_tile(tile, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
-                     dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
-                     stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
-                     HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA, TMA_OK,
-                     False)
+        per_g = tl.cdiv(K, BLOCK_K) * tl.cdiv(N, BLOCK_N)
+        if BALANCED:
+            pid = tl.program_id(0)
+            progs = tl.num_programs(0)
+            idx_G, _, _, key_R = _dw_order(offsets_ptr, G, T, BLOCK_G, True)
+            for i in tl.range(0, _positions_below(G * per_g, pid, progs, True)):
+                pos = _position(i, pid, progs, True)
+                g = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, True)
+                _dw_tile(g * per_g + pos % per_g, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr,
+                         perm_ptr, dw_ptr, db_ptr, T, K, N,
+                         stride_xt, stride_xk, stride_dyt, stride_dyn,
+                         stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+                         HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
+                         TMA_OK, False)
+        else:  # (as measured on the H200)
+            for tile in tl.range(tl.program_id(0), G * per_g, tl.num_programs(0)):
+                _dw_tile(tile, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
+                         dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
+                         stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+                         HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
+                         TMA_OK, False)
 
 
 # --- autotuning -----------------------------------------------------------------------------
@@ -613,8 +692,10 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
     # Last: the descriptor configs persistent (not timed on a GPU yet). One program per tile
     # builds its two descriptors per tile, each two round trips to global memory before its
     # first load (bench/results/sass); a persistent program builds them once.
+    # The persistent programs take the tiles longest group first, in a snake (BALANCED).
     for c in [c for c in configs if c.kwargs["TMA"]]:
-        configs.append(triton.Config({**c.kwargs, "PROGS_PER_SM": 1 if c.num_warps == 8 else 2},
+        configs.append(triton.Config({**c.kwargs, "PROGS_PER_SM": 1 if c.num_warps == 8 else 2,
+                                      "BALANCED": True},
                                      num_warps=c.num_warps, num_stages=c.num_stages))
     # Last: the flattened builds (not timed on a GPU yet), one pipeline across a program's
     # tiles. With pointer loads, for small groups, whose tiles have few row steps each: there
@@ -626,7 +707,8 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
                                (128, 256, 32, 8, 4, False), (128, 256, 64, 8, 3, True),
                                (128, 128, 64, 8, 3, True)):
         configs.append(triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_M=m, TMA=tma,
-                                          PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True),
+                                          PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True,
+                                          BALANCED=True),
                                      num_warps=w, num_stages=s))
     return configs
 
@@ -652,12 +734,16 @@ def _prune_mm(configs, named_args, **kwargs):
 
 def _prune_dw(configs, named_args, **kwargs):
     """TMA configs only where the operands allow descriptors; the flattened ones only while
-    DW_FLATTEN holds; fp32 halves the reduction tile to fit shared memory."""
+    DW_FLATTEN holds, the balanced tile order only while DW_BALANCED does; fp32 halves the
+    reduction tile to fit shared memory."""
     named_args = {**named_args, **kwargs}
     if not named_args["TMA_OK"]:
         configs = [c for c in configs if not c.kwargs["TMA"]]
     if not DW_FLATTEN:
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
+    if not DW_BALANCED:
+        configs = [triton.Config({**c.kwargs, "BALANCED": False}, num_warps=c.num_warps,
+                                 num_stages=c.num_stages) for c in configs]
     if named_args["x_ptr"].dtype != torch.float32:
         return configs
     return [triton.Config({**c.kwargs, "BLOCK_M": min(c.kwargs["BLOCK_M"], 32)},
@@ -674,6 +760,9 @@ TMA_ON_CPU = False
 # of their own until a device has run them (bench/device_check.sh sets it where their GPU
 # test fails, so that a broken build cannot take the benchmarks down with it).
 DW_FLATTEN = os.environ.get("MTMM_DW_FLATTEN", "1") != "0"
+# Likewise the persistent dW configs' balanced tile order (BALANCED): MTMM_DW_BALANCED=0 (or
+# DW_BALANCED = False before a size is first tuned) has them take the tiles in group order.
+DW_BALANCED = os.environ.get("MTMM_DW_BALANCED", "1") != "0"
 
 
 def _tma_device_ok(t: torch.Tensor) -> bool:

@@ -243,3 +243,20 @@ def grouped_mm_by_ids_reference(x_TK: torch.Tensor, w_GKN: torch.Tensor, group_i
             y_g = y_g + bias_GN[g].to(cdt)
         y_TN = y_TN.index_copy(0, rows, y_g)
     return y_TN.to(x_TK.dtype)
+
+
+def dw_tile_order(group_rows: list[int], tiles_per_group: int, programs: int,
+                  balanced: bool) -> list[list[int]]:
+    """The dW tiles (g * tiles_per_group + t) each persistent program of the dW kernel takes,
+    in order. In group order, program p takes tiles p, p + programs, ...; balanced, the groups
+    with the most rows come first (ties: the lower index) and the programs take each round of
+    `programs` positions forward in even rounds and backward in odd ones."""
+    groups = range(len(group_rows))
+    if balanced:
+        groups = sorted(groups, key=lambda g: (-group_rows[g], g))
+    tiles = [g * tiles_per_group + t for g in groups for t in range(tiles_per_group)]
+    taken: list[list[int]] = [[] for _ in range(programs)]
+    for pos, tile in enumerate(tiles):
+        rnd, j = divmod(pos, programs)
+        taken[programs - 1 - j if balanced and rnd % 2 else j].append(tile)
+    return taken

@@ -183,12 +183,14 @@ def test_tma_path(device, tma_path, w_transposed, K, N):
         assert tma_path[kind] and all(tma_path[kind]), f"the {kind} descriptor build never ran"
 
 
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("build", ["tma", "pointer", "flattened tma", "flattened pointer"])
-def test_persistent_dw(device, monkeypatch, build):
+def test_persistent_dw(device, monkeypatch, build, balanced):
     """dW with fewer programs than tiles (PROGS_PER_SM > 0): each program walks several
     (group, K-tile, N-tile) tiles, with descriptors built once (tma) or pointer loads, as a
-    loop per tile or all its tiles' row steps as one loop (flattened), over empty groups,
-    partial row tiles, dBias and rows in any order."""
+    loop per tile or all its tiles' row steps as one loop (flattened), in group order or
+    longest group first (balanced), over empty groups, partial row tiles, dBias and rows in
+    any order."""
     tma = build.endswith("tma")
     if tma:
         _use_tma(device, monkeypatch)
@@ -196,7 +198,7 @@ def test_persistent_dw(device, monkeypatch, build):
     # with tma, the pointer config stays for what has no descriptors (gathered rows)
     monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, PROGS_PER_SM=1,
-             FLATTEN=build.startswith("flattened")), num_warps=4,
+             FLATTEN=build.startswith("flattened"), BALANCED=balanced), num_warps=4,
         num_stages=1 if device.type == "cpu" else 3) for t in sorted({tma, False}, reverse=True)])
     grids = []
     real_launch = grouped_gemm.direct_launch.launch
@@ -314,7 +316,8 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
 def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
     build of the same loads does (with tma: the full row tiles through descriptors, then the
-    partial one by pointer loads): the same bits, for empty groups (first, inside and last),
+    partial one by pointer loads), and so do the persistent loops, whichever order they take
+    the tiles in (BALANCED or not): the same bits, for empty groups (first, inside and last),
     groups without a full row tile, partial row tiles, rows in any order (pointer loads
     only), and more groups than the schedule vectors' minimum width (70: BLOCK_G = 128)."""
     if tma:
@@ -338,8 +341,10 @@ def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeyp
         took.append(kept[0].kwargs["TMA"])
         return kept
     monkeypatch.setattr(grouped_gemm, "_prune_dw", prune)
-    for flatten in (False, True):
-        extra = dict(PROGS_PER_SM=1, FLATTEN=True) if flatten else {}
+    builds = [{}, *(dict(PROGS_PER_SM=1, FLATTEN=flat, BALANCED=balanced)
+                    for flat in ((True, False) if G < 64 else (True,))  # (interpreter time)
+                    for balanced in (False, True))]
+    for extra in builds:
         # with tma, the pointer config stays for the gathered rows
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TMA=t, **extra), num_warps=4,
@@ -347,9 +352,10 @@ def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeyp
         monkeypatch.setattr(grouped_gemm, "_PLANS", {})
         results.append([*grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True),
                         *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, perm, True)])
-    assert took == [tma, False] * 2  # descriptors where asked, never with gathered rows
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert took == [tma, False] * len(builds)  # descriptors where asked, never gathered
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
     dw, db = results[1][:2]
     sizes_t = torch.tensor(sizes)
     assert torch.equal(dw[sizes_t == 0], torch.zeros_like(dw[sizes_t == 0]))
@@ -741,6 +747,14 @@ def test_gpu_config_pruning(dtype, monkeypatch):
         unflat = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
         assert unflat == [c for c in kept if not c.kwargs.get("FLATTEN")]
         monkeypatch.setattr(grouped_gemm, "DW_FLATTEN", True)
+        # the persistent ones in the balanced tile order, unless switched off
+        assert [c.kwargs.get("BALANCED", False) for c in kept] == [
+            bool(c.kwargs.get("PROGS_PER_SM")) for c in kept]
+        monkeypatch.setattr(grouped_gemm, "DW_BALANCED", False)
+        in_group_order = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
+        assert [({**c.kwargs, "BALANCED": False}, c.num_warps, c.num_stages) for c in kept] == [
+            (c.kwargs, c.num_warps, c.num_stages) for c in in_group_order]
+        monkeypatch.setattr(grouped_gemm, "DW_BALANCED", True)
 
 
 def test_fake_implementations_trace(device):
@@ -835,25 +849,27 @@ def test_bf16_flattened_pipeline(monkeypatch):
         check_against_reference(x, w, b, offsets, tail=17)
 
 
-_FLATTENED_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("FLATTEN")]
+_PERSISTENT_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("PROGS_PER_SM")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", _FLATTENED_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
-                         " tma={TMA}".format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}")
-def test_bf16_flattened_dw_configs(monkeypatch, config):
-    """The autotuner's flattened dW configs, forced one at a time on the device (the
-    interpreter checks the loop's logic; this checks the compiled pipeline across tiles):
-    against float64 and bit for bit against the one-program-per-tile build of the same
-    loads, tile, warps and stages; the pointer builds by ids too (gathered rows take no
-    descriptors)."""
+@pytest.mark.parametrize("config", _PERSISTENT_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
+                         " tma={TMA}".format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}"
+                         + (" flat" if c.kwargs.get("FLATTEN") else " loop"))
+def test_bf16_persistent_dw_configs(monkeypatch, config):
+    """The autotuner's persistent dW configs (flattened or a loop per tile, in the balanced
+    tile order), forced one at a time on the device (the interpreter checks the loops'
+    logic; this checks the compiled pipelines and the sort): against float64 and bit for bit
+    against the one-program-per-tile build of the same loads, tile, warps and stages; the
+    pointer builds by ids too (gathered rows take no descriptors)."""
     if config.kwargs["TMA"] and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or later GPU")
     sizes = [700, 0, 129, 1, 2048, 0, 63, 300, 0]
     x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17)
     dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
     perm = torch.randperm(x.shape[0], device="cuda")[:sum(sizes)].to(torch.int32)
-    twin = {k: v for k, v in config.kwargs.items() if k not in ("FLATTEN", "PROGS_PER_SM")}
+    twin = {k: v for k, v in config.kwargs.items()
+            if k not in ("FLATTEN", "PROGS_PER_SM", "BALANCED")}
     results = []
     for kwargs in (config.kwargs, twin):
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
