@@ -323,12 +323,30 @@ def _dw_order(offsets_ptr, G, T, BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
 
 @triton.jit
 def _group_at(rank, idx_G, key_R, BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
-    """The group of rank rank in _dw_order's order (a sum over the vector, no memory read).
-    A rank past the groups' gives a group past them (no rows), as the index order does."""
+    """The group of rank rank in _dw_order's order, and its key (BALANCED), by a sum over the
+    vector (no memory read). A rank past the groups' gives a group past them (no rows), as the
+    index order does."""
     if BALANCED:
         key = tl.sum(tl.where(idx_G == rank, key_R, 0), 0)
-        return tl.where(key >= 0, BLOCK_G - 1 - key % BLOCK_G, BLOCK_G - 1).to(tl.int32)
-    return rank
+        g = tl.where(key >= 0, BLOCK_G - 1 - key % BLOCK_G, BLOCK_G - 1).to(tl.int32)
+    else:
+        g = rank
+        key = rank.to(tl.int64)  # (unread)
+    return g, key
+
+
+@triton.jit
+def _ranked_group(rank, idx_G, start_G, end_G, key_R, BLOCK_G: tl.constexpr,
+                  BALANCED: tl.constexpr):
+    """The group of rank rank in _dw_order's order and its rows [start, end): two sums over
+    the vectors (BALANCED, one after the other: its rows are in the key), no memory read."""
+    g, key = _group_at(rank, idx_G, key_R, BLOCK_G, BALANCED)
+    if BALANCED:
+        start = tl.sum(tl.where(idx_G == g, start_G, 0), 0).to(tl.int32)
+        end = start + tl.maximum(key // BLOCK_G, 0).to(tl.int32)
+    else:
+        start, end = _rows_of(g, idx_G, start_G, end_G)
+    return g, start, end
 
 
 @triton.jit
@@ -495,8 +513,8 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     start = 0
     end = 0
     if GATHER:
-        next_start, next_end = _rows_of(_group_at(pid // per_g, idx_G, key_R, BLOCK_G, BALANCED),
-                                        idx_G, start_G, end_G)
+        next_g, next_start, next_end = _ranked_group(pid // per_g, idx_G, start_G, end_G,
+                                                     key_R, BLOCK_G, BALANCED)
         rows = next_start + tl.arange(0, BLOCK_M)
         rows_x = tl.load(perm_ptr + rows, mask=rows < next_end, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -507,16 +525,17 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             i += 1
             step = 0
             pos = _position(i, pid, progs, BALANCED)
-            g = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, BALANCED)
             within = pos % per_g
             if GATHER:
+                g, key = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, BALANCED)
                 start = next_start
                 end = next_end
-                next_g = _group_at(_position(i + 1, pid, progs, BALANCED) // per_g, idx_G,
-                                   key_R, BLOCK_G, BALANCED)
-                next_start, next_end = _rows_of(next_g, idx_G, start_G, end_G)
+                next_g, next_start, next_end = _ranked_group(
+                    _position(i + 1, pid, progs, BALANCED) // per_g, idx_G, start_G, end_G,
+                    key_R, BLOCK_G, BALANCED)
             else:
-                start, end = _rows_of(g, idx_G, start_G, end_G)
+                g, start, end = _ranked_group(pos // per_g, idx_G, start_G, end_G, key_R,
+                                              BLOCK_G, BALANCED)
             steps = _row_steps(end - start, BLOCK_M, TMA)
         tile_k = within // num_n
         tile_n = within % num_n
@@ -627,7 +646,7 @@ def _grouped_mm_dw_kernel(
             idx_G, _, _, key_R = _dw_order(offsets_ptr, G, T, BLOCK_G, True)
             for i in tl.range(0, _positions_below(G * per_g, pid, progs, True)):
                 pos = _position(i, pid, progs, True)
-                g = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, True)
+                g, key = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, True)
                 _dw_tile(g * per_g + pos % per_g, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr,
                          perm_ptr, dw_ptr, db_ptr, T, K, N,
                          stride_xt, stride_xk, stride_dyt, stride_dyn,

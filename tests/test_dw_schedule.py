@@ -1,5 +1,5 @@
 """The order in which the persistent dW programs take their tiles (grouped_gemm._dw_order,
-_position, _positions_below, _group_at) against its Python twin, reference.dw_tile_order.
+_position, _positions_below, _ranked_group) against its Python twin, reference.dw_tile_order.
 
 A tile's work in dW is its group's rows: in group order a program can get several of the
 longest groups' tiles while the others idle. The balanced order (longest groups first, the
@@ -16,23 +16,27 @@ import triton
 import triton.language as tl
 
 from mtmm_kernels import reference as ref
-from mtmm_kernels.grouped_gemm import (_block_g, _dw_order, _group_at, _position,
-                                       _positions_below)
+from mtmm_kernels.grouped_gemm import (_block_g, _dw_order, _position, _positions_below,
+                                       _ranked_group)
 
 
 @triton.jit
-def _probe_kernel(offsets_ptr, tiles_ptr, count_ptr, G, T, per_g, MAX_TILES: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
-    """Program pid writes its tiles, in the order it takes them, and how many it takes."""
+def _probe_kernel(offsets_ptr, tiles_ptr, rows_ptr, count_ptr, G, T, per_g,
+                  MAX_TILES: tl.constexpr, BLOCK_G: tl.constexpr, BALANCED: tl.constexpr):
+    """Program pid writes its tiles, in the order it takes them, each tile's group's rows
+    (start, end), and how many tiles it takes."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
-    idx_G, _, _, key_R = _dw_order(offsets_ptr, G, T, BLOCK_G, BALANCED)
+    idx_G, start_G, end_G, key_R = _dw_order(offsets_ptr, G, T, BLOCK_G, BALANCED)
     count = _positions_below(G * per_g, pid, progs, BALANCED)
     tl.store(count_ptr + pid, count)
     for i in range(0, count):
         pos = _position(i, pid, progs, BALANCED)
-        g = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, BALANCED)
+        g, start, end = _ranked_group(pos // per_g, idx_G, start_G, end_G, key_R, BLOCK_G,
+                                      BALANCED)
         tl.store(tiles_ptr + pid * MAX_TILES + i, g * per_g + pos % per_g)
+        tl.store(rows_ptr + 2 * (pid * MAX_TILES + i), start)
+        tl.store(rows_ptr + 2 * (pid * MAX_TILES + i) + 1, end)
 
 
 def _probe(rows: list[int], per_g: int, programs: int, balanced: bool, device):
@@ -40,10 +44,17 @@ def _probe(rows: list[int], per_g: int, programs: int, balanced: bool, device):
     T = int(sum(rows)) + 3  # rows past the last group belong to none
     max_tiles = triton.cdiv(len(rows) * per_g, programs) + 1
     tiles = torch.full((programs, max_tiles), -1, dtype=torch.int32, device=device)
+    bounds = torch.full((programs, max_tiles, 2), -1, dtype=torch.int32, device=device)
     count = torch.full((programs,), -1, dtype=torch.int32, device=device)
-    _probe_kernel[(programs,)](offsets, tiles, count, len(rows), T, per_g, MAX_TILES=max_tiles,
-                               BLOCK_G=_block_g(len(rows)), BALANCED=balanced)
+    _probe_kernel[(programs,)](offsets, tiles, bounds, count, len(rows), T, per_g,
+                               MAX_TILES=max_tiles, BLOCK_G=_block_g(len(rows)),
+                               BALANCED=balanced)
     count = count.tolist()
+    ends = offsets.cpu().tolist()
+    for p in range(programs):  # each tile's rows are its group's
+        for tile, (start, end) in zip(tiles[p, :count[p]].tolist(), bounds[p].tolist()):
+            g = tile // per_g
+            assert (start, end) == ((ends[g - 1] if g else 0), ends[g]), (p, tile, start, end)
     return [tiles[p, :count[p]].tolist() for p in range(programs)], tiles, count
 
 
