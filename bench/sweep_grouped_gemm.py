@@ -703,6 +703,25 @@ def print_best(rows: list[dict]) -> None:
                   f"{best['tflops']:6.1f} TFLOP/s{vs}{api}")
 
 
+def print_tile_orders(rows: list[dict]) -> None:
+    """Each persistent dW config timed in group order next to its balanced twin (the same
+    config with BALANCED): 'x' > 1 means the balanced order is faster."""
+    pairs = []
+    for r in rows:
+        c = r["config"] or {}
+        if r["kernel"] != "dw" or not r["ms"] or not c.get("PROGS_PER_SM") or c.get("BALANCED"):
+            continue
+        twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == "dw"
+                     and t["ms"] and t["config"] == {**c, "BALANCED": True}), None)
+        if twin:
+            pairs.append((r, twin))
+    if pairs:
+        print("\n=== persistent dW: group order against the balanced order")
+    for r, twin in pairs:
+        print(f"  {r['case']:<20} {config_label(twin):<36} group order {r['ms']:.4f} ms, "
+              f"balanced {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
+
+
 def header(args, smoke: bool) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -792,6 +811,7 @@ def main() -> int:
         write_json(args.out, head, rows, done=False)
     write_json(args.out, head, rows, done=not budget.exhausted)
     print_best(rows)
+    print_tile_orders(rows)
     failed = [r for r in rows if r["error"]]
     print(f"\n{len(rows)} rows ({len(failed)} with errors) in {time.monotonic() - START:.1f} s "
           f"-> {args.out}")
