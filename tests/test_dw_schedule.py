@@ -14,6 +14,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mtmm_kernels import reference as ref
 from mtmm_kernels.grouped_gemm import (_block_g, _dw_order, _position, _positions_below,
@@ -75,6 +77,18 @@ def test_programs_take_the_tiles_the_twin_says(device, rows, per_g, programs, ba
     assert flat == list(range(len(rows) * per_g))  # each tile once
     # nothing written past a program's count
     assert all((tiles[p, count[p]:] == -1).all() for p in range(programs))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.integers(0, 3000), min_size=1, max_size=40),
+       per_g=st.integers(1, 6), programs=st.integers(1, 24), balanced=st.booleans())
+def test_random_schedules_match_the_twin(rows, per_g, programs, balanced):
+    """Random group sizes (ties and empty groups likely), tiles per group and program counts,
+    including more programs than tiles."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    taken, _, _ = _probe(rows, per_g, programs, balanced, device)
+    assert taken == ref.dw_tile_order(rows, per_g, programs, balanced)
+    assert sorted(t for program in taken for t in program) == list(range(len(rows) * per_g))
 
 
 def test_more_groups_than_the_narrowest_vectors(device):
