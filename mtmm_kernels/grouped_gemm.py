@@ -526,8 +526,8 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
             step = 0
             pos = _position(i, pid, progs, BALANCED)
             within = pos % per_g
-            if GATHER:
-                g, key = _group_at(pos // per_g, idx_G, key_R, BLOCK_G, BALANCED)
+            if GATHER:  # this tile's group and rows were looked up one tile ahead
+                g = next_g
                 start = next_start
                 end = next_end
                 next_g, next_start, next_end = _ranked_group(
