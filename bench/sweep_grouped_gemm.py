@@ -16,6 +16,10 @@ Kernels (the ``kernel`` field of a row):
 - ``dw``: ``_grouped_mm_dw_kernel``, dW[g] = x_g^T dy_g (ragged reduction over group rows).
 - references: ``torch_grouped_mm``, ``torch_grouped_mm_dx``, ``torch_grouped_mm_dw``, ``dense``,
   ``dense_dw``, ``mtmm_api``, ``mtmm_api_dx``, ``mtmm_api_dw``.
+- whole backwards (dX and dW, twice one GEMM's FLOPs): ``torch_grouped_mm_bwd``,
+  ``mtmm_api_bwd`` (one stream, as the op runs them) and, on a GPU, ``mtmm_api_bwd_dw_side`` /
+  ``mtmm_api_bwd_dx_side`` (that kernel on a second stream, launched first): what overlapping
+  the two kernels would gain.
 
 Timing columns of a row:
 - ``ms``: ``triton.testing.do_bench`` median; it flushes L2 before every call, and that flush
@@ -444,6 +448,46 @@ def reference_fns(p: Problem) -> list[tuple[str, Callable[[], torch.Tensor], str
         ("mtmm_api_dw", lambda: torch.ops.mtmm.grouped_mm_dw(x, dy, offsets, None, False)[0],
          "dw"),
     ]
+    return fns + backward_fns(p)
+
+
+def backward_fns(p: Problem) -> list[tuple[str, Callable[[], object], str | None]]:
+    """A whole backward's dX and dW (twice the FLOPs of one GEMM), one after the other on one
+    stream as the op runs them, and with dW on a second stream. How much the second stream
+    gains is how much one launch doing both (or the two kernels overlapping) could: the tail of
+    the first kernel, where its last tiles leave SMs idle, and the gap between the launches.
+    The side stream waits for the main one before its launch and the main one for it after,
+    as a backward that used it would."""
+    x, w, offsets, dy = p.x, p.w, p.offsets, p.dy
+    w_t = w.transpose(1, 2)
+
+    def dx() -> torch.Tensor:
+        return gg.grouped_mm(dy, w_t, offsets)
+
+    def dw() -> torch.Tensor:
+        return torch.ops.mtmm.grouped_mm_dw(x, dy, offsets, None, False)[0]
+
+    fns = []
+    if hasattr(torch, "_grouped_mm"):
+        fns.append(("torch_grouped_mm_bwd", lambda: (torch._grouped_mm(dy, w_t, offs=offsets),
+                                                     torch._grouped_mm(x.t(), dy, offs=offsets)),
+                    None))
+    fns.append(("mtmm_api_bwd", lambda: (dx(), dw()), None))
+    if not HAS_CUDA:
+        return fns
+    side = torch.cuda.Stream()
+
+    def two_streams(first_on_side, second_on_main):
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            a = first_on_side()
+        b = second_on_main()
+        main.wait_stream(side)
+        return a, b
+
+    fns.append(("mtmm_api_bwd_dw_side", lambda: two_streams(dw, dx), None))
+    fns.append(("mtmm_api_bwd_dx_side", lambda: two_streams(dx, dw), None))
     return fns
 
 
@@ -616,7 +660,8 @@ def sweep_case(name: str, sizes, K: int, N: int, dtype, device, cands: dict,
         if not budget.left():
             break
         expected = specs[expect].expected if expect else None
-        add(kernel, None, measure(fn, p.flops, expected=expected))
+        flops = 2 * p.flops if FAMILY[kernel] == "bwd" else p.flops
+        add(kernel, None, measure(fn, flops, expected=expected))
     for kind in [k for k in ("fwd", "dw", "dx") if k in cands]:
         spec = specs[kind]
         for cand in cands[kind]:
@@ -641,8 +686,11 @@ def sweep_case(name: str, sizes, K: int, N: int, dtype, device, cands: dict,
 
 FAMILY = {"fwd": "fwd", "dx": "dx", "dw": "dw", "torch_grouped_mm": "fwd",
           "torch_grouped_mm_dx": "dx", "torch_grouped_mm_dw": "dw", "dense": "fwd",
-          "dense_dw": "dw", "mtmm_api": "fwd", "mtmm_api_dx": "dx", "mtmm_api_dw": "dw"}
-TORCH_OF = {"fwd": "torch_grouped_mm", "dx": "torch_grouped_mm_dx", "dw": "torch_grouped_mm_dw"}
+          "dense_dw": "dw", "mtmm_api": "fwd", "mtmm_api_dx": "dx", "mtmm_api_dw": "dw",
+          "torch_grouped_mm_bwd": "bwd", "mtmm_api_bwd": "bwd", "mtmm_api_bwd_dw_side": "bwd",
+          "mtmm_api_bwd_dx_side": "bwd"}
+TORCH_OF = {"fwd": "torch_grouped_mm", "dx": "torch_grouped_mm_dx", "dw": "torch_grouped_mm_dw",
+            "bwd": "torch_grouped_mm_bwd"}
 
 
 def config_label(row: dict) -> str:
@@ -659,18 +707,18 @@ def fmt(v, spec: str) -> str:
 
 def print_case(rows: list[dict]) -> None:
     """One table per kernel family, fastest first; 'x torch' > 1 means faster than torch."""
-    for family in ("fwd", "dx", "dw"):
+    for family in ("fwd", "dx", "dw", "bwd"):
         fam = [r for r in rows if FAMILY[r["kernel"]] == family]
         if not fam:
             continue
         torch_ms = next((r["ms"] for r in fam if r["kernel"] == TORCH_OF[family] and r["ms"]),
                         None)
         fam.sort(key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
-        print(f"  {family:<4}{'kernel':<20}{'config':<30}{'grid':>7}{'ms':>9}{'loop_ms':>9}"
+        print(f"  {family:<4}{'kernel':<22}{'config':<30}{'grid':>7}{'ms':>9}{'loop_ms':>9}"
               f"{'host_ms':>9}{'TFLOP/s':>9}{'x torch':>8}{'rel_err':>9}")
         for r in fam:
             speedup = torch_ms / r["ms"] if torch_ms and r["ms"] else None
-            line = (f"      {r['kernel']:<20}{config_label(r):<30}{fmt(r['grid'], 'd'):>7}"
+            line = (f"      {r['kernel']:<22}{config_label(r):<30}{fmt(r['grid'], 'd'):>7}"
                     f"{fmt(r['ms'], '.4f'):>9}{fmt(r['loop_ms'], '.4f'):>9}"
                     f"{fmt(r['host_ms'], '.4f'):>9}{fmt(r['tflops'], '.1f'):>9}"
                     f"{fmt(speedup, '.2f'):>8}{fmt(r['max_rel_err'], '.1e'):>9}")
@@ -701,6 +749,30 @@ def print_best(rows: list[dict]) -> None:
             api = f"  (public op today {api_ms:.4f} ms)" if api_ms else ""
             print(f"  {case:<20} {kind:<4} {config_label(best):<32} {best['ms']:.4f} ms "
                   f"{best['tflops']:6.1f} TFLOP/s{vs}{api}")
+
+
+def print_backwards(rows: list[dict]) -> None:
+    """dX and dW one after the other against torch's and against the same with one of them on
+    a second stream: 'x' > 1 means faster than the one-stream backward's time (what one launch
+    doing both kernels could gain, about)."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ms = {r["kernel"]: r["ms"] for r in rows if r["case"] == case and r["ms"]
+              and FAMILY[r["kernel"]] == "bwd"}
+        serial = ms.get("mtmm_api_bwd")
+        if not serial:
+            continue
+        torch_ms = ms.get("torch_grouped_mm_bwd")
+        vs = f" (x torch {torch_ms / serial:.2f})" if torch_ms else ""
+        parts = [f"one stream {serial:.4f} ms{vs}"]
+        for kernel, label in (("mtmm_api_bwd_dw_side", "dW on a 2nd stream"),
+                              ("mtmm_api_bwd_dx_side", "dX on a 2nd stream")):
+            if ms.get(kernel):
+                parts.append(f"{label} {ms[kernel]:.4f} ms (x {serial / ms[kernel]:.2f})")
+        lines.append(f"  {case:<20} " + ", ".join(parts))
+    if lines:
+        print("\n=== whole backward (dX + dW): one stream against the others")
+        print("\n".join(lines))
 
 
 def print_tile_orders(rows: list[dict]) -> None:
@@ -811,6 +883,7 @@ def main() -> int:
         write_json(args.out, head, rows, done=False)
     write_json(args.out, head, rows, done=not budget.exhausted)
     print_best(rows)
+    print_backwards(rows)
     print_tile_orders(rows)
     failed = [r for r in rows if r["error"]]
     print(f"\n{len(rows)} rows ({len(failed)} with errors) in {time.monotonic() - START:.1f} s "

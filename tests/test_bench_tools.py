@@ -41,6 +41,10 @@ def test_grouped_gemm_sweep_smoke(tmp_path):
     for r in ours:
         if not r["error"]:
             assert r["max_rel_err"] is not None and r["max_rel_err"] < 1e-5, r
+    # the whole backward, timed as the op runs it (no second stream without a GPU)
+    backward = {r["kernel"]: r for r in rows if r["kernel"].endswith("_bwd")}
+    assert backward["mtmm_api_bwd"]["ms"] is not None and not backward["mtmm_api_bwd"]["error"]
+    assert "whole backward (dX + dW)" in proc.stdout
 
 
 def test_host_overhead_script_without_a_gpu(tmp_path):
