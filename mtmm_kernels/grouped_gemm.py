@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autocast as autocast
 from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
 from . import reference
@@ -1311,7 +1312,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         [T, N] in x's dtype, accumulated in fp32: ``x[rows_g] @ w[g] + bias[g]``; rows at or
         past ``offsets[-1]`` are zero. Differentiable in x, w and bias (deterministic dW and
         dBias; an empty group gets exact zeros).
+
+    Inside ``torch.autocast``, x, w and bias are first cast as for ``nn.Linear`` (float16,
+    bfloat16 and float32 ones on the autocast device to its dtype), so the result has that
+    dtype.
     """
+    if autocast.any_enabled():
+        x, w, bias = autocast.cast_like_linear(x, w, bias)
     if cpp_launch.ENABLED and not torch.compiler.is_compiling():
         y = cpp_launch.public_call("grouped_mm_public", x, w, offsets, bias)
         if y is not None:  # the plain call, checked and launched in C++ (docs/host_path.md)
@@ -1350,8 +1357,11 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
         bias: optional [G, N], x's dtype.
 
     Returns:
-        [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias.
+        [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias. Inside
+        ``torch.autocast``, the operands are cast as in ``grouped_mm``.
     """
+    if autocast.any_enabled():
+        x, w, bias = autocast.cast_like_linear(x, w, bias)
     if cpp_launch.ENABLED and not torch.compiler.is_compiling():
         y = cpp_launch.public_call("grouped_mm_by_ids_public", x, w, group_ids, bias)
         if y is not None:  # the plain call, sort included, checked and launched in C++

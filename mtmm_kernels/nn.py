@@ -18,6 +18,7 @@ class GroupedLinear(nn.Module):
     ``weight`` is [G, in_features, out_features] (x @ W layout, so a group's slice is the
     transpose of an ``nn.Linear`` weight) and ``bias`` is [G, out_features]; each group is
     initialised like ``nn.Linear(in_features, out_features)``: U(-1/sqrt(in), 1/sqrt(in)).
+    Inside ``torch.autocast`` it computes in the region's dtype, as ``nn.Linear`` does.
 
     Args:
         num_groups: G >= 0.

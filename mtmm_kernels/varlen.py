@@ -48,6 +48,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mtmm_kernels import _autocast as autocast
 from mtmm_kernels import _direct_launch as direct_launch
 from mtmm_kernels import reference
 from mtmm_kernels._triton_utils import (cdiv, has_triton, next_power_of_2, triton_runs_on,
@@ -908,7 +909,8 @@ def pack_multimodal(streams: Sequence[torch.Tensor], lengths: Sequence, group_id
 
     Args:
         streams: S tensors x_s [B, L_s, H], same B, H, dtype (fp16/bf16/fp32/fp64 or integer)
-            and device.
+            and device. Inside ``torch.autocast`` floating streams of mixed dtypes are packed
+            in the widest of them, as ``torch.cat`` promotes there.
         lengths: S int32/int64 tensors [B] (or lists of ints), 0 <= len_s[b] <= L_s; on the
             CPU (no sync) or on the streams' device.
         group_ids: optional int32/int64 [B], the task of each sample, in [0, num_groups).
@@ -956,6 +958,8 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     for s, x in enumerate(streams[1:], 1):
         if x.shape[0] != B:
             raise ValueError(f"{x_name}[{s}] has batch size {x.shape[0]}, {x_name}[0] has {B}")
+    if multimodal:  # inside autocast, as torch.cat: mixed floating dtypes in the widest
+        streams = autocast.promote_like_cat(streams)
     _check_alike(streams, x_name, 2)
     max_lens = [x.shape[1] for x in streams]
     lens = []

@@ -243,3 +243,22 @@ def test_data_not_matching_modalities_is_refused():
         ex.step(bad)
     with pytest.raises(ValueError, match="no batch for task 'vision-audio'"):
         ex.step({t: b for t, b in good.items() if t != "vision-audio"})
+
+
+@needs_val
+def test_val_under_fp16_autocast_tracks_fp32():
+    """tiny-val in a mixed-precision region (fp16: the interpreter's bf16 dot is wrong), as
+    ``mtmm train`` runs it on a GPU (bf16): its streams come out of autocast's layers (fp16)
+    and of embeddings (fp32) and are packed together, which was an error before the pack
+    promoted like torch.cat; the grouped heads run in fp16. The step tracks the fp32 one."""
+    model = get_trainable_model("tiny-val")
+    plan = make_plan(model, 1, "sequential")
+    data = SyntheticStream(model).step(0)
+    fp32 = Executor(model, plan).step(data)
+    mixed_ex = Executor(get_trainable_model("tiny-val"), plan, autocast_dtype=torch.float16)
+    mixed = mixed_ex.step(data)
+    assert mixed.keys() == fp32.keys()
+    for task, loss in fp32.items():
+        assert abs(mixed[task] - loss) < 1e-2 * abs(loss), (task, mixed[task], loss)
+    grads = [p.grad for _, p in mixed_ex.named_parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

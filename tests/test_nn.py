@@ -101,6 +101,58 @@ def test_bad_constructor_arguments(args, exc, name):
         GroupedLinear(*args)
 
 
+def _route(routing: str, device) -> dict:
+    if routing == "offsets":
+        return {"offsets": torch.tensor([5, 5, 14], device=device)}  # 3 rows past the groups
+    return {"group_ids": torch.tensor([2, 0, 2, 1, 1, 0, 2, 2, 0, 1, 0, 2, 1, 1, 0, 0, 2],
+                                      device=device)}
+
+
+@pytest.mark.parametrize("routing", ["offsets", "group_ids"])
+def test_autocast_computes_like_linear(device, routing):
+    """Inside torch.autocast a GroupedLinear computes in the region's dtype, as nn.Linear does:
+    the same bits as the module cast to that dtype by hand, the hand-cast gradients (in fp32)
+    for its fp32 parameters, and fp16 activations (an autocast layer's output) taken next to
+    its fp32 weights. fp16: the interpreter's bf16 dot is wrong."""
+    torch.manual_seed(0)
+    m = GroupedLinear(3, 24, 40, device=device)
+    half = GroupedLinear(3, 24, 40, dtype=torch.float16, device=device)
+    half.load_state_dict(m.state_dict())  # the fp32 values rounded, as autocast rounds them
+    x, route = torch.randn(17, 24, device=device), _route(routing, device)
+    expected = half(x.half(), **route)
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = m(x, **route)
+        y_from_half = m(x.half(), **route)
+        linear_dtype = torch.nn.Linear(24, 40, device=device)(x).dtype
+        with torch.autocast(device.type, enabled=False):
+            y_off = m(x, **route)
+    assert y.dtype == linear_dtype == torch.float16 and y_off.dtype == torch.float32
+    assert torch.equal(y, expected) and torch.equal(y_from_half, expected)
+    y.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    assert m.weight.grad.dtype == m.bias.grad.dtype == torch.float32
+    assert torch.equal(m.weight.grad, half.weight.grad.float())
+    assert torch.equal(m.bias.grad, half.bias.grad.float())
+    with pytest.raises(TypeError, match="^w"):  # outside autocast a dtype mix stays an error
+        m(x.half(), **route)
+
+
+@pytest.mark.parametrize("routing", ["offsets", "group_ids"])
+def test_compile_traces_autocast_cpu(routing):
+    """torch.compile (fullgraph, aot_eager) over a GroupedLinear in an autocast region traces
+    the cast and gives eager's result."""
+    torch.manual_seed(0)
+    m = GroupedLinear(3, 6, 5)
+    x, route = torch.randn(17, 6), _route(routing, "cpu")
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return m(x, **route)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    assert compiled.dtype == torch.float16 and torch.equal(compiled, step(x))
+
+
 @pytest.mark.parametrize("routing", ["offsets", "group_ids"])
 def test_compile_traces_grouped_linear_cpu(routing):
     """fullgraph tracing of a GroupedLinear, forward and backward, on the CPU (aot_eager: no

@@ -674,3 +674,26 @@ def test_gpu_64bit_offsets(device):
     out = unpack(pb.values, pb.cu_seqlens, L)
     assert torch.equal(out[1, L - 8 : L - 1], x[1, L - 8 : L - 1])
     assert not out[1, L - 1].any()
+
+
+def test_multimodal_pack_promotes_under_autocast(device):
+    """Inside torch.autocast the streams of one batch come out of its layers (fp16/bf16) and of
+    embeddings (fp32): they are packed in the widest dtype, as torch.cat promotes there, with
+    each stream's gradient back in its own dtype. Outside autocast the mix stays an error."""
+    torch.manual_seed(0)
+    lens = [torch.tensor([3, 0, 2]), torch.tensor([1, 3, 2])]
+    wide = torch.randn(3, 3, 5, device=device, requires_grad=True)
+    narrow = torch.randn(3, 4, 5, device=device).half().requires_grad_()
+    with torch.autocast(device.type, dtype=torch.float16):
+        packed = pack_multimodal([narrow, wide], lens)
+    expected = pack_multimodal([narrow.detach().float(), wide.detach()], lens)
+    assert packed.values.dtype == torch.float32
+    assert torch.equal(packed.values, expected.values)
+    assert torch.equal(packed.modality_ids, expected.modality_ids)
+    packed.values.sum().backward()
+    assert narrow.grad.dtype == torch.float16 and wide.grad.dtype == torch.float32
+    for x, l in ((narrow, lens[0]), (wide, lens[1])):  # ones on every packed row, else zeros
+        mask = (torch.arange(x.shape[1])[None, :] < l[:, None]).to(device)
+        assert torch.equal(x.grad, mask[..., None].expand_as(x).to(x.dtype))
+    with pytest.raises(ValueError, match=r"streams\[1\] is torch.float32"):
+        pack_multimodal([narrow, wide], lens)
