@@ -85,20 +85,23 @@ if wants tests; then
     bundle
 fi
 
-# The persistent dW configs' flattened loop and balanced tile order were added to the
+# The persistent dW configs' flattened loop and balanced tile order, and the one-program-per-
+# tile descriptor dW's descriptors bounded at the group's end row, were added to the
 # autotuner without a GPU. Where a config's GPU test fails, the benchmarks run without what
 # it has: a flattened config failing switches the flattened configs off (MTMM_DW_FLATTEN=0),
 # a loop-per-tile one the balanced order (MTMM_DW_BALANCED=0: the group order run 5
-# measured); a crash, a time-out or a skip, both. So a broken build cannot take the
-# measurements down with it (~30 s once the tests have compiled them).
+# measured), a bounded-descriptor one the bounds (MTMM_DW_BOUNDED=0: descriptors over all
+# rows, as run 5 measured); a crash, a time-out or a skip, all three. So a broken build
+# cannot take the measurements down with it (~40 s once the tests have compiled them).
 if wants grouped_gemm || wants host || wants train_step; then
     stamp "persistent dW check"
     timeout 150 python -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_grouped_gemm.py \
-        -k test_bf16_persistent_dw_configs >"$W/dw_persistent_check.log" 2>&1
+        -k "test_bf16_persistent_dw_configs or test_bf16_bounded_dw_descriptors" \
+        >"$W/dw_persistent_check.log" 2>&1
     rc=$?
     log="$W/dw_persistent_check.log"
     if [ "$rc" -eq 0 ] && grep -q " passed" "$log" && ! grep -q "skipped" "$log"; then
-        echo "Persistent dW configs: GPU test passed, all offered to the autotuner." \
+        echo "Persistent and bounded-descriptor dW configs: GPU tests passed, all offered to the autotuner." \
             >"$W/dw_persistent.md"
     else
         status=1
@@ -113,8 +116,13 @@ if wants grouped_gemm || wants host || wants train_step; then
             export MTMM_DW_BALANCED=0
             off="${off:+$off }MTMM_DW_BALANCED=0"
         fi
-        { echo "Persistent dW configs: GPU test not passed (rc=$rc), benchmarks ran with" \
-               "${off:-neither switch (no failure named a config)}:"
+        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
+                || grep -E "^(FAILED|ERROR) .*bounded_dw_descriptors" "$log" >/dev/null; then
+            export MTMM_DW_BOUNDED=0
+            off="${off:+$off }MTMM_DW_BOUNDED=0"
+        fi
+        { echo "Persistent or bounded-descriptor dW configs: GPU tests not passed (rc=$rc), benchmarks ran with" \
+               "${off:-no switch (no failure named a config)}:"
           echo '```'; tail -25 "$log"; echo '```'; } >"$W/dw_persistent.md"
     fi
     stamp "$(head -1 "$W/dw_persistent.md")"

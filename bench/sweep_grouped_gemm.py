@@ -112,6 +112,7 @@ class Cand:
         load += f" p{m['PROGS_PER_SM']}" if m.get("PROGS_PER_SM") else ""  # persistent
         load += " flat" if m.get("FLATTEN") else ""  # one loop over a program's tiles' steps
         load += " group-order" if m.get("PROGS_PER_SM") and not m.get("BALANCED") else ""
+        load += " unbounded" if m.get("BOUNDED") is False else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
@@ -125,8 +126,10 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
 
 
 def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False,
-            balanced=True) -> Cand:
+            balanced=True, bounded=True) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
+    if not bounded:  # a program per tile: its descriptors over all rows (the kernel bounds them)
+        meta["BOUNDED"] = False
     if progs:  # persistent: at most progs programs per SM walk the tiles
         meta["PROGS_PER_SM"] = progs
         if balanced:  # longest group first, the programs in a snake (as the autotuner's)
@@ -214,6 +217,11 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     dw_cand(128, 128, 64, 8, 3, progs=1, flatten=True, balanced=False),
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1, flatten=True, balanced=False),
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1, balanced=False),
+    # a program per tile with descriptors over all rows and masked loads for a group's
+    # partial row tile (as run 5 had it), against the descriptors bounded at the group's end
+    # row above (every row tile in the pipeline)
+    dw_cand(128, 128, 32, 4, 4, TMA, bounded=False),
+    dw_cand(128, 256, 64, 8, 3, TMA, bounded=False),
     # the autotuner's persistent descriptor configs: descriptors built once per program
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1),
     dw_cand(128, 128, 64, 8, 3, TMA, progs=1),
@@ -249,6 +257,7 @@ SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16
             dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True),
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True),
             dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True, balanced=False),
+            dw_cand(16, 16, 16, 4, 1, TMA, bounded=False),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -376,7 +385,8 @@ class KernelSpec:
         meta = dict(cand.meta)
         params = DW_PARAMS if self.kind == "dw" else MM_PARAMS
         # flags an older kernel does not have
-        for flag in ("TMA", "FLATTEN", "TMA_STORE", "PROGS_PER_SM", "BALANCED"):
+        for flag in ("TMA", "FLATTEN", "TMA_STORE", "PROGS_PER_SM", "BALANCED",
+                     "BOUNDED"):
             if flag not in params:
                 meta.pop(flag, None)
         if self.even_k:
@@ -794,6 +804,26 @@ def print_tile_orders(rows: list[dict]) -> None:
               f"balanced {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
 
 
+def print_bounds(rows: list[dict]) -> None:
+    """Each one-program-per-tile descriptor dW config with descriptors over all rows next to
+    its twin bounded at the group's end row: 'x' > 1 means the bounded one is faster."""
+    pairs = []
+    for r in rows:
+        c = r["config"] or {}
+        if r["kernel"] != "dw" or not r["ms"] or c.get("BOUNDED") is not False:
+            continue
+        bounded = {k: v for k, v in c.items() if k != "BOUNDED"}
+        twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == "dw"
+                     and t["ms"] and t["config"] == bounded), None)
+        if twin:
+            pairs.append((r, twin))
+    if pairs:
+        print("\n=== one program per tile: descriptors over all rows against bounded ones")
+    for r, twin in pairs:
+        print(f"  {r['case']:<20} {config_label(twin):<36} all rows {r['ms']:.4f} ms, "
+              f"bounded {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
+
+
 def header(args, smoke: bool) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -885,6 +915,7 @@ def main() -> int:
     print_best(rows)
     print_backwards(rows)
     print_tile_orders(rows)
+    print_bounds(rows)
     failed = [r for r in rows if r["error"]]
     print(f"\n{len(rows)} rows ({len(failed)} with errors) in {time.monotonic() - START:.1f} s "
           f"-> {args.out}")

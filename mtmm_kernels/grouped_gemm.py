@@ -399,9 +399,13 @@ def _dw_tile(tile, x_desc, dy_desc,
              stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
              HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             TMA: tl.constexpr, TMA_OK: tl.constexpr, MAKE_DESCRIPTORS: tl.constexpr):
+             TMA: tl.constexpr, TMA_OK: tl.constexpr, MAKE_DESCRIPTORS: tl.constexpr,
+             BOUNDED: tl.constexpr):
     """One (group, K-tile, N-tile) tile of dW (and its share of dBias). With MAKE_DESCRIPTORS
-    the tile builds its own descriptors (x_desc and dy_desc are ignored)."""
+    the tile builds its own descriptors (x_desc and dy_desc are ignored); with BOUNDED too,
+    they end at its group's last row: the rows past it (the next group's) read as zeros, so
+    the group's last partial row tile arrives through them with the others. Otherwise the
+    descriptors span all T rows, and that tile takes masked pointer loads after the others."""
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     g = tile // (num_k * num_n)
@@ -419,43 +423,61 @@ def _dw_tile(tile, x_desc, dy_desc,
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     r_tail = start
     if TMA and TMA_OK:
-        # --- full row tiles: every row belongs to the group; reads past K or N are zeros
-        if MAKE_DESCRIPTORS:
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+        # --- row tiles through descriptors; reads past K or N are zeros. Bounded: every
+        # row tile (rows past the group's end read as zeros; at least one row, as a
+        # descriptor needs, where the group is empty and nothing is read). Over all rows: the
+        # full row tiles, whose rows all belong to the group.
+        if MAKE_DESCRIPTORS and BOUNDED:
+            rows_end = tl.maximum(end, 1)
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows_end, K],
+                                               strides=[stride_xt, 1],
                                                block_shape=[BLOCK_M, BLOCK_K])
-            dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N], strides=[stride_dyt, 1],
+            dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[rows_end, N],
+                                                strides=[stride_dyt, 1],
                                                 block_shape=[BLOCK_M, BLOCK_N])
-        r_tail = start + (end - start) // BLOCK_M * BLOCK_M
+            r_tail = end
+        else:
+            if MAKE_DESCRIPTORS:
+                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
+                dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N],
+                                                    strides=[stride_dyt, 1],
+                                                    block_shape=[BLOCK_M, BLOCK_N])
+            r_tail = start + (end - start) // BLOCK_M * BLOCK_M
         for r0 in range(start, r_tail, BLOCK_M):
             a = x_desc.load([r0, tile_k * BLOCK_K])
             d = dy_desc.load([r0, tile_n * BLOCK_N])
             acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
                 db_acc += tl.sum(d.to(tl.float32), 0)
-    # --- masked pointer loads: every tile without TMA, the last partial tile with it. (Written
-    # out: through _dw_rows, Triton 3.6 orders the machine code of two configs measured on the
-    # H200 differently; as it is, every one-program-per-tile config compiles as measured.)
+    # --- masked pointer loads: every tile without TMA, the last partial tile with shared
+    # descriptors. (Written out: through _dw_rows, Triton 3.6 orders the machine code of two
+    # configs measured on the H200 differently; as it is, the one-program-per-tile pointer
+    # configs compile as measured.)
     # Gathered rows: each step's row numbers are loaded one step ahead. Loaded in the step that
     # uses them, they would put a load on the data loads' addresses, and Triton's pipeliner
     # leaves such a loop synchronous (bench/sass_report.py: cp_async_depth 0).
-    if GATHER:
-        rows = r_tail + tl.arange(0, BLOCK_M)
-        rows_x = tl.load(perm_ptr + rows, mask=rows < end, other=0).to(tl.int64)
-    for r0 in range(r_tail, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        if not GATHER:
-            rows_x = rows.to(tl.int64)
-        a = tl.load(x_ptr + rows_x[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt + cols[None, :].to(tl.int64) * stride_dyn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if not (TMA and TMA_OK and MAKE_DESCRIPTORS and BOUNDED):  # (bounded ones read all rows)
         if GATHER:
-            rows = rows + BLOCK_M
+            rows = r_tail + tl.arange(0, BLOCK_M)
             rows_x = tl.load(perm_ptr + rows, mask=rows < end, other=0).to(tl.int64)
-        acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            db_acc += tl.sum(d.to(tl.float32), 0)
+        for r0 in range(r_tail, end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            if not GATHER:
+                rows_x = rows.to(tl.int64)
+            a = tl.load(x_ptr + rows_x[:, None] * stride_xt
+                        + ks[None, :].to(tl.int64) * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            d = tl.load(dy_ptr + rows_x[:, None] * stride_dyt
+                        + cols[None, :].to(tl.int64) * stride_dyn,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if GATHER:
+                rows = rows + BLOCK_M
+                rows_x = tl.load(perm_ptr + rows, mask=rows < end, other=0).to(tl.int64)
+            acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                db_acc += tl.sum(d.to(tl.float32), 0)
 
     _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
               stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
@@ -597,6 +619,7 @@ def _grouped_mm_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr, TMA_OK: tl.constexpr, PROGS_PER_SM: tl.constexpr = 0,
     FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64, BALANCED: tl.constexpr = False,
+    BOUNDED: tl.constexpr = True,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
@@ -604,10 +627,12 @@ def _grouped_mm_dw_kernel(
     that walk the tiles in steps of the grid (PROGS_PER_SM only sizes the grid): these build
     their tensor descriptors once, not once per tile (each build is two round trips to global
     memory before the first load), at the price of the loop's registers.
-    With TMA (Hopper and later; never with GATHER), the group's full row tiles arrive through
-    tensor descriptors; its last partial tile, whose rows run into the next group, takes the
-    masked pointer loads. The rows are summed in the same order either way. TMA_OK as in the
-    forward kernel.
+    With TMA (Hopper and later; never with GATHER), the group's row tiles arrive through
+    tensor descriptors: a program per tile bounds its own at the group's end row (BOUNDED;
+    the rows past it read as zeros); persistent ones share descriptors over all rows, and
+    there (and without BOUNDED) the last partial row tile, whose rows run into the next
+    group, takes masked pointer loads. The rows are summed in the same order either way.
+    TMA_OK as in the forward kernel.
     With FLATTEN (persistent), each program runs all its tiles' row steps as one loop, so
     that one software pipeline spans the tiles: the next tile's first loads are in flight
     during this tile's last MMAs and its epilogue (BLOCK_G: the schedule vectors' width, as
@@ -630,7 +655,7 @@ def _grouped_mm_dw_kernel(
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                  HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA, TMA_OK,
-                 True)
+                 True, BOUNDED)
     else:
         if TMA and TMA_OK:
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
@@ -653,14 +678,14 @@ def _grouped_mm_dw_kernel(
                          stride_xt, stride_xk, stride_dyt, stride_dyn,
                          stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                          HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                         TMA_OK, False)
+                         TMA_OK, False, False)
         else:  # (as measured on the H200)
             for tile in tl.range(tl.program_id(0), G * per_g, tl.num_programs(0)):
                 _dw_tile(tile, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                          dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                          stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                          HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                         TMA_OK, False)
+                         TMA_OK, False, False)
 
 
 # --- autotuning -----------------------------------------------------------------------------
@@ -754,8 +779,9 @@ def _prune_mm(configs, named_args, **kwargs):
 
 def _prune_dw(configs, named_args, **kwargs):
     """TMA configs only where the operands allow descriptors; the flattened ones only while
-    DW_FLATTEN holds, the balanced tile order only while DW_BALANCED does; fp32 halves the
-    reduction tile to fit shared memory."""
+    DW_FLATTEN holds, the balanced tile order only while DW_BALANCED does, bounded
+    descriptors only while DW_BOUNDED does; fp32 halves the reduction tile to fit shared
+    memory."""
     named_args = {**named_args, **kwargs}
     if not named_args["TMA_OK"]:
         configs = [c for c in configs if not c.kwargs["TMA"]]
@@ -763,6 +789,9 @@ def _prune_dw(configs, named_args, **kwargs):
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
     if not DW_BALANCED:
         configs = [triton.Config({**c.kwargs, "BALANCED": False}, num_warps=c.num_warps,
+                                 num_stages=c.num_stages) for c in configs]
+    if not DW_BOUNDED:
+        configs = [triton.Config({**c.kwargs, "BOUNDED": False}, num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in configs]
     if named_args["x_ptr"].dtype != torch.float32:
         return configs
@@ -783,6 +812,10 @@ DW_FLATTEN = os.environ.get("MTMM_DW_FLATTEN", "1") != "0"
 # Likewise the persistent dW configs' balanced tile order (BALANCED): MTMM_DW_BALANCED=0 (or
 # DW_BALANCED = False before a size is first tuned) has them take the tiles in group order.
 DW_BALANCED = os.environ.get("MTMM_DW_BALANCED", "1") != "0"
+# Likewise the one-program-per-tile descriptor dW's descriptors bounded at the group's end
+# row (BOUNDED): MTMM_DW_BOUNDED=0 has them span all rows, with the masked pointer loads for a
+# group's last partial row tile that run 5 measured.
+DW_BOUNDED = os.environ.get("MTMM_DW_BOUNDED", "1") != "0"
 
 
 def _tma_device_ok(t: torch.Tensor) -> bool:

@@ -315,9 +315,10 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
 @pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
 def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
-    build of the same loads does (with tma: the full row tiles through descriptors, then the
-    partial one by pointer loads), and so do the persistent loops, whichever order they take
-    the tiles in (BALANCED or not): the same bits, for empty groups (first, inside and last),
+    build of the same loads does (with tma: every row tile through descriptors that end at the
+    group's last row, or, with BOUNDED=False and in the persistent builds, the full row tiles
+    through descriptors over all rows, then the partial one by pointer loads), and so do the
+    persistent loops, whichever order they take the tiles in (BALANCED or not): the same bits, for empty groups (first, inside and last),
     groups without a full row tile, partial row tiles, rows in any order (pointer loads
     only), and more groups than the schedule vectors' minimum width (70: BLOCK_G = 128)."""
     if tma:
@@ -344,6 +345,8 @@ def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeyp
     builds = [{}, *(dict(PROGS_PER_SM=1, FLATTEN=flat, BALANCED=balanced)
                     for flat in ((True, False) if G < 64 else (True,))  # (interpreter time)
                     for balanced in (False, True))]
+    if tma:  # the tile's own descriptors over all rows (masked loads for the partial tile)
+        builds.append(dict(BOUNDED=False))
     for extra in builds:
         # with tma, the pointer config stays for the gathered rows
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
@@ -755,6 +758,13 @@ def test_gpu_config_pruning(dtype, monkeypatch):
         assert [({**c.kwargs, "BALANCED": False}, c.num_warps, c.num_stages) for c in kept] == [
             (c.kwargs, c.num_warps, c.num_stages) for c in in_group_order]
         monkeypatch.setattr(grouped_gemm, "DW_BALANCED", True)
+        # descriptors bounded at the group's end row (the kernel's default), unless switched off
+        assert not any("BOUNDED" in c.kwargs for c in kept)
+        monkeypatch.setattr(grouped_gemm, "DW_BOUNDED", False)
+        unbounded = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
+        assert [({**c.kwargs, "BOUNDED": False}, c.num_warps, c.num_stages) for c in kept] == [
+            (c.kwargs, c.num_warps, c.num_stages) for c in unbounded]
+        monkeypatch.setattr(grouped_gemm, "DW_BOUNDED", True)
 
 
 def test_fake_implementations_trace(device):
@@ -883,6 +893,39 @@ def test_bf16_persistent_dw_configs(monkeypatch, config):
     for got, want in zip(*results):
         assert torch.equal(got, want)
     monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
+    check_against_reference(x, w, b, offsets, tail=17)
+
+
+_TILE_TMA_DW = [c for c in grouped_gemm._dw_configs(False)
+                if c.kwargs["TMA"] and not c.kwargs.get("PROGS_PER_SM")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _TILE_TMA_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
+                         .format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}")
+def test_bf16_bounded_dw_descriptors(monkeypatch, config):
+    """The one-program-per-tile descriptor dW configs, whose descriptors end at the group's
+    last row, forced one at a time on the device (the interpreter checks the logic; this
+    checks the hardware's zero fill past a descriptor's rows): groups whose last row tile is
+    partial (the rows past the end must read as zeros, never as the next group's rows),
+    empty groups first, inside and last, a one-row group, rows past the last group; against
+    float64 and bit for bit against the same config with descriptors over all rows and
+    masked loads for the partial tile (BOUNDED=False: the code run 5 measured)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or later GPU")
+    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
+    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17)
+    dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
+    results = []
+    for kwargs in (config.kwargs, {**config.kwargs, "BOUNDED": False}):
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        results.append(grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
+    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
     check_against_reference(x, w, b, offsets, tail=17)
 
 
