@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_timing import interleaved_ms
+from device_timing import interleaved_latency_ms, interleaved_ms
 from mtmm_kernels import _cpp_launch as cpp_launch
 from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 
@@ -199,14 +199,17 @@ INTERLEAVED = [(c, m, ("mtmm", "torch_grouped_mm", "dense")) for c in CASES for 
                               for c, m, ms in INTERLEAVED])
 def test_grouped_gemm_interleaved(benchmark, case, mode, methods):
     """mtmm, its peer and the dense ceiling timed in alternation (pipelined calls, rotated
-    order, bench/device_timing.interleaved_ms): their ratios with the GPU's clock and power
-    drift shared, which the method-by-method rows above do not give on the large cases."""
+    order, bench/device_timing.interleaved_ms; and lone synchronised calls, the latency basis,
+    interleaved_latency_ms): their ratios with the GPU's clock and power drift shared, which
+    the method-by-method rows above do not give on the large cases."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm is not in this torch")
     by_ids = "mtmm_by_ids" in methods
     fns = {m: _timed_fn(case, mode, m) for m in methods}
     times = interleaved_ms(fns)
+    latencies = interleaved_latency_ms(fns)
     benchmark.pedantic(fns[methods[0]], rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(case=f"{case}{' by_ids' if by_ids else ''} {mode}",
                                 method="interleaved", interleaved_ms=times,
+                                interleaved_latency_ms=latencies,
                                 device=torch.cuda.get_device_name(), torch=torch.__version__)

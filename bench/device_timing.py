@@ -113,6 +113,24 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 7, war
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def interleaved_latency_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
+                           warmup: int = 3, calls: int = 5) -> dict[str, float]:
+    """Latency (each call timed alone, the device idle before it: latency_ms) of several
+    methods measured in alternation: every round times ``calls`` lone calls of each method, in
+    an order rotated from round to round; each method keeps the median of its round medians.
+    The latency basis with the clock and power drift shared (interleaved_ms's, for calls the
+    host leaves the GPU waiting on)."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(latency_ms(fns[name], warmup=0, reps=calls))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def self_device_key() -> str:
     """FunctionEvent's self device time attribute (``self_cuda_time_total`` before torch 2.4)."""
     from torch.autograd.profiler_util import FunctionEvent

@@ -40,22 +40,27 @@ def _rows(data: dict):
         yield bench["name"], info
 
 
-def interleaved(data: dict) -> list[tuple[str, str, str, float, float | None]]:
-    """(case, mtmm method, fastest peer, peer ms / mtmm ms, dense ms / mtmm ms) of each
-    timing of several methods in alternation (bench/device_timing.interleaved_ms)."""
+def interleaved(data: dict) -> list[tuple[str, str, str, float, float | None, float | None]]:
+    """(case, mtmm method, fastest peer, peer ms / mtmm ms, dense ms / mtmm ms, the same peer's
+    latency / mtmm's latency) of each timing of several methods in alternation
+    (bench/device_timing.interleaved_ms; the latencies from interleaved_latency_ms, where the
+    run has them)."""
     out = []
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         times = info.get("interleaved_ms")
         if not times:
             continue
+        latencies = info.get("interleaved_latency_ms") or {}
         peers = {m: t for m, t in times.items() if not m.startswith("mtmm") and m not in CEILINGS}
         peer = min(peers, key=peers.get) if peers else None
         for method, t in times.items():
             if method.startswith("mtmm") and peer is not None:
                 dense = times.get("dense")
+                latency = (latencies[peer] / latencies[method]
+                           if latencies.get(peer) and latencies.get(method) else None)
                 out.append((info.get("case", ""), method, peer, peers[peer] / t,
-                            dense / t if dense else None))
+                            dense / t if dense else None, latency))
     return out
 
 
@@ -139,10 +144,13 @@ def summarize(data: dict) -> str:
     if alternated:
         rows += ["", "Timed in alternation (pipelined calls, rotated order; the clock drift "
                      "shared): mtmm against its peer and against the dense GEMM of the same "
-                     "FLOPs (speed ratio):", "",
-                 "| case | method | peer | vs peer | of dense |", "|---|---|---|---|---|"]
-        rows += [f"| {case} | {method} | {peer} | {vs_peer:.2f}x | {_fmt(of_dense, '.0%')} |"
-                 for case, method, peer, vs_peer, of_dense in alternated]
+                     "FLOPs (speed ratio); the last column times lone synchronised calls "
+                     "(the latency basis) in alternation too:", "",
+                 "| case | method | peer | vs peer | of dense | latency vs peer |",
+                 "|---|---|---|---|---|---|"]
+        rows += [f"| {case} | {method} | {peer} | {vs_peer:.2f}x | {_fmt(of_dense, '.0%')} | "
+                 f"{_fmt(latency, '.2f')}{'x' if latency is not None else ''} |"
+                 for case, method, peer, vs_peer, of_dense, latency in alternated]
     rows += by_kernel(data)
     tuned = {}
     for _, info in _rows(data):

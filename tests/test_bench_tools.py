@@ -120,12 +120,23 @@ def test_interleaved_timings_rotate_and_summarise():
 
     data = {"benchmarks": [row("c fwd", {"mtmm": 2.0, "torch_grouped_mm": 3.0, "dense": 1.5}),
                            row("d fwd", {"mtmm_by_ids": 1.0, "sort": 2.0, "other": 4.0})]}
-    assert S.interleaved(data) == [("c fwd", "mtmm", "torch_grouped_mm", 1.5, 0.75),
-                                   ("d fwd", "mtmm_by_ids", "sort", 2.0, None)]
+    # the latencies in alternation of the first (runs before 2026-11-28 have none)
+    data["benchmarks"][0]["extra_info"]["interleaved_latency_ms"] = {
+        "mtmm": 4.0, "torch_grouped_mm": 5.0, "dense": 1.0}
+    assert S.interleaved(data) == [("c fwd", "mtmm", "torch_grouped_mm", 1.5, 0.75, 1.25),
+                                   ("d fwd", "mtmm_by_ids", "sort", 2.0, None, None)]
     text = S.summarize(data)
-    assert "| c fwd | mtmm | torch_grouped_mm | 1.50x | 75% |" in text
-    assert "| d fwd | mtmm_by_ids | sort | 2.00x | - |" in text
+    assert "| c fwd | mtmm | torch_grouped_mm | 1.50x | 75% | 1.25x |" in text
+    assert "| d fwd | mtmm_by_ids | sort | 2.00x | - | - |" in text
     assert "| i |" not in text  # not a method row
+
+    # lone calls in alternation: each round every method's calls, in the rotated order
+    calls.clear()
+    latencies = T.interleaved_latency_ms(fns, rounds=3, warmup=1, calls=2)
+    assert set(latencies) == {"a", "b", "c"} and all(t >= 0 for t in latencies.values())
+    timed = calls[3:]
+    assert [timed[i] for i in range(0, len(timed), 2)] == list("abc" "bca" "cab")
+    assert all(timed[i] == timed[i + 1] for i in range(0, len(timed), 2))
 
 
 def test_gpu_test_shards_read_a_crashed_shards_log(tmp_path):
