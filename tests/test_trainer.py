@@ -108,8 +108,11 @@ def test_progress_bar_is_optional(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_bf16_autocast_on_gpu_tracks_fp32():
-    base = dict(model="tiny-clip", steps=3, method="sequential", progress=False, log_every=0)
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-val"])
+def test_bf16_autocast_on_gpu_tracks_fp32(model):
+    """bf16 autocast (mtmm train's default on GPUs) against fp32; tiny-val packs autocast's
+    bf16 streams with fp32 embeddings and runs its heads as one grouped GEMM."""
+    base = dict(model=model, steps=3, method="sequential", progress=False, log_every=0)
     fp32 = train(TrainConfig(precision="fp32", **base))["history"]
     bf16 = train(TrainConfig(precision="bf16", **base))["history"]
     for a, b in zip(fp32, bf16):
