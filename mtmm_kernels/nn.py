@@ -68,6 +68,53 @@ class GroupedLinear(nn.Module):
             return grouped_mm(x, self.weight, offsets, self.bias)
         return grouped_mm_by_ids(x, self.weight, group_ids, self.bias)
 
+    @classmethod
+    def from_linears(cls, linears) -> "GroupedLinear":
+        """One GroupedLinear whose group g computes what ``linears[g]`` does: a copy of G
+        ``nn.Linear`` layers' parameters (per-task heads, say), which must share in and out
+        features, dtype and device, and all have a bias or none."""
+        linears = list(linears)
+        if not linears:
+            raise ValueError("linears must hold at least one nn.Linear (G = 0 has no shape "
+                             "to take); build GroupedLinear(0, in, out) directly")
+        for g, lin in enumerate(linears):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"linears[{g}] must be an nn.Linear, got {type(lin).__name__}")
+        first = linears[0]
+        has_bias = first.bias is not None
+        for g, lin in enumerate(linears[1:], 1):
+            if (lin.in_features, lin.out_features) != (first.in_features, first.out_features):
+                raise ValueError(f"linears[{g}] is {lin.in_features} -> {lin.out_features}, "
+                                 f"linears[0] is {first.in_features} -> {first.out_features}")
+            if (lin.bias is not None) != has_bias:
+                raise ValueError(f"linears[{g}] {'has' if lin.bias is not None else 'has no'} "
+                                 f"bias, linears[0] {'has' if has_bias else 'has no'} bias")
+            if lin.weight.dtype != first.weight.dtype or lin.weight.device != first.weight.device:
+                raise ValueError(f"linears[{g}] is {lin.weight.dtype} on {lin.weight.device}, "
+                                 f"linears[0] is {first.weight.dtype} on {first.weight.device}")
+        module = cls(len(linears), first.in_features, first.out_features, bias=has_bias,
+                     dtype=first.weight.dtype, device=first.weight.device)
+        with torch.no_grad():
+            # nn.Linear keeps [out, in] for x @ W.T; a group's slice is [in, out] for x @ W
+            module.weight.copy_(torch.stack([lin.weight.t() for lin in linears]))
+            if has_bias:
+                module.bias.copy_(torch.stack([lin.bias for lin in linears]))
+        return module
+
+    def to_linears(self) -> nn.ModuleList:
+        """G ``nn.Linear`` layers holding copies of the groups' parameters (the inverse of
+        ``from_linears``)."""
+        factory = {"dtype": self.weight.dtype, "device": self.weight.device}
+        linears = nn.ModuleList(
+            nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
+            for _ in range(self.num_groups))
+        with torch.no_grad():
+            for g, lin in enumerate(linears):
+                lin.weight.copy_(self.weight[g].t())
+                if self.bias is not None:
+                    lin.bias.copy_(self.bias[g])
+        return linears
+
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}")

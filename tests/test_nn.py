@@ -91,6 +91,46 @@ def test_routing_arguments():
         m(torch.randn(5, 4), offsets=torch.tensor([2, 5]))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_and_to_linears(device, bias):
+    """Per-task nn.Linear heads into one GroupedLinear and back: group g computes what
+    linears[g] computes, row by row, and the round trip gives the same parameters."""
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(11, 7, bias=bias, device=device) for _ in range(3)]
+    m = GroupedLinear.from_linears(heads)
+    assert (m.num_groups, m.in_features, m.out_features) == (3, 11, 7)
+    assert (m.bias is not None) == bias and m.weight.device.type == device.type
+    ids = torch.tensor([2, 0, 2, 1, 1, 0, 2], device=device)
+    x = torch.randn(7, 11, device=device)
+    y = m(x, group_ids=ids)
+    with torch.no_grad():
+        expected = torch.stack([heads[int(g)](x[t]) for t, g in enumerate(ids.tolist())])
+    assert rel_err(y, expected) < 1e-5
+    back = m.to_linears()
+    assert len(back) == 3
+    for a, b in zip(heads, back):
+        assert torch.equal(a.weight, b.weight)
+        assert (a.bias is None and b.bias is None) or torch.equal(a.bias, b.bias)
+    # copies: training the grouped module leaves the heads alone
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not torch.equal(m.to_linears()[0].weight, heads[0].weight)
+
+
+def test_from_linears_refuses_mismatched_heads():
+    lin = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="at least one"):
+        GroupedLinear.from_linears([])
+    with pytest.raises(TypeError, match=r"^linears\[1\]"):
+        GroupedLinear.from_linears([lin, torch.nn.Conv1d(4, 3, 1)])
+    with pytest.raises(ValueError, match=r"^linears\[1\] is 4 -> 5"):
+        GroupedLinear.from_linears([lin, torch.nn.Linear(4, 5)])
+    with pytest.raises(ValueError, match=r"^linears\[1\] has no bias"):
+        GroupedLinear.from_linears([lin, torch.nn.Linear(4, 3, bias=False)])
+    with pytest.raises(ValueError, match=r"^linears\[1\] is torch.float16"):
+        GroupedLinear.from_linears([lin, torch.nn.Linear(4, 3, dtype=torch.float16)])
+
+
 @pytest.mark.parametrize("args,exc,name", [
     ((-1, 3, 4), ValueError, "num_groups"),
     ((2, 3.0, 4), TypeError, "in_features"),
