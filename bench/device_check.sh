@@ -149,6 +149,10 @@ bench() {  # name, time limit (s), pytest selection...
 wants varlen && bench varlen 75 bench/bench_varlen.py -k "not sweep"
 # (its autotuner times 13 forward and 16 dW configs per key on first use)
 wants grouped_gemm && bench grouped_gemm 210 bench/bench_grouped_gemm.py
+if [ -s "$W/bench_grouped_gemm.json" ]; then  # issue 4's targets, basis by basis
+    python bench/targets.py "$W/bench_grouped_gemm.json" >"$W/targets.md" 2>&1 && cat "$W/targets.md"
+    bundle
+fi
 wants varlen_sweep && bench varlen_sweep 90 bench/bench_varlen.py -k sweep
 wants train_step && bench train_step 35 bench/bench_train_step.py
 

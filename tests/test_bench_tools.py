@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -156,3 +158,46 @@ def test_gpu_test_shards_read_a_crashed_shards_log(tmp_path):
     assert gpu_tests.outcomes(tmp_path / "shard0.xml", log) == {
         "tests/a.py::test_bad[x type]": "passed", "tests/a.py::test_plain": "failed",
         "tests/a.py::test_skip[1-2]": "skipped"}
+
+
+def test_targets_basis_by_basis():
+    """Issue 4's targets read from a benchmark JSON: each case against torch (1.3x on the
+    small groups), the large cases against dense, by ids against sort + grouped_mm + unsort;
+    every basis the run has, alternated ones included, and the bases that meet each."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import targets
+
+    def row(case, method, latency, pipelined, kernel):
+        return {"extra_info": {"case": case, "method": method, "device_ms": latency,
+                               "pipelined_ms": pipelined, "kernel_ms": kernel}}
+
+    data = {"benchmarks": [
+        row("equal8_k4096 fwd", "mtmm", 1.0, 1.0, 1.0),
+        row("equal8_k4096 fwd", "torch_grouped_mm", 0.9, 1.1, 1.2),
+        row("equal8_k4096 fwd", "dense", 0.9, 0.9, 0.95),
+        row("equal8_k4096 fwd", "mtmm_python", 9.0, 9.0, 9.0),  # not the op's default path
+        row("lognormal32_k1024 fwd+bwd", "mtmm", 2.0, 1.0, 1.0),
+        row("lognormal32_k1024 fwd+bwd", "torch_grouped_mm", 2.4, 1.4, 1.2),
+        row("lognormal32_k1024 by_ids fwd", "mtmm_by_ids", 1.0, 1.0, 1.0),
+        row("lognormal32_k1024 by_ids fwd", "sort_torch_grouped_mm_unsort", 2.0, 1.2, 3.0),
+        {"extra_info": {"case": "lognormal32_k1024 fwd+bwd", "method": "interleaved",
+                        "interleaved_ms": {"mtmm": 1.0, "torch_grouped_mm": 1.5, "dense": 0.8},
+                        "interleaved_latency_ms": {"mtmm": 2.0, "torch_grouped_mm": 2.5}}},
+    ]}
+    rows = {(r["target"], r["case"]): r for r in targets.verdict(data)}
+    vs_torch = rows[(">= 1.0x torch._grouped_mm", "equal8_k4096 fwd")]
+    assert vs_torch["ratios"] == {"latency": 0.9, "pipelined": 1.1, "kernel": 1.2}
+    assert vs_torch["met"] == ["pipelined", "kernel"]
+    assert rows[(">= 90% of dense", "equal8_k4096 fwd")]["met"] == ["latency", "pipelined",
+                                                                     "kernel"]
+    small = rows[(">= 1.3x torch._grouped_mm", "lognormal32_k1024 fwd+bwd")]
+    assert small["ratios"] == pytest.approx({"latency": 1.2, "pipelined": 1.4, "kernel": 1.2,
+                                             "alternated": 1.5, "alternated latency": 1.25})
+    assert small["met"] == ["pipelined", "alternated"]
+    assert (">= 90% of dense", "lognormal32_k1024 fwd+bwd") not in rows  # a small case
+    by_ids = rows[("by ids >= 1.3x sort + grouped_mm + unsort", "lognormal32_k1024 by_ids fwd")]
+    assert by_ids["met"] == ["latency", "kernel"]
+    text = targets.markdown(list(rows.values()))
+    assert "| >= 1.0x torch._grouped_mm | equal8_k4096 fwd | 0.90x | 1.10x | 1.20x | - | - | " \
+           "pipelined, kernel |" in text
+    assert "| >= 90% of dense | equal8_k4096 fwd | 90% | 90% | 95% | - | - | all bases |" in text
