@@ -85,23 +85,24 @@ if wants tests; then
     bundle
 fi
 
-# The persistent dW configs' flattened loop and balanced tile order, and the one-program-per-
-# tile descriptor dW's descriptors bounded at the group's end row, were added to the
-# autotuner without a GPU. Where a config's GPU test fails, the benchmarks run without what
-# it has: a flattened config failing switches the flattened configs off (MTMM_DW_FLATTEN=0),
-# a loop-per-tile one the balanced order (MTMM_DW_BALANCED=0: the group order run 5
-# measured), a bounded-descriptor one the bounds (MTMM_DW_BOUNDED=0: descriptors over all
-# rows, as run 5 measured); a crash, a time-out or a skip, all three. So a broken build
-# cannot take the measurements down with it (~40 s once the tests have compiled them).
+# The persistent dW configs' flattened loop and balanced tile order, the one-program-per-tile
+# descriptor dW's descriptors bounded at the group's end row, and the dW stores through dw's
+# descriptor were added to the autotuner without a GPU. Where a config's GPU test fails, the
+# benchmarks run without what it has: a flattened config failing switches the flattened
+# configs off (MTMM_DW_FLATTEN=0), a loop-per-tile one the balanced order
+# (MTMM_DW_BALANCED=0: the group order run 5 measured), a bounded-descriptor one the bounds
+# (MTMM_DW_BOUNDED=0: descriptors over all rows, as run 5 measured), a TMA-store one those
+# configs (MTMM_DW_TMA_STORE=0); a crash, a time-out or a skip, all four. So a broken build
+# cannot take the measurements down with it (~45 s once the tests have compiled them).
 if wants grouped_gemm || wants host || wants train_step; then
     stamp "persistent dW check"
     timeout 150 python -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_grouped_gemm.py \
-        -k "test_bf16_persistent_dw_configs or test_bf16_bounded_dw_descriptors" \
+        -k "test_bf16_persistent_dw_configs or test_bf16_bounded_dw_descriptors or test_bf16_tma_store_dw_configs" \
         >"$W/dw_persistent_check.log" 2>&1
     rc=$?
     log="$W/dw_persistent_check.log"
     if [ "$rc" -eq 0 ] && grep -q " passed" "$log" && ! grep -q "skipped" "$log"; then
-        echo "Persistent and bounded-descriptor dW configs: GPU tests passed, all offered to the autotuner." \
+        echo "New dW builds (persistent, bounded descriptors, TMA stores): GPU tests passed, all offered to the autotuner." \
             >"$W/dw_persistent.md"
     else
         status=1
@@ -121,7 +122,13 @@ if wants grouped_gemm || wants host || wants train_step; then
             export MTMM_DW_BOUNDED=0
             off="${off:+$off }MTMM_DW_BOUNDED=0"
         fi
-        { echo "Persistent or bounded-descriptor dW configs: GPU tests not passed (rc=$rc), benchmarks ran with" \
+        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
+                || grep -E "^(FAILED|ERROR) .*(tma_store_dw_configs|\[[^]]* store )" "$log" \
+                >/dev/null; then
+            export MTMM_DW_TMA_STORE=0
+            off="${off:+$off }MTMM_DW_TMA_STORE=0"
+        fi
+        { echo "New dW builds (persistent, bounded descriptors, TMA stores): GPU tests not passed (rc=$rc), benchmarks ran with" \
                "${off:-no switch (no failure named a config)}:"
           echo '```'; tail -25 "$log"; echo '```'; } >"$W/dw_persistent.md"
     fi

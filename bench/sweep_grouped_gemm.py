@@ -113,6 +113,7 @@ class Cand:
         load += " flat" if m.get("FLATTEN") else ""  # one loop over a program's tiles' steps
         load += " group-order" if m.get("PROGS_PER_SM") and not m.get("BALANCED") else ""
         load += " unbounded" if m.get("BOUNDED") is False else ""
+        load += " tma-store" if m.get("TMA_STORE") else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
@@ -126,8 +127,10 @@ def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
 
 
 def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False,
-            balanced=True, bounded=True) -> Cand:
+            balanced=True, bounded=True, tma_store=False) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
+    if tma_store:  # finished tiles through dw's descriptor
+        meta["TMA_STORE"] = True
     if not bounded:  # a program per tile: its descriptors over all rows (the kernel bounds them)
         meta["BOUNDED"] = False
     if progs:  # persistent: at most progs programs per SM walk the tiles
@@ -217,6 +220,11 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     dw_cand(128, 128, 64, 8, 3, progs=1, flatten=True, balanced=False),
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1, flatten=True, balanced=False),
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1, balanced=False),
+    # finished tiles through dw's descriptor (the store runs on while the program goes on),
+    # for the large cases' wide tile, against the pointer stores above
+    dw_cand(128, 256, 64, 8, 3, TMA, tma_store=True),
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1, tma_store=True),
+    dw_cand(128, 128, 64, 8, 3, TMA, tma_store=True),
     # a program per tile with descriptors over all rows and masked loads for a group's
     # partial row tile (as run 5 had it), against the descriptors bounded at the group's end
     # row above (every row tile in the pipeline)
@@ -258,6 +266,8 @@ SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True),
             dw_cand(16, 16, 16, 4, 1, progs=1, flatten=True, balanced=False),
             dw_cand(16, 16, 16, 4, 1, TMA, bounded=False),
+            dw_cand(16, 16, 16, 4, 1, TMA, tma_store=True),
+            dw_cand(16, 16, 16, 4, 1, TMA, progs=1, tma_store=True),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -350,6 +360,9 @@ def dw_args(x_TK, dy_TN, offsets_G, dw_GKN) -> dict:
         args["BLOCK_G"] = gg._block_g(G)
     if "TMA_OK" in DW_PARAMS:
         args["TMA_OK"] = gg._tma_dw_ok(args)
+    if "DW_TMA_OK" in DW_PARAMS:  # dw's descriptor, for the TMA-store builds
+        args["DW_TMA_OK"] = (gg._tma_device_ok(dw_GKN)
+                             and N * dw_GKN.element_size() % 16 == 0)
     return args
 
 

@@ -392,6 +392,25 @@ def _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
 
 
 @triton.jit
+def _dw_store_tma(acc, db_acc, g, tile_k, tile_n, cols, col_ok, dw_desc, db_ptr, stride_dbg,
+                  stride_dbn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """A finished dW tile through dw's [G, K, N] descriptor, half the tile's columns per store
+    (half the staging memory; the hardware clips rows past K and columns past N, and the
+    store runs on while the program goes on), and its dBias share as _dw_store does."""
+    tile = acc.to(dw_desc.dtype)
+    left, right = tl.split(tl.permute(tl.reshape(tile, (BLOCK_K, 2, BLOCK_N // 2)), (0, 2, 1)))
+    dw_desc.store([g, tile_k * BLOCK_K, tile_n * BLOCK_N],
+                  left.reshape(1, BLOCK_K, BLOCK_N // 2))
+    dw_desc.store([g, tile_k * BLOCK_K, tile_n * BLOCK_N + BLOCK_N // 2],
+                  right.reshape(1, BLOCK_K, BLOCK_N // 2))
+    if HAS_BIAS:
+        db_ptrs = db_ptr + g.to(tl.int64) * stride_dbg + cols.to(tl.int64) * stride_dbn
+        db_ok = col_ok & ((cols * 0 + tile_k) == 0)  # a block mask: see the forward kernel
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=db_ok)
+
+
+@triton.jit
 def _dw_tile(tile, x_desc, dy_desc,
              x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
              T, K, N,
@@ -400,12 +419,14 @@ def _dw_tile(tile, x_desc, dy_desc,
              HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              TMA: tl.constexpr, TMA_OK: tl.constexpr, MAKE_DESCRIPTORS: tl.constexpr,
-             BOUNDED: tl.constexpr):
+             BOUNDED: tl.constexpr, dw_desc, G, TMA_STORE: tl.constexpr):
     """One (group, K-tile, N-tile) tile of dW (and its share of dBias). With MAKE_DESCRIPTORS
     the tile builds its own descriptors (x_desc and dy_desc are ignored); with BOUNDED too,
     they end at its group's last row: the rows past it (the next group's) read as zeros, so
     the group's last partial row tile arrives through them with the others. Otherwise the
-    descriptors span all T rows, and that tile takes masked pointer loads after the others."""
+    descriptors span all T rows, and that tile takes masked pointer loads after the others.
+    With TMA_STORE the tile leaves through dw's descriptor (dw_desc, or one of its own with
+    MAKE_DESCRIPTORS; G only sizes that one)."""
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     g = tile // (num_k * num_n)
@@ -479,8 +500,16 @@ def _dw_tile(tile, x_desc, dy_desc,
             if HAS_BIAS:
                 db_acc += tl.sum(d.to(tl.float32), 0)
 
-    _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
-              stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
+    if TMA_STORE:
+        if MAKE_DESCRIPTORS:
+            dw_desc = tl.make_tensor_descriptor(dw_ptr, shape=[G, K, N],
+                                                strides=[stride_dwg, stride_dwk, 1],
+                                                block_shape=[1, BLOCK_K, BLOCK_N // 2])
+        _dw_store_tma(acc, db_acc, g, tile_k, tile_n, cols, col_ok, dw_desc, db_ptr,
+                      stride_dbg, stride_dbn, HAS_BIAS, BLOCK_N, BLOCK_K)
+    else:
+        _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
+                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
 
 
 @triton.jit
@@ -619,7 +648,8 @@ def _grouped_mm_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr, TMA_OK: tl.constexpr, PROGS_PER_SM: tl.constexpr = 0,
     FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64, BALANCED: tl.constexpr = False,
-    BOUNDED: tl.constexpr = True,
+    BOUNDED: tl.constexpr = True, DW_TMA_OK: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
@@ -642,7 +672,10 @@ def _grouped_mm_dw_kernel(
     A tile's work is its group's rows, so in group order a program can get several of the
     longest groups' tiles while others idle at the end (on 32 log-normal groups, in a model,
     the SMs idle 14-23% of the time in group order, 1-3.5% balanced: docs/grouped_gemm.md).
-    The order decides which program computes a tile, never how: the results are the same bits."""
+    The order decides which program computes a tile, never how: the results are the same bits.
+    With TMA_STORE (where DW_TMA_OK: dw's rows descriptor-ready), finished tiles leave through a
+    descriptor on dw [G, K, N] (not with FLATTEN)."""
+    tl.static_assert(not (TMA_STORE and FLATTEN), "TMA_STORE is for unflattened configs")
     if FLATTEN:
         tl.static_assert(PROGS_PER_SM > 0, "FLATTEN configs are persistent")
         _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
@@ -655,7 +688,7 @@ def _grouped_mm_dw_kernel(
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                  HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA, TMA_OK,
-                 True, BOUNDED)
+                 True, BOUNDED, dw_ptr, G, TMA_STORE and DW_TMA_OK)
     else:
         if TMA and TMA_OK:
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
@@ -665,6 +698,12 @@ def _grouped_mm_dw_kernel(
         else:  # never read: the tiles take the pointer loads
             x_desc = x_ptr
             dy_desc = dy_ptr
+        if TMA_STORE and DW_TMA_OK:
+            dw_desc = tl.make_tensor_descriptor(dw_ptr, shape=[G, K, N],
+                                                strides=[stride_dwg, stride_dwk, 1],
+                                                block_shape=[1, BLOCK_K, BLOCK_N // 2])
+        else:  # never read: the tiles take the pointer stores
+            dw_desc = dw_ptr
         per_g = tl.cdiv(K, BLOCK_K) * tl.cdiv(N, BLOCK_N)
         if BALANCED:
             pid = tl.program_id(0)
@@ -678,14 +717,16 @@ def _grouped_mm_dw_kernel(
                          stride_xt, stride_xk, stride_dyt, stride_dyn,
                          stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                          HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                         TMA_OK, False, False)
+                         TMA_OK, False, False, dw_desc, G,
+                         TMA_STORE and DW_TMA_OK)
         else:  # (as measured on the H200)
             for tile in tl.range(tl.program_id(0), G * per_g, tl.num_programs(0)):
                 _dw_tile(tile, x_desc, dy_desc, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                          dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                          stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                          HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                         TMA_OK, False, False)
+                         TMA_OK, False, False, dw_desc, G,
+                         TMA_STORE and DW_TMA_OK)
 
 
 # --- autotuning -----------------------------------------------------------------------------
@@ -755,6 +796,13 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
                                           PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True,
                                           BALANCED=True),
                                      num_warps=w, num_stages=s))
+    # Last: the wide descriptor tile storing through dw's descriptor, one program per tile and
+    # persistent (not timed on a GPU yet): on the large-group cases the wide tile's dW stays
+    # at 0.89-0.91x CUTLASS's, and the forward of the same sizes took its TMA-store build in
+    # run 5.
+    configs.append(triton.Config({**wide, "TMA_STORE": True}, num_warps=8, num_stages=3))
+    configs.append(triton.Config({**wide, "TMA_STORE": True, "PROGS_PER_SM": 1,
+                                  "BALANCED": True}, num_warps=8, num_stages=3))
     return configs
 
 
@@ -778,13 +826,18 @@ def _prune_mm(configs, named_args, **kwargs):
 
 
 def _prune_dw(configs, named_args, **kwargs):
-    """TMA configs only where the operands allow descriptors; the flattened ones only while
-    DW_FLATTEN holds, the balanced tile order only while DW_BALANCED does, bounded
-    descriptors only while DW_BOUNDED does; fp32 halves the reduction tile to fit shared
-    memory."""
+    """TMA configs only where the operands allow descriptors, TMA-store ones only where dw
+    does (DW_TMA_OK) while DW_TMA_STORE holds; the flattened ones only while DW_FLATTEN holds,
+    the balanced tile order only while DW_BALANCED does, bounded descriptors only while
+    DW_BOUNDED does; fp32 halves the reduction tile to fit shared memory."""
     named_args = {**named_args, **kwargs}
     if not named_args["TMA_OK"]:
         configs = [c for c in configs if not c.kwargs["TMA"]]
+    if not (named_args.get("DW_TMA_OK") and DW_TMA_STORE) \
+            or named_args["x_ptr"].dtype == torch.float32:
+        # (without dw's descriptor a config compiles to its pointer-store twin: time it once;
+        # fp32's staging tile would not fit beside its pipeline)
+        configs = [c for c in configs if not c.kwargs.get("TMA_STORE")]
     if not DW_FLATTEN:
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
     if not DW_BALANCED:
@@ -816,6 +869,9 @@ DW_BALANCED = os.environ.get("MTMM_DW_BALANCED", "1") != "0"
 # row (BOUNDED): MTMM_DW_BOUNDED=0 has them span all rows, with the masked pointer loads for a
 # group's last partial row tile that run 5 measured.
 DW_BOUNDED = os.environ.get("MTMM_DW_BOUNDED", "1") != "0"
+# Likewise the dW configs that store finished tiles through dw's descriptor (TMA_STORE):
+# MTMM_DW_TMA_STORE=0 leaves them out.
+DW_TMA_STORE = os.environ.get("MTMM_DW_TMA_STORE", "1") != "0"
 
 
 def _tma_device_ok(t: torch.Tensor) -> bool:
@@ -1144,11 +1200,16 @@ def _launch_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias: bool):
         INPUT_PRECISION=_input_precision(x_TK.dtype), BLOCK_G=_block_g(G),
     )
     args["TMA_OK"] = _tma_dw_ok(args)
-    if x_TK.is_cuda and args["TMA_OK"]:
+    # dw is ours, contiguous and aligned (torch's allocators): a descriptor takes it where
+    # the device has TMA and its rows are 16-byte multiples, which the plan key's N and dtype
+    # decide (K and N > 0 here)
+    assert dw_GKN.data_ptr() % 16 == 0
+    args["DW_TMA_OK"] = _tma_device_ok(dw_GKN) and N * dw_GKN.element_size() % 16 == 0
+    if x_TK.is_cuda and (args["TMA_OK"] or args["DW_TMA_OK"]):
         _ensure_allocator()
     tuned = _grouped_mm_dw_gather_tuned if perm_T is not None else _grouped_mm_dw_tuned
     plan = _launch(_grouped_mm_dw_kernel, tuned, _DW_CONFIGS, _prune_dw, grid, args, len(head))
-    _store_plan(plan_key, plan, args["TMA_OK"], _DW_CONFIGS)
+    _store_plan(plan_key, plan, args["TMA_OK"] or args["DW_TMA_OK"], _DW_CONFIGS)
     return dw_GKN, db_GN
 
 

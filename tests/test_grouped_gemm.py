@@ -312,6 +312,47 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("N", [40, 36])
+def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N):
+    """dW tiles stored through dw's [G, K, N] descriptor (TMA_STORE), one program per tile and
+    persistent, with descriptor or pointer loads: the same bits as the pointer stores, for K
+    and N not multiples of the tile (the hardware clips the store at each group's K rows and
+    at N) and empty groups. N = 36 in fp16 (72-byte rows) has no descriptor on dy or dw:
+    those configs are pruned and the pointer build takes the call."""
+    _use_tma(device, monkeypatch)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x, _, _, offsets = make_problem([40, 0, 17, 33, 0], 24, N, dtype, device, tail=5)
+    dy = torch.randn(x.shape[0], N, dtype=dtype, device=device)
+    stages = 1 if device.type == "cpu" else 3
+    took = []
+    real_prune = grouped_gemm._prune_dw
+
+    def prune(configs, named_args, **kwargs):
+        kept = real_prune(configs, named_args, **kwargs)
+        took.append(bool(kept[0].kwargs.get("TMA_STORE")))
+        return kept
+    monkeypatch.setattr(grouped_gemm, "_prune_dw", prune)
+    results = []
+    builds = [dict(TMA=tma, TMA_STORE=store, **persistent)
+              for persistent in ({}, dict(PROGS_PER_SM=1, BALANCED=True))
+              for tma in (True, False) for store in (True, False)]
+    for build in builds:
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, **kwargs), num_warps=4,
+            num_stages=stages) for kwargs in (build, dict(build, TMA=False, TMA_STORE=False))])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        results.append(grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True))
+    assert took == [b["TMA_STORE"] and N == 40 for b in builds]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    dw, db = results[0]
+    dw64 = torch.stack([x[s:e].double().T @ dy[s:e].double() for s, e in
+                        zip([0, *offsets[:-1].tolist()], offsets.tolist())])
+    assert rel_err(dw, dw64) < TOL[dtype]
+    assert torch.equal(dw[1], torch.zeros_like(dw[1])) and torch.equal(db[4], torch.zeros_like(db[4]))
+
+
 @pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
 def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
@@ -737,9 +778,21 @@ def test_gpu_config_pruning(dtype, monkeypatch):
                                prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(
                                    grouped_gemm._grouped_mm_dw_kernel)
     dw_tuner.nargs = {}
+    # stores through dw's descriptor only where dw allows one (never in fp32), never flattened
+    for dw_tma_ok in (False, True):
+        kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": True,
+                                       "DW_TMA_OK": dw_tma_ok})
+        stores = [c for c in kept if c.kwargs.get("TMA_STORE")]
+        assert bool(stores) == (dw_tma_ok and dtype != torch.float32)
+        assert all(c.kwargs["TMA"] and not c.kwargs.get("FLATTEN") for c in stores)
+    monkeypatch.setattr(grouped_gemm, "DW_TMA_STORE", False)
+    assert not any(c.kwargs.get("TMA_STORE") for c in dw_tuner.prune_configs(
+        {"M_BUCKET": 9, "x_ptr": x, "TMA_OK": True, "DW_TMA_OK": True}))
+    monkeypatch.setattr(grouped_gemm, "DW_TMA_STORE", True)
     for tma_ok in (False, True):
         kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": tma_ok})
-        assert len(kept) == sum(tma_ok or not c.kwargs["TMA"] for c in dw_configs)
+        assert len(kept) == sum((tma_ok or not c.kwargs["TMA"]) and not c.kwargs.get("TMA_STORE")
+                                for c in dw_configs)
         assert all(c.kwargs["BLOCK_M"] <= (32 if dtype == torch.float32 else 64) for c in kept)
         assert kept[0].kwargs["TMA"] == tma_ok
         # the flattened builds, last, unless switched off
@@ -864,7 +917,9 @@ _PERSISTENT_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("PR
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", _PERSISTENT_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
-                         " tma={TMA}".format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}"
+                         " tma={TMA}".format(**c.kwargs)
+                         + (" store" if c.kwargs.get("TMA_STORE") else "")
+                         + f" w{c.num_warps} s{c.num_stages}"
                          + (" flat" if c.kwargs.get("FLATTEN") else " loop"))
 def test_bf16_persistent_dw_configs(monkeypatch, config):
     """The autotuner's persistent dW configs (flattened or a loop per tile, in the balanced
@@ -902,7 +957,8 @@ _TILE_TMA_DW = [c for c in grouped_gemm._dw_configs(False)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", _TILE_TMA_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
-                         .format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}")
+                         .format(**c.kwargs) + (" store" if c.kwargs.get("TMA_STORE") else "")
+                         + f" w{c.num_warps} s{c.num_stages}")
 def test_bf16_bounded_dw_descriptors(monkeypatch, config):
     """The one-program-per-tile descriptor dW configs, whose descriptors end at the group's
     last row, forced one at a time on the device (the interpreter checks the logic; this
@@ -918,6 +974,40 @@ def test_bf16_bounded_dw_descriptors(monkeypatch, config):
     dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
     results = []
     for kwargs in (config.kwargs, {**config.kwargs, "BOUNDED": False}):
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        results.append(grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
+    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+    check_against_reference(x, w, b, offsets, tail=17)
+
+
+_TMA_STORE_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("TMA_STORE")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _TMA_STORE_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
+                         .format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}"
+                         + (" p{PROGS_PER_SM}".format(**c.kwargs) if c.kwargs.get("PROGS_PER_SM")
+                            else ""))
+def test_bf16_tma_store_dw_configs(monkeypatch, config):
+    """The dW configs that store finished tiles through dw's descriptor, forced one at a time
+    on the device (the interpreter checks the logic; this checks the compiled TMA stores and
+    their overlap with the next tile): K and N not multiples of the tile (the stores clipped
+    at each group's K rows and at N), empty groups, partial row tiles; against float64 and bit
+    for bit against the same config's pointer stores. The grid is sized as for a 3-SM device,
+    so that a persistent program stores several tiles."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA stores need Hopper or later")
+    monkeypatch.setattr(grouped_gemm, "_num_sms", lambda device: 3)
+    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
+    x, w, b, offsets = make_problem(sizes, 200, 328, torch.bfloat16, "cuda", tail=17)
+    dy = torch.randn(x.shape[0], 328, dtype=torch.bfloat16, device="cuda")
+    results = []
+    for kwargs in (config.kwargs, {**config.kwargs, "TMA_STORE": False}):
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
             kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
         monkeypatch.setattr(grouped_gemm, "_PLANS", {})
