@@ -350,7 +350,8 @@ def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N)
     dw64 = torch.stack([x[s:e].double().T @ dy[s:e].double() for s, e in
                         zip([0, *offsets[:-1].tolist()], offsets.tolist())])
     assert rel_err(dw, dw64) < TOL[dtype]
-    assert torch.equal(dw[1], torch.zeros_like(dw[1])) and torch.equal(db[4], torch.zeros_like(db[4]))
+    assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+    assert torch.equal(db[4], torch.zeros_like(db[4]))
 
 
 @pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
@@ -359,9 +360,10 @@ def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeyp
     build of the same loads does (with tma: every row tile through descriptors that end at the
     group's last row, or, with BOUNDED=False and in the persistent builds, the full row tiles
     through descriptors over all rows, then the partial one by pointer loads), and so do the
-    persistent loops, whichever order they take the tiles in (BALANCED or not): the same bits, for empty groups (first, inside and last),
-    groups without a full row tile, partial row tiles, rows in any order (pointer loads
-    only), and more groups than the schedule vectors' minimum width (70: BLOCK_G = 128)."""
+    persistent loops, whichever order they take the tiles in (BALANCED or not): the same bits,
+    for empty groups (first, inside and last), groups without a full row tile, partial row
+    tiles, rows in any order (pointer loads only), and more groups than the schedule vectors'
+    minimum width (70: BLOCK_G = 128)."""
     if tma:
         _use_tma(device, monkeypatch)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
@@ -912,6 +914,30 @@ def test_bf16_flattened_pipeline(monkeypatch):
         check_against_reference(x, w, b, offsets, tail=17)
 
 
+def _force_dw_config(monkeypatch, config, twin: dict, K: int = 512, N: int = 384) -> None:
+    """Force a dW config on the device, then its twin (the same tile, warps and stages without
+    what is under test): the same bits, by ids too for pointer loads (gathered rows take no
+    descriptors); then forward and every gradient through the config against float64. Ragged
+    groups: empty ones first, inside and last, a one-row group, partial row tiles, rows past
+    the last group."""
+    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
+    x, w, b, offsets = make_problem(sizes, K, N, torch.bfloat16, "cuda", tail=17)
+    dy = torch.randn(x.shape[0], N, dtype=torch.bfloat16, device="cuda")
+    perm = torch.randperm(x.shape[0], device="cuda")[:sum(sizes)].to(torch.int32)
+    results = []
+    for kwargs in (config.kwargs, twin):
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        results.append([out for p in ([None] if config.kwargs["TMA"] else [None, perm])
+                        for out in grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, p, True)])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
+    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+    check_against_reference(x, w, b, offsets, tail=17)
+
+
 _PERSISTENT_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("PROGS_PER_SM")]
 
 
@@ -932,23 +958,8 @@ def test_bf16_persistent_dw_configs(monkeypatch, config):
     if config.kwargs["TMA"] and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or later GPU")
     monkeypatch.setattr(grouped_gemm, "_num_sms", lambda device: 3)
-    sizes = [700, 0, 129, 1, 2048, 0, 63, 300, 0]
-    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17)
-    dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
-    perm = torch.randperm(x.shape[0], device="cuda")[:sum(sizes)].to(torch.int32)
-    twin = {k: v for k, v in config.kwargs.items()
-            if k not in ("FLATTEN", "PROGS_PER_SM", "BALANCED")}
-    results = []
-    for kwargs in (config.kwargs, twin):
-        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
-            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
-        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-        results.append([out for p in ([None] if config.kwargs["TMA"] else [None, perm])
-                        for out in grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, p, True)])
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
-    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
-    check_against_reference(x, w, b, offsets, tail=17)
+    _force_dw_config(monkeypatch, config, {k: v for k, v in config.kwargs.items()
+                                           if k not in ("FLATTEN", "PROGS_PER_SM", "BALANCED")})
 
 
 _TILE_TMA_DW = [c for c in grouped_gemm._dw_configs(False)
@@ -969,20 +980,7 @@ def test_bf16_bounded_dw_descriptors(monkeypatch, config):
     masked loads for the partial tile (BOUNDED=False: the code run 5 measured)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or later GPU")
-    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
-    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17)
-    dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
-    results = []
-    for kwargs in (config.kwargs, {**config.kwargs, "BOUNDED": False}):
-        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
-            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
-        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-        results.append(grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True))
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
-    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
-    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-    check_against_reference(x, w, b, offsets, tail=17)
+    _force_dw_config(monkeypatch, config, {**config.kwargs, "BOUNDED": False})
 
 
 _TMA_STORE_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("TMA_STORE")]
@@ -1003,20 +1001,7 @@ def test_bf16_tma_store_dw_configs(monkeypatch, config):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA stores need Hopper or later")
     monkeypatch.setattr(grouped_gemm, "_num_sms", lambda device: 3)
-    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
-    x, w, b, offsets = make_problem(sizes, 200, 328, torch.bfloat16, "cuda", tail=17)
-    dy = torch.randn(x.shape[0], 328, dtype=torch.bfloat16, device="cuda")
-    results = []
-    for kwargs in (config.kwargs, {**config.kwargs, "TMA_STORE": False}):
-        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
-            kwargs, num_warps=config.num_warps, num_stages=config.num_stages)])
-        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-        results.append(grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True))
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
-    monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [config])
-    monkeypatch.setattr(grouped_gemm, "_PLANS", {})
-    check_against_reference(x, w, b, offsets, tail=17)
+    _force_dw_config(monkeypatch, config, {**config.kwargs, "TMA_STORE": False}, K=200, N=328)
 
 
 @pytest.mark.gpu
