@@ -798,43 +798,37 @@ def print_backwards(rows: list[dict]) -> None:
         print("\n".join(lines))
 
 
-def print_tile_orders(rows: list[dict]) -> None:
-    """Each persistent dW config timed in group order next to its balanced twin (the same
-    config with BALANCED): 'x' > 1 means the balanced order is faster."""
+def print_twins(rows: list[dict], title: str, lacks, twin_of, names: tuple[str, str]) -> None:
+    """Each dW config lacking a feature (``lacks(config)``) timed next to its twin that has it
+    (``twin_of(config)``), where the sweep timed both: 'x' > 1 means the twin is faster."""
     pairs = []
     for r in rows:
         c = r["config"] or {}
-        if r["kernel"] != "dw" or not r["ms"] or not c.get("PROGS_PER_SM") or c.get("BALANCED"):
+        if r["kernel"] != "dw" or not r["ms"] or not lacks(c):
             continue
         twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == "dw"
-                     and t["ms"] and t["config"] == {**c, "BALANCED": True}), None)
+                     and t["ms"] and t["config"] == twin_of(c)), None)
         if twin:
             pairs.append((r, twin))
     if pairs:
-        print("\n=== persistent dW: group order against the balanced order")
+        print(f"\n=== {title}")
     for r, twin in pairs:
-        print(f"  {r['case']:<20} {config_label(twin):<36} group order {r['ms']:.4f} ms, "
-              f"balanced {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
+        print(f"  {r['case']:<20} {config_label(twin):<36} {names[0]} {r['ms']:.4f} ms, "
+              f"{names[1]} {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
 
 
-def print_bounds(rows: list[dict]) -> None:
-    """Each one-program-per-tile descriptor dW config with descriptors over all rows next to
-    its twin bounded at the group's end row: 'x' > 1 means the bounded one is faster."""
-    pairs = []
-    for r in rows:
-        c = r["config"] or {}
-        if r["kernel"] != "dw" or not r["ms"] or c.get("BOUNDED") is not False:
-            continue
-        bounded = {k: v for k, v in c.items() if k != "BOUNDED"}
-        twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == "dw"
-                     and t["ms"] and t["config"] == bounded), None)
-        if twin:
-            pairs.append((r, twin))
-    if pairs:
-        print("\n=== one program per tile: descriptors over all rows against bounded ones")
-    for r, twin in pairs:
-        print(f"  {r['case']:<20} {config_label(twin):<36} all rows {r['ms']:.4f} ms, "
-              f"bounded {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
+def print_feature_twins(rows: list[dict]) -> None:
+    """The dW features added without a GPU, each against its twin without it."""
+    print_twins(rows, "persistent dW: group order against the balanced order",
+                lambda c: c.get("PROGS_PER_SM") and not c.get("BALANCED"),
+                lambda c: {**c, "BALANCED": True}, ("group order", "balanced"))
+    print_twins(rows, "one program per tile: descriptors over all rows against bounded ones",
+                lambda c: c.get("BOUNDED") is False,
+                lambda c: {k: v for k, v in c.items() if k != "BOUNDED"},
+                ("all rows", "bounded"))
+    print_twins(rows, "dW tiles stored by pointers against through dw's descriptor",
+                lambda c: c.get("TMA") and not c.get("TMA_STORE") and not c.get("FLATTEN"),
+                lambda c: {**c, "TMA_STORE": True}, ("pointer stores", "TMA stores"))
 
 
 def header(args, smoke: bool) -> dict:
@@ -927,8 +921,7 @@ def main() -> int:
     write_json(args.out, head, rows, done=not budget.exhausted)
     print_best(rows)
     print_backwards(rows)
-    print_tile_orders(rows)
-    print_bounds(rows)
+    print_feature_twins(rows)
     failed = [r for r in rows if r["error"]]
     print(f"\n{len(rows)} rows ({len(failed)} with errors) in {time.monotonic() - START:.1f} s "
           f"-> {args.out}")
