@@ -225,6 +225,8 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
     dw_cand(128, 256, 64, 8, 3, TMA, tma_store=True),
     dw_cand(128, 256, 64, 8, 3, TMA, progs=1, tma_store=True),
     dw_cand(128, 128, 64, 8, 3, TMA, tma_store=True),
+    dw_cand(128, 256, 64, 8, 3, TMA, progs=1, flatten=True, tma_store=True),
+    dw_cand(128, 128, 64, 8, 3, TMA, progs=1, flatten=True, tma_store=True),
     # a program per tile with descriptors over all rows and masked loads for a group's
     # partial row tile (as run 5 had it), against the descriptors bounded at the group's end
     # row above (every row tile in the pipeline)
@@ -268,6 +270,7 @@ SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16
             dw_cand(16, 16, 16, 4, 1, TMA, bounded=False),
             dw_cand(16, 16, 16, 4, 1, TMA, tma_store=True),
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, tma_store=True),
+            dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True, tma_store=True),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -827,7 +830,7 @@ def print_feature_twins(rows: list[dict]) -> None:
                 lambda c: {k: v for k, v in c.items() if k != "BOUNDED"},
                 ("all rows", "bounded"))
     print_twins(rows, "dW tiles stored by pointers against through dw's descriptor",
-                lambda c: c.get("TMA") and not c.get("TMA_STORE") and not c.get("FLATTEN"),
+                lambda c: c.get("TMA") and not c.get("TMA_STORE"),
                 lambda c: {**c, "TMA_STORE": True}, ("pointer stores", "TMA stores"))
 
 

@@ -138,7 +138,6 @@ def _grouped_mm_kernel(
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
     # (Triton 3.6 cannot fuse the loops around the epilogue's branch below)
-    tl.static_assert(not (TMA_STORE and FLATTEN), "TMA_STORE is for unflattened configs")
     if TMA_STORE and Y_TMA_OK:  # half a tile's columns per store: half the staging memory
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[T, N], strides=[stride_yt, 1],
                                            block_shape=[BLOCK_M, BLOCK_N // 2])
@@ -520,7 +519,7 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                   HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  TMA: tl.constexpr, BALANCED: tl.constexpr):
+                  TMA: tl.constexpr, BALANCED: tl.constexpr, TMA_STORE: tl.constexpr):
     """A persistent program's dW tiles (in _dw_order's order, at the positions of _position)
     as one loop over their row steps, one software pipeline across the tiles. Rows are summed
     in _dw_tile's order, so the results are the same bits as its build of the same loads.
@@ -529,7 +528,9 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
     Descriptors (TMA): the steps are the group's full row tiles; a tile without any runs one
     step at row T, past the descriptor's rows, which reads zeros. The last partial row tile,
     whose rows run into the next group, takes masked pointer loads in the tile's epilogue
-    (outside the pipeline, after the full ones, as in _dw_tile)."""
+    (outside the pipeline, after the full ones, as in _dw_tile). With TMA_STORE a finished
+    tile leaves through dw's descriptor (_dw_store_tma), its store running on behind the next
+    tile's steps."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -539,6 +540,10 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                                            block_shape=[BLOCK_M, BLOCK_K])
         dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[T, N], strides=[stride_dyt, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
+    if TMA_STORE:
+        dw_desc = tl.make_tensor_descriptor(dw_ptr, shape=[G, K, N],
+                                            strides=[stride_dwg, stride_dwk, 1],
+                                            block_shape=[1, BLOCK_K, BLOCK_N // 2])
 
     # --- the loop's length: per rank, this program's tiles among the rank's group's tiles
     # (positions [r * per_g, (r + 1) * per_g)) times the group's row steps
@@ -626,8 +631,13 @@ def _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr,
                     acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
                     if HAS_BIAS:
                         db_acc += tl.sum(d.to(tl.float32), 0)
-            _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
-                      stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn, HAS_BIAS)
+            if TMA_STORE:
+                _dw_store_tma(acc, db_acc, g, tile_k, tile_n, cols, col_ok, dw_desc, db_ptr,
+                              stride_dbg, stride_dbn, HAS_BIAS, BLOCK_N, BLOCK_K)
+            else:
+                _dw_store(acc, db_acc, g, tile_k, ks, k_ok, cols, col_ok, dw_ptr, db_ptr,
+                          stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
+                          HAS_BIAS)
             acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
@@ -674,15 +684,14 @@ def _grouped_mm_dw_kernel(
     the SMs idle 14-23% of the time in group order, 1-3.5% balanced: docs/grouped_gemm.md).
     The order decides which program computes a tile, never how: the results are the same bits.
     With TMA_STORE (where DW_TMA_OK: dw's rows descriptor-ready), finished tiles leave through a
-    descriptor on dw [G, K, N] (not with FLATTEN)."""
-    tl.static_assert(not (TMA_STORE and FLATTEN), "TMA_STORE is for unflattened configs")
+    descriptor on dw [G, K, N]."""
     if FLATTEN:
         tl.static_assert(PROGS_PER_SM > 0, "FLATTEN configs are persistent")
         _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
                       stride_xt, stride_xk, stride_dyt, stride_dyn,
                       stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                       HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_G,
-                      TMA and TMA_OK, BALANCED)
+                      TMA and TMA_OK, BALANCED, TMA_STORE and DW_TMA_OK)
     elif PROGS_PER_SM == 0:  # the tile builds its descriptors
         _dw_tile(tl.program_id(0), x_ptr, dy_ptr, x_ptr, dy_ptr, offsets_ptr, perm_ptr,
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
@@ -783,6 +792,13 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
         configs.append(triton.Config({**c.kwargs, "PROGS_PER_SM": 1 if c.num_warps == 8 else 2,
                                       "BALANCED": True},
                                      num_warps=c.num_warps, num_stages=c.num_stages))
+    # The wide descriptor tile storing through dw's descriptor, one program per tile and
+    # persistent (not timed on a GPU yet): on the large-group cases the wide tile's dW stays
+    # at 0.89-0.91x CUTLASS's, and the forward of the same sizes took its TMA-store build in
+    # run 5.
+    configs.append(triton.Config({**wide, "TMA_STORE": True}, num_warps=8, num_stages=3))
+    configs.append(triton.Config({**wide, "TMA_STORE": True, "PROGS_PER_SM": 1,
+                                  "BALANCED": True}, num_warps=8, num_stages=3))
     # Last: the flattened builds (not timed on a GPU yet), one pipeline across a program's
     # tiles. With pointer loads, for small groups, whose tiles have few row steps each: there
     # a tile's pipeline fill and epilogue cost about as much as its MMAs unless the next
@@ -796,13 +812,13 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
                                           PROGS_PER_SM=1 if w == 8 else 2, FLATTEN=True,
                                           BALANCED=True),
                                      num_warps=w, num_stages=s))
-    # Last: the wide descriptor tile storing through dw's descriptor, one program per tile and
-    # persistent (not timed on a GPU yet): on the large-group cases the wide tile's dW stays
-    # at 0.89-0.91x CUTLASS's, and the forward of the same sizes took its TMA-store build in
-    # run 5.
-    configs.append(triton.Config({**wide, "TMA_STORE": True}, num_warps=8, num_stages=3))
-    configs.append(triton.Config({**wide, "TMA_STORE": True, "PROGS_PER_SM": 1,
-                                  "BALANCED": True}, num_warps=8, num_stages=3))
+    # ... and flattened with those stores: the next tile's loads in flight during this tile's
+    # epilogue, and its store running on behind them (the wide tile's staging leaves 2 KB of
+    # shared memory)
+    for n in (256, 128):
+        configs.append(triton.Config({**wide, "BLOCK_N": n, "TMA_STORE": True, "PROGS_PER_SM": 1,
+                                      "FLATTEN": True, "BALANCED": True},
+                                     num_warps=8, num_stages=3))
     return configs
 
 

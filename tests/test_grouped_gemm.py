@@ -314,8 +314,9 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
 
 @pytest.mark.parametrize("N", [40, 36])
 def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N):
-    """dW tiles stored through dw's [G, K, N] descriptor (TMA_STORE), one program per tile and
-    persistent, with descriptor or pointer loads: the same bits as the pointer stores, for K
+    """dW tiles stored through dw's [G, K, N] descriptor (TMA_STORE), one program per tile,
+    persistent and flattened, with descriptor or pointer loads: the same bits as the pointer
+    stores, for K
     and N not multiples of the tile (the hardware clips the store at each group's K rows and
     at N) and empty groups. N = 36 in fp16 (72-byte rows) has no descriptor on dy or dw:
     those configs are pruned and the pointer build takes the call."""
@@ -334,7 +335,8 @@ def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N)
     monkeypatch.setattr(grouped_gemm, "_prune_dw", prune)
     results = []
     builds = [dict(TMA=tma, TMA_STORE=store, **persistent)
-              for persistent in ({}, dict(PROGS_PER_SM=1, BALANCED=True))
+              for persistent in ({}, dict(PROGS_PER_SM=1, BALANCED=True),
+                                 dict(PROGS_PER_SM=1, BALANCED=True, FLATTEN=True))
               for tma in (True, False) for store in (True, False)]
     for build in builds:
         monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
@@ -780,13 +782,15 @@ def test_gpu_config_pruning(dtype, monkeypatch):
                                prune_configs_by={"early_config_prune": grouped_gemm._prune_dw})(
                                    grouped_gemm._grouped_mm_dw_kernel)
     dw_tuner.nargs = {}
-    # stores through dw's descriptor only where dw allows one (never in fp32), never flattened
+    # stores through dw's descriptor only where dw allows one (never in fp32), flattened too
     for dw_tma_ok in (False, True):
         kept = dw_tuner.prune_configs({"M_BUCKET": 9, "x_ptr": x, "TMA_OK": True,
                                        "DW_TMA_OK": dw_tma_ok})
         stores = [c for c in kept if c.kwargs.get("TMA_STORE")]
         assert bool(stores) == (dw_tma_ok and dtype != torch.float32)
-        assert all(c.kwargs["TMA"] and not c.kwargs.get("FLATTEN") for c in stores)
+        assert all(c.kwargs["TMA"] for c in stores)
+        assert {bool(c.kwargs.get("FLATTEN")) for c in stores} == ({False, True} if stores
+                                                                  else set())
     monkeypatch.setattr(grouped_gemm, "DW_TMA_STORE", False)
     assert not any(c.kwargs.get("TMA_STORE") for c in dw_tuner.prune_configs(
         {"M_BUCKET": 9, "x_ptr": x, "TMA_OK": True, "DW_TMA_OK": True}))
@@ -990,7 +994,7 @@ _TMA_STORE_DW = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("TMA
 @pytest.mark.parametrize("config", _TMA_STORE_DW, ids=lambda c: "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}"
                          .format(**c.kwargs) + f" w{c.num_warps} s{c.num_stages}"
                          + (" p{PROGS_PER_SM}".format(**c.kwargs) if c.kwargs.get("PROGS_PER_SM")
-                            else ""))
+                            else "") + (" flat" if c.kwargs.get("FLATTEN") else ""))
 def test_bf16_tma_store_dw_configs(monkeypatch, config):
     """The dW configs that store finished tiles through dw's descriptor, forced one at a time
     on the device (the interpreter checks the logic; this checks the compiled TMA stores and
