@@ -154,7 +154,7 @@ bench() {  # name, time limit (s), pytest selection...
 # In order of need: the targets first, then the sweeps that pick defaults, then checks of
 # what is already met. Each benchmark also records pipelined and CUPTI kernel times.
 wants varlen && bench varlen 75 bench/bench_varlen.py -k "not sweep"
-# (its autotuner times 13 forward and 16 dW configs per key on first use)
+# (its autotuner times 13 forward and 20 dW configs per key on first use)
 wants grouped_gemm && bench grouped_gemm 210 bench/bench_grouped_gemm.py
 if [ -s "$W/bench_grouped_gemm.json" ]; then  # issue 4's targets, basis by basis
     python bench/targets.py "$W/bench_grouped_gemm.json" >"$W/targets.md" 2>&1 && cat "$W/targets.md"
