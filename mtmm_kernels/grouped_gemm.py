@@ -138,6 +138,7 @@ def _grouped_mm_kernel(
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
     # (Triton 3.6 cannot fuse the loops around the epilogue's branch below)
+    tl.static_assert(not (TMA_STORE and FLATTEN), "TMA_STORE is for unflattened configs")
     if TMA_STORE and Y_TMA_OK:  # half a tile's columns per store: half the staging memory
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[T, N], strides=[stride_yt, 1],
                                            block_shape=[BLOCK_M, BLOCK_N // 2])
