@@ -107,27 +107,18 @@ if wants grouped_gemm || wants host || wants train_step; then
     else
         status=1
         off=""
-        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
-                || grep -E "^(FAILED|ERROR) .*persistent_dw_configs\[.* flat\]" "$log" >/dev/null; then
-            export MTMM_DW_FLATTEN=0
-            off="MTMM_DW_FLATTEN=0"
-        fi
-        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
-                || grep -E "^(FAILED|ERROR) .*persistent_dw_configs\[.* loop\]" "$log" >/dev/null; then
-            export MTMM_DW_BALANCED=0
-            off="${off:+$off }MTMM_DW_BALANCED=0"
-        fi
-        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
-                || grep -E "^(FAILED|ERROR) .*bounded_dw_descriptors" "$log" >/dev/null; then
-            export MTMM_DW_BOUNDED=0
-            off="${off:+$off }MTMM_DW_BOUNDED=0"
-        fi
-        if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
-                || grep -E "^(FAILED|ERROR) .*(tma_store_dw_configs|\[[^]]* store )" "$log" \
-                >/dev/null; then
-            export MTMM_DW_TMA_STORE=0
-            off="${off:+$off }MTMM_DW_TMA_STORE=0"
-        fi
+        switch_off() {  # a switch, the failed test ids that turn it off (a crash, a time-out
+            # or a skip turns off every switch)
+            if [ "$rc" -ne 1 ] || grep -q "skipped" "$log" \
+                    || grep -E "^(FAILED|ERROR) .*($2)" "$log" >/dev/null; then
+                export "$1=0"
+                off="${off:+$off }$1=0"
+            fi
+        }
+        switch_off MTMM_DW_FLATTEN 'persistent_dw_configs\[.* flat\]'
+        switch_off MTMM_DW_BALANCED 'persistent_dw_configs\[.* loop\]'
+        switch_off MTMM_DW_BOUNDED 'bounded_dw_descriptors'
+        switch_off MTMM_DW_TMA_STORE 'tma_store_dw_configs|\[[^]]* store '
         { echo "New dW builds (persistent, bounded descriptors, TMA stores): GPU tests not passed (rc=$rc), benchmarks ran with" \
                "${off:-no switch (no failure named a config)}:"
           echo '```'; tail -25 "$log"; echo '```'; } >"$W/dw_persistent.md"
