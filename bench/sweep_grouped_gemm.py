@@ -53,6 +53,7 @@ import datetime
 import functools
 import inspect
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -848,7 +849,8 @@ def header(args, smoke: bool) -> dict:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit, "max_seconds": args.max_seconds,
+        "commit": commit,
+        "max_seconds": None if math.isinf(args.max_seconds) else args.max_seconds,
         # file names only: the record names no machine's paths
         "argv": [Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:]],
         "smoke": smoke,
@@ -867,8 +869,9 @@ def write_json(path: Path, head: dict, rows: list[dict], done: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="JSON file to write")
-    parser.add_argument("--max-seconds", type=float, default=100.0,
-                        help="start no new measurement after this many seconds (default 100)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no new measurement after this many seconds (default 100; "
+                             "with --cpu-smoke, no limit: it checks every candidate)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case names (default: all, the small-group case "
                              "first: it has the largest gap to torch)")
@@ -882,6 +885,8 @@ def main() -> int:
     parser.add_argument("--precompile-shard", default=None, help=argparse.SUPPRESS)  # "i/n"
     args = parser.parse_args()
 
+    if args.max_seconds is None:  # (a smoke run cut short by a busy machine checks less)
+        args.max_seconds = math.inf if args.cpu_smoke else 100.0
     if not HAS_CUDA and not args.cpu_smoke:
         print("No CUDA device: nothing to sweep (use --cpu-smoke to check the script itself).")
         return 0

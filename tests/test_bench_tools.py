@@ -26,7 +26,7 @@ def test_grouped_gemm_sweep_smoke(tmp_path):
     matches the reference; a candidate the kernel cannot compile becomes an error row, not a
     crash."""
     out = tmp_path / "sweep.json"
-    proc = _run("bench/sweep_grouped_gemm.py", "--cpu-smoke", str(out))
+    proc = _run("bench/sweep_grouped_gemm.py", "--cpu-smoke", str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     ours = [r for r in rows if r["kernel"] in ("fwd", "dx", "dw")]
