@@ -24,6 +24,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,9 +57,13 @@ def _source_rows(perm_ptr, rows, row_ok, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+                   SCAN_FREE: tl.constexpr = False):
     """Per group g <= G: first row, end row, first M-tile and end M-tile. Entry G is the pseudo-
-    group of rows past offsets[-1]; entries past G are empty. Offsets are clamped into [0, T]."""
+    group of rows past offsets[-1]; entries past G are empty. Offsets are clamped into [0, T].
+    SCAN_FREE sums the tile counts over a [BLOCK_G, BLOCK_G] triangle instead of a cumsum (the
+    same integers): Triton 3.6's Hopper warp specialization cannot partition a kernel holding a
+    scan."""
     idx_G = tl.arange(0, BLOCK_G)
     end_G = tl.load(offsets_ptr + idx_G, mask=idx_G < G, other=0)
     start_G = tl.load(offsets_ptr + idx_G - 1, mask=(idx_G >= 1) & (idx_G <= G), other=0)
@@ -66,7 +71,15 @@ def _tile_schedule(offsets_ptr, G, T, BLOCK_M: tl.constexpr, BLOCK_G: tl.constex
     end_G = tl.minimum(tl.maximum(end_G, 0), T).to(tl.int32)
     start_G = tl.minimum(tl.maximum(start_G, 0), T).to(tl.int32)
     tiles_G = tl.where(idx_G <= G, tl.cdiv(tl.maximum(end_G - start_G, 0), BLOCK_M), 0)
-    tile_end_G = tl.cumsum(tiles_G, 0)
+    if SCAN_FREE:  # an inclusive scan in log2(BLOCK_G) doubling steps (Hillis-Steele)
+        tile_end_G = tiles_G
+        tl.static_assert(BLOCK_G <= 4096)
+        for step in tl.static_range(12):
+            if (1 << step) < BLOCK_G:
+                back_G = tl.gather(tile_end_G, tl.maximum(idx_G - (1 << step), 0), 0)
+                tile_end_G += tl.where(idx_G >= (1 << step), back_G, 0)
+    else:
+        tile_end_G = tl.cumsum(tiles_G, 0)
     return idx_G, start_G, end_G, tile_end_G - tiles_G, tile_end_G
 
 
@@ -114,7 +127,7 @@ def _grouped_mm_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROGS_PER_SM: tl.constexpr,
     TMA: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, TMA_OK: tl.constexpr,
     FLATTEN: tl.constexpr, W_TMA_OK: tl.constexpr, Y_TMA_OK: tl.constexpr = False,
-    TMA_STORE: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """y[rows of g] = x[rows of g] @ w[g] (+ bias[g]); persistent over (M-tile, N-tile) pairs.
     With GATHER, sorted row r is x[perm[r]] and is stored to y[perm[r]].
@@ -131,9 +144,19 @@ def _grouped_mm_kernel(
     has no row gather): with GATHER, W_TMA_OK lets w alone arrive through its descriptor
     while x rows take pointer loads. With TMA_STORE (where Y_TMA_OK: no gather, y's rows
     descriptor-ready), a tile wholly inside its group's rows is stored through y's descriptor,
-    the others by masked pointer stores."""
+    the others by masked pointer stores.
+    With WS (warp specialization, Hopper and later), Triton splits the tile loop into a
+    producer warp group that issues the descriptor loads, running ahead across tiles, and two
+    consumer warp groups that each take half the tile's rows through the MMAs and the epilogue,
+    with their registers rebalanced (setmaxnreg): num_warps=4 becomes 12 warps. It takes
+    effect where the operands allow descriptors and BLOCK_G <= 64 (Triton 3.6 fails to
+    partition the kernel with wider schedule vectors); elsewhere the config runs unspecialized,
+    so a config tuned with it stays correct on every call of its key."""
+    tl.static_assert(not (WS and (FLATTEN or TMA_STORE)),
+                     "WS is for unflattened configs with pointer stores")
+    SPECIALIZE: tl.constexpr = WS and TMA and TMA_OK and BLOCK_G <= 64
     idx_G, start_G, end_G, tile_begin_G, tile_end_G = _tile_schedule(
-        offsets_ptr, G, T, BLOCK_M, BLOCK_G)
+        offsets_ptr, G, T, BLOCK_M, BLOCK_G, SPECIALIZE)
     if TMA and TMA_OK:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -155,7 +178,8 @@ def _grouped_mm_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     per_band = GROUP_M * num_n
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN,
+                         warp_specialize=SPECIALIZE):
         # --- swizzle: GROUP_M consecutive M-tiles share each N-tile of w while it is in L2
         band = tile // per_band
         first_m = band * GROUP_M
@@ -419,14 +443,16 @@ def _dw_tile(tile, x_desc, dy_desc,
              HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              TMA: tl.constexpr, TMA_OK: tl.constexpr, MAKE_DESCRIPTORS: tl.constexpr,
-             BOUNDED: tl.constexpr, dw_desc, G, TMA_STORE: tl.constexpr):
+             BOUNDED: tl.constexpr, dw_desc, G, TMA_STORE: tl.constexpr,
+             WS: tl.constexpr = False):
     """One (group, K-tile, N-tile) tile of dW (and its share of dBias). With MAKE_DESCRIPTORS
     the tile builds its own descriptors (x_desc and dy_desc are ignored); with BOUNDED too,
     they end at its group's last row: the rows past it (the next group's) read as zeros, so
     the group's last partial row tile arrives through them with the others. Otherwise the
     descriptors span all T rows, and that tile takes masked pointer loads after the others.
     With TMA_STORE the tile leaves through dw's descriptor (dw_desc, or one of its own with
-    MAKE_DESCRIPTORS; G only sizes that one)."""
+    MAKE_DESCRIPTORS; G only sizes that one). With WS the row loop is warp specialized (the
+    caller decides where it may be)."""
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     g = tile // (num_k * num_n)
@@ -465,11 +491,21 @@ def _dw_tile(tile, x_desc, dy_desc,
                                                     strides=[stride_dyt, 1],
                                                     block_shape=[BLOCK_M, BLOCK_N])
             r_tail = start + (end - start) // BLOCK_M * BLOCK_M
-        for r0 in range(start, r_tail, BLOCK_M):
+        for r0 in tl.range(start, r_tail, BLOCK_M, warp_specialize=WS):
             a = x_desc.load([r0, tile_k * BLOCK_K])
             d = dy_desc.load([r0, tile_n * BLOCK_N])
             acc = tl.dot(tl.trans(a), d, acc, input_precision=INPUT_PRECISION)
-            if HAS_BIAS:
+            if HAS_BIAS and not WS:
+                db_acc += tl.sum(d.to(tl.float32), 0)
+        if HAS_BIAS and WS:
+            # dBias in a loop of its own, run by the K-tile-0 tiles only (Triton 3.6 cannot
+            # partition a sum of the loaded dy tiles inside the specialized loop, nor a branch
+            # around this loop: the others run it zero times)
+            for r0 in range(start, tl.where(tile_k == 0, end, start), BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                d = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dyt
+                            + cols[None, :].to(tl.int64) * stride_dyn,
+                            mask=(rows < end)[:, None] & col_ok[None, :], other=0.0)
                 db_acc += tl.sum(d.to(tl.float32), 0)
     # --- masked pointer loads: every tile without TMA, the last partial tile with shared
     # descriptors. (Written out: through _dw_rows, Triton 3.6 orders the machine code of two
@@ -660,7 +696,7 @@ def _grouped_mm_dw_kernel(
     TMA: tl.constexpr, TMA_OK: tl.constexpr, PROGS_PER_SM: tl.constexpr = 0,
     FLATTEN: tl.constexpr = False, BLOCK_G: tl.constexpr = 64, BALANCED: tl.constexpr = False,
     BOUNDED: tl.constexpr = True, DW_TMA_OK: tl.constexpr = False,
-    TMA_STORE: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """dW[g] = x_g^T dy_g over the group's rows in a fixed order (deterministic, no atomics);
     dBias[g] = column sums of dy_g, stored by the K-tile-0 programs.
@@ -685,7 +721,17 @@ def _grouped_mm_dw_kernel(
     the SMs idle 14-23% of the time in group order, 1-3.5% balanced: docs/grouped_gemm.md).
     The order decides which program computes a tile, never how: the results are the same bits.
     With TMA_STORE (where DW_TMA_OK: dw's rows descriptor-ready), finished tiles leave through a
-    descriptor on dw [G, K, N]."""
+    descriptor on dw [G, K, N].
+    With WS (a program per tile), the row loop is warp specialized as in the forward kernel:
+    a producer warp group issues the descriptor loads, two consumer warp groups each take half
+    the tile's dW rows (num_warps=4 becomes 12); the K-tile-0 tiles sum dBias in a loop of
+    their own. It takes effect with bounded descriptors and pointer stores (Triton 3.6 fails
+    to partition the others); elsewhere
+    the config runs unspecialized, so a config tuned with it stays correct on every call of
+    its key."""
+    tl.static_assert(not (WS and (FLATTEN or PROGS_PER_SM > 0)), "WS is for a program per tile")
+    SPECIALIZE: tl.constexpr = (WS and TMA and TMA_OK and BOUNDED
+                                and not (TMA_STORE and DW_TMA_OK))
     if FLATTEN:
         tl.static_assert(PROGS_PER_SM > 0, "FLATTEN configs are persistent")
         _dw_flattened(x_ptr, dy_ptr, offsets_ptr, perm_ptr, dw_ptr, db_ptr, T, K, N, G,
@@ -698,7 +744,7 @@ def _grouped_mm_dw_kernel(
                  dw_ptr, db_ptr, T, K, N, stride_xt, stride_xk, stride_dyt, stride_dyn,
                  stride_dwg, stride_dwk, stride_dwn, stride_dbg, stride_dbn,
                  HAS_BIAS, GATHER, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA, TMA_OK,
-                 True, BOUNDED, dw_ptr, G, TMA_STORE and DW_TMA_OK)
+                 True, BOUNDED, dw_ptr, G, TMA_STORE and DW_TMA_OK, SPECIALIZE)
     else:
         if TMA and TMA_OK:
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
@@ -764,6 +810,14 @@ def _mm_configs(interpreter: bool) -> list[triton.Config]:
     configs.append(triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8,
                                       PROGS_PER_SM=p, TMA=True, FLATTEN=False, TMA_STORE=True),
                                  num_warps=w, num_stages=s))
+    # Last: a 128x128 tile warp specialized (WS; not timed on a GPU yet): a producer warp
+    # group loads ahead across tiles while two consumer warp groups of 64 rows each run the
+    # MMAs and the epilogues (num_warps=4 compiles to 12 warps), the schedule of CUTLASS's
+    # Hopper GEMMs. The equal groups' forward was 0.94-0.99x torch._grouped_mm's in run 5.
+    # (The 128x256 tile's consumers spill in Triton 3.9's build: the sweep times that one.)
+    configs.append(triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                                      PROGS_PER_SM=1, TMA=True, FLATTEN=False, WS=True),
+                                 num_warps=4, num_stages=4))
     return configs
 
 
@@ -820,12 +874,20 @@ def _dw_configs(interpreter: bool) -> list[triton.Config]:
         configs.append(triton.Config({**wide, "BLOCK_N": n, "TMA_STORE": True, "PROGS_PER_SM": 1,
                                       "FLATTEN": True, "BALANCED": True},
                                      num_warps=8, num_stages=3))
+    # Last: the wide tile and the 128x128 one warp specialized, a program per tile (WS; not
+    # timed on a GPU yet): a producer warp group loads while two consumer warp groups each
+    # take 64 of the tile's dW rows (num_warps=4 compiles to 12 warps). For large groups (the
+    # equal groups' dW was 0.91x CUTLASS's in run 5).
+    configs.append(triton.Config({**wide, "WS": True}, num_warps=4, num_stages=3))
+    configs.append(triton.Config({**wide, "BLOCK_N": 128, "WS": True}, num_warps=4,
+                                 num_stages=4))
     return configs
 
 
 def _prune_mm(configs, named_args, **kwargs):
     """Tile height from the mean group size (M_BUCKET = log2 of it); fp32 halves BLOCK_K to fit
-    shared memory; descriptor configs only where the operands allow them. The autotuner
+    shared memory; descriptor configs only where the operands allow them; warp-specialized
+    ones (WS) as _ws_ok says, with at most 63 groups (BLOCK_G = 64). The autotuner
     passes positional kernel arguments as ``named_args`` and keyword ones as ``kwargs``: the
     launchers use keywords."""
     named_args = {**named_args, **kwargs}
@@ -833,6 +895,8 @@ def _prune_mm(configs, named_args, **kwargs):
         configs = [c for c in configs if not c.kwargs["TMA"]]
     if not named_args.get("Y_TMA_OK"):  # it would compile to its TMA twin: time it once
         configs = [c for c in configs if not c.kwargs.get("TMA_STORE")]
+    if not _ws_ok(named_args) or named_args["BLOCK_G"] > 64:  # (unspecialized there)
+        configs = [c for c in configs if not c.kwargs.get("WS")]
     bucket = named_args["M_BUCKET"]
     keep = [c for c in configs if (bucket >= 7 or c.kwargs["BLOCK_M"] <= 64)
             and (bucket < 11 or c.kwargs["BLOCK_M"] >= 128)] or list(configs)
@@ -844,7 +908,10 @@ def _prune_mm(configs, named_args, **kwargs):
 
 def _prune_dw(configs, named_args, **kwargs):
     """TMA configs only where the operands allow descriptors, TMA-store ones only where dw
-    does (DW_TMA_OK) while DW_TMA_STORE holds; the flattened ones only while DW_FLATTEN holds,
+    does (DW_TMA_OK) while DW_TMA_STORE holds; warp-specialized ones (WS) as _ws_ok says, with
+    bounded descriptors, for groups of 2**_WS_MIN_DW_BUCKET rows or more on average (with
+    fewer, a tile's row loop is too short to gain; and the tuning time stays bounded); the
+    flattened ones only while DW_FLATTEN holds,
     the balanced tile order only while DW_BALANCED does, bounded descriptors only while
     DW_BOUNDED does; fp32 halves the reduction tile to fit shared memory."""
     named_args = {**named_args, **kwargs}
@@ -857,6 +924,8 @@ def _prune_dw(configs, named_args, **kwargs):
         configs = [c for c in configs if not c.kwargs.get("TMA_STORE")]
     if not DW_FLATTEN:
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
+    if not (_ws_ok(named_args) and DW_BOUNDED) or named_args["M_BUCKET"] < _WS_MIN_DW_BUCKET:
+        configs = [c for c in configs if not c.kwargs.get("WS")]
     if not DW_BALANCED:
         configs = [triton.Config({**c.kwargs, "BALANCED": False}, num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in configs]
@@ -889,6 +958,21 @@ DW_BOUNDED = os.environ.get("MTMM_DW_BOUNDED", "1") != "0"
 # Likewise the dW configs that store finished tiles through dw's descriptor (TMA_STORE):
 # MTMM_DW_TMA_STORE=0 leaves them out.
 DW_TMA_STORE = os.environ.get("MTMM_DW_TMA_STORE", "1") != "0"
+# Likewise the warp-specialized forward and dW configs (WS): MTMM_WS=0 (or WARP_SPECIALIZE =
+# False before a size is first tuned) leaves them out.
+WARP_SPECIALIZE = os.environ.get("MTMM_WS", "1") != "0"
+# Their sm_90 code was read with Triton 3.6 and 3.9 (bench/sass_report.py); earlier Triton
+# releases partition loops for Blackwell only.
+_WS_TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
+_WS_MIN_DW_BUCKET = 9
+
+
+def _ws_ok(args: dict) -> bool:
+    """Whether the autotuner may try warp-specialized configs for these kernel arguments:
+    the switch is on, the Triton release is one their code was read with, x and w (or dy)
+    arrive through descriptors, and the inputs are 16-bit (fp32's are not a speed target)."""
+    return (WARP_SPECIALIZE and _WS_TRITON and bool(args.get("TMA_OK"))
+            and args["x_ptr"].dtype != torch.float32)
 
 
 def _tma_device_ok(t: torch.Tensor) -> bool:
@@ -976,7 +1060,18 @@ AUTOTUNE = os.environ.get("MTMM_AUTOTUNE", "1") != "0" and not is_interpreter()
 
 
 def _short_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    """The autotuner's timing of one config. A config Triton's compiler fails on (an MLIR pass
+    failing, as Triton 3.6's warp specialization does on kernels it cannot partition) loses
+    the tuning with a warning, as configs that run out of resources do, instead of ending the
+    call: the other configs of the key still run it."""
+    try:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    except RuntimeError as e:
+        if "PassManager::run failed" not in str(e):
+            raise
+        warnings.warn(f"grouped_mm autotuning: a config failed to compile and is skipped ({e})",
+                      RuntimeWarning, stacklevel=2)
+        return [math.inf] * len(quantiles) if quantiles else math.inf
 
 
 # Tuned once per K, N and bucket of the mean group size (the autotuner also keys on the

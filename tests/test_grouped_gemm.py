@@ -356,6 +356,122 @@ def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N)
     assert torch.equal(db[4], torch.zeros_like(db[4]))
 
 
+@pytest.mark.parametrize("G", [5, 40, 70])
+def test_warp_specialized_configs_match_their_twins_bitwise(device, monkeypatch, G):
+    """The warp-specialized configs (WS): the forward kernel's tile schedule comes from a
+    doubling scan instead of a cumsum (the same integers: the same bits as the twin without
+    WS in the interpreter, groups of every size, empty ones, tail rows), and the dW kernel
+    sums dBias in a loop of its own (the same row tiles in the same order). G = 70 has
+    schedule vectors too wide for the specialized forward: a WS config tuned on fewer groups
+    runs unspecialized there. On a GPU this also compiles and runs the warp-specialized code
+    (Triton 3.6+ on Hopper), against float64 and close to the twin."""
+    _use_tma(device, monkeypatch)
+    if device.type == "cuda" and not grouped_gemm._WS_TRITON:
+        pytest.skip("warp-specialized configs need Triton 3.6+")
+    monkeypatch.setattr(grouped_gemm, "_WS_MIN_DW_BUCKET", 0)  # small groups here
+    # the forward config as a tuned config meets it on any call of its key, G = 70 included
+    monkeypatch.setattr(grouped_gemm, "_prune_mm", lambda configs, named_args, **kw: configs)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    gen = torch.Generator().manual_seed(G)
+    sizes = torch.randint(0, 40, (G,), generator=gen).tolist()
+    sizes[0] = 21  # (the scan's first entry: an empty first group would hide a shift off by one)
+    sizes[1] = sizes[G // 2] = 0
+    K, N = (24, 40) if device.type == "cpu" else (200, 328)
+    x, w, b, offsets = make_problem(sizes, K, N, dtype, device, tail=3)
+    dy = torch.randn(x.shape[0], N, dtype=dtype, device=device)
+    if device.type == "cpu":
+        tile, warps, stages = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 4, 1
+    else:
+        tile, warps, stages = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 4, 3
+    mm_tile = dict(tile, GROUP_M=2, PROGS_PER_SM=1, TMA=True, FLATTEN=False)
+    dw_tile = dict(BLOCK_K=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_M=tile["BLOCK_K"],
+                   TMA=True)
+    specialized = []
+    real_launch = grouped_gemm.direct_launch.launch
+
+    def spy(kernel, grid, head, tail, options):
+        named = dict(zip(kernel.arg_names, head + tail))
+        specialized.append(named.get("WS", False))
+        return real_launch(kernel, grid, head, tail, options)
+    monkeypatch.setattr(grouped_gemm.direct_launch, "launch", spy)
+    results = []
+    for ws in (True, False):
+        monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS", [triton.Config(
+            dict(mm_tile, WS=ws), num_warps=warps, num_stages=stages)])
+        monkeypatch.setattr(grouped_gemm, "_DW_CONFIGS", [triton.Config(
+            dict(dw_tile, WS=ws), num_warps=warps, num_stages=stages)])
+        monkeypatch.setattr(grouped_gemm, "_PLANS", {})
+        y = grouped_gemm._launch_grouped_mm(x, w, offsets, b, None)
+        results.append([y, *grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)])
+    assert specialized == [True, True, False, False]
+    y, dw, db = results[0]
+    for got, want in zip(results[0], results[1]):
+        if device.type == "cpu":
+            assert torch.equal(got, want)
+        else:  # the compiled reductions (dBias' in other layouts) may round apart
+            assert rel_err(got, want) < 2e-3
+    y64 = ref.grouped_mm_reference(x.double(), w.double(), offsets.cpu(), b.double())
+    assert rel_err(y, y64) < TOL[dtype]
+    assert torch.equal(y[-3:], torch.zeros_like(y[-3:]))
+    starts = [0, *offsets[:-1].tolist()]
+    dw64 = torch.stack([x[s:e].double().T @ dy[s:e].double()
+                        for s, e in zip(starts, offsets.tolist())])
+    db64 = torch.stack([dy[s:e].double().sum(0) for s, e in zip(starts, offsets.tolist())])
+    assert rel_err(dw, dw64) < TOL[dtype] and rel_err(db, db64) < TOL[dtype]
+    assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+    assert torch.equal(db[1], torch.zeros_like(db[1]))
+
+
+def test_warp_specialized_configs_are_offered_where_they_compile(monkeypatch):
+    """The autotuner sees WS configs only with descriptors, 16-bit inputs, the switch on and
+    a Triton whose code for them was read; the forward's only with at most 63 groups, dW's
+    only for groups of 2**_WS_MIN_DW_BUCKET rows or more on average."""
+    mm = [c for c in grouped_gemm._mm_configs(False) if c.kwargs.get("WS")]
+    dw = [c for c in grouped_gemm._dw_configs(False) if c.kwargs.get("WS")]
+    assert mm and dw
+    assert all(c.num_warps == 4 and not c.kwargs.get("PROGS_PER_SM") for c in dw)
+    monkeypatch.setattr(grouped_gemm, "_WS_TRITON", True)
+    monkeypatch.setattr(grouped_gemm, "WARP_SPECIALIZE", True)
+    x16, x32 = torch.empty(8, 8, dtype=torch.bfloat16), torch.empty(8, 8)
+
+    def offered(prune, configs, **args):
+        named = dict(x_ptr=x16, TMA_OK=True, W_TMA_OK=False, Y_TMA_OK=True, M_BUCKET=12,
+                     BLOCK_G=64, HAS_BIAS=False, DW_TMA_OK=True)
+        return any(c.kwargs.get("WS") for c in prune(configs, {**named, **args}))
+
+    for prune, configs in ((grouped_gemm._prune_mm, mm), (grouped_gemm._prune_dw, dw)):
+        assert offered(prune, configs)
+        assert offered(prune, configs, HAS_BIAS=True)
+        assert not offered(prune, configs, TMA_OK=False)
+        assert not offered(prune, configs, x_ptr=x32)
+    assert not offered(grouped_gemm._prune_mm, mm, BLOCK_G=128)
+    assert offered(grouped_gemm._prune_dw, dw, BLOCK_G=128)
+    assert offered(grouped_gemm._prune_mm, mm, M_BUCKET=8)
+    assert not offered(grouped_gemm._prune_dw, dw, M_BUCKET=grouped_gemm._WS_MIN_DW_BUCKET - 1)
+    monkeypatch.setattr(grouped_gemm, "WARP_SPECIALIZE", False)
+    assert not offered(grouped_gemm._prune_mm, mm) and not offered(grouped_gemm._prune_dw, dw)
+    monkeypatch.setattr(grouped_gemm, "WARP_SPECIALIZE", True)
+    monkeypatch.setattr(grouped_gemm, "_WS_TRITON", False)
+    assert not offered(grouped_gemm._prune_mm, mm) and not offered(grouped_gemm._prune_dw, dw)
+
+
+def test_a_config_the_compiler_fails_on_loses_the_tuning(monkeypatch):
+    """An MLIR pass failure while the autotuner times a config (Triton 3.6's warp
+    specialization on a kernel it cannot partition) makes that config's time infinite, with
+    a warning; any other error still ends the call."""
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn())
+
+    def failing(message):
+        def call():
+            raise RuntimeError(message)
+        return call
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        times = grouped_gemm._short_bench(failing("PassManager::run failed"), (0.5, 0.2, 0.8))
+    assert times == [float("inf")] * 3
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        grouped_gemm._short_bench(failing("CUDA error: an illegal memory access"), (0.5,))
+
+
 @pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
 def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
@@ -1006,6 +1122,57 @@ def test_bf16_tma_store_dw_configs(monkeypatch, config):
         pytest.skip("TMA stores need Hopper or later")
     monkeypatch.setattr(grouped_gemm, "_num_sms", lambda device: 3)
     _force_dw_config(monkeypatch, config, {**config.kwargs, "TMA_STORE": False}, K=200, N=328)
+
+
+_WS_CONFIGS = ([("mm", c) for c in grouped_gemm._mm_configs(False) if c.kwargs.get("WS")]
+               + [("dw", c) for c in grouped_gemm._dw_configs(False) if c.kwargs.get("WS")])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, config", _WS_CONFIGS, ids=[
+    f"{kind} " + ("{BLOCK_M}x{BLOCK_N}x{BLOCK_K}" if kind == "mm" else
+                  "{BLOCK_K}x{BLOCK_N}x{BLOCK_M}").format(**c.kwargs)
+    + f" w{c.num_warps} s{c.num_stages}" for kind, c in _WS_CONFIGS])
+def test_bf16_warp_specialized_configs(monkeypatch, kind, config):
+    """The autotuner's warp-specialized configs, forced one at a time on the device (the
+    interpreter checks the scan and the dBias loop; this checks what Triton's warp
+    specialization compiles: the producer running ahead, the consumers' halves of the tile,
+    their barriers): forward, dX and dW with dBias against float64 on ragged groups (empty
+    ones first, inside and last, a one-row group, partial tiles, tail rows), the same bits on
+    a second call; the forward also with 70 groups, where a config tuned on fewer runs
+    unspecialized."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the warp-specialized configs take descriptors (Hopper or later)")
+    if not grouped_gemm._WS_TRITON:
+        pytest.skip("warp-specialized configs need Triton 3.6+")
+    monkeypatch.setattr(grouped_gemm, "_WS_MIN_DW_BUCKET", 0)
+    monkeypatch.setattr(grouped_gemm, "_MM_CONFIGS" if kind == "mm" else "_DW_CONFIGS", [config])
+    launched = []
+    real_launch = grouped_gemm.direct_launch.launch
+
+    def spy(kernel, grid, head, tail, options):
+        launched.append(dict(zip(kernel.arg_names, head + tail)).get("WS", False))
+        return real_launch(kernel, grid, head, tail, options)
+    monkeypatch.setattr(grouped_gemm.direct_launch, "launch", spy)
+    sizes = [0, 700, 129, 1, 2048, 0, 63, 300, 0]
+    x, w, b, offsets = make_problem(sizes, 512, 384, torch.bfloat16, "cuda", tail=17,
+                                    w_transposed=True)
+    check_against_reference(x, w, b, offsets, tail=17)
+    assert any(launched), "no warp-specialized launch"
+    dy = torch.randn(x.shape[0], 384, dtype=torch.bfloat16, device="cuda")
+    if kind == "mm":
+        first, second = (grouped_gemm._launch_grouped_mm(x, w, offsets, b, None)
+                         for _ in range(2))
+        assert torch.equal(first, second)
+        monkeypatch.setattr(grouped_gemm, "_prune_mm", lambda configs, named_args, **kw: configs)
+        many = torch.randint(0, 60, (70,)).tolist()
+        x, w, b, offsets = make_problem(many, 256, 384, torch.bfloat16, "cuda", tail=5)
+        check_against_reference(x, w, b, offsets, tail=5)
+    else:
+        first, second = (grouped_gemm._launch_grouped_mm_dw(x, dy, offsets, None, True)
+                         for _ in range(2))
+        for a, c in zip(first, second):
+            assert torch.equal(a, c)
 
 
 @pytest.mark.gpu
