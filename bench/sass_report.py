@@ -197,15 +197,19 @@ def _grouped_gemm_cases():
         tiles = " ".join(f"{k[6:]}{kw[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         flat = " flat" if kw.get("FLATTEN") else ""
         store = " tma-store" if kw.get("TMA_STORE") else ""
+        store += " ws" if kw.get("WS") else ""  # warp specialized
         persistent = f" p{kw['PROGS_PER_SM']}" if kw.get("PROGS_PER_SM") else ""
         return (f"{tiles} w{config.num_warps} s{config.num_stages} tma={int(kw['TMA'])}"
                 f"{flat}{store}{persistent}")
 
-    for config in gg._mm_configs(False):
+    def offered(configs):  # (warp-specialized configs only on the Triton releases they need)
+        return [c for c in configs if gg._WS_TRITON or not c.kwargs.get("WS")]
+
+    for config in offered(gg._mm_configs(False)):
         yield (f"grouped_mm fwd bf16 K=N=4096 {label(config)}",
                with_config("_MM_CONFIGS", config,
                            lambda: gg._launch_grouped_mm(x, w, offsets, None, None)))
-    for config in gg._dw_configs(False):  # (persistent dW configs compile apart: p<n>)
+    for config in offered(gg._dw_configs(False)):  # (persistent ones compile apart: p<n>)
         yield (f"grouped_mm dW bf16 K=N=4096 {label(config)}",
                with_config("_DW_CONFIGS", config,
                            lambda: gg._launch_grouped_mm_dw(x, dy, offsets, None, False)))

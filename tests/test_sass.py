@@ -104,6 +104,21 @@ def test_grouped_gemm_uses_hopper_tensor_cores_and_async_loads(rows):
     assert stores and all(gemm[case]["utmastg"] > 0 for case in stores)  # y's descriptor
 
 
+def test_warp_specialized_grouped_gemm_configs_compile_to_three_warp_groups(rows):
+    """A WS config's num_warps=4 compiles, where Triton's Hopper warp specialization takes the
+    loop, to a producer warp group and two consumer warp groups (12 warps, registers moved to
+    the consumers by setmaxnreg); where it gives up, to the 4 warps asked for."""
+    from mtmm_kernels import grouped_gemm as gg
+
+    if not gg._WS_TRITON:
+        pytest.skip(f"Triton {triton.__version__}: no warp-specialized configs")
+    ws = {case: row for case, row in rows.items()
+          if case.startswith("grouped_mm") and " ws" in case}
+    assert any(" fwd " in case for case in ws) and sum(" dW " in case for case in ws) >= 2
+    for case, row in ws.items():
+        assert row["num_warps"] == 12 and row["utmaldg"] > 0, case
+
+
 def test_persistent_grouped_gemm_programs_fit_on_an_sm_at_once(rows):
     """A persistent config ("p<n>": a grid of n programs per SM, each walking its share of
     the tiles) is sized for n programs resident on each SM at once, so that they hide each
