@@ -86,23 +86,26 @@ if wants tests; then
 fi
 
 # The persistent dW configs' flattened loop and balanced tile order, the one-program-per-tile
-# descriptor dW's descriptors bounded at the group's end row, and the dW stores through dw's
-# descriptor were added to the autotuner without a GPU. Where a config's GPU test fails, the
+# descriptor dW's descriptors bounded at the group's end row, the dW stores through dw's
+# descriptor and the warp-specialized forward and dW configs were added to the autotuner
+# without a GPU. Where a config's GPU test fails, the
 # benchmarks run without what it has: a flattened config failing switches the flattened
 # configs off (MTMM_DW_FLATTEN=0), a loop-per-tile one the balanced order
 # (MTMM_DW_BALANCED=0: the group order run 5 measured), a bounded-descriptor one the bounds
 # (MTMM_DW_BOUNDED=0: descriptors over all rows, as run 5 measured), a TMA-store one those
-# configs (MTMM_DW_TMA_STORE=0); a crash, a time-out or a skip, all four. So a broken build
+# configs (MTMM_DW_TMA_STORE=0), a warp-specialized one those configs (MTMM_WS=0; a
+# specialized kernel that deadlocks shows as a time-out); a crash, a time-out or a skip, all
+# five (the tests skip without Hopper, the WS ones before Triton 3.6). So a broken build
 # cannot take the measurements down with it (~45 s once the tests have compiled them).
 if wants grouped_gemm || wants host || wants train_step; then
     stamp "persistent dW check"
     timeout 150 python -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_grouped_gemm.py \
-        -k "test_bf16_persistent_dw_configs or test_bf16_bounded_dw_descriptors or test_bf16_tma_store_dw_configs" \
+        -k "test_bf16_persistent_dw_configs or test_bf16_bounded_dw_descriptors or test_bf16_tma_store_dw_configs or test_bf16_warp_specialized_configs" \
         >"$W/dw_persistent_check.log" 2>&1
     rc=$?
     log="$W/dw_persistent_check.log"
     if [ "$rc" -eq 0 ] && grep -q " passed" "$log" && ! grep -q "skipped" "$log"; then
-        echo "New dW builds (persistent, bounded descriptors, TMA stores): GPU tests passed, all offered to the autotuner." \
+        echo "New builds (persistent dW, bounded descriptors, TMA stores, warp specialization): GPU tests passed, all offered to the autotuner." \
             >"$W/dw_persistent.md"
     else
         status=1
@@ -119,7 +122,8 @@ if wants grouped_gemm || wants host || wants train_step; then
         switch_off MTMM_DW_BALANCED 'persistent_dw_configs\[.* loop\]'
         switch_off MTMM_DW_BOUNDED 'bounded_dw_descriptors'
         switch_off MTMM_DW_TMA_STORE 'tma_store_dw_configs|\[[^]]* store '
-        { echo "New dW builds (persistent, bounded descriptors, TMA stores): GPU tests not passed (rc=$rc), benchmarks ran with" \
+        switch_off MTMM_WS 'warp_specialized_configs'
+        { echo "New builds (persistent dW, bounded descriptors, TMA stores, warp specialization): GPU tests not passed (rc=$rc), benchmarks ran with" \
                "${off:-no switch (no failure named a config)}:"
           echo '```'; tail -25 "$log"; echo '```'; } >"$W/dw_persistent.md"
     fi
@@ -145,7 +149,7 @@ bench() {  # name, time limit (s), pytest selection...
 # In order of need: the targets first, then the sweeps that pick defaults, then checks of
 # what is already met. Each benchmark also records pipelined and CUPTI kernel times.
 wants varlen && bench varlen 75 bench/bench_varlen.py -k "not sweep"
-# (its autotuner times 13 forward and 20 dW configs per key on first use)
+# (its autotuner times up to 14 forward and 22 dW configs per key on first use)
 wants grouped_gemm && bench grouped_gemm 210 bench/bench_grouped_gemm.py
 if [ -s "$W/bench_grouped_gemm.json" ]; then  # issue 4's targets, basis by basis
     python bench/targets.py "$W/bench_grouped_gemm.json" >"$W/targets.md" 2>&1 && cat "$W/targets.md"

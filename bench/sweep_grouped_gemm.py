@@ -107,6 +107,7 @@ class Cand:
             load = " tma" if m.get("TMA") else ""
             flat = " flat" if m.get("FLATTEN") else ""
             flat += " tma-store" if m.get("TMA_STORE") else ""
+            flat += " ws" if m.get("WS") else ""  # warp specialized
             return (f"{m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']}{load}{flat} gm{m['GROUP_M']} "
                     f"{persist} w{w} s{s}")
         load = " tma" if m.get("TMA") else ""
@@ -115,21 +116,26 @@ class Cand:
         load += " group-order" if m.get("PROGS_PER_SM") and not m.get("BALANCED") else ""
         load += " unbounded" if m.get("BOUNDED") is False else ""
         load += " tma-store" if m.get("TMA_STORE") else ""
+        load += " ws" if m.get("WS") else ""
         return f"k{m['BLOCK_K']} n{m['BLOCK_N']} m{m['BLOCK_M']}{load} w{w} s{s}"  # dW kernel
 
 
 def mm_cand(bm, bn, bk, group_m, progs, warps, stages, tma=False, flatten=False,
-            tma_store=False) -> Cand:
+            tma_store=False, ws=False) -> Cand:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
             "PROGS_PER_SM": progs, "TMA": tma, "FLATTEN": flatten}
     if tma_store:  # only where asked: a kernel without the switch still takes the others
         meta["TMA_STORE"] = True
+    if ws:  # warp specialized: warps is the consumers' and producer's base (x3 compiled)
+        meta["WS"] = True
     return Cand(tuple(sorted(meta.items())), warps, stages)
 
 
 def dw_cand(bk, bn, bm, warps, stages, tma=False, progs=0, flatten=False,
-            balanced=True, bounded=True, tma_store=False) -> Cand:
+            balanced=True, bounded=True, tma_store=False, ws=False) -> Cand:
     meta = {"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm, "TMA": tma}
+    if ws:  # warp specialized (a program per tile)
+        meta["WS"] = True
     if tma_store:  # finished tiles through dw's descriptor
         meta["TMA_STORE"] = True
     if not bounded:  # a program per tile: its descriptors over all rows (the kernel bounds them)
@@ -157,6 +163,9 @@ TUNED_SHAPES = [  # the four shapes the autotuner tries today (_mm_configs)
 FWD_CANDIDATES = [
     # the autotuner's shapes, with each kind of load
     *(mm_cand(*shape, tma=tma) for tma in (TMA, PTR) for shape in TUNED_SHAPES),
+    # warp specialized (a producer warp group, two consumer ones), twins of the first two
+    mm_cand(128, 256, 64, 8, 1, 4, 3, TMA, ws=True),
+    mm_cand(128, 128, 64, 8, 1, 4, 4, TMA, ws=True),
     # the flattened pipeline: a program's next tile loads during this tile's epilogue
     *(mm_cand(*shape, tma=TMA, flatten=True)
       for shape in [*TUNED_SHAPES, (128, 128, 64, 8, 1, 8, 4)]),
@@ -188,8 +197,8 @@ FWD_CANDIDATES = [
     mm_cand(128, 128, 64, 8, NP, 8, 4, PTR),
 ]
 # dX runs the forward kernel with the weight's other dimension contiguous: the autotuner's
-# configs and their flattened versions, not the whole list.
-DX_CANDIDATES = FWD_CANDIDATES[:13]
+# configs, warp specialized and flattened, not the whole list.
+DX_CANDIDATES = FWD_CANDIDATES[:15]
 DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over group rows)
     # the configs the autotuner tries today (_dw_configs): three shapes with each kind of
     # load, and the wide tile through descriptors
@@ -199,6 +208,11 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
         (64, 128, 64, 4, 4),
     ]),
     dw_cand(128, 256, 64, 8, 3, TMA),
+    # warp specialized, a program per tile: twins of the wide tile and of the 128x128 one,
+    # and the autotuner's 128x128 (one stage deeper)
+    dw_cand(128, 256, 64, 4, 3, TMA, ws=True),
+    dw_cand(128, 128, 64, 4, 3, TMA, ws=True),
+    dw_cand(128, 128, 64, 4, 4, TMA, ws=True),
     # the flattened pointer build (the autotuner's three, then around them): one pipeline
     # across a program's tiles, for small groups' short row loops
     dw_cand(128, 128, 32, 4, 4, progs=2, flatten=True),
@@ -261,7 +275,8 @@ DW_CANDIDATES = [  # BLOCK_K (rows of dW), BLOCK_N, BLOCK_M (reduction over grou
 SMOKE_CASE = {"smoke_3groups_k24": ([5, 0, 9], 24, 24)}
 SMOKE_FWD = [mm_cand(16, 16, 16, 1, 1, 4, 1), mm_cand(32, 32, 32, 4, NP, 4, 1),
              mm_cand(16, 16, 16, 2, 1, 4, 1, TMA), mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, True),
-             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, tma_store=True)]
+             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, tma_store=True),
+             mm_cand(16, 16, 16, 2, 1, 4, 1, TMA, ws=True)]
 SMOKE_DX = [SMOKE_FWD[0], SMOKE_FWD[2]]
 SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16, 16, 4, 1, TMA),
             dw_cand(16, 16, 16, 4, 1, progs=1), dw_cand(16, 16, 16, 4, 1, TMA, progs=1),
@@ -272,6 +287,7 @@ SMOKE_DW = [dw_cand(16, 16, 16, 4, 1), dw_cand(32, 16, 32, 4, 1), dw_cand(16, 16
             dw_cand(16, 16, 16, 4, 1, TMA, tma_store=True),
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, tma_store=True),
             dw_cand(16, 16, 16, 4, 1, TMA, progs=1, flatten=True, tma_store=True),
+            dw_cand(16, 16, 16, 4, 1, TMA, ws=True),
             dw_cand(16, 16, 24, 4, 1)]  # not a power of 2: must become an error row
 
 
@@ -802,27 +818,31 @@ def print_backwards(rows: list[dict]) -> None:
         print("\n".join(lines))
 
 
-def print_twins(rows: list[dict], title: str, lacks, twin_of, names: tuple[str, str]) -> None:
-    """Each dW config lacking a feature (``lacks(config)``) timed next to its twin that has it
-    (``twin_of(config)``), where the sweep timed both: 'x' > 1 means the twin is faster."""
+def print_twins(rows: list[dict], title: str, lacks, twin_of, names: tuple[str, str],
+                kernels: tuple[str, ...] = ("dw",)) -> None:
+    """Each config (of ``kernels``) lacking a feature (``lacks(config)``) timed next to its twin
+    that has it (``twin_of(config)``), where the sweep timed both: 'x' > 1 means the twin is
+    faster."""
     pairs = []
     for r in rows:
         c = r["config"] or {}
-        if r["kernel"] != "dw" or not r["ms"] or not lacks(c):
+        if r["kernel"] not in kernels or not r["ms"] or not lacks(c):
             continue
-        twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == "dw"
+        twin = next((t for t in rows if t["case"] == r["case"] and t["kernel"] == r["kernel"]
                      and t["ms"] and t["config"] == twin_of(c)), None)
         if twin:
             pairs.append((r, twin))
     if pairs:
         print(f"\n=== {title}")
     for r, twin in pairs:
-        print(f"  {r['case']:<20} {config_label(twin):<36} {names[0]} {r['ms']:.4f} ms, "
+        print(f"  {r['case']:<20} {r['kernel']:<4} {config_label(twin):<36} "
+              f"{names[0]} {r['ms']:.4f} ms, "
               f"{names[1]} {twin['ms']:.4f} ms: x {r['ms'] / twin['ms']:.2f}")
 
 
 def print_feature_twins(rows: list[dict]) -> None:
-    """The dW features added without a GPU, each against its twin without it."""
+    """The features added without a GPU (dW's; warp specialization, every kernel's), each
+    against its twin without it."""
     print_twins(rows, "persistent dW: group order against the balanced order",
                 lambda c: c.get("PROGS_PER_SM") and not c.get("BALANCED"),
                 lambda c: {**c, "BALANCED": True}, ("group order", "balanced"))
@@ -833,6 +853,10 @@ def print_feature_twins(rows: list[dict]) -> None:
     print_twins(rows, "dW tiles stored by pointers against through dw's descriptor",
                 lambda c: c.get("TMA") and not c.get("TMA_STORE"),
                 lambda c: {**c, "TMA_STORE": True}, ("pointer stores", "TMA stores"))
+    print_twins(rows, "one warp group per 64 rows against warp specialized (producer + 2 "
+                "consumers)", lambda c: c.get("TMA") and not c.get("WS"),
+                lambda c: {**c, "WS": True, "num_warps": 4}, ("plain", "specialized"),
+                kernels=("fwd", "dx", "dw"))
 
 
 def header(args, smoke: bool) -> dict:
