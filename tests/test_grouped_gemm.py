@@ -871,8 +871,8 @@ def test_by_ids_tunes_apart_from_grouped_mm(device, monkeypatch):
 def test_gpu_config_pruning(dtype, monkeypatch):
     """The GPU autotuner's pruning, called the way triton.autotune calls it (every kernel
     argument by keyword): tile height follows the mean group size, fp32 shrinks BLOCK_K.
-    Without the warp-specialized configs, which the test above prunes (whatever the Triton
-    release)."""
+    Without the warp-specialized configs, whatever the Triton release: their pruning is
+    test_warp_specialized_configs_are_offered_where_they_compile's."""
     monkeypatch.setattr(grouped_gemm, "WARP_SPECIALIZE", False)
     tuner = triton.autotune(configs=grouped_gemm._mm_configs(interpreter=False), key=["K"],
                             prune_configs_by={"early_config_prune": grouped_gemm._prune_mm})(
