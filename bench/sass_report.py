@@ -19,6 +19,7 @@ spills), static and dynamic shared memory, and the instructions that decide spee
                      memory, threads); the grouped GEMM cases' "p<n>": n persistent per SM
 
     python bench/sass_report.py [--arch 90] [--json OUT.json] [--only varlen|grouped_gemm]
+                                [--shard I/N]
 
 tests/test_sass.py runs it and checks the properties the kernel issues ask for (16-byte
 copies in the varlen kernels, wgmma and TMA in the grouped GEMM, no spills anywhere). It
@@ -240,22 +241,27 @@ CASES = {"varlen": _varlen_cases, "grouped_gemm": _grouped_gemm_cases,
          "group_sort": _group_sort_cases}
 
 
-def report(arch: int = 90, only: str | None = None) -> list[dict]:
+def report(arch: int = 90, only: str | None = None, shard: tuple[int, int] = (0, 1)
+           ) -> list[dict]:
+    """One row per compiled kernel. shard (i, n): only every n-th case from the i-th, so that
+    n processes compile the cases between them (each compile is single-threaded)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    index, shards = shard
     rows = []
     with offline_target(arch) as compiled:
-        for group, cases in CASES.items():
-            if only and group != only:
+        numbered = (case for group, cases in CASES.items() if not only or group == only
+                    for case in cases())
+        for i, (name, call) in enumerate(numbered):
+            if i % shards != index:
                 continue
-            for name, call in cases():
-                before = len(compiled)
-                call()
-                launched = compiled[before:]
-                assert launched, f"{name}: no launch"
-                for kernel in launched:  # one row per launch; named after the kernel if several
-                    case = name if len(launched) == 1 else f"{name} [{kernel.name}]"
-                    rows.append({"case": case, "arch": f"sm_{arch}", **sass_summary(kernel)})
+            before = len(compiled)
+            call()
+            launched = compiled[before:]
+            assert launched, f"{name}: no launch"
+            for kernel in launched:  # one row per launch; named after the kernel if several
+                case = name if len(launched) == 1 else f"{name} [{kernel.name}]"
+                rows.append({"case": case, "arch": f"sm_{arch}", **sass_summary(kernel)})
     return rows
 
 
@@ -272,9 +278,16 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--json", help="write the rows here as JSON")
     parser.add_argument("--only", choices=sorted(CASES))
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="report only every N-th case from the I-th (default: all)")
     args = parser.parse_args()
+    try:
+        index, shards = map(int, args.shard.split("/"))
+        assert 0 <= index < shards
+    except (ValueError, AssertionError):
+        parser.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     import triton
-    rows = report(args.arch, args.only)
+    rows = report(args.arch, args.only, (index, shards))
     print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}\n")
     print(_table(rows))
     if args.json:

@@ -55,7 +55,6 @@ import inspect
 import json
 import math
 import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -611,16 +610,14 @@ def sync() -> None:
 
 
 def device_ms(fn: Callable[[], object]) -> float:
-    """Median device time: do_bench on a GPU (L2 flushed before each call); a few wall-clock
-    runs on the CPU, where only the smoke run times anything."""
+    """Median device time: do_bench on a GPU (L2 flushed before each call); one wall-clock
+    run on the CPU, where only the smoke run times anything (the interpreter's times say
+    nothing about a GPU, and each call costs seconds there)."""
     if HAS_CUDA:
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def loop_ms(fn: Callable[[], object], calls: int) -> tuple[float, float]:
@@ -662,7 +659,7 @@ def measure(fn: Callable[[], torch.Tensor | None], flops: float, out=None, expec
         if expected is not None:
             row["max_rel_err"] = max_rel_err(result if out is None else out, expected)
         row["ms"] = device_ms(fn)
-        row["loop_ms"], row["host_ms"] = loop_ms(fn, calls)
+        row["loop_ms"], row["host_ms"] = loop_ms(fn, calls if HAS_CUDA else 2)
         row["tflops"] = flops / row["ms"] / 1e9
     except Exception as e:  # noqa: BLE001 - OutOfResources, compile errors, launch errors
         row["error"] = f"{type(e).__name__}: {str(e).strip()[:400]}"
