@@ -610,7 +610,7 @@ def sync() -> None:
 
 
 def device_ms(fn: Callable[[], object]) -> float:
-    """Median device time: do_bench on a GPU (L2 flushed before each call); one wall-clock
+    """Device time: do_bench's median on a GPU (L2 flushed before each call); one wall-clock
     run on the CPU, where only the smoke run times anything (the interpreter's times say
     nothing about a GPU, and each call costs seconds there)."""
     if HAS_CUDA:
@@ -875,8 +875,10 @@ def header(args, smoke: bool) -> dict:
         # file names only: the record names no machine's paths
         "argv": [Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:]],
         "smoke": smoke,
-        "timing": "ms: do_bench median, L2 flushed, warmup 10 ms, rep 40 ms; loop_ms: "
-                  "events around 20 back-to-back calls; host_ms: host time to issue one call",
+        "timing": ("ms: do_bench median, L2 flushed, warmup 10 ms, rep 40 ms; loop_ms: "
+                   "events around 20 back-to-back calls; host_ms: host time to issue one call"
+                   if HAS_CUDA else "wall times of the interpreter: ms one call, loop_ms and "
+                   "host_ms the mean of 2 back-to-back calls"),
     }
 
 
