@@ -283,8 +283,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         index, shards = map(int, args.shard.split("/"))
-        assert 0 <= index < shards
-    except (ValueError, AssertionError):
+    except ValueError:
+        index, shards = -1, 0
+    if not 0 <= index < shards:
         parser.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     import triton
     rows = report(args.arch, args.only, (index, shards))

@@ -32,14 +32,12 @@ def rows(tmp_path_factory) -> dict[str, dict]:
     a compile runs on one core."""
     tmp = tmp_path_factory.mktemp("sass")
     shards = max(1, min(4, os.cpu_count() or 1))
-    procs = []
-    for i in range(shards):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(tmp / f"cache{i}")  # compile afresh, leave no trace
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "sass_report.py"), "--shard", f"{i}/{shards}",
-             "--json", str(tmp / f"report{i}.json")],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "sass_report.py"), "--shard", f"{i}/{shards}",
+         "--json", str(tmp / f"report{i}.json")],
+        env={**env, "TRITON_CACHE_DIR": str(tmp / f"cache{i}")},  # afresh, leaving no trace
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(shards)]
     try:
         for proc in procs:
             _, stderr = proc.communicate(timeout=600)
