@@ -177,9 +177,15 @@ def test_single_process_without_dist_matches_reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-val"])
-def test_every_method_every_world_size_matches_reference(name, nproc):
+def test_every_method_every_world_size_matches_reference(name, nproc, monkeypatch):
+    """Every plan method on 1-4 ranks. tiny-val's ranks run mtmm's Triton kernels in the
+    interpreter on 2 ranks only; on 1, 3 and 4 they take the kernels' pure-torch CPU path
+    (TRITON_INTERPRET=0 in the spawned ranks): the plans and the executor are what differs
+    there, and the interpreter took 25-30 s per world size on 2 cores."""
     if name == "tiny-val" and not _has_val_kernels():
         pytest.skip("mtmm_kernels.pack_multimodal/GroupedLinear missing")
+    if name == "tiny-val" and nproc != 2:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = get_trainable_model(name)
     methods = plan_methods()
     results = run_plans(name, nproc, [make_plan(model, nproc, m) for m in methods])
