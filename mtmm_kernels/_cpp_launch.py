@@ -236,12 +236,9 @@ def _stream_handle(device_index: int, stream_id: int) -> int:
 
 
 def _python_backward(x, w, offsets, perm, dy, need_x, need_w, need_b):
-    gg = _gg()
-    dx = gg._grouped_mm_impl(dy, w.transpose(1, 2), offsets, None, perm) if need_x else None
-    dw = db = None
-    if need_w or need_b:
-        dw, db = gg._grouped_mm_dw_impl(x, dy, offsets, perm, need_b)
-    return dx, (dw if need_w else None), (db if need_b else None)
+    """The C++ autograd node's backward where it has no plan, or under create_graph=True (grad
+    mode on), where the gradients must record a graph of their own."""
+    return _gg()._eager_gradients(x, w, offsets, perm, dy, need_x, need_w, need_b)
 
 
 # --- filling the table ----------------------------------------------------------------------

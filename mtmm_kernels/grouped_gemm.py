@@ -1399,13 +1399,11 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _gradients(ctx, dy_TN, mm, mm_dw):
-    """(dx, dw, None, dbias, None) of grouped_mm: dX is the same grouped GEMM against w
-    transposed, dW and dBias the ragged-reduction kernel. ``mm``/``mm_dw`` are the custom ops
-    (traced by torch.compile) or their eager implementations."""
-    x_TK, w_GKN, offsets_G, perm_T = ctx.saved_tensors
-    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-    need_b = bool(need_b and ctx.has_bias)
+def _gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b, mm, mm_dw):
+    """(dx, dw, dbias) of grouped_mm, None where not needed: dX is the same grouped GEMM against
+    w transposed, dW and dBias the ragged-reduction kernel. ``mm``/``mm_dw`` are the custom ops
+    (traced by torch.compile), their eager implementations, or, for second derivatives, the
+    differentiable eager calls."""
     dx_TK = dw_GKN = db_GN = None
     if need_x:
         dx_TK = mm(dy_TN, w_GKN.transpose(1, 2), offsets_G, None, perm_T)
@@ -1413,14 +1411,71 @@ def _gradients(ctx, dy_TN, mm, mm_dw):
         dw, db = mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_b)
         dw_GKN = dw if need_w else None
         db_GN = db if need_b else None
-    return dx_TK, dw_GKN, None, db_GN, None
+    return dx_TK, dw_GKN, db_GN
+
+
+def _eager_gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b):
+    """_gradients on the eager paths (the C++ autograd node's Python backward too). Grad mode is
+    on in a backward only under ``create_graph=True``: then the gradients are computed by the
+    differentiable calls, so that second derivatives (gradient penalties, Hessian-vector
+    products) exist; otherwise by the kernels alone, recording nothing."""
+    if torch.is_grad_enabled():
+        mm, mm_dw = _grouped_mm_call, _grouped_mm_dw_call
+    else:
+        mm, mm_dw = _grouped_mm_impl, _grouped_mm_dw_impl
+    return _gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b, mm, mm_dw)
 
 
 def _backward(ctx, dy_TN):
-    return _gradients(ctx, dy_TN, torch.ops.mtmm.grouped_mm, torch.ops.mtmm.grouped_mm_dw)
+    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    dx, dw, db = _gradients(*ctx.saved_tensors, dy_TN, need_x, need_w,
+                            bool(need_b and ctx.has_bias),
+                            torch.ops.mtmm.grouped_mm, torch.ops.mtmm.grouped_mm_dw)
+    return dx, dw, None, db, None
 
 
 torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_setup_context)
+
+
+# dW[g] = x_g^T dy_g and dBias[g] = the sum of dy_g's rows are bilinear in (x, dy), so their
+# gradients are grouped GEMMs of the forward kernel: given (gdw, gdb), grad_x's rows of group g
+# are dy_g @ gdw[g]^T and grad_dy's are x_g @ gdw[g] + gdb[g] (gdb as the bias). Rows outside
+# every group get zeros, as they gave dW nothing. Those calls are differentiable in turn, so
+# derivatives of any order exist.
+
+
+def _dw_setup_context(ctx, inputs, output):
+    x, dy, offsets, perm, need_bias = inputs
+    ctx.save_for_backward(x, dy, offsets, perm)
+    ctx.need_bias = need_bias
+
+
+def _dw_gradients(x_TK, dy_TN, offsets_G, perm_T, gdw_GKN, gdb_GN, need_x, need_dy, mm):
+    """(grad_x, grad_dy) of grouped_mm_dw's (dw, db), None where not needed; gdw/gdb None or an
+    empty gdb where that output has no gradient."""
+    if gdb_GN is not None and gdb_GN.numel() == 0:  # no bias asked for: db is empty
+        gdb_GN = None
+    grad_x = grad_dy = None
+    if need_x and gdw_GKN is not None:
+        grad_x = mm(dy_TN, gdw_GKN.transpose(1, 2), offsets_G, None, perm_T)
+    if need_dy and (gdw_GKN is not None or gdb_GN is not None):
+        if gdw_GKN is None:  # only db is used: its gradient rides as the bias of zero weights
+            gdw_GKN = x_TK.new_zeros((offsets_G.shape[0], x_TK.shape[1], dy_TN.shape[1]))
+        grad_dy = mm(x_TK, gdw_GKN, offsets_G, gdb_GN, perm_T)
+    return grad_x, grad_dy
+
+
+def _dw_backward(ctx, gdw_GKN, gdb_GN):
+    x, dy, offsets, perm = ctx.saved_tensors
+    need_x, need_dy = ctx.needs_input_grad[:2]
+    grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
+                                    gdb_GN if ctx.need_bias else None, need_x, need_dy,
+                                    torch.ops.mtmm.grouped_mm)
+    return grad_x, grad_dy, None, None, None
+
+
+torch.library.register_autograd("mtmm::grouped_mm_dw", _dw_backward,
+                                setup_context=_dw_setup_context)
 
 
 class _GroupedMmFunction(torch.autograd.Function):
@@ -1437,11 +1492,34 @@ class _GroupedMmFunction(torch.autograd.Function):
         return _grouped_mm_impl(x, w, offsets, bias, perm)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy_TN):
         if cpp_launch.wants_fresh_gradient(dy_TN):  # the layout the C++ path plans for
             dy_TN = dy_TN.clone(memory_format=torch.contiguous_format)
-        return _gradients(ctx, dy_TN, _grouped_mm_impl, _grouped_mm_dw_impl)
+        need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+        dx, dw, db = _eager_gradients(*ctx.saved_tensors, dy_TN, need_x, need_w,
+                                      bool(need_b and ctx.has_bias))
+        return dx, dw, None, db, None
+
+
+class _GroupedMmDwFunction(torch.autograd.Function):
+    """dW and dBias as a differentiable eager call: what a backward under create_graph=True
+    records, so that the gradients of grouped_mm can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x, dy, offsets, perm, need_bias):
+        ctx.save_for_backward(x, dy, offsets, perm)
+        ctx.need_bias = need_bias
+        ctx.set_materialize_grads(False)  # an unused dw or db costs no GEMM of zeros
+        return _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias)
+
+    @staticmethod
+    def backward(ctx, gdw_GKN, gdb_GN):
+        x, dy, offsets, perm = ctx.saved_tensors
+        need_x, need_dy = ctx.needs_input_grad[:2]
+        mm = _grouped_mm_call if torch.is_grad_enabled() else _grouped_mm_impl
+        grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
+                                        gdb_GN if ctx.need_bias else None, need_x, need_dy, mm)
+        return grad_x, grad_dy, None, None, None
 
 
 def _grouped_mm_call(x, w, offsets, bias, perm):
@@ -1454,6 +1532,12 @@ def _grouped_mm_call(x, w, offsets, bias, perm):
     if wants_grad(x, w, bias):
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
     return _grouped_mm_impl(x, w, offsets, bias, perm)  # no graph to record: skip autograd
+
+
+def _grouped_mm_dw_call(x, dy, offsets, perm, need_bias):
+    if wants_grad(x, dy):
+        return _GroupedMmDwFunction.apply(x, dy, offsets, perm, need_bias)
+    return _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias)
 
 
 # --- public functions -----------------------------------------------------------------------
@@ -1516,8 +1600,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
     Returns:
         [T, N] in x's dtype, accumulated in fp32: ``x[rows_g] @ w[g] + bias[g]``; rows at or
-        past ``offsets[-1]`` are zero. Differentiable in x, w and bias (deterministic dW and
-        dBias; an empty group gets exact zeros).
+        past ``offsets[-1]`` are zero. Differentiable in x, w and bias, to any order
+        (deterministic dW and dBias; an empty group gets exact zeros).
 
     Inside ``torch.autocast``, x, w and bias are first cast as for ``nn.Linear`` (float16,
     bfloat16 and float32 ones on the autocast device to its dtype), so the result has that
@@ -1563,8 +1647,8 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
         bias: optional [G, N], x's dtype.
 
     Returns:
-        [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias. Inside
-        ``torch.autocast``, the operands are cast as in ``grouped_mm``.
+        [T, N] in x's dtype, rows in x's order. Differentiable in x, w and bias, to any
+        order. Inside ``torch.autocast``, the operands are cast as in ``grouped_mm``.
     """
     if autocast.any_enabled():
         x, w, bias = autocast.cast_like_linear(x, w, bias)

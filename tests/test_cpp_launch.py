@@ -256,10 +256,21 @@ def test_a_missing_backward_plan_falls_back_to_python(ext):
 
 
 @needs_build
-def test_second_derivatives_are_refused(ext):
+def test_second_derivatives_take_the_python_backward(ext):
+    """Under create_graph=True the node's launches would record no graph: it hands the backward
+    to the Python one, with grad mode on, and the graph that one records reaches x and w."""
     x, w, offsets, y = _planned_training_call(ext)
-    with pytest.raises(RuntimeError, match="create_graph"):
-        torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype), create_graph=True)
+    seen = []
+
+    def fallback(x_, w_, offsets_, perm_, dy_, need_x, need_w, need_b):
+        seen.append((torch.is_grad_enabled(), need_x, need_w, need_b))
+        return x_ * 3.0, w_ * w_, None
+    ext.set_backward_fallback(fallback)
+    dx, dw = torch.autograd.grad(y, [x, w], torch.randn(y.shape).to(y.dtype), create_graph=True)
+    assert seen == [(True, True, True, False)]
+    assert len(ext.take_launch_log()) == 1  # the forward's: the backward launched nothing
+    gx, gw = torch.autograd.grad(dx.sum() + dw.sum(), [x, w])
+    assert bool((gx == 3).all()) and torch.equal(gw, 2 * w.detach())
 
 
 @needs_build

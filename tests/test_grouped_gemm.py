@@ -803,6 +803,106 @@ def test_by_ids_zero_rows_and_zero_groups(device):
                              torch.zeros(0, dtype=torch.long, device=device)).shape == (0, 4)
 
 
+# --- second derivatives ---------------------------------------------------------------------
+
+
+def _differentiate(values, wrt, directions, create_graph):
+    """The gradient of sum_i <values[i], directions[i]> w.r.t. each of wrt (zeros where unused)."""
+    inner = sum((v * d).sum() for v, d in zip(values, directions) if v is not None)
+    grads = torch.autograd.grad(inner, wrt, allow_unused=True, create_graph=create_graph)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+
+
+def _derivatives(call, operands, dy, directions, order):
+    """First derivatives of call(x, w, b) in the direction dy taken with create_graph=True
+    (what a gradient penalty does), then `order` - 1 further derivatives of their inner product
+    with fixed directions, each w.r.t. x, w, b and dy: the last ones are returned."""
+    wrt = [leaf(t) for t in (*operands, dy)]
+    values = torch.autograd.grad(call(*wrt[:3]), wrt[:3], wrt[3], create_graph=True)
+    for i in range(1, order):
+        values = _differentiate(values, wrt, directions[i - 1], create_graph=i + 1 < order)
+    return values
+
+
+def _second_derivative_problem(dtype, device, by_ids, path, monkeypatch):
+    """(call, its float64 loop reference, x, w, b, dy): groups [5, 0, 9, 3] and two rows outside
+    every group (by ids: in the last group, rows shuffled). `path`: "eager" (the public
+    function), "op" (the torch.library op and its registered autograd, what torch.compile
+    traces) or "fallback" (pure torch, no Triton)."""
+    x, w, b, offsets = make_problem([5, 0, 9, 3], 7, 6, dtype, device, tail=2)
+    T, G = x.shape[0], w.shape[0]
+    dy = torch.randn(T, 6, dtype=dtype, device=device)
+    if path == "fallback":
+        monkeypatch.setattr(grouped_gemm, "triton_runs_on", lambda *t: False)
+    if by_ids:
+        ids = torch.repeat_interleave(torch.arange(G), torch.tensor([5, 0, 9, 3 + 2]))
+        ids = ids[torch.randperm(T)].to(device)
+        perm, sorted_offsets = grouped_gemm.sort_by_group(ids, G)
+        call_64 = lambda x, w, b: ref.grouped_mm_by_ids_reference(x, w, ids.cpu(), b)  # noqa: E731
+        if path == "op":
+            return (lambda x, w, b: torch.ops.mtmm.grouped_mm(x, w, sorted_offsets, b, perm),
+                    call_64, x, w, b, dy)
+        return lambda x, w, b: grouped_mm_by_ids(x, w, ids, b), call_64, x, w, b, dy
+    call_64 = lambda x, w, b: ref.grouped_mm_reference(x, w, offsets.cpu(), b)  # noqa: E731
+    if path == "op":
+        return (lambda x, w, b: torch.ops.mtmm.grouped_mm(x, w, offsets, b, None),
+                call_64, x, w, b, dy)
+    return lambda x, w, b: grouped_mm(x, w, offsets, b), call_64, x, w, b, dy
+
+
+@pytest.mark.parametrize("path", ["eager", "op", "fallback"])
+@pytest.mark.parametrize("by_ids", [False, True])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_second_derivatives(device, dtype, by_ids, path, monkeypatch):
+    """Gradients of grouped_mm's gradients (w.r.t. x, w, bias and the incoming dy: a gradient
+    penalty's backward) against autograd through the float64 loop reference."""
+    if path == "fallback" and device.type != "cpu":
+        pytest.skip("the pure-torch path serves CPU tensors without the interpreter")
+    call, call_64, x, w, b, dy = _second_derivative_problem(dtype, device, by_ids, path,
+                                                            monkeypatch)
+    directions = [[torch.randn_like(t) for t in (x, w, b)]]
+    got = _derivatives(call, (x, w, b), dy, directions, order=2)
+    expected = _derivatives(call_64, [t.cpu().double() for t in (x, w, b)], dy.cpu().double(),
+                            [[t.cpu().double() for t in directions[0]]], order=2)
+    for name, g, e in zip(["x", "w", "bias", "dy"], got, expected):
+        assert g.dtype == dtype, name
+        assert rel_err(g.cpu(), e) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_third_derivatives(device, path, monkeypatch):
+    """One order further: the second derivatives' own backward (grouped_mm_dw's gradients,
+    differentiated again) against the float64 reference."""
+    call, call_64, x, w, b, dy = _second_derivative_problem(torch.float32, device, False, path,
+                                                            monkeypatch)
+    directions = [[torch.randn_like(t) for t in (x, w, b)],
+                  [torch.randn_like(t) for t in (x, w, b, dy)]]
+    got = _derivatives(call, (x, w, b), dy, directions, order=3)
+    expected = _derivatives(call_64, [t.cpu().double() for t in (x, w, b)], dy.cpu().double(),
+                            [[t.cpu().double() for t in d] for d in directions], order=3)
+    for name, g, e in zip(["x", "w", "bias", "dy"], got, expected):
+        assert rel_err(g.cpu(), e) < TOL[torch.float32], name
+
+
+def test_second_derivatives_of_a_weight_gradient_alone(device):
+    """A penalty on dW only (dBias unused) and one on dBias only: each output's gradient alone
+    reaches x and dy, and an unused one contributes nothing."""
+    x, w, b, offsets = make_problem([4, 0, 6], 5, 3, torch.float32, device, tail=1)
+    dy = torch.randn(x.shape[0], 3, device=device)
+    for which in (1, 2):  # dw, db
+        wrt = [leaf(t) for t in (x, w, b, dy)]
+        firsts = torch.autograd.grad(grouped_mm(*wrt[:2], offsets, wrt[2]), wrt[:3], wrt[3],
+                                     create_graph=True)
+        wrt_64 = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, dy)]
+        y_64 = ref.grouped_mm_reference(*wrt_64[:2], offsets.cpu(), wrt_64[2])
+        firsts_64 = torch.autograd.grad(y_64, wrt_64[:3], wrt_64[3], create_graph=True)
+        got = _differentiate([firsts[which]], [wrt[0], wrt[3]], [firsts[which].detach()], False)
+        expected = _differentiate([firsts_64[which]], [wrt_64[0], wrt_64[3]],
+                                  [firsts[which].detach().cpu().double()], False)
+        for g, e in zip(got, expected):
+            assert rel_err(g.cpu(), e) < TOL[torch.float32], which
+
+
 # --- fallback and registration --------------------------------------------------------------
 
 
@@ -1218,6 +1318,24 @@ def test_gpu_by_ids_bf16():
     y64.square().sum().backward()
     assert rel_err(y, y64) < 1e-2
     assert rel_err(xl.grad, x64.grad) < 1e-2 and rel_err(wl.grad, w64.grad) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_second_derivatives_bf16_repeated():
+    """bf16 second derivatives, four times over the same shapes: from the third call of a shape
+    the C++ launch path (docs/host_path.md) takes the forward, and its autograd node must hand
+    create_graph=True to the differentiable Python backward."""
+    x, w, b, offsets = make_problem([300, 0, 77, 1000], 128, 64, torch.bfloat16, "cuda", tail=3)
+    dy = torch.randn(x.shape[0], 64, dtype=torch.bfloat16, device="cuda")
+    directions = [[torch.randn_like(t) for t in (x, w, b)]]
+    call = lambda x, w, b: grouped_mm(x, w, offsets, b)  # noqa: E731
+    call_64 = lambda x, w, b: ref.grouped_mm_reference(x, w, offsets.cpu(), b)  # noqa: E731
+    expected = _derivatives(call_64, [t.cpu().double() for t in (x, w, b)], dy.cpu().double(),
+                            [[t.cpu().double() for t in directions[0]]], order=2)
+    for _ in range(4):
+        got = _derivatives(call, (x, w, b), dy, directions, order=2)
+        for name, g, e in zip(["x", "w", "bias", "dy"], got, expected):
+            assert rel_err(g.cpu(), e) < TOL[torch.bfloat16], name
 
 
 @pytest.mark.gpu

@@ -117,6 +117,32 @@ def test_from_and_to_linears(device, bias):
     assert not torch.equal(m.to_linears()[0].weight, heads[0].weight)
 
 
+def test_gradient_penalty_like_linears(device):
+    """A gradient penalty (the squared norm of the loss's gradient w.r.t. the input, as in
+    WGAN-GP or R1) through a GroupedLinear trains its parameters as it trains the per-task
+    nn.Linear heads it came from (those in float64)."""
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(11, 7, device=device) for _ in range(3)]
+    m = GroupedLinear.from_linears(heads)
+    heads = [h.double() for h in heads]
+    ids = torch.tensor([2, 0, 2, 1, 1, 0, 2, 2], device=device)
+    x = torch.randn(8, 11, device=device)
+
+    def penalty(out, x):
+        (dx,) = torch.autograd.grad(out.tanh().sum(), x, create_graph=True)
+        return dx.square().sum()
+
+    xg = x.clone().requires_grad_()
+    penalty(m(xg, group_ids=ids), xg).backward()
+    x64 = x.double().requires_grad_()
+    rows = [heads[int(g)](x64[t]) for t, g in enumerate(ids.tolist())]
+    penalty(torch.stack(rows), x64).backward()
+    for g, head in enumerate(heads):
+        assert rel_err(m.weight.grad[g], head.weight.grad.t()) < 1e-5
+        assert rel_err(m.bias.grad[g], head.bias.grad) < 1e-5
+    assert rel_err(xg.grad, x64.grad) < 1e-5
+
+
 def test_from_linears_refuses_mismatched_heads():
     lin = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match="at least one"):

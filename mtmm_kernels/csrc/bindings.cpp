@@ -168,7 +168,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return std::make_tuple(dx.value_or(at::Tensor()), dw.value_or(at::Tensor()),
                                  db.value_or(at::Tensor()));
         });
-  }, "The Python backward the C++ one calls when a plan is missing");
+  }, "The Python backward the C++ one calls when a plan is missing or under create_graph");
 
   m.def("set_launch_error_handler", [](py::function handler) {
     auto* held = new py::function(std::move(handler));  // for the life of the process

@@ -172,17 +172,19 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    // The launches record no graph: a second derivative would silently be zero.
-    MTMM_CHECK(!c10::GradMode::is_enabled(),
-               "mtmm.grouped_mm: the backward is not differentiable (create_graph=True); "
-               "set MTMM_CPP_LAUNCH=0 to use the Python path, which defers this error to a "
-               "second backward");
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &offsets = saved[2], &perm = saved[3];
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
     at::Tensor dy = grads[0];
+    if (c10::GradMode::is_enabled()) {
+      // create_graph=True: these launches would record no graph (a second derivative would
+      // silently be zero); the Python backward computes the gradients by differentiable calls.
+      MTMM_CHECK(g_fallback, "mtmm.grouped_mm: create_graph=True needs the Python backward");
+      auto [dx, dw, db] = g_fallback(x, w, offsets, perm, dy, need_x, need_w, need_b);
+      return {dx, dw, at::Tensor(), db, at::Tensor(), at::Tensor()};
+    }
     auto plans = backward_plans(x, w, operand(offsets), operand(perm), operand(dy), need_x,
                                 need_w, need_b);
     if (!plans && !is_fresh_rows(dy)) {  // e.g. the expanded ones of y.sum(): planned layout

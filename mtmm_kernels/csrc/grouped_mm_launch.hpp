@@ -63,7 +63,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> grouped_mm_dw(
     const at::Tensor& x, const at::Tensor& dy, const at::Tensor& offsets,
     const std::optional<at::Tensor>& perm, bool need_bias);
 
-// What the backward calls when a plan is missing (a gradient with an unplanned layout):
+// What the backward calls when a plan is missing (a gradient with an unplanned layout) or
+// under create_graph=True (differentiable gradients):
 // (x, w, offsets, perm (undefined: none), dy, need_x, need_w, need_bias) -> (dx, dw, dbias),
 // undefined where not needed. Set by the bindings to the Python path.
 using BackwardFallback = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
