@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "has_triton",
@@ -25,6 +26,8 @@ __all__ = [
     "next_power_of_2",
     "cdiv",
     "wants_grad",
+    "through_dispatcher",
+    "holds_values",
     "num_sms",
 ]
 
@@ -91,6 +94,28 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd must record a call on these inputs (None entries are ignored): eager
     calls that need no gradient can skip an ``autograd.Function`` and its dispatch cost."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# One C call; torch builds without it take the dispatcher always (slower, never wrong).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def through_dispatcher(t: torch.Tensor) -> bool:
+    """Whether an op on t must be called as its ``torch.library`` op, not by the eager fast
+    path (which launches kernels with no op for the dispatcher to see): while torch.compile
+    traces; under a Python dispatch mode (``FlopCounterMode`` counts the op's FLOPs,
+    ``FakeTensorMode`` and memory trackers take its fake implementation, selective activation
+    checkpointing sees it); and on meta tensors (the fake implementation gives the shapes).
+    Anything but a tensor is for the caller's checks to refuse."""
+    return (torch.compiler.is_compiling() or _dispatch_modes() > 0
+            or (isinstance(t, torch.Tensor) and t.is_meta))
+
+
+def holds_values(t: torch.Tensor) -> bool:
+    """Whether t's values can be read on the host without a device synchronisation: a CPU
+    tensor with data (not meta, not a fake tensor's stand-in), outside torch.compile tracing."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not is_fake(t))
 
 
 @functools.cache

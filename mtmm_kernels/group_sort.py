@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
-from ._triton_utils import cdiv, next_power_of_2, num_sms, triton_runs_on
+from ._triton_utils import cdiv, next_power_of_2, num_sms, through_dispatcher, triton_runs_on
 
 __all__ = ["sort_by_group", "MAX_GROUPS"]
 
@@ -196,6 +196,6 @@ def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, t
             rows of equal ids in their original order.
         offsets_G: [G] int32, cumulative END row of each group in that order.
     """
-    if torch.compiler.is_compiling():
+    if through_dispatcher(ids_T):  # tracing, a dispatch mode or meta tensors: they see the op
         return torch.ops.mtmm.sort_by_group(ids_T, num_groups)
     return _sort_by_group_impl(ids_T, num_groups)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from mtmm_kernels import grouped_gemm, grouped_mm, grouped_mm_by_ids
 from mtmm_kernels import reference as ref
@@ -901,6 +903,63 @@ def test_second_derivatives_of_a_weight_gradient_alone(device):
                                   [firsts[which].detach().cpu().double()], False)
         for g, e in zip(got, expected):
             assert rel_err(g.cpu(), e) < TOL[torch.float32], which
+
+
+# --- dispatch modes and meta tensors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("by_ids", [False, True])
+def test_flop_counter_counts_like_the_loop_reference(device, by_ids):
+    """FlopCounterMode sees the ops (eager calls take them under a dispatch mode) and counts,
+    forward and backward, what it counts for the float64 loop of torch matmuls: 2 FLOPs per
+    multiply-add of the rows some group owns (here not the two tail rows, or by ids all)."""
+    x, w, b, offsets = make_problem([5, 0, 9, 3], 7, 6, torch.float32, device, tail=2)
+    if by_ids:
+        ids = torch.tensor([2, 0, 2, 3, 2, 0], device=device).repeat(4)[:x.shape[0]]
+        call = lambda x, w, b: grouped_mm_by_ids(x, w, ids, b)  # noqa: E731
+        call_64 = lambda x, w, b: ref.grouped_mm_by_ids_reference(x, w, ids.cpu(), b)  # noqa: E731
+    else:
+        call = lambda x, w, b: grouped_mm(x, w, offsets, b)  # noqa: E731
+        call_64 = lambda x, w, b: ref.grouped_mm_reference(x, w, offsets.cpu(), b)  # noqa: E731
+    counts = []
+    for fn, operands in ((call, (x, w, b)), (call_64, [t.cpu().double() for t in (x, w, b)])):
+        leaves = [leaf(t) for t in operands]
+        with FlopCounterMode(display=False) as forward:
+            y = fn(*leaves)
+        with FlopCounterMode(display=False) as backward:
+            y.backward(torch.ones_like(y))
+        counts.append((forward.get_total_flops(), backward.get_total_flops()))
+    rows = x.shape[0] if by_ids else x.shape[0] - 2
+    assert counts[0] == counts[1] == (2 * rows * 7 * 6, 4 * rows * 7 * 6)
+
+
+def test_value_checks_hold_under_a_dispatch_mode():
+    x, w, _, offsets = make_problem([3, 4], 5, 6, torch.float32, "cpu")
+    with FlopCounterMode(display=False), pytest.raises(ValueError, match="^offsets"):
+        grouped_mm(x, w, offsets.flip(0))
+
+
+def _shapes_without_data(x, w, b, offsets, ids):
+    """Forward and backward of both functions on tensors without data: shapes and dtypes."""
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    for y in (grouped_mm(x, w, offsets, b), grouped_mm_by_ids(x, w, ids, b)):
+        assert y.shape == (x.shape[0], w.shape[2]) and y.dtype == x.dtype
+        assert y.device == x.device
+        y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+
+
+def test_meta_tensors_give_shapes():
+    """The ops' fake implementations: a model's shapes on the meta device, with no launch."""
+    x, w, b, offsets = make_problem([5, 0, 9], 7, 6, torch.float16, "meta", tail=1)
+    _shapes_without_data(x, w, b, offsets, torch.zeros(15, dtype=torch.int64, device="meta"))
+
+
+def test_fake_tensor_mode_gives_shapes():
+    """Under FakeTensorMode (what memory estimators and tracers run) nothing reads values."""
+    with FakeTensorMode():
+        x, w, b, offsets = make_problem([5, 0, 9], 7, 6, torch.float32, "cpu", tail=1)
+        _shapes_without_data(x, w, b, offsets, torch.zeros(15, dtype=torch.int64))
 
 
 # --- fallback and registration --------------------------------------------------------------

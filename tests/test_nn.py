@@ -143,6 +143,57 @@ def test_gradient_penalty_like_linears(device):
     assert rel_err(xg.grad, x64.grad) < 1e-5
 
 
+def test_flop_counter_attributes_flops_to_the_module(device):
+    """FlopCounterMode (how trainers compute MFU) counts a GroupedLinear's forward and backward
+    under the module, as many FLOPs as for the per-task nn.Linear heads it came from."""
+    from torch.utils.flop_counter import FlopCounterMode
+    heads = torch.nn.ModuleList(torch.nn.Linear(11, 7, device=device) for _ in range(3))
+    m = GroupedLinear.from_linears(heads)
+    ids = torch.tensor([2, 0, 2, 1, 1, 0, 2, 2], device=device)
+    x = torch.randn(8, 11, device=device, requires_grad=True)  # dX counts too
+    with FlopCounterMode(display=False) as grouped:
+        m(x, group_ids=ids).square().sum().backward()
+    with FlopCounterMode(display=False) as loop:
+        torch.cat([heads[int(g)](x[t:t + 1]) for t, g in enumerate(ids.tolist())]
+                  ).square().sum().backward()
+    assert grouped.get_total_flops() == loop.get_total_flops() == 3 * 2 * 8 * 11 * 7
+    assert sum(grouped.get_flop_counts()["GroupedLinear"].values()) == 3 * 2 * 8 * 11 * 7
+
+
+def test_selective_checkpointing_policy_sees_the_op(device, monkeypatch):
+    """Under selective activation checkpointing (a dispatch mode) the forward is the op
+    mtmm.grouped_mm, so a policy can save its output: the backward then recomputes nothing of
+    it (one forward launch, one dX launch), with the gradients of an unchecked run."""
+    import functools
+
+    from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                        create_selective_checkpoint_contexts)
+    launches = []
+    impl = grouped_gemm._grouped_mm_impl
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_impl",
+                        lambda *args: launches.append(1) or impl(*args))
+    m = GroupedLinear(3, 5, 4, device=device)
+    ids = torch.tensor([0, 2, 1, 1, 2, 0, 0], device=device)
+    x = torch.randn(7, 5, device=device, requires_grad=True)
+
+    def save_grouped_mm(ctx, op, *args, **kwargs):
+        return (CheckpointPolicy.MUST_SAVE if op == torch.ops.mtmm.grouped_mm.default
+                else CheckpointPolicy.PREFER_RECOMPUTE)
+
+    def fn(x):
+        return m(x, group_ids=ids).tanh()
+
+    context = functools.partial(create_selective_checkpoint_contexts, save_grouped_mm)
+    checkpoint(fn, x, use_reentrant=False, context_fn=context).sum().backward()
+    assert len(launches) == 2
+    grads = [t.grad.clone() for t in (x, m.weight, m.bias)]
+    for t in (x, m.weight, m.bias):
+        t.grad = None
+    fn(x).sum().backward()
+    for g, t in zip(grads, (x, m.weight, m.bias)):
+        assert torch.equal(g, t.grad)
+
+
 def test_from_linears_refuses_mismatched_heads():
     lin = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match="at least one"):
