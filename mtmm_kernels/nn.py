@@ -57,16 +57,33 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor | None = None,
                 group_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [T, in_features]. Exactly one of ``offsets`` ([G] int, cumulative END rows of
-        rows sorted by group; see ``grouped_mm``) or ``group_ids`` ([T] int in [0, G), rows in
-        any order; see ``grouped_mm_by_ids``). Returns [T, out_features]."""
+        """x: [..., in_features], like ``nn.Linear``'s input (rows: its leading dims, flattened
+        in order). Exactly one of ``offsets`` ([G] int, cumulative END rows of rows sorted by
+        group, over the flattened rows; see ``grouped_mm``) or ``group_ids`` (int in [0, G) of
+        x's leading shape, e.g. [B, S] for a per-token task or modality; rows in any order; see
+        ``grouped_mm_by_ids``). Returns [..., out_features]."""
         if (offsets is None) == (group_ids is None):
             raise ValueError("GroupedLinear.forward needs exactly one of offsets or group_ids")
-        if isinstance(x, torch.Tensor) and (x.dim() != 2 or x.shape[1] != self.in_features):
-            raise ValueError(f"x must be [T, in_features={self.in_features}], got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., in_features={self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if isinstance(group_ids, torch.Tensor) and group_ids.shape != lead:
+            raise ValueError(f"group_ids must have x's leading shape {tuple(lead)}, "
+                             f"got {tuple(group_ids.shape)}")
+        if x.dim() == 2:  # rows already: no reshapes on the host path
+            if offsets is not None:
+                return grouped_mm(x, self.weight, offsets, self.bias)
+            return grouped_mm_by_ids(x, self.weight, group_ids, self.bias)
+        x_TK = x.reshape(math.prod(lead), self.in_features)  # -1 is ambiguous where K = 0
         if offsets is not None:
-            return grouped_mm(x, self.weight, offsets, self.bias)
-        return grouped_mm_by_ids(x, self.weight, group_ids, self.bias)
+            y_TN = grouped_mm(x_TK, self.weight, offsets, self.bias)
+        else:
+            ids_T = group_ids.reshape(-1) if isinstance(group_ids, torch.Tensor) else group_ids
+            y_TN = grouped_mm_by_ids(x_TK, self.weight, ids_T, self.bias)
+        return y_TN.reshape(*lead, self.out_features)
 
     @classmethod
     def from_linears(cls, linears) -> "GroupedLinear":

@@ -89,6 +89,41 @@ def test_routing_arguments():
         m(x, offsets=torch.tensor([2, 5]), group_ids=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="^x"):
         m(torch.randn(5, 4), offsets=torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="^x"):
+        m(torch.tensor(1.0), offsets=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="^x"):
+        m(x.numpy(), offsets=torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="^group_ids"):
+        m(x.view(1, 5, 3), group_ids=torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("routing", ["offsets", "group_ids"])
+def test_leading_dims_like_linear(device, routing):
+    """x [..., in] gives [..., out], as for nn.Linear: rows are the leading dims flattened in
+    order; group_ids have x's leading shape (a task or modality per token), offsets count the
+    flattened rows. Gradients come back in x's shape."""
+    m = GroupedLinear(3, 6, 5, device=device)
+    x = torch.randn(2, 7, 6, device=device)[:, 1:]  # [2, 6, 6], not contiguous
+    ids = torch.tensor([[2, 0, 2, 1, 0, 0], [1, 1, 2, 0, 2, 2]], device=device)
+    if routing == "offsets":
+        kwargs = flat = {"offsets": torch.tensor([4, 4, 11], device=device)}
+    else:
+        kwargs, flat = {"group_ids": ids}, {"group_ids": ids.reshape(-1)}
+    xl = x.detach().requires_grad_()
+    y = m(xl, **kwargs)
+    assert y.shape == (2, 6, 5)
+    expected = m(x.reshape(12, 6), **flat)
+    assert torch.equal(y.reshape(12, 5), expected)
+    y.square().sum().backward()
+    assert xl.grad.shape == x.shape
+    one = m(x[0, 0], **({"offsets": torch.tensor([1, 1, 1], device=device)}
+                        if routing == "offsets" else {"group_ids": ids[0, 0]}))
+    assert one.shape == (5,) and rel_err(one, expected[0]) < 1e-5  # T = 1: maybe another tile
+    empty = GroupedLinear(2, 0, 3, device=device)
+    out = empty(torch.randn(2, 3, 0, device=device),
+                **({"offsets": torch.tensor([2, 6], device=device)} if routing == "offsets"
+                   else {"group_ids": torch.zeros(2, 3, dtype=torch.long, device=device)}))
+    assert out.shape == (2, 3, 3)
 
 
 @pytest.mark.parametrize("bias", [True, False])
