@@ -27,6 +27,7 @@ __all__ = [
     "cdiv",
     "wants_grad",
     "through_dispatcher",
+    "under_functorch",
     "holds_values",
     "num_sms",
 ]
@@ -111,11 +112,27 @@ def through_dispatcher(t: torch.Tensor) -> bool:
             or (isinstance(t, torch.Tensor) and t.is_meta))
 
 
+_interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
+                             lambda: None)
+
+
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
+                      lambda t: False)
+
+
+def under_functorch() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is active: its wrapped tensors
+    have no storage to launch on; only an ``autograd.Function`` unwraps them (the
+    ``torch.library`` ops' autograd does not)."""
+    return _interpreter_stack() is not None
+
+
 def holds_values(t: torch.Tensor) -> bool:
     """Whether t's values can be read on the host without a device synchronisation: a CPU
-    tensor with data (not meta, not a fake tensor's stand-in), outside torch.compile tracing."""
+    tensor with data (not meta, not a fake tensor's stand-in, not torch.func's wrapper of a
+    batch), outside torch.compile tracing."""
     return (t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not is_fake(t))
+            and not is_fake(t) and not _is_wrapped(t))
 
 
 @functools.cache

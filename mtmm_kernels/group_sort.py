@@ -29,7 +29,8 @@ import triton.language as tl
 
 from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
-from ._triton_utils import cdiv, next_power_of_2, num_sms, through_dispatcher, triton_runs_on
+from ._triton_utils import (cdiv, next_power_of_2, num_sms, through_dispatcher, triton_runs_on,
+                            under_functorch)
 
 __all__ = ["sort_by_group", "MAX_GROUPS"]
 
@@ -162,9 +163,17 @@ def _sort_by_group_impl(ids_T: torch.Tensor, G: int) -> tuple[torch.Tensor, torc
     ids_T = ids_T.contiguous()
     if _uses_counting_sort(ids_T, G):
         return _launch_group_sort(ids_T, G)
-    ids_T = ids_T.clamp(-1, G).remainder_(G + 1)  # -1 and G both to G: the pseudo-group
+    return _sort_by_torch(ids_T, G)
+
+
+def _sort_by_torch(ids_T: torch.Tensor, G: int,
+                   vmapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same order by torch ops (which torch.vmap batches): a stable sort, then searchsorted."""
+    ids_T = ids_T.clamp(-1, G).remainder(G + 1)  # -1 and G both to G: the pseudo-group
     sorted_T, perm_T = torch.sort(ids_T, stable=True)
     groups_G = torch.arange(G, device=ids_T.device, dtype=sorted_T.dtype)
+    if vmapped:  # batched like the ids, so vmap hands searchsorted a contiguous [B, G], not an
+        groups_G = groups_G + sorted_T.sum() * 0  # expanded view (a copy and a warning)
     offsets_G = torch.searchsorted(sorted_T, groups_G, right=True, out_int32=True)
     return perm_T, offsets_G
 
@@ -198,4 +207,6 @@ def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, t
     """
     if through_dispatcher(ids_T):  # tracing, a dispatch mode or meta tensors: they see the op
         return torch.ops.mtmm.sort_by_group(ids_T, num_groups)
+    if under_functorch():  # ids batched by torch.vmap have no storage to launch on
+        return _sort_by_torch(ids_T, num_groups, vmapped=True)
     return _sort_by_group_impl(ids_T, num_groups)

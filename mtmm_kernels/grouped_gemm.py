@@ -39,7 +39,7 @@ from . import _direct_launch as direct_launch
 from . import reference
 from .group_sort import sort_by_group
 from ._triton_utils import (cdiv, holds_values, is_interpreter, next_power_of_2,
-                            through_dispatcher, triton_runs_on, wants_grad)
+                            through_dispatcher, triton_runs_on, under_functorch, wants_grad)
 from ._triton_utils import num_sms as _num_sms
 
 __all__ = ["grouped_mm", "grouped_mm_by_ids"]
@@ -1421,7 +1421,7 @@ def _eager_gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need
     on in a backward only under ``create_graph=True``: then the gradients are computed by the
     differentiable calls, so that second derivatives (gradient penalties, Hessian-vector
     products) exist; otherwise by the kernels alone, recording nothing."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or under_functorch():
         mm, mm_dw = _grouped_mm_call, _grouped_mm_dw_call
     else:
         mm, mm_dw = _grouped_mm_impl, _grouped_mm_dw_impl
@@ -1508,6 +1508,17 @@ def _grouped_mm_dw_flops(x, dy, offsets, perm, need_bias, out_val=None) -> int:
     return 2 * _rows_owned(x, offsets) * x.shape[1] * dy.shape[1]
 
 
+def _vmap_by_loop(call, info, in_dims, args):
+    """torch.vmap's rule for the ops (jacrev, per-sample gradients, ensembles): one call per
+    batch element, results stacked along dim 0. Correct, not batched into one launch."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(call(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs))
+    return torch.stack(outs)
+
+
 class _GroupedMmFunction(torch.autograd.Function):
     """The eager path: the same kernels and backward as the custom op, without the custom op's
     dispatch. On an H200 a small-group forward went from 0.269 to 0.256 ms between two runs
@@ -1516,10 +1527,14 @@ class _GroupedMmFunction(torch.autograd.Function):
     instead."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, bias, perm):
-        ctx.save_for_backward(x, w, offsets, perm)
-        ctx.has_bias = bias is not None
+    def forward(x, w, offsets, bias, perm):
         return _grouped_mm_impl(x, w, offsets, bias, perm)
+
+    setup_context = staticmethod(_setup_context)  # a separate one: torch.func takes it
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(_grouped_mm_call, info, in_dims, args), 0
 
     @staticmethod
     def backward(ctx, dy_TN):
@@ -1536,17 +1551,23 @@ class _GroupedMmDwFunction(torch.autograd.Function):
     records, so that the gradients of grouped_mm can be differentiated again."""
 
     @staticmethod
-    def forward(ctx, x, dy, offsets, perm, need_bias):
-        ctx.save_for_backward(x, dy, offsets, perm)
-        ctx.need_bias = need_bias
-        ctx.set_materialize_grads(False)  # an unused dw or db costs no GEMM of zeros
+    def forward(x, dy, offsets, perm, need_bias):
         return _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dw_setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # an unused dw or db costs no GEMM of zeros
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(_grouped_mm_dw_call, info, in_dims, args), (0, 0)
 
     @staticmethod
     def backward(ctx, gdw_GKN, gdb_GN):
         x, dy, offsets, perm = ctx.saved_tensors
         need_x, need_dy = ctx.needs_input_grad[:2]
-        mm = _grouped_mm_call if torch.is_grad_enabled() else _grouped_mm_impl
+        mm = _grouped_mm_call if torch.is_grad_enabled() or under_functorch() else _grouped_mm_impl
         grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
                                         gdb_GN if ctx.need_bias else None, need_x, need_dy, mm)
         return grad_x, grad_dy, None, None, None
@@ -1555,6 +1576,8 @@ class _GroupedMmDwFunction(torch.autograd.Function):
 def _grouped_mm_call(x, w, offsets, bias, perm):
     if through_dispatcher(x):  # tracing, a dispatch mode or meta tensors: they see the op
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
+    if under_functorch():  # torch.func's wrapped tensors: the autograd.Function unwraps them
+        return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
     if cpp_launch.ENABLED:  # with its C++ autograd node where inputs need gradients
         y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=True)
         if y is not None:
@@ -1567,7 +1590,7 @@ def _grouped_mm_call(x, w, offsets, bias, perm):
 def _grouped_mm_dw_call(x, dy, offsets, perm, need_bias):
     if through_dispatcher(x):
         return torch.ops.mtmm.grouped_mm_dw(x, dy, offsets, perm, need_bias)
-    if wants_grad(x, dy):
+    if wants_grad(x, dy) or under_functorch():
         return _GroupedMmDwFunction.apply(x, dy, offsets, perm, need_bias)
     return _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias)
 
@@ -1641,7 +1664,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     """
     if autocast.any_enabled():
         x, w, bias = autocast.cast_like_linear(x, w, bias)
-    if cpp_launch.ENABLED and not through_dispatcher(x):
+    if cpp_launch.ENABLED and not (through_dispatcher(x) or under_functorch()):
         y = cpp_launch.public_call("grouped_mm_public", x, w, offsets, bias)
         if y is not None:  # the plain call, checked and launched in C++ (docs/host_path.md)
             return y
@@ -1684,7 +1707,7 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     """
     if autocast.any_enabled():
         x, w, bias = autocast.cast_like_linear(x, w, bias)
-    if cpp_launch.ENABLED and not through_dispatcher(x):
+    if cpp_launch.ENABLED and not (through_dispatcher(x) or under_functorch()):
         y = cpp_launch.public_call("grouped_mm_by_ids_public", x, w, group_ids, bias)
         if y is not None:  # the plain call, sort included, checked and launched in C++
             return y

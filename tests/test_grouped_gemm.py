@@ -962,6 +962,60 @@ def test_fake_tensor_mode_gives_shapes():
         _shapes_without_data(x, w, b, offsets, torch.zeros(15, dtype=torch.int64))
 
 
+# --- torch.func -------------------------------------------------------------------------------
+
+
+def test_func_grad_and_grad_of_grad(device):
+    """torch.func.grad, and grad of a gradient penalty, against the same transforms over the
+    float64 loop reference."""
+    x, w, b, offsets = make_problem([5, 0, 9, 3], 7, 6, torch.float32, device, tail=2)
+
+    def loss(w, x, b, mm, offsets):
+        return mm(x, w, offsets, b).tanh().sum()
+
+    def penalty(w, x, b, mm, offsets):
+        return torch.func.grad(loss, argnums=1)(w, x, b, mm, offsets).square().sum()
+
+    for fn in (loss, penalty):
+        got = torch.func.grad(fn)(w, x, b, grouped_mm, offsets)
+        expected = torch.func.grad(fn)(*(t.cpu().double() for t in (w, x, b)),
+                                       ref.grouped_mm_reference, offsets.cpu())
+        assert rel_err(got.cpu(), expected) < 1e-5, fn.__name__
+
+
+def test_func_vmap_and_jacrev(device):
+    """torch.vmap (a loop of calls, one per element) over x, over stacked weights (an
+    ensemble), per-sample gradients by offsets and by ids, and jacrev, against loops."""
+    x, w, b, offsets = make_problem([5, 0, 9, 3], 7, 6, torch.float32, device, tail=2)
+    xs = torch.randn(3, *x.shape, device=device)
+    ws = torch.randn(4, *w.shape, device=device)
+    got = torch.func.vmap(lambda x: grouped_mm(x, w, offsets, b))(xs)
+    assert torch.equal(got, torch.stack([grouped_mm(x_, w, offsets, b) for x_ in xs]))
+    got = torch.func.vmap(lambda w: grouped_mm(x, w, offsets, b))(ws)
+    assert torch.equal(got, torch.stack([grouped_mm(x, w_, offsets, b) for w_ in ws]))
+
+    def row_loss(w, x_row, offsets_row):  # one sample: one row, its own group
+        return grouped_mm(x_row[None], w, offsets_row, b).square().sum()
+
+    def ids_loss(w, x_rows, ids_rows):
+        return grouped_mm_by_ids(x_rows, w, ids_rows, b).square().sum()
+
+    groups = torch.tensor([2, 0, 3, 3, 1], device=device)
+    row_offsets = (torch.arange(4, device=device)[None, :] >= groups[:, None]).to(torch.int32)
+    ids = torch.randint(0, 4, (5, 3), device=device)
+    xs = torch.randn(5, 3, 7, device=device)
+    for fn, data, index in ((row_loss, x[:5], row_offsets), (ids_loss, xs, ids)):
+        got = torch.func.vmap(torch.func.grad(fn), in_dims=(None, 0, 0))(w, data, index)
+        expected = torch.stack([torch.func.grad(fn)(w, d, i) for d, i in zip(data, index)])
+        assert rel_err(got, expected) < 1e-6, fn.__name__
+
+    x, w, b, offsets = make_problem([2, 0, 3], 5, 3, torch.float32, device, tail=1)
+    jac = torch.func.jacrev(lambda x: grouped_mm(x, w, offsets, b))(x)  # a call per output
+    jac_64 = torch.func.jacrev(lambda x: ref.grouped_mm_reference(
+        x, w.cpu().double(), offsets.cpu(), b.cpu().double()))(x.cpu().double())
+    assert jac.shape == (6, 3, 6, 5) and rel_err(jac.cpu(), jac_64) < 1e-5
+
+
 # --- fallback and registration --------------------------------------------------------------
 
 
