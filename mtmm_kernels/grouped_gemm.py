@@ -1664,7 +1664,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     """
     if autocast.any_enabled():
         x, w, bias = autocast.cast_like_linear(x, w, bias)
-    if cpp_launch.ENABLED and not (through_dispatcher(x) or under_functorch()):
+    if cpp_launch.ENABLED and not torch.compiler.is_compiling():  # C++ refuses modes too
         y = cpp_launch.public_call("grouped_mm_public", x, w, offsets, bias)
         if y is not None:  # the plain call, checked and launched in C++ (docs/host_path.md)
             return y
@@ -1707,7 +1707,7 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     """
     if autocast.any_enabled():
         x, w, bias = autocast.cast_like_linear(x, w, bias)
-    if cpp_launch.ENABLED and not (through_dispatcher(x) or under_functorch()):
+    if cpp_launch.ENABLED and not torch.compiler.is_compiling():  # C++ refuses modes too
         y = cpp_launch.public_call("grouped_mm_by_ids_public", x, w, group_ids, bias)
         if y is not None:  # the plain call, sort included, checked and launched in C++
             return y

@@ -423,6 +423,32 @@ def test_public_grouped_mm_takes_the_plain_call_only(ext, bias):
 
 
 @needs_build
+def test_public_calls_leave_dispatch_modes_and_wrapped_tensors_to_python(ext):
+    """Under a Python dispatch mode (it must see the op), and for fake tensors or torch.func's
+    wrapped ones (no storage to launch on), the public calls return None, launching nothing,
+    so that the Python function takes them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    x, w, offsets, _ = _operands()
+    _register_mm(ext, x, w, None, offsets)
+    assert ext.grouped_mm_public(x, w, offsets, None) is not None  # planned: taken
+    ext.take_launch_log()
+    with FlopCounterMode(display=False):
+        assert ext.grouped_mm_public(x, w, offsets, None) is None
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+    assert ext.grouped_mm_public(fake_x, w, offsets, None) is None
+    seen = []
+
+    def record(x_):
+        seen.append(ext.grouped_mm_public(x_, w, offsets, None))
+        return x_.float().sum()
+    torch.func.grad(record)(x)
+    torch.func.vmap(record)(x[None])
+    assert seen == [None, None] and ext.take_launch_log() == []
+
+
+@needs_build
 def test_public_by_ids_decides_before_it_launches(ext):
     """grouped_mm_by_ids's plain call: the group sort and the GEMM from one C++ call, taken
     only where both are planned; a call that lacks either plan launches nothing (not even the
