@@ -28,6 +28,7 @@ __all__ = [
     "wants_grad",
     "through_dispatcher",
     "under_functorch",
+    "has_values",
     "holds_values",
     "num_sms",
 ]
@@ -127,12 +128,16 @@ def under_functorch() -> bool:
     return _interpreter_stack() is not None
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether t's values exist to be read: not a meta tensor, a fake tensor's stand-in or
+    torch.func's wrapper of a batch."""
+    return not (t.is_meta or is_fake(t) or _is_wrapped(t))
+
+
 def holds_values(t: torch.Tensor) -> bool:
     """Whether t's values can be read on the host without a device synchronisation: a CPU
-    tensor with data (not meta, not a fake tensor's stand-in, not torch.func's wrapper of a
-    batch), outside torch.compile tracing."""
-    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not is_fake(t) and not _is_wrapped(t))
+    tensor whose values exist, outside torch.compile tracing."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and has_values(t)
 
 
 @functools.cache

@@ -51,7 +51,8 @@ import torch
 from mtmm_kernels import _autocast as autocast
 from mtmm_kernels import _direct_launch as direct_launch
 from mtmm_kernels import reference
-from mtmm_kernels._triton_utils import (cdiv, has_triton, next_power_of_2, triton_runs_on,
+from mtmm_kernels._triton_utils import (cdiv, has_triton, has_values, holds_values,
+                                       next_power_of_2, through_dispatcher, triton_runs_on,
                                        wants_grad)
 
 if has_triton():
@@ -760,15 +761,15 @@ _unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup_conte
 
 # Eager calls take the autograd.Functions (a few microseconds to dispatch) where a gradient is
 # wanted, else the kernels directly; torch.compile traces the custom ops, whose fake
-# implementations give it the output shapes.
+# implementations give it the output shapes, and so do dispatch modes and meta tensors.
 def _plan(lengths, group_ids, num_groups, max_lens):
-    if torch.compiler.is_compiling():
+    if through_dispatcher(lengths[0]):
         return _plan_op(lengths, group_ids, num_groups, max_lens)
     return _plan_impl(lengths, group_ids, num_groups, max_lens)
 
 
 def _pack(streams, lens_SB, cu_seqlens, order, total):
-    if torch.compiler.is_compiling():
+    if through_dispatcher(streams[0]):
         return _pack_op(streams, lens_SB, cu_seqlens, order, total)
     if wants_grad(*streams):
         return _PackFunction.apply(lens_SB, cu_seqlens, order, total, *streams)
@@ -776,7 +777,7 @@ def _pack(streams, lens_SB, cu_seqlens, order, total):
 
 
 def _unpack(values, lens_SB, cu_seqlens, order, max_lens):
-    if torch.compiler.is_compiling():
+    if through_dispatcher(values):
         return _unpack_op(values, lens_SB, cu_seqlens, order, max_lens)
     if wants_grad(values):
         return _UnpackFunction.apply(values, lens_SB, cu_seqlens, order, list(max_lens))
@@ -784,7 +785,7 @@ def _unpack(values, lens_SB, cu_seqlens, order, max_lens):
 
 
 def _token_meta(cu_seqlens, total):
-    if torch.compiler.is_compiling():
+    if through_dispatcher(cu_seqlens):
         return _token_meta_op(cu_seqlens, total)
     return _token_meta_impl(cu_seqlens, total)
 
@@ -979,6 +980,9 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         if group_ids.device.type != "cpu" and group_ids.device != device:
             raise ValueError(f"group_ids is on {group_ids.device}, the values on {device}")
         if num_groups is None:
+            if not has_values(group_ids):
+                raise ValueError("num_groups must be given where group_ids have no values "
+                                 "(meta or fake tensors)")
             num_groups = int(group_ids.max()) + 1 if B else 1  # a sync on the GPU
         _check_int(num_groups, "num_groups", 1)
     elif num_groups is not None:
@@ -989,9 +993,9 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         _check_int(max_seqlen, "max_seqlen")
 
     # --- host-side checks and sizes when the lengths are on the CPU: no sync
-    # Under torch.compile the value checks would be graph breaks: tracing takes the device path.
-    tracing = torch.compiler.is_compiling()
-    host = all(l.device.type == "cpu" for l in lens) and not (_FORCE_DEVICE_PLAN or tracing)
+    # Under torch.compile the value checks would be graph breaks: tracing takes the device path,
+    # as do lengths without values (meta, fake).
+    host = all(holds_values(l) for l in lens) and not _FORCE_DEVICE_PLAN
     if host:
         # numpy: a few microseconds for what torch CPU ops take tens
         if len(lens) == 1:
@@ -1010,7 +1014,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         total = host_total
         if max_seqlen is None:
             max_seqlen = int(seq.max()) if B else 0
-    host_groups = grouped and group_ids.device.type == "cpu" and not (_FORCE_DEVICE_PLAN or tracing)
+    host_groups = grouped and holds_values(group_ids) and not _FORCE_DEVICE_PLAN
     if host_groups:
         gids = group_ids.numpy()
         bad = (gids < 0) | (gids >= num_groups)
@@ -1035,6 +1039,9 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
             [_to_device(l, device) for l in lens], group_ids if grouped else None,
             num_groups if grouped else 0, max_lens)
     if total is None:  # lengths on the device: the one sync, which also validates
+        if not all(has_values(l) for l in lens):
+            raise ValueError(f"total must be given where {len_name} have no values (meta or "
+                             "fake tensors): the packed row count depends on them")
         T, longest, bad_len, bad_gid = stats.tolist()
         if bad_len:
             raise ValueError(f"{len_name}: {bad_len} length(s) outside [0, L_s] "
@@ -1133,7 +1140,7 @@ def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
     _check_int(max_seqlen, "max_seqlen")
     if cu_seqlens.device != values.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, values on {values.device}")
-    if validate and not torch.compiler.is_compiling():
+    if validate and not torch.compiler.is_compiling() and has_values(cu_seqlens):
         _check_cu_values(cu_seqlens, values.shape[0], max_seqlen)
     return _unpack(values, None, cu_seqlens, None, [max_seqlen])[0]
 
@@ -1178,13 +1185,14 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
                          f"{tuple(order.shape)}")
     device = values.device
     host = None  # the lengths as given, int64 on the CPU, when that costs no sync
-    if all(l.device.type == "cpu" for l in lens):  # one host-to-device copy for all streams
+    if all(l.device.type == "cpu" and has_values(l) for l in lens):  # one copy for all
         a = np.stack([l.numpy() for l in lens])
         host = torch.from_numpy(a.astype(np.int64, copy=False))
         lens_SB = _to_device(torch.from_numpy(a.astype(np.int32)), device)
     else:
         lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens])
-    if validate and not torch.compiler.is_compiling():
+    if (validate and not torch.compiler.is_compiling() and has_values(cu_seqlens)
+            and all(has_values(l) for l in lens)):
         _check_cu_values(cu_seqlens, values.shape[0], None)
         if host is None:
             host = lens_SB.to(torch.int64).cpu()

@@ -535,6 +535,73 @@ def test_unchecked_garbage_metadata_stays_in_bounds(device):
 
 
 # --------------------------------------------------------------------------------------------
+# Tensors without values, dispatch modes
+# --------------------------------------------------------------------------------------------
+def _shapes_without_values(make, lens_device):
+    """pack_multimodal (grouped) and unpack_multimodal, forward and backward, on tensors made
+    by `make` (meta, or inside FakeTensorMode); lengths on `lens_device`; total given."""
+    xs = [make(torch.randn(3, 5, 4)).requires_grad_(), make(torch.randn(3, 2, 4))]
+    lens = [torch.tensor([2, 5, 0]).to(lens_device), torch.tensor([1, 0, 2]).to(lens_device)]
+    ids = torch.tensor([1, 0, 1]).to(lens_device)
+    packed = pack_multimodal(xs, lens, group_ids=ids, num_groups=2, total=10)
+    assert packed.values.shape == (10, 4) and packed.cu_seqlens.shape == (4,)
+    assert packed.position_ids.shape == (10,) and packed.order.shape == (3,)
+    outs = unpack_multimodal(packed, lens, [5, 2])
+    assert [tuple(o.shape) for o in outs] == [(3, 5, 4), (3, 2, 4)]
+    outs[0].sum().backward()
+    assert xs[0].grad.shape == xs[0].shape
+    one = unpack(make(torch.randn(7, 4)), make(torch.tensor([0, 2, 7, 7], dtype=torch.int32)), 5)
+    assert one.shape == (3, 5, 4)
+    with pytest.raises(ValueError, match="^total must be given"):
+        pack_padded(xs[0], lens[0].to(xs[0].device))
+    with pytest.raises(ValueError, match="^num_groups must be given"):
+        pack_multimodal(xs, lens, group_ids=ids.to(xs[0].device), total=10)
+
+
+def test_meta_tensors_give_shapes():
+    """The custom ops' fake implementations on meta tensors; lengths on the CPU are read, on
+    the meta device they need total (the row count depends on their values)."""
+    to_meta = lambda t: t.to("meta")  # noqa: E731
+    _shapes_without_values(to_meta, "meta")
+    packed = pack_padded(to_meta(torch.randn(3, 5, 4)), torch.tensor([2, 5, 0]))
+    assert packed.values.shape == (7, 4) and packed.max_seqlen == 5
+
+
+def test_fake_tensor_mode_gives_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        _shapes_without_values(lambda t: t, "cpu")
+
+
+def test_dispatch_mode_sees_the_ops(device):
+    """Under a dispatch mode the calls take the custom ops: the same values and gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 5, 4, device=device, requires_grad=True)
+    lens = torch.tensor([2, 5, 0])
+    expected = pack_padded(x, lens)
+    grad = torch.randn_like(expected.values)
+    (expected_grad,) = torch.autograd.grad(expected.values, x, grad)
+    with Seen() as seen:
+        packed = pack_padded(x, lens)
+        (x_grad,) = torch.autograd.grad(packed.values, x, grad)
+    assert "mtmm.varlen_pack" in seen.ops and "mtmm.varlen_unpack" in seen.ops
+    for f in FIELDS:
+        a, b = getattr(packed, f), getattr(expected, f)
+        assert (a is None and b is None) or torch.equal(a, b), f
+    assert torch.equal(x_grad, expected_grad)
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 def test_bad_input_raises(device):
