@@ -30,7 +30,6 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _autocast as autocast
@@ -38,7 +37,7 @@ from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
 from . import reference
 from .group_sort import sort_by_group
-from ._triton_utils import (cdiv, holds_values, is_interpreter, next_power_of_2,
+from ._triton_utils import (cdiv, has_values, holds_values, is_interpreter, next_power_of_2,
                             through_dispatcher, triton_runs_on, under_functorch, wants_grad)
 from ._triton_utils import num_sms as _num_sms
 
@@ -1491,7 +1490,7 @@ def _rows_owned(x_TK: torch.Tensor, offsets_G: torch.Tensor) -> int:
     T = x_TK.shape[0]
     if offsets_G.shape[0] == 0:
         return 0
-    if offsets_G.is_meta or is_fake(offsets_G):
+    if not has_values(offsets_G):
         return T
     return min(max(int(offsets_G[-1]), 0), T)
 
@@ -1511,12 +1510,19 @@ def _grouped_mm_dw_flops(x, dy, offsets, perm, need_bias, out_val=None) -> int:
 def _vmap_by_loop(call, info, in_dims, args):
     """torch.vmap's rule for the ops (jacrev, per-sample gradients, ensembles): one call per
     batch element, results stacked along dim 0. Correct, not batched into one launch."""
-    outs = []
-    for i in range(info.batch_size):
-        outs.append(call(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))))
+    def element(a, d, i):
+        if d is None:
+            return a
+        if info.batch_size == 0:  # an element of an empty batch, for the output's shape
+            return a.new_zeros(a.shape[:d] + a.shape[d + 1:])
+        return a.select(d, i)
+
+    outs = [call(*(element(a, d, i) for a, d in zip(args, in_dims)))
+            for i in range(max(info.batch_size, 1))]
     if isinstance(outs[0], tuple):
-        return tuple(torch.stack(parts) for parts in zip(*outs))
-    return torch.stack(outs)
+        stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        return tuple(t[:info.batch_size] for t in stacked)
+    return torch.stack(outs)[:info.batch_size]
 
 
 class _GroupedMmFunction(torch.autograd.Function):

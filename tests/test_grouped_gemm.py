@@ -993,6 +993,8 @@ def test_func_vmap_and_jacrev(device):
     assert torch.equal(got, torch.stack([grouped_mm(x_, w, offsets, b) for x_ in xs]))
     got = torch.func.vmap(lambda w: grouped_mm(x, w, offsets, b))(ws)
     assert torch.equal(got, torch.stack([grouped_mm(x, w_, offsets, b) for w_ in ws]))
+    y_shape = got.shape[1:]  # an empty batch: the shape of none
+    assert torch.func.vmap(lambda w: grouped_mm(x, w, offsets, b))(ws[:0]).shape == (0, *y_shape)
 
     def row_loss(w, x_row, offsets_row):  # one sample: one row, its own group
         return grouped_mm(x_row[None], w, offsets_row, b).square().sum()
