@@ -995,7 +995,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     # --- host-side checks and sizes when the lengths are on the CPU: no sync
     # Under torch.compile the value checks would be graph breaks: tracing takes the device path,
     # as do lengths without values (meta, fake).
-    host = all(holds_values(l) for l in lens) and not _FORCE_DEVICE_PLAN
+    host = all(holds_values(length) for length in lens) and not _FORCE_DEVICE_PLAN
     if host:
         # numpy: a few microseconds for what torch CPU ops take tens
         if len(lens) == 1:
@@ -1039,7 +1039,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
             [_to_device(l, device) for l in lens], group_ids if grouped else None,
             num_groups if grouped else 0, max_lens)
     if total is None:  # lengths on the device: the one sync, which also validates
-        if not all(has_values(l) for l in lens):
+        if not all(has_values(length) for length in lens):
             raise ValueError(f"total must be given where {len_name} have no values (meta or "
                              "fake tensors): the packed row count depends on them")
         T, longest, bad_len, bad_gid = stats.tolist()
@@ -1185,14 +1185,14 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
                          f"{tuple(order.shape)}")
     device = values.device
     host = None  # the lengths as given, int64 on the CPU, when that costs no sync
-    if all(l.device.type == "cpu" and has_values(l) for l in lens):  # one copy for all
+    if all(n.device.type == "cpu" and has_values(n) for n in lens):  # one copy for all
         a = np.stack([l.numpy() for l in lens])
         host = torch.from_numpy(a.astype(np.int64, copy=False))
         lens_SB = _to_device(torch.from_numpy(a.astype(np.int32)), device)
     else:
         lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens])
     if (validate and not torch.compiler.is_compiling() and has_values(cu_seqlens)
-            and all(has_values(l) for l in lens)):
+            and all(has_values(length) for length in lens)):
         _check_cu_values(cu_seqlens, values.shape[0], None)
         if host is None:
             host = lens_SB.to(torch.int64).cpu()
