@@ -102,15 +102,24 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
-def through_dispatcher(t: torch.Tensor) -> bool:
-    """Whether an op on t must be called as its ``torch.library`` op, not by the eager fast
-    path (which launches kernels with no op for the dispatcher to see): while torch.compile
-    traces; under a Python dispatch mode (``FlopCounterMode`` counts the op's FLOPs,
-    ``FakeTensorMode`` and memory trackers take its fake implementation, selective activation
-    checkpointing sees it); and on meta tensors (the fake implementation gives the shapes).
-    Anything but a tensor is for the caller's checks to refuse."""
-    return (torch.compiler.is_compiling() or _dispatch_modes() > 0
-            or (isinstance(t, torch.Tensor) and t.is_meta))
+def through_dispatcher(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors must be called as its ``torch.library`` op, not by the
+    eager fast path (which launches kernels with no op for the dispatcher to see): while
+    torch.compile traces; under a Python dispatch mode (``FlopCounterMode`` counts the op's
+    FLOPs, ``FakeTensorMode`` and memory trackers take its fake implementation, selective
+    activation checkpointing sees it); on meta tensors (the fake implementation gives the
+    shapes); and on tensor subclasses (a DTensor, a fake tensor: their own dispatch handles the
+    op, or names it in its error). Anything but a tensor is for the caller's checks to refuse."""
+    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
+        return True
+    for t in tensors:
+        kind = type(t)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
+            if isinstance(t, torch.Tensor):
+                return True
+        elif t.is_meta:
+            return True
+    return False
 
 
 _interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",

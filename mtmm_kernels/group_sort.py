@@ -205,7 +205,7 @@ def sort_by_group(ids_T: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, t
             rows of equal ids in their original order.
         offsets_G: [G] int32, cumulative END row of each group in that order.
     """
-    if through_dispatcher(ids_T):  # tracing, a dispatch mode or meta tensors: they see the op
+    if through_dispatcher(ids_T):  # tracing, dispatch modes, meta tensors, subclasses
         return torch.ops.mtmm.sort_by_group(ids_T, num_groups)
     if under_functorch():  # ids batched by torch.vmap have no storage to launch on
         return _sort_by_torch(ids_T, num_groups, vmapped=True)

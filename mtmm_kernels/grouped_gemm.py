@@ -1580,7 +1580,7 @@ class _GroupedMmDwFunction(torch.autograd.Function):
 
 
 def _grouped_mm_call(x, w, offsets, bias, perm):
-    if through_dispatcher(x):  # tracing, a dispatch mode or meta tensors: they see the op
+    if through_dispatcher(x, w):  # tracing, dispatch modes, meta tensors, subclasses
         return torch.ops.mtmm.grouped_mm(x, w, offsets, bias, perm)
     if under_functorch():  # torch.func's wrapped tensors: the autograd.Function unwraps them
         return _GroupedMmFunction.apply(x, w, offsets, bias, perm)
@@ -1594,7 +1594,7 @@ def _grouped_mm_call(x, w, offsets, bias, perm):
 
 
 def _grouped_mm_dw_call(x, dy, offsets, perm, need_bias):
-    if through_dispatcher(x):
+    if through_dispatcher(x, dy):
         return torch.ops.mtmm.grouped_mm_dw(x, dy, offsets, perm, need_bias)
     if wants_grad(x, dy) or under_functorch():
         return _GroupedMmDwFunction.apply(x, dy, offsets, perm, need_bias)

@@ -939,6 +939,39 @@ def test_value_checks_hold_under_a_dispatch_mode():
         grouped_mm(x, w, offsets.flip(0))
 
 
+class _Seeing(torch.Tensor):
+    """A wrapper subclass (as DTensor is) that records the ops its dispatch receives."""
+    seen: list = []
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device, strides=inner.stride())
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func.overloadpacket))
+        unwrap = lambda t: t.inner if isinstance(t, _Seeing) else t  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args),
+                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def test_tensor_subclasses_receive_the_op(device):
+    """A tensor subclass with its own dispatch (DTensor, a fake tensor) gets mtmm.grouped_mm,
+    not a launch on a wrapper without storage."""
+    x, w, b, offsets = make_problem([3, 0, 4], 5, 6, torch.float32, device, tail=1)
+    _Seeing.seen = []
+    y = grouped_mm(_Seeing(x), w, offsets, b)
+    assert "mtmm.grouped_mm" in _Seeing.seen
+    assert torch.equal(y, grouped_mm(x, w, offsets, b))
+    _Seeing.seen = []
+    grouped_mm_by_ids(x, _Seeing(w), torch.tensor([2, 0, 2, 1, 0, 2, 2, 1], device=device), b)
+    assert "mtmm.grouped_mm" in _Seeing.seen
+
+
 def _shapes_without_data(x, w, b, offsets, ids):
     """Forward and backward of both functions on tensors without data: shapes and dtypes."""
     x, w, b = leaf(x), leaf(w), leaf(b)
