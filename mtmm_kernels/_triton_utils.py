@@ -140,7 +140,10 @@ def under_functorch() -> bool:
 def has_values(t: torch.Tensor) -> bool:
     """Whether t's values exist to be read: not a meta tensor, a fake tensor's stand-in or
     torch.func's wrapper of a batch."""
-    return not (t.is_meta or is_fake(t) or _is_wrapped(t))
+    if t.is_meta or _is_wrapped(t):
+        return False
+    plain = type(t) is torch.Tensor or type(t) is torch.nn.Parameter  # is_fake costs ~2 us
+    return plain or not is_fake(t)
 
 
 def holds_values(t: torch.Tensor) -> bool:

@@ -1415,12 +1415,18 @@ def _gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b, mm
     return dx_TK, dw_GKN, db_GN
 
 
+def _recording() -> bool:
+    """Whether a backward must compute by differentiable calls: grad mode is on in a backward
+    only under create_graph=True; a torch.func transform differentiates the backward too."""
+    return torch.is_grad_enabled() or under_functorch()
+
+
 def _eager_gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b):
-    """_gradients on the eager paths (the C++ autograd node's Python backward too). Grad mode is
-    on in a backward only under ``create_graph=True``: then the gradients are computed by the
-    differentiable calls, so that second derivatives (gradient penalties, Hessian-vector
-    products) exist; otherwise by the kernels alone, recording nothing."""
-    if torch.is_grad_enabled() or under_functorch():
+    """_gradients on the eager paths (the C++ autograd node's Python backward too): by the
+    differentiable calls where the backward is recorded (``_recording``), so that second
+    derivatives (gradient penalties, Hessian-vector products) exist; otherwise by the kernels
+    alone, recording nothing."""
+    if _recording():
         mm, mm_dw = _grouped_mm_call, _grouped_mm_dw_call
     else:
         mm, mm_dw = _grouped_mm_impl, _grouped_mm_dw_impl
@@ -1573,7 +1579,7 @@ class _GroupedMmDwFunction(torch.autograd.Function):
     def backward(ctx, gdw_GKN, gdb_GN):
         x, dy, offsets, perm = ctx.saved_tensors
         need_x, need_dy = ctx.needs_input_grad[:2]
-        mm = _grouped_mm_call if torch.is_grad_enabled() or under_functorch() else _grouped_mm_impl
+        mm = _grouped_mm_call if _recording() else _grouped_mm_impl
         grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
                                         gdb_GN if ctx.need_bias else None, need_x, need_dy, mm)
         return grad_x, grad_dy, None, None, None
