@@ -1421,24 +1421,31 @@ def _recording() -> bool:
     return torch.is_grad_enabled() or under_functorch()
 
 
-def _eager_gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b):
-    """_gradients on the eager paths (the C++ autograd node's Python backward too): by the
-    differentiable calls where the backward is recorded (``_recording``), so that second
-    derivatives (gradient penalties, Hessian-vector products) exist; otherwise by the kernels
-    alone, recording nothing."""
+def _eager_calls() -> tuple:
+    """(mm, mm_dw) for a backward on the eager paths: the differentiable calls where the
+    backward is recorded (``_recording``), so that second derivatives (gradient penalties,
+    Hessian-vector products) exist; otherwise the kernels alone, recording nothing."""
     if _recording():
-        mm, mm_dw = _grouped_mm_call, _grouped_mm_dw_call
-    else:
-        mm, mm_dw = _grouped_mm_impl, _grouped_mm_dw_impl
-    return _gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b, mm, mm_dw)
+        return _grouped_mm_call, _grouped_mm_dw_call
+    return _grouped_mm_impl, _grouped_mm_dw_impl
+
+
+def _eager_gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b):
+    """_gradients for the C++ autograd node's Python backward."""
+    return _gradients(x_TK, w_GKN, offsets_G, perm_T, dy_TN, need_x, need_w, need_b,
+                      *_eager_calls())
+
+
+def _backward_by(ctx, dy_TN, mm, mm_dw):
+    """grouped_mm's backward from its autograd context: (dx, dw, None, dbias, None)."""
+    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    dx, dw, db = _gradients(*ctx.saved_tensors, dy_TN, need_x, need_w,
+                            bool(need_b and ctx.has_bias), mm, mm_dw)
+    return dx, dw, None, db, None
 
 
 def _backward(ctx, dy_TN):
-    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-    dx, dw, db = _gradients(*ctx.saved_tensors, dy_TN, need_x, need_w,
-                            bool(need_b and ctx.has_bias),
-                            torch.ops.mtmm.grouped_mm, torch.ops.mtmm.grouped_mm_dw)
-    return dx, dw, None, db, None
+    return _backward_by(ctx, dy_TN, torch.ops.mtmm.grouped_mm, torch.ops.mtmm.grouped_mm_dw)
 
 
 torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_setup_context)
@@ -1452,14 +1459,16 @@ torch.library.register_autograd("mtmm::grouped_mm", _backward, setup_context=_se
 
 
 def _dw_setup_context(ctx, inputs, output):
-    x, dy, offsets, perm, need_bias = inputs
+    x, dy, offsets, perm, _ = inputs
     ctx.save_for_backward(x, dy, offsets, perm)
-    ctx.need_bias = need_bias
 
 
-def _dw_gradients(x_TK, dy_TN, offsets_G, perm_T, gdw_GKN, gdb_GN, need_x, need_dy, mm):
-    """(grad_x, grad_dy) of grouped_mm_dw's (dw, db), None where not needed; gdw/gdb None or an
-    empty gdb where that output has no gradient."""
+def _dw_backward_by(ctx, gdw_GKN, gdb_GN, mm):
+    """grouped_mm_dw's backward from its autograd context: (grad_x, grad_dy, None, None,
+    None), None where not needed; gdw/gdb are None (or gdb empty) where that output has no
+    gradient."""
+    x_TK, dy_TN, offsets_G, perm_T = ctx.saved_tensors
+    need_x, need_dy = ctx.needs_input_grad[:2]
     if gdb_GN is not None and gdb_GN.numel() == 0:  # no bias asked for: db is empty
         gdb_GN = None
     grad_x = grad_dy = None
@@ -1469,16 +1478,11 @@ def _dw_gradients(x_TK, dy_TN, offsets_G, perm_T, gdw_GKN, gdb_GN, need_x, need_
         if gdw_GKN is None:  # only db is used: its gradient rides as the bias of zero weights
             gdw_GKN = x_TK.new_zeros((offsets_G.shape[0], x_TK.shape[1], dy_TN.shape[1]))
         grad_dy = mm(x_TK, gdw_GKN, offsets_G, gdb_GN, perm_T)
-    return grad_x, grad_dy
+    return grad_x, grad_dy, None, None, None
 
 
 def _dw_backward(ctx, gdw_GKN, gdb_GN):
-    x, dy, offsets, perm = ctx.saved_tensors
-    need_x, need_dy = ctx.needs_input_grad[:2]
-    grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
-                                    gdb_GN if ctx.need_bias else None, need_x, need_dy,
-                                    torch.ops.mtmm.grouped_mm)
-    return grad_x, grad_dy, None, None, None
+    return _dw_backward_by(ctx, gdw_GKN, gdb_GN, torch.ops.mtmm.grouped_mm)
 
 
 torch.library.register_autograd("mtmm::grouped_mm_dw", _dw_backward,
@@ -1552,10 +1556,7 @@ class _GroupedMmFunction(torch.autograd.Function):
     def backward(ctx, dy_TN):
         if cpp_launch.wants_fresh_gradient(dy_TN):  # the layout the C++ path plans for
             dy_TN = dy_TN.clone(memory_format=torch.contiguous_format)
-        need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-        dx, dw, db = _eager_gradients(*ctx.saved_tensors, dy_TN, need_x, need_w,
-                                      bool(need_b and ctx.has_bias))
-        return dx, dw, None, db, None
+        return _backward_by(ctx, dy_TN, *_eager_calls())
 
 
 class _GroupedMmDwFunction(torch.autograd.Function):
@@ -1577,12 +1578,7 @@ class _GroupedMmDwFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gdw_GKN, gdb_GN):
-        x, dy, offsets, perm = ctx.saved_tensors
-        need_x, need_dy = ctx.needs_input_grad[:2]
-        mm = _grouped_mm_call if _recording() else _grouped_mm_impl
-        grad_x, grad_dy = _dw_gradients(x, dy, offsets, perm, gdw_GKN,
-                                        gdb_GN if ctx.need_bias else None, need_x, need_dy, mm)
-        return grad_x, grad_dy, None, None, None
+        return _dw_backward_by(ctx, gdw_GKN, gdb_GN, _eager_calls()[0])
 
 
 def _grouped_mm_call(x, w, offsets, bias, perm):
