@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -27,6 +28,7 @@ __all__ = [
     "cdiv",
     "wants_grad",
     "through_dispatcher",
+    "dtensor_mesh",
     "under_functorch",
     "has_values",
     "holds_values",
@@ -120,6 +122,18 @@ def through_dispatcher(*tensors: torch.Tensor) -> bool:
         elif t.is_meta:
             return True
     return False
+
+
+def dtensor_mesh(*tensors: torch.Tensor | None) -> object:
+    """The device mesh of the first DTensor among tensors (None entries are ignored), or None;
+    without importing DTensor where no program did (a DTensor needs it imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return None
+    for t in tensors:
+        if isinstance(t, module.DTensor):
+            return t.device_mesh
+    return None
 
 
 _interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",

@@ -1,0 +1,182 @@
+"""Tensor parallelism of the grouped GEMM (mtmm_kernels.tensor_parallel) on 2 gloo ranks.
+
+Every case runs on DTensors sharded over the ranks and is compared, forward and backward,
+against a float64 reference in the same process: the loop reference
+(``reference.grouped_mm_reference``) for the functions, ``nn.Linear`` heads for the
+``GroupedLinear`` modules. One spawn runs every case (a rank takes about 10 s to import torch
+and Triton); the tests below read its results.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from scheduler.launch import run_local
+
+G, K, N, T = 4, 10, 6, 13
+TOL = 1e-5  # fp32 against float64, relative Frobenius error
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.detach().double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _function_case(mesh, by_ids: bool, mode: str, with_bias: bool) -> dict:
+    """grouped_mm (or _by_ids) on DTensors placed for column or row parallelism."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from mtmm_kernels import grouped_mm, grouped_mm_by_ids
+    from mtmm_kernels.reference import grouped_mm_by_ids_reference, grouped_mm_reference
+
+    gen = torch.Generator().manual_seed(7)
+    x, w, b = (torch.randn(s, generator=gen) for s in ((T, K), (G, K, N), (G, N)))
+    dy = torch.randn(T, N, generator=gen)
+    offsets = torch.tensor([3, 3, 9, 11], dtype=torch.int32)  # an empty group; rows 11, 12 in none
+    ids = torch.randint(0, G, (T,), generator=gen)
+    index = ids if by_ids else offsets
+    x_pl, w_pl, b_pl = ((Replicate(), Shard(2), Shard(1)) if mode == "column"
+                        else (Shard(1), Shard(1), Replicate()))
+    x_d = distribute_tensor(x, mesh, [x_pl]).requires_grad_()
+    w_d = distribute_tensor(w, mesh, [w_pl]).requires_grad_()
+    b_d = distribute_tensor(b, mesh, [b_pl]).requires_grad_() if with_bias else None
+    call = grouped_mm_by_ids if by_ids else grouped_mm
+    y_d = call(x_d, w_d, index, b_d)  # a plain index: replicated by the call
+    (y_d.full_tensor() * dy).sum().backward()
+
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    ref_call = grouped_mm_by_ids_reference if by_ids else grouped_mm_reference
+    y64 = ref_call(x64, w64, index, b64 if with_bias else None)
+    (y64 * dy.double()).sum().backward()
+    out = {"y": _rel(y_d.full_tensor(), y64), "dx": _rel(x_d.grad.full_tensor(), x64.grad),
+           "dw": _rel(w_d.grad.full_tensor(), w64.grad),
+           "placements": [repr(p) for p in (y_d.placements[0], w_d.grad.placements[0])]}
+    if with_bias:
+        out["db"] = _rel(b_d.grad.full_tensor(), b64.grad)
+    return out
+
+
+class GroupedMlp(nn.Module):
+    """up (column parallel), ReLU, down (row parallel), both GroupedLinear; the index passed to
+    the layers by position, as a caller of nn.Linear-like modules may."""
+
+    def __init__(self, with_bias: bool):
+        super().__init__()
+        from mtmm_kernels import GroupedLinear
+
+        self.up = GroupedLinear(G, K, 2 * N, bias=with_bias)
+        self.down = GroupedLinear(G, 2 * N, K, bias=with_bias)
+
+    def forward(self, x, offsets=None, group_ids=None):
+        return self.down(torch.relu(self.up(x, offsets, group_ids)), offsets, group_ids)
+
+
+def _heads_forward(heads: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The loop reference: row t through heads[ids[t]] (rows whose id is G through none)."""
+    y = x.new_zeros(x.shape[:-1] + (heads[0].out_features,))
+    for g, head in enumerate(heads):
+        rows = ids == g
+        y = y.index_put((rows,), head(x[rows]))
+    return y
+
+
+def _module_case(mesh, by_ids: bool, with_bias: bool) -> dict:
+    """GroupedMlp under parallelize_module against float64 nn.Linear heads."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from mtmm_kernels.tensor_parallel import GroupedColwiseParallel, GroupedRowwiseParallel
+
+    torch.manual_seed(11)  # the same parameters on every rank (rank 0's are distributed)
+    mlp = GroupedMlp(with_bias)
+    heads_up = mlp.up.to_linears().double()
+    heads_down = mlp.down.to_linears().double()
+    parallelize_module(mlp, mesh, {"up": GroupedColwiseParallel(),
+                                   "down": GroupedRowwiseParallel()})
+    gen = torch.Generator().manual_seed(5)
+    if by_ids:  # [B, S, K] tokens with a group per token
+        x = torch.randn(2, 7, K, generator=gen)
+        ids = torch.randint(0, G, (2, 7), generator=gen)
+        y = mlp(x, group_ids=ids)
+    else:  # [T, K] rows sorted by group
+        x = torch.randn(T, K, generator=gen)
+        offsets = torch.tensor([2, 6, 6, 12])
+        ids = torch.bucketize(torch.arange(T), offsets, right=True)  # G past the last group
+        y = mlp(x, offsets)
+    dy = torch.randn(y.shape, generator=gen)
+    (y * dy).sum().backward()
+
+    x64 = x.double()
+    y64 = _heads_forward(heads_down, torch.relu(_heads_forward(heads_up, x64, ids)), ids)
+    (y64 * dy.double()).sum().backward()
+    out = {"y": _rel(y, y64), "dtensor": isinstance(y, DTensor),
+           "placements": [repr(mlp.up.weight.placements[0]), repr(mlp.down.weight.placements[0])]}
+    for name, layer, heads in (("up", mlp.up, heads_up), ("down", mlp.down, heads_down)):
+        out[f"d{name}.weight"] = _rel(layer.weight.grad.full_tensor(),
+                                      torch.stack([h.weight.grad.t() for h in heads]))
+        if with_bias:
+            out[f"d{name}.bias"] = _rel(layer.bias.grad.full_tensor(),
+                                        torch.stack([h.bias.grad for h in heads]))
+    return out
+
+
+FUNCTION_CASES = [(by_ids, mode, with_bias) for by_ids in (False, True)
+                  for mode in ("column", "row") for with_bias in (False, True)]
+MODULE_CASES = [(by_ids, with_bias) for by_ids in (False, True) for with_bias in (False, True)]
+
+
+def _run_cases() -> dict:
+    """Every case on this rank, in one process. A bias-free call precedes a biased one on the
+    same placements: a sharding cache keyed without need_bias would hand the biased backward
+    the bias-free call's empty dBias shape."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2,))
+    results = {}
+    for case in FUNCTION_CASES:
+        results[("function",) + case] = _function_case(mesh, *case)
+    for case in MODULE_CASES:
+        results[("module",) + case] = _module_case(mesh, *case)
+    return results
+
+
+@pytest.fixture(scope="module")
+def rank_results() -> list[dict]:
+    return run_local(_run_cases, 2, backend="gloo", timeout_s=600)
+
+
+@pytest.mark.parametrize("by_ids,mode,with_bias", FUNCTION_CASES)
+def test_functions_on_sharded_operands_match_float64(rank_results, by_ids, mode, with_bias):
+    for rank, results in enumerate(rank_results):
+        r = results[("function", by_ids, mode, with_bias)]
+        errors = {k: v for k, v in r.items() if k != "placements"}
+        assert max(errors.values()) < TOL, (rank, errors)
+        # column parallel: y and dW sharded on N; row parallel: y a partial sum, dW on K
+        expected = ["Shard(dim=1)", "Shard(dim=2)"] if mode == "column" else ["Partial(sum)",
+                                                                              "Shard(dim=1)"]
+        assert r["placements"] == expected, rank
+
+
+@pytest.mark.parametrize("by_ids,with_bias", MODULE_CASES)
+def test_grouped_mlp_column_then_row_parallel_matches_linear_heads(rank_results, by_ids,
+                                                                   with_bias):
+    for rank, results in enumerate(rank_results):
+        r = results[("module", by_ids, with_bias)]
+        assert not r["dtensor"], rank  # the row-parallel output hook all-reduced it
+        assert r["placements"] == ["Shard(dim=2)", "Shard(dim=1)"], rank
+        errors = {k: v for k, v in r.items() if k not in ("dtensor", "placements")}
+        assert len(errors) == (5 if with_bias else 3)
+        assert max(errors.values()) < TOL, (rank, errors)
+
+
+def test_import_does_not_load_dtensor():
+    """torch.distributed.tensor takes about 0.8 s to import: only programs with DTensors pay."""
+    code = ("import sys, mtmm_kernels; "
+            "sys.exit('torch.distributed.tensor' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
