@@ -330,6 +330,39 @@ def test_compile_traces_grouped_linear_cpu(routing):
     assert rel_err(wc, m.weight.grad) < 1e-5 and rel_err(bc, m.bias.grad) < 1e-5
 
 
+@pytest.mark.parametrize("routing", ["offsets", "group_ids", "group_ids_3d"])
+def test_compile_dynamic_rows_trace_once(routing):
+    """A multi-task batch has a new row count every step: with dynamic shapes one trace serves
+    them all (the checks and fake implementations guard no row count), and each step's
+    gradients equal eager's."""
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    m = GroupedLinear(3, 6, 5)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(x, route):
+        return m(x, **route).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
+    for T in (11, 17, 23):
+        if routing == "offsets":
+            x, route = torch.randn(T, 6), {"offsets": torch.tensor([2, 2, T - 1])}
+        elif routing == "group_ids":
+            x, route = torch.randn(T, 6), {"group_ids": torch.randint(0, 3, (T,))}
+        else:
+            x, route = torch.randn(2, T, 6), {"group_ids": torch.randint(0, 3, (2, T))}
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled(xc, route).backward()
+        wc, bc = m.weight.grad.clone(), m.bias.grad.clone()
+        m.zero_grad()
+        step(xe, route).backward()
+        assert rel_err(xc.grad, xe.grad) < 1e-5, T
+        assert rel_err(wc, m.weight.grad) < 1e-5 and rel_err(bc, m.bias.grad) < 1e-5, T
+        m.zero_grad()
+    assert counter.frame_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("routing", ["offsets", "group_ids"])
 def test_compile_fullgraph_grouped_linear(routing):

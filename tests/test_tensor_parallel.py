@@ -1,4 +1,5 @@
-"""Tensor parallelism of the grouped GEMM (mtmm_kernels.tensor_parallel) on 2 gloo ranks.
+"""Tensor parallelism of the grouped GEMM (mtmm_kernels.tensor_parallel), and FSDP2 over a
+GroupedLinear, on 2 gloo ranks.
 
 Every case runs on DTensors sharded over the ranks and is compared, forward and backward,
 against a float64 reference in the same process: the loop reference
@@ -23,7 +24,7 @@ TOL = 1e-5  # fp32 against float64, relative Frobenius error
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a = a.detach().double()
+    a, ref = a.detach().double(), ref.detach()
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
@@ -125,6 +126,39 @@ def _module_case(mesh, by_ids: bool, with_bias: bool) -> dict:
     return out
 
 
+def _fsdp_case(mesh) -> dict:
+    """GroupedMlp under FSDP2 (fully_shard: parameters sharded on G, gathered for each layer's
+    forward and backward as plain tensors), each rank with a batch of its own, against
+    float64 heads whose gradients are averaged over the ranks as FSDP's are."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(11)
+    mlp = GroupedMlp(with_bias=True)
+    heads = {"up": mlp.up.to_linears().double(), "down": mlp.down.to_linears().double()}
+    for layer in (mlp.up, mlp.down, mlp):
+        fully_shard(layer, mesh=mesh)
+    gen = torch.Generator().manual_seed(5 + torch.distributed.get_rank())
+    x = torch.randn(2, 7, K, generator=gen)
+    ids = torch.randint(0, G, (2, 7), generator=gen)
+    y = mlp(x, group_ids=ids)
+    dy = torch.randn(y.shape, generator=gen)
+    (y * dy).sum().backward()
+
+    y64 = _heads_forward(heads["down"], torch.relu(_heads_forward(heads["up"], x.double(), ids)),
+                         ids)
+    (y64 * dy.double()).sum().backward()
+    out = {"y": _rel(y, y64)}
+    for name, layer in (("up", mlp.up), ("down", mlp.down)):
+        for p in heads[name].parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= torch.distributed.get_world_size()
+        out[f"d{name}.weight"] = _rel(layer.weight.grad.full_tensor(),
+                                      torch.stack([h.weight.grad.t() for h in heads[name]]))
+        out[f"d{name}.bias"] = _rel(layer.bias.grad.full_tensor(),
+                                    torch.stack([h.bias.grad for h in heads[name]]))
+    return out
+
+
 FUNCTION_CASES = [(by_ids, mode, with_bias) for by_ids in (False, True)
                   for mode in ("column", "row") for with_bias in (False, True)]
 MODULE_CASES = [(by_ids, with_bias) for by_ids in (False, True) for with_bias in (False, True)]
@@ -143,6 +177,7 @@ def _run_cases() -> dict:
         results[("function",) + case] = _function_case(mesh, *case)
     for case in MODULE_CASES:
         results[("module",) + case] = _module_case(mesh, *case)
+    results["fsdp"] = _fsdp_case(mesh)
     return results
 
 
@@ -173,6 +208,12 @@ def test_grouped_mlp_column_then_row_parallel_matches_linear_heads(rank_results,
         errors = {k: v for k, v in r.items() if k not in ("dtensor", "placements")}
         assert len(errors) == (5 if with_bias else 3)
         assert max(errors.values()) < TOL, (rank, errors)
+
+
+def test_grouped_mlp_under_fsdp2_matches_linear_heads(rank_results):
+    for rank, results in enumerate(rank_results):
+        errors = results["fsdp"]
+        assert len(errors) == 5 and max(errors.values()) < TOL, (rank, errors)
 
 
 def test_import_does_not_load_dtensor():
