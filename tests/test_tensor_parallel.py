@@ -86,8 +86,9 @@ def _heads_forward(heads: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor) -> 
     return y
 
 
-def _module_case(mesh, by_ids: bool, with_bias: bool) -> dict:
-    """GroupedMlp under parallelize_module against float64 nn.Linear heads."""
+def _module_case(mesh, by_ids: bool, with_bias: bool, compiled: bool = False) -> dict:
+    """GroupedMlp under parallelize_module (and torch.compile, fullgraph, where ``compiled``)
+    against float64 nn.Linear heads."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -99,16 +100,17 @@ def _module_case(mesh, by_ids: bool, with_bias: bool) -> dict:
     heads_down = mlp.down.to_linears().double()
     parallelize_module(mlp, mesh, {"up": GroupedColwiseParallel(),
                                    "down": GroupedRowwiseParallel()})
+    forward = torch.compile(mlp, fullgraph=True, backend="aot_eager") if compiled else mlp
     gen = torch.Generator().manual_seed(5)
     if by_ids:  # [B, S, K] tokens with a group per token
         x = torch.randn(2, 7, K, generator=gen)
         ids = torch.randint(0, G, (2, 7), generator=gen)
-        y = mlp(x, group_ids=ids)
+        y = forward(x, group_ids=ids)
     else:  # [T, K] rows sorted by group
         x = torch.randn(T, K, generator=gen)
         offsets = torch.tensor([2, 6, 6, 12])
         ids = torch.bucketize(torch.arange(T), offsets, right=True)  # G past the last group
-        y = mlp(x, offsets)
+        y = forward(x, offsets)
     dy = torch.randn(y.shape, generator=gen)
     (y * dy).sum().backward()
 
@@ -161,7 +163,8 @@ def _fsdp_case(mesh) -> dict:
 
 FUNCTION_CASES = [(by_ids, mode, with_bias) for by_ids in (False, True)
                   for mode in ("column", "row") for with_bias in (False, True)]
-MODULE_CASES = [(by_ids, with_bias) for by_ids in (False, True) for with_bias in (False, True)]
+MODULE_CASES = [(by_ids, with_bias, False) for by_ids in (False, True)
+                for with_bias in (False, True)] + [(True, True, True), (False, True, True)]
 
 
 def _run_cases() -> dict:
@@ -198,11 +201,11 @@ def test_functions_on_sharded_operands_match_float64(rank_results, by_ids, mode,
         assert r["placements"] == expected, rank
 
 
-@pytest.mark.parametrize("by_ids,with_bias", MODULE_CASES)
+@pytest.mark.parametrize("by_ids,with_bias,compiled", MODULE_CASES)
 def test_grouped_mlp_column_then_row_parallel_matches_linear_heads(rank_results, by_ids,
-                                                                   with_bias):
+                                                                   with_bias, compiled):
     for rank, results in enumerate(rank_results):
-        r = results[("module", by_ids, with_bias)]
+        r = results[("module", by_ids, with_bias, compiled)]
         assert not r["dtensor"], rank  # the row-parallel output hook all-reduced it
         assert r["placements"] == ["Shard(dim=2)", "Shard(dim=1)"], rank
         errors = {k: v for k, v in r.items() if k not in ("dtensor", "placements")}
