@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
                    help="per-layer times for the planner: the analytic model, or each MetaOp timed here first")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

@@ -219,11 +219,13 @@ class Executor:
     and backward (gradients reduced), ``owned(name)`` to count each parameter once."""
 
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
         self.model = model.build(self.schedule.holdings(self.rank)).to(device)
+        if dtype is not None:  # the parameters' dtype (float64 for numerics checks)
+            self.model.to(dtype)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         # Groups: every rank creates every group, in the same order (torch requires it).
@@ -353,7 +355,9 @@ class Executor:
             if sl.end == comp.num_layers:
                 x = comp.run_post(x, ctx)
             if self.schedule.is_sink(sl):
-                rec.loss = task.loss({sl.component: x}, batch).float() * (task.weight / task.count_units(full))
+                loss = task.loss({sl.component: x}, batch)  # at least fp32 (bf16 under autocast)
+                loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+                rec.loss = loss * (task.weight / task.count_units(full))
         rec.out = x
         self._rec[sl.id] = rec
 

@@ -27,6 +27,9 @@ from scheduler.modelapi import profiled_cost
 from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")
+
+
 @dataclass
 class TrainConfig:
     """What one training run does (picklable: it travels to every rank)."""
@@ -41,7 +44,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float | None = 1.0
     seed: int = 0
-    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 on GPUs, fp32 on CPUs
+    # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks, for
+    # models without mtmm kernels) or "auto": bf16 on GPUs, fp32 on CPUs
+    precision: str = "auto"
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -50,6 +55,13 @@ class TrainConfig:
     return_state: bool = False  # rank 0 returns the whole final state (tests)
     die_at_step: int | None = None  # test hook: rank ``die_rank`` exits hard at this step
     die_rank: int = 1
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """An input on the device; floating ones in ``dtype`` where one is set."""
+    if dtype is not None and t.is_floating_point():
+        return t.to(device, dtype)
+    return t.to(device)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -81,6 +93,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs ``cfg`` on the current process group (or alone). Returns the history (per step:
     per-task losses, total, tokens/s, grad norm) and, with ``return_state``, rank 0's gathered
     final state."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
@@ -99,7 +113,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None)
+    dtype = torch.float64 if cfg.precision == "fp64" else None
+    ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+                  dtype=dtype)
     named = sorted(ex.named_parameters())
     opt = make_optimizer([p for _, p in named], cfg)
     start = 0
@@ -112,7 +128,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.die_at_step == step and rank == cfg.die_rank:
             os._exit(17)
         t0 = time.perf_counter()
-        data = {t: {k: v.to(device) for k, v in b.items()} for t, b in stream.step(step).items()}
+        data = {t: {k: _to(v, device, dtype) for k, v in b.items()}
+                for t, b in stream.step(step).items()}
         opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
         losses = ex.step(data)

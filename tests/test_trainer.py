@@ -107,6 +107,20 @@ def test_progress_bar_is_optional(monkeypatch):
     assert trainer._progress(cfg, 0, 0) is None
 
 
+def test_fp64_trains_in_float64_and_a_bad_precision_is_named():
+    """precision="fp64" (the executor tests' tiny-clip runs) keeps parameters, losses and
+    gradients in float64; an unknown precision is refused by name."""
+    out = train(TrainConfig(model="tiny-clip", steps=2, precision="fp64", progress=False,
+                            log_every=0, return_state=True))
+    assert {p.dtype for p in out["state"]["params"].values()} == {torch.float64}
+    fp32 = train(TrainConfig(model="tiny-clip", steps=2, precision="fp32", progress=False,
+                             log_every=0))
+    for a, b in zip(out["history"], fp32["history"]):  # the same run, other rounding
+        assert a["loss"] != b["loss"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(b["loss"])
+    with pytest.raises(ValueError, match="^precision: .* got 'fp16'"):
+        train(TrainConfig(model="tiny-clip", steps=1, precision="fp16", progress=False))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", ["tiny-clip", "tiny-val"])
 def test_bf16_autocast_on_gpu_tracks_fp32(model):
