@@ -223,9 +223,8 @@ class Executor:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
-        self.model = model.build(self.schedule.holdings(self.rank)).to(device)
-        if dtype is not None:  # the parameters' dtype (float64 for numerics checks)
-            self.model.to(dtype)
+        # dtype: the parameters' (float64 for numerics checks); None keeps the built ones
+        self.model = model.build(self.schedule.holdings(self.rank)).to(device=device, dtype=dtype)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         # Groups: every rank creates every group, in the same order (torch requires it).

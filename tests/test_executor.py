@@ -16,7 +16,7 @@ from scheduler.data import SyntheticStream
 from scheduler.executor import Executor, PlanMismatchError, Schedule, make_plan, plan_methods, split_range
 from scheduler.launch import run_local
 from scheduler.tiny_models import get_trainable_model
-from scheduler.trainer import TrainConfig, train_many
+from scheduler.trainer import TrainConfig, _to, train_many
 
 STEPS, LR, CLIP_NORM = 3, 3e-3, 1.0
 CLIP = "tiny-clip"
@@ -53,7 +53,7 @@ def reference_run(name: str, steps: int = STEPS):
     hist = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
-        batch = {t: {k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()}
+        batch = {t: {k: _to(v, "cpu", dtype) for k, v in b.items()}
                  for t, b in stream.step(s).items()}
         losses = model.reference_losses(batch)
         sum(losses.values()).backward()
