@@ -29,6 +29,7 @@ __all__ = [
     "wants_grad",
     "through_dispatcher",
     "dtensor_mesh",
+    "index_on_mesh",
     "under_functorch",
     "has_values",
     "holds_values",
@@ -134,6 +135,18 @@ def dtensor_mesh(*tensors: torch.Tensor | None) -> object:
         if isinstance(t, module.DTensor):
             return t.device_mesh
     return None
+
+
+def index_on_mesh(index: torch.Tensor | None, *operands: torch.Tensor | None):
+    """``index`` (offsets, group ids, cu_seqlens: a plain tensor, the same on every rank) as a
+    DTensor replicated on the mesh of the first DTensor among ``operands``, for the ops'
+    sharding strategies (``mtmm_kernels.tensor_parallel``, imported here on first use, registers
+    them); else ``index`` unchanged (None included)."""
+    mesh = dtensor_mesh(*operands)
+    if mesh is None or index is None:
+        return index
+    from . import tensor_parallel
+    return tensor_parallel.replicated(index, mesh)
 
 
 _interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",

@@ -37,7 +37,7 @@ from . import _cpp_launch as cpp_launch
 from . import _direct_launch as direct_launch
 from . import reference
 from .group_sort import sort_by_group
-from ._triton_utils import (cdiv, dtensor_mesh, has_values, holds_values, is_interpreter,
+from ._triton_utils import (cdiv, has_values, holds_values, index_on_mesh, is_interpreter,
                             next_power_of_2, through_dispatcher, triton_runs_on, under_functorch,
                             wants_grad)
 from ._triton_utils import num_sms as _num_sms
@@ -1642,16 +1642,6 @@ def _check_operands(x, w, bias, index_name: str, index) -> None:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _index_on_mesh(index: torch.Tensor, *operands: torch.Tensor | None) -> torch.Tensor:
-    """index (offsets, group ids) replicated on the mesh of the first DTensor operand, for
-    tensor parallelism (``mtmm_kernels.tensor_parallel``, which this registers); else index."""
-    mesh = dtensor_mesh(*operands)
-    if mesh is None:
-        return index
-    from . import tensor_parallel
-    return tensor_parallel.replicated(index, mesh)
-
-
 def _values_checkable(t: torch.Tensor) -> bool:
     """Values are checked where reading them costs no device synchronisation."""
     return holds_values(t)
@@ -1687,7 +1677,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         y = cpp_launch.public_call("grouped_mm_public", x, w, offsets, bias)
         if y is not None:  # the plain call, checked and launched in C++ (docs/host_path.md)
             return y
-    offsets = _index_on_mesh(offsets, x, w, bias)
+    offsets = index_on_mesh(offsets, x, w, bias)
     _check_operands(x, w, bias, "offsets", offsets)
     if offsets.shape[0] != w.shape[0]:
         raise ValueError(f"offsets must have one entry per group of w (G={w.shape[0]}), "
@@ -1731,7 +1721,7 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
         y = cpp_launch.public_call("grouped_mm_by_ids_public", x, w, group_ids, bias)
         if y is not None:  # the plain call, sort included, checked and launched in C++
             return y
-    group_ids = _index_on_mesh(group_ids, x, w, bias)
+    group_ids = index_on_mesh(group_ids, x, w, bias)
     _check_operands(x, w, bias, "group_ids", group_ids)
     G = w.shape[0]
     if group_ids.shape[0] != x.shape[0]:

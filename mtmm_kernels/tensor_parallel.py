@@ -1,5 +1,6 @@
-"""Tensor parallelism for the grouped GEMM: DTensor sharding strategies for the ``mtmm`` ops,
-and ``GroupedColwiseParallel`` / ``GroupedRowwiseParallel`` for ``parallelize_module``.
+"""Tensor parallelism for the grouped GEMM and the variable-length packing: DTensor sharding
+strategies for the ``mtmm`` ops, and ``GroupedColwiseParallel`` / ``GroupedRowwiseParallel``
+for ``parallelize_module``.
 
 A ``GroupedLinear`` is G linears side by side, so it splits like one (Megatron-style): column
 parallel shards every group's output features (weight [G, in, out] on dim 2, bias on dim 1;
@@ -7,6 +8,7 @@ x replicated, y sharded on its last dim), row parallel its input features (weigh
 x sharded on its last dim, y a partial sum that the output hook all-reduces). Rows are never
 split: ``offsets`` and ``group_ids`` index the rows of the whole batch, so they are
 replicated on every rank (the public functions replicate plain index tensors themselves).
+Packing and unpacking copy rows: a shard of H stays one, and so does a partial sum.
 
 Importing this module registers the strategies; the public functions import it on their
 first DTensor operand, so ``torch.distributed.tensor`` (about 0.8 s to import) is loaded only
@@ -28,11 +30,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import (DeviceMesh, DTensor, Partial, Replicate, Shard,
                                       distribute_module, distribute_tensor)
-from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, RuntimeSchemaInfo
+from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from . import group_sort, grouped_gemm  # noqa: F401  (the ops must exist to be registered)
+from . import group_sort, grouped_gemm, varlen  # noqa: F401  (the ops must exist to be registered)
 from .nn import GroupedLinear
 
 __all__ = ["GroupedColwiseParallel", "GroupedRowwiseParallel", "replicated"]
@@ -87,6 +90,41 @@ def _grouped_mm_dw_strategies(x, dy, offsets, perm, need_bias):
 def _sort_by_group_strategies(ids, num_groups):
     """The order of all rows: ids replicated (a shard of rows would sort only its own)."""
     return [([R, R], [R, None])]
+
+
+@register_sharding(torch.ops.mtmm.varlen_pack.default)
+def _varlen_pack_strategies(streams, lens_SB, cu_seqlens, order, total):
+    """values [T, H] gathers rows of the streams [B, L_s, H]: a copy, so a shard of H gives a
+    shard of H and partial streams a partial sum; the token metadata depends on the plan
+    alone (replicated). Rows are never split: the plan indexes the whole batch."""
+    index = [_opt(lens_SB, R), R, _opt(order, R), None]
+    return [
+        ([R, R, R, R], [R] * len(streams) + index),
+        ([Shard(1), R, R, R], [Shard(2)] * len(streams) + index),
+        ([P, R, R, R], [P] * len(streams) + index),
+    ]
+
+
+def _varlen_unpack_strategy(op_schema: OpSchema) -> OpStrategy:
+    """The adjoint of varlen_pack (padding rows are zeros, which shards and partial sums keep).
+    Written against the strategy API itself: register_sharding gives an op one output spec per
+    return, and this op returns one list of S tensors, which DTensor wraps spec by spec."""
+    values, lens_SB, cu_seqlens, order, max_lens = op_schema.args_schema
+    S, index = len(max_lens), [_opt(lens_SB, R), R, _opt(order, R)]
+    strategy = expand_to_full_mesh_op_strategy(
+        op_schema.get_mesh_from_args(), op_schema,
+        [[R] * S + [R] + index, [Shard(2)] * S + [Shard(1)] + index, [P] * S + [P] + index],
+        input_index=S)
+    if S == 1:  # a single output spec is not a list of one
+        for spec in strategy.strategies:
+            spec.output_specs = (spec.output_specs,)
+    return strategy
+
+
+# Keyed on max_lens (a list of ints, from argument 4 on): the output shapes depend on it.
+DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
+    torch.ops.mtmm.varlen_unpack.default, _varlen_unpack_strategy,
+    RuntimeSchemaInfo(static_argnum=4, needs_pytree=True))
 
 
 # register_sharding hashes only the arguments from the first int one on into its cache key;

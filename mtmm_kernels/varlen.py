@@ -51,9 +51,9 @@ import torch
 from mtmm_kernels import _autocast as autocast
 from mtmm_kernels import _direct_launch as direct_launch
 from mtmm_kernels import reference
-from mtmm_kernels._triton_utils import (cdiv, has_triton, has_values, holds_values,
-                                       next_power_of_2, through_dispatcher, triton_runs_on,
-                                       wants_grad)
+from mtmm_kernels._triton_utils import (cdiv, dtensor_mesh, has_triton, has_values,
+                                       holds_values, index_on_mesh, next_power_of_2,
+                                       through_dispatcher, triton_runs_on, wants_grad)
 
 if has_triton():
     import triton
@@ -843,7 +843,11 @@ def _check_values(x, name: str, ndim: int) -> None:
 def _check_alike(xs, name: str, h_dim: int) -> None:
     """Every tensor of the list has the first one's H (dimension ``h_dim``), dtype and device."""
     H, dtype, device = xs[0].shape[h_dim], xs[0].dtype, xs[0].device
+    distributed = dtensor_mesh(xs[0]) is not None
     for i, x in enumerate(xs[1:], 1):
+        if (dtensor_mesh(x) is not None) != distributed:
+            raise ValueError(f"{name}[{i}] is {'not ' if distributed else ''}a DTensor, "
+                             f"{name}[0] is {'' if distributed else 'not '}one")
         if x.shape[h_dim] != H:
             raise ValueError(f"{name}[{i}] has H={x.shape[h_dim]}, {name}[0] has H={H}")
         if x.dtype != dtype or x.device != device:
@@ -1055,8 +1059,13 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
             max_seqlen = longest
     if max_seqlen is None:
         max_seqlen = sum(max_lens)
+    # DTensor streams (tensor parallelism): the plan is the same on every rank, replicated
     values, position_ids, seq_ids, modality_ids = _pack(
-        streams, lens_SB, cu_seqlens, order if grouped else None, total)
+        streams, *(index_on_mesh(t, *streams) for t in (lens_SB, cu_seqlens,
+                                                         order if grouped else None)), total)
+    if dtensor_mesh(values) is not None:  # token metadata stays plain, as cu_seqlens is
+        position_ids, seq_ids, modality_ids = (
+            t.to_local() for t in (position_ids, seq_ids, modality_ids))
     return PackedBatch(
         values=values, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
         seq_ids=seq_ids, modality_ids=modality_ids if multimodal else None,
@@ -1142,7 +1151,7 @@ def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, values on {values.device}")
     if validate and not torch.compiler.is_compiling() and has_values(cu_seqlens):
         _check_cu_values(cu_seqlens, values.shape[0], max_seqlen)
-    return _unpack(values, None, cu_seqlens, None, [max_seqlen])[0]
+    return _unpack(values, None, index_on_mesh(cu_seqlens, values), None, [max_seqlen])[0]
 
 
 def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence[int], *,
@@ -1208,4 +1217,5 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
         if not torch.equal(host.sum(0)[perm], cu[1:] - cu[:-1]):
             raise ValueError("lengths do not add up to the sequence lengths in "
                              "packed.cu_seqlens")
-    return list(_unpack(values, lens_SB, cu_seqlens, order, max_lens))
+    return list(_unpack(values, *(index_on_mesh(t, values) for t in (lens_SB, cu_seqlens, order)),
+                        max_lens))

@@ -1,10 +1,10 @@
-"""Tensor parallelism of the grouped GEMM (mtmm_kernels.tensor_parallel), and FSDP2 over a
-GroupedLinear, on 2 gloo ranks.
+"""Tensor parallelism of the grouped GEMM (mtmm_kernels.tensor_parallel), FSDP2 over a
+GroupedLinear, and the variable-length packing ops on DTensors, on 2 gloo ranks.
 
 Every case runs on DTensors sharded over the ranks and is compared, forward and backward,
 against a float64 reference in the same process: the loop reference
 (``reference.grouped_mm_reference``) for the functions, ``nn.Linear`` heads for the
-``GroupedLinear`` modules. One spawn runs every case (a rank takes about 10 s to import torch
+``GroupedLinear`` modules, slices and padding for packing. One spawn runs every case (a rank takes about 10 s to import torch
 and Triton); the tests below read its results.
 """
 
@@ -161,6 +161,132 @@ def _fsdp_case(mesh) -> dict:
     return out
 
 
+# --- variable-length packing on DTensors ------------------------------------------------------
+H = 7  # split unevenly over 2 ranks (4 + 3)
+LENGTHS, MAX_LENS, GROUP_IDS = [[2, 5, 0], [1, 0, 4]], [5, 4], [1, 0, 1]
+
+
+def _placed(x: torch.Tensor, mesh, placement: str):
+    """x as a DTensor leaf: sharded on H, replicated, or a partial sum of unequal shares."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    if placement == "partial":  # rank r holds x (r + 1) / 3: the shares add up to x
+        share = x * (torch.distributed.get_rank() + 1) / 3
+        return DTensor.from_local(share, mesh, [Partial()], run_check=False).requires_grad_()
+    pl = Shard(x.dim() - 1) if placement == "shard" else Replicate()
+    return distribute_tensor(x, mesh, [pl]).requires_grad_()
+
+
+def _pack_reference(streams, lengths, order):
+    """Packed sequence i is sample order[i]'s rows of every stream, stream after stream."""
+    return torch.cat([x[b, :n[b]] for b in order for x, n in zip(streams, lengths)])
+
+
+def _unpack_reference(values, lengths, max_lens, order):
+    pieces, row = {}, 0
+    for b in order:
+        for s, n in enumerate(lengths):
+            pieces[s, b], row = values[row:row + n[b]], row + n[b]
+    return [torch.stack([nn.functional.pad(pieces[s, b], (0, 0, 0, L - lengths[s][b]))
+                         for b in range(len(order))]) for s, L in enumerate(max_lens)]
+
+
+def _varlen_case(mesh, placement: str, grouped: bool) -> dict:
+    """pack_multimodal then unpack_multimodal on DTensor streams, forward and backward; where
+    grouped, also a grouped GEMM (replicated weights) over the packed rows by group_offsets."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from mtmm_kernels import grouped_mm, pack_multimodal, unpack_multimodal
+    from mtmm_kernels.reference import grouped_mm_reference
+
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, L, H, generator=gen) for L in MAX_LENS]
+    dv = torch.randn(12, H, generator=gen)
+    douts = [torch.randn(x.shape, generator=gen) for x in xs]
+    w, dy = torch.randn(2, H, 3, generator=gen), torch.randn(12, 3, generator=gen)
+    gids = GROUP_IDS if grouped else None
+    streams = [_placed(x, mesh, placement) for x in xs]
+    packed = pack_multimodal(streams, LENGTHS, gids)
+    outs = unpack_multimodal(packed, LENGTHS, MAX_LENS)
+    loss = ((packed.values.full_tensor() * dv).sum()
+            + sum((o.full_tensor() * d).sum() for o, d in zip(outs, douts)))
+    if grouped:
+        y = grouped_mm(packed.values, distribute_tensor(w, mesh, [Replicate()]),
+                       packed.group_offsets)
+        loss = loss + (y.full_tensor() * dy).sum()
+    loss.backward()
+
+    order = sorted(range(3), key=lambda b: gids[b]) if grouped else list(range(3))
+    x64 = [x.double().requires_grad_() for x in xs]
+    v64 = _pack_reference(x64, LENGTHS, order)
+    o64 = _unpack_reference(v64, LENGTHS, MAX_LENS, order)
+    loss64 = (v64 * dv.double()).sum() + sum((o * d.double()).sum() for o, d in zip(o64, douts))
+    if grouped:  # samples 1 (group 0, 5 rows), then 0 and 2 (group 1, 3 + 4 rows)
+        y64 = grouped_mm_reference(v64, w.double(), torch.tensor([5, 12]))
+        loss64 = loss64 + (y64 * dy.double()).sum()
+    loss64.backward()
+    seq_lens = [sum(n[b] for n in LENGTHS) for b in order]
+    metadata = (packed.position_ids, packed.seq_ids, packed.modality_ids)
+    expected = (torch.cat([torch.arange(n) for n in seq_lens]),
+                torch.cat([torch.full((n,), i) for i, n in enumerate(seq_lens)]),
+                torch.cat([torch.full((n[b],), s) for b in order for s, n in enumerate(LENGTHS)]))
+    return {
+        **({"y": _rel(y.full_tensor(), y64)} if grouped else {}),
+        "values": _rel(packed.values.full_tensor(), v64),
+        **{f"out{s}": _rel(o.full_tensor(), r) for s, (o, r) in enumerate(zip(outs, o64))},
+        **{f"dx{s}": _rel(x.grad.full_tensor(), r.grad) for s, (x, r) in enumerate(zip(streams, x64))},
+        "placements": [repr(t.placements[0]) for t in (packed.values, *outs)],
+        "plain metadata": all(type(t) is torch.Tensor for t in (*metadata, packed.cu_seqlens)),
+        "metadata": all(torch.equal(t.long(), e) for t, e in zip(metadata, expected)),
+    }
+
+
+def _varlen_padded_case(mesh, compiled: bool) -> dict:
+    """pack_padded, then unpack to two lengths (a sharding cache keyed without max_seqlen
+    would give the second the first's shape), eager and under torch.compile; and pack() of
+    sharded sequences."""
+    from mtmm_kernels import pack, pack_padded, unpack
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, H, generator=gen)
+    lens = torch.tensor(LENGTHS[0])
+    d5, d8 = torch.randn(3, 5, H, generator=gen), torch.randn(3, 8, H, generator=gen)
+
+    def roundtrip(x_d):
+        packed = pack_padded(x_d, lens, total=7, max_seqlen=5)
+        return unpack(packed.values, packed.cu_seqlens, 5), unpack(packed.values,
+                                                                   packed.cu_seqlens, 8)
+
+    run = torch.compile(roundtrip, fullgraph=True, backend="aot_eager") if compiled else roundtrip
+    x_d = _placed(x, mesh, "shard")
+    u5, u8 = run(x_d)
+    ((u5.full_tensor() * d5).sum() + (u8.full_tensor() * d8).sum()).backward()
+
+    x64 = x.double().requires_grad_()
+    v64 = _pack_reference([x64], LENGTHS[:1], range(3))
+    (r5,), (r8,) = (_unpack_reference(v64, LENGTHS[:1], [L], range(3)) for L in (5, 8))
+    ((r5 * d5.double()).sum() + (r8 * d8.double()).sum()).backward()
+    seqs = [_placed(x[b, :n].contiguous(), mesh, "shard") for b, n in enumerate(LENGTHS[0])]
+    return {"u5": _rel(u5.full_tensor(), r5), "u8": _rel(u8.full_tensor(), r8),
+            "dx": _rel(x_d.grad.full_tensor(), x64.grad),
+            "pack": _rel(pack(seqs).values.full_tensor(), v64),
+            "shapes": [tuple(u5.shape), tuple(u8.shape)],
+            "placements": [repr(u.placements[0]) for u in (u5, u8)]}
+
+
+def _mixed_streams_error(mesh) -> str:
+    from mtmm_kernels import pack_multimodal
+
+    x = torch.randn(3, 5, H)
+    try:
+        pack_multimodal([_placed(x, mesh, "shard"), x], [LENGTHS[0]] * 2)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+VARLEN_CASES = [(placement, grouped) for placement in ("shard", "replicate", "partial")
+                for grouped in (False, True)]
 FUNCTION_CASES = [(by_ids, mode, with_bias) for by_ids in (False, True)
                   for mode in ("column", "row") for with_bias in (False, True)]
 MODULE_CASES = [(by_ids, with_bias, False) for by_ids in (False, True)
@@ -181,6 +307,11 @@ def _run_cases() -> dict:
     for case in MODULE_CASES:
         results[("module",) + case] = _module_case(mesh, *case)
     results["fsdp"] = _fsdp_case(mesh)
+    for case in VARLEN_CASES:
+        results[("varlen",) + case] = _varlen_case(mesh, *case)
+    for compiled in (False, True):
+        results[("varlen padded", compiled)] = _varlen_padded_case(mesh, compiled)
+    results["mixed streams"] = _mixed_streams_error(mesh)
     return results
 
 
@@ -217,6 +348,36 @@ def test_grouped_mlp_under_fsdp2_matches_linear_heads(rank_results):
     for rank, results in enumerate(rank_results):
         errors = results["fsdp"]
         assert len(errors) == 5 and max(errors.values()) < TOL, (rank, errors)
+
+
+@pytest.mark.parametrize("placement,grouped", VARLEN_CASES)
+def test_pack_and_unpack_multimodal_on_dtensor_streams_match_float64(rank_results, placement,
+                                                                      grouped):
+    """A shard of H stays a shard of H, replicated stays replicated, a partial sum stays one;
+    the plan and the token metadata are plain tensors, the same on every rank."""
+    expected = {"shard": ["Shard(dim=1)"] + ["Shard(dim=2)"] * 2,
+                "replicate": ["Replicate()"] * 3, "partial": ["Partial(sum)"] * 3}[placement]
+    for rank, results in enumerate(rank_results):
+        r = results[("varlen", placement, grouped)]
+        assert r["placements"] == expected, rank
+        assert r["plain metadata"] and r["metadata"], rank
+        errors = {k: v for k, v in r.items() if isinstance(v, float)}
+        assert len(errors) == (6 if grouped else 5) and max(errors.values()) < TOL, (rank, errors)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_pack_padded_and_unpack_on_sharded_values_match_float64(rank_results, compiled):
+    for rank, results in enumerate(rank_results):
+        r = results[("varlen padded", compiled)]
+        assert r["shapes"] == [(3, 5, H), (3, 8, H)], rank
+        assert r["placements"] == ["Shard(dim=2)"] * 2, rank
+        errors = {k: v for k, v in r.items() if isinstance(v, float)}
+        assert len(errors) == 4 and max(errors.values()) < TOL, (rank, errors)
+
+
+def test_pack_of_dtensor_and_plain_streams_names_the_stream(rank_results):
+    for results in rank_results:
+        assert results["mixed streams"] == "streams[1] is not a DTensor, streams[0] is one"
 
 
 def test_import_does_not_load_dtensor():
