@@ -44,7 +44,7 @@ from ._triton_utils import num_sms as _num_sms
 
 __all__ = ["grouped_mm", "grouped_mm_by_ids"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -1348,13 +1348,14 @@ def _fallback_grouped_mm_dw(x_TK, dy_TN, offsets_G, perm_T, need_bias):
 
 def _grouped_mm_impl(x, w, offsets, bias, perm):
     """y without autograd: the C++ launch path where it has the plan (torch.compile's graphs
-    and the Python backward call this too), else the Python launcher, else the reference."""
+    and the Python backward call this too), else the Python launcher, else the reference
+    (float64 always: a loop of torch matmuls, for gradcheck and references, not for speed)."""
     if cpp_launch.ENABLED:  # it checks the devices itself
         y = cpp_launch.grouped_mm(x, w, offsets, bias, perm, autograd=False)
         if y is not None:
             return y
     tensors = [t for t in (x, w, offsets, bias, perm) if t is not None]
-    if triton_runs_on(*tensors):
+    if x.dtype != torch.float64 and triton_runs_on(*tensors):
         return _launch_grouped_mm(x, w, offsets, bias, perm)
     return _fallback_grouped_mm(x, w, offsets, bias, perm)
 
@@ -1365,7 +1366,7 @@ def _grouped_mm_dw_impl(x, dy, offsets, perm, need_bias):
         if grads is not None:
             return grads
     tensors = [t for t in (x, dy, offsets, perm) if t is not None]
-    if triton_runs_on(*tensors):
+    if x.dtype != torch.float64 and triton_runs_on(*tensors):
         return _launch_grouped_mm_dw(x, dy, offsets, perm, need_bias)
     return _fallback_grouped_mm_dw(x, dy, offsets, perm, need_bias)
 
@@ -1620,7 +1621,7 @@ def _check_operands(x, w, bias, index_name: str, index) -> None:
     _check_tensor("w", w, 3)
     _check_tensor(index_name, index, 1)
     if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if w.dtype != x.dtype:
         raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
     if index.dtype not in (torch.int32, torch.int64):
@@ -1652,8 +1653,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     """Grouped GEMM over contiguous row groups: one launch for every group.
 
     Args:
-        x: [T, K] float16, bfloat16 or float32; the rows of group g are
-            ``x[offsets[g-1]:offsets[g]]`` (``offsets[-1]`` counts as 0 for g = 0).
+        x: [T, K] float16, bfloat16 or float32 (float64 too: a loop of torch matmuls, for
+            ``torch.autograd.gradcheck`` and references, not for speed); the rows of group g
+            are ``x[offsets[g-1]:offsets[g]]`` (``offsets[-1]`` counts as 0 for g = 0).
         w: [G, K, N], x's dtype, any strides (``w_GNK.transpose(1, 2)`` needs no copy).
         offsets: [G] int32 or int64, any stride, cumulative END row of each group,
             non-decreasing, at most T (``torch.nn.functional.grouped_mm``'s ``offs``).
@@ -1663,9 +1665,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         bias: optional [G, N], x's dtype.
 
     Returns:
-        [T, N] in x's dtype, accumulated in fp32: ``x[rows_g] @ w[g] + bias[g]``; rows at or
-        past ``offsets[-1]`` are zero. Differentiable in x, w and bias, to any order
-        (deterministic dW and dBias; an empty group gets exact zeros).
+        [T, N] in x's dtype, accumulated in fp32 (fp64 for float64):
+        ``x[rows_g] @ w[g] + bias[g]``; rows at or past ``offsets[-1]`` are zero.
+        Differentiable in x, w and bias, to any order (deterministic dW and dBias; an empty
+        group gets exact zeros).
 
     Inside ``torch.autocast``, x, w and bias are first cast as for ``nn.Linear`` (float16,
     bfloat16 and float32 ones on the autocast device to its dtype), so the result has that
@@ -1704,7 +1707,7 @@ def grouped_mm_by_ids(x: torch.Tensor, w: torch.Tensor, group_ids: torch.Tensor,
     permuted copy of x or y is ever materialised.
 
     Args:
-        x: [T, K] float16, bfloat16 or float32.
+        x: [T, K] float16, bfloat16 or float32 (or float64, as in ``grouped_mm``).
         w: [G, K, N], x's dtype, any strides.
         group_ids: [T] int32 or int64, each in [0, G). Checked on the CPU only; on a GPU, ids
             outside [0, G) give zero rows (and no gradient) instead of an error, since checking

@@ -44,8 +44,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float | None = 1.0
     seed: int = 0
-    # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks, for
-    # models without mtmm kernels) or "auto": bf16 on GPUs, fp32 on CPUs
+    # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks; mtmm's
+    # grouped GEMM runs its torch loop there) or "auto": bf16 on GPUs, fp32 on CPUs
     precision: str = "auto"
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)

@@ -13,7 +13,7 @@ import torch
 from scheduler import checkpoint as ckpt
 from scheduler.launch import RankFailedError, run_local
 from scheduler.trainer import TrainConfig, train
-from test_executor import CLIP, LR, PRECISION, STEPS, TOL, assert_matches_reference, reference_run
+from test_executor import CLIP, LR, STEPS, TOL, assert_matches_reference, precision, reference_run
 
 
 def _crash_while_writing(path: str) -> None:
@@ -78,7 +78,7 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
 
 def _cfg(path, **kw) -> TrainConfig:
     base = dict(model=CLIP, steps=STEPS, method="spindle", lr=LR, progress=False, log_every=0,
-                precision=PRECISION[CLIP],
+                precision=precision(CLIP),
                 checkpoint=str(path))
     base.update(kw)
     return TrainConfig(**base)
@@ -92,7 +92,7 @@ def test_resume_on_another_process_count_equals_uninterrupted_run(tmp_path):
     assert state["step"] == 2 and state["model"] == CLIP
     resumed = train(_cfg(path, resume=True, return_state=True))
     assert [h["step"] for h in resumed["history"]] == [2]
-    ref_hist, _ = reference_run(CLIP)
+    ref_hist, _ = reference_run(CLIP, precision(CLIP))
     full = {"history": [{"losses": ref_hist[0]}, {"losses": ref_hist[1]}, *resumed["history"]],
             "state": resumed["state"]}
     assert_matches_reference(CLIP, full)
@@ -104,7 +104,7 @@ def test_resume_from_2_on_3_processes(tmp_path):
     path = tmp_path / "run.pt"
     run_local(train, 2, _cfg(path, steps=2), timeout_s=120)
     resumed = run_local(train, 3, _cfg(path, resume=True, return_state=True), timeout_s=120)[0]
-    ref_hist, _ = reference_run(CLIP)
+    ref_hist, _ = reference_run(CLIP, precision(CLIP))
     full = {"history": [{"losses": ref_hist[0]}, {"losses": ref_hist[1]}, *resumed["history"]],
             "state": resumed["state"]}
     assert_matches_reference(CLIP, full)
@@ -132,9 +132,9 @@ def test_dying_rank_stops_the_others_naming_it_and_keeps_the_checkpoint(tmp_path
     assert time.monotonic() - t0 < 60  # stopped by the watcher, not by the 120 s timeout
     state = ckpt.load(path)
     assert state["step"] == 2
-    _, ref_params = reference_run(CLIP, steps=2)
+    _, ref_params = reference_run(CLIP, precision(CLIP), steps=2)
     for name, want in ref_params.items():
-        assert float((state["params"][name] - want).norm() / want.norm()) < TOL[PRECISION[CLIP]], name
+        assert float((state["params"][name] - want).norm() / want.norm()) < TOL[precision(CLIP)], name
 
 
 def test_rank_that_raises_is_named_with_its_error():

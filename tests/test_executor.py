@@ -1,5 +1,5 @@
-"""The executor against a single-process reference run (relative error < 1e-10 in float64 for
-tiny-clip; < 1e-5 in fp32 for tiny-val, whose mtmm kernels take no float64).
+"""The executor against a single-process reference run (relative error < 1e-10 in float64;
+< 1e-5 in fp32 where tiny-val's ranks run mtmm's Triton kernels, which take no float64).
 
 The reference builds the whole model in this process, runs every task on its whole batch
 (``MultiTaskModel.reference_losses``: no slicing, no messages, no all-reduce), clips with
@@ -20,12 +20,17 @@ from scheduler.trainer import TrainConfig, _to, train_many
 
 STEPS, LR, CLIP_NORM = 3, 3e-3, 1.0
 CLIP = "tiny-clip"
-# tiny-clip runs in float64: in fp32, AdamW's first step (about lr * g / (|g| + eps)) carried
-# the rounding of an almost cancelled LayerNorm-bias gradient (|g| ~ 4e-7, the median ~ 3e-3)
-# into a 1.07e-5 relative error on one CPU, 0.7e-5 to 0.9e-5 on the other plans. tiny-val's
-# mtmm kernels take fp16, bf16 and fp32 only.
-PRECISION = {"tiny-clip": "fp64", "tiny-val": "fp32"}
+# The runs are in float64: in fp32, AdamW's first step (about lr * g / (|g| + eps)) carried the
+# rounding of an almost cancelled LayerNorm-bias gradient of tiny-clip (|g| ~ 4e-7, the median
+# ~ 3e-3) into a 1.07e-5 relative error on one CPU, 0.7e-5 to 0.9e-5 on the other plans. Where
+# tiny-val's ranks run mtmm's Triton kernels (fp16, bf16 and fp32 only: float64 takes their
+# torch path), it runs in fp32.
 TOL = {"fp64": 1e-10, "fp32": 1e-5}
+
+
+def precision(name: str, kernels: bool = True) -> str:
+    """fp32 for tiny-val where its ranks run the Triton kernels, else float64."""
+    return "fp32" if name == "tiny-val" and kernels else "fp64"
 
 
 def _has_val_kernels() -> bool:
@@ -38,14 +43,14 @@ def _has_val_kernels() -> bool:
 
 needs_val = pytest.mark.skipif(not _has_val_kernels(), reason="mtmm_kernels.pack_multimodal/GroupedLinear missing")
 
-_REF: dict[tuple[str, int], tuple] = {}
+_REF: dict[tuple[str, str, int], tuple] = {}
 
 
-def reference_run(name: str, steps: int = STEPS):
+def reference_run(name: str, prec: str, steps: int = STEPS):
     """(per-step task losses, final parameters) of the single-process reference."""
-    if (name, steps) in _REF:
-        return _REF[name, steps]
-    dtype = torch.float64 if PRECISION[name] == "fp64" else torch.float32
+    if (name, prec, steps) in _REF:
+        return _REF[name, prec, steps]
+    dtype = torch.float64 if prec == "fp64" else torch.float32
     model = get_trainable_model(name).build().to(dtype)
     named = sorted(model.named_parameters())
     opt = torch.optim.AdamW([p for _, p in named], lr=LR, weight_decay=0.0, foreach=False)
@@ -60,18 +65,19 @@ def reference_run(name: str, steps: int = STEPS):
         torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP_NORM)
         opt.step()
         hist.append({k: float(v.detach()) for k, v in losses.items()})
-    _REF[name, steps] = hist, {n: p.detach().clone() for n, p in named}
-    return _REF[name, steps]
+    _REF[name, prec, steps] = hist, {n: p.detach().clone() for n, p in named}
+    return _REF[name, prec, steps]
 
 
-def cfg_for(name: str, plan: dict) -> TrainConfig:
+def cfg_for(name: str, plan: dict, prec: str | None = None) -> TrainConfig:
     return TrainConfig(model=name, steps=STEPS, plan=plan, lr=LR, clip=CLIP_NORM, return_state=True, progress=False,
-                       log_every=0, precision=PRECISION[name])
+                       log_every=0, precision=prec or precision(name))
 
 
-def assert_matches_reference(name: str, result: dict) -> None:
-    ref_hist, ref_params = reference_run(name)
-    tol = TOL[PRECISION[name]]
+def assert_matches_reference(name: str, result: dict, prec: str | None = None) -> None:
+    prec = prec or precision(name)
+    ref_hist, ref_params = reference_run(name, prec)
+    tol = TOL[prec]
     assert len(result["history"]) == STEPS
     for step, (got, want) in enumerate(zip(result["history"], ref_hist)):
         assert got["losses"].keys() == want.keys()
@@ -85,8 +91,8 @@ def assert_matches_reference(name: str, result: dict) -> None:
         assert err < tol, f"{pname}: relative error {err:.2e}"
 
 
-def run_plans(name: str, nproc: int, plans: list[dict]) -> list[dict]:
-    results = run_local(train_many, nproc, [cfg_for(name, p) for p in plans], timeout_s=240)
+def run_plans(name: str, nproc: int, plans: list[dict], prec: str | None = None) -> list[dict]:
+    results = run_local(train_many, nproc, [cfg_for(name, p, prec) for p in plans], timeout_s=240)
     return results[0]
 
 
@@ -190,19 +196,21 @@ def test_single_process_without_dist_matches_reference():
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-val"])
 def test_every_method_every_world_size_matches_reference(name, nproc, monkeypatch):
     """Every plan method on 1-4 ranks. tiny-val's ranks run mtmm's Triton kernels in the
-    interpreter on 2 ranks only; on 1, 3 and 4 they take the kernels' pure-torch CPU path
-    (TRITON_INTERPRET=0 in the spawned ranks): the plans and the executor are what differs
-    there, and the interpreter took 25-30 s per world size on 2 cores."""
+    interpreter (in fp32) on 2 ranks only; on 1, 3 and 4 they take the kernels' pure-torch CPU
+    path (TRITON_INTERPRET=0 in the spawned ranks) in float64: the plans and the executor are
+    what differs there, and the interpreter took 25-30 s per world size on 2 cores."""
     if name == "tiny-val" and not _has_val_kernels():
         pytest.skip("mtmm_kernels.pack_multimodal/GroupedLinear missing")
-    if name == "tiny-val" and nproc != 2:
+    kernels = name == "tiny-val" and nproc == 2
+    if name == "tiny-val" and not kernels:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = get_trainable_model(name)
     methods = plan_methods()
-    results = run_plans(name, nproc, [make_plan(model, nproc, m) for m in methods])
+    prec = precision(name, kernels)
+    results = run_plans(name, nproc, [make_plan(model, nproc, m) for m in methods], prec)
     for method, r in zip(methods, results):
         assert r["plan_method"] == method
-        assert_matches_reference(name, r)
+        assert_matches_reference(name, r, prec)
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -152,6 +152,32 @@ def test_from_and_to_linears(device, bias):
     assert not torch.equal(m.to_linears()[0].weight, heads[0].weight)
 
 
+@pytest.mark.parametrize("routing", ["offsets", "group_ids"])
+def test_float64_module_computes_like_float64_linears(device, routing):
+    """module.double() (a gradcheck, a float64 reference run) computes what float64 nn.Linear
+    heads compute, forward and backward, to float64 rounding."""
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(5, 4, device=device) for _ in range(3)]
+    m = GroupedLinear.from_linears(heads).double()
+    heads = [h.double() for h in heads]
+    assert m.weight.dtype == torch.float64
+    ids = torch.tensor([1, 1, 0, 2, 2, 2, 0], device=device)
+    x = torch.randn(7, 5, device=device, dtype=torch.float64)
+    if routing == "offsets":
+        ids = ids.sort().values
+        y = m(x, offsets=torch.tensor([2, 4, 7], device=device))
+    else:
+        y = m(x, group_ids=ids)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    expected = torch.stack([heads[int(g)](x[t]) for t, g in enumerate(ids.tolist())])
+    (expected * dy).sum().backward()
+    assert rel_err(y, expected) < 1e-12
+    for g, head in enumerate(heads):
+        assert rel_err(m.weight.grad[g], head.weight.grad.t()) < 1e-12
+        assert rel_err(m.bias.grad[g], head.bias.grad) < 1e-12
+
+
 def test_gradient_penalty_like_linears(device):
     """A gradient penalty (the squared norm of the loss's gradient w.r.t. the input, as in
     WGAN-GP or R1) through a GroupedLinear trains its parameters as it trains the per-task
