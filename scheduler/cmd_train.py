@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
             plan = json.load(f)
     cfg = TrainConfig(
         model=args.model, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
-        precision=args.precision, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        precision=args.precision, grad_accum=args.grad_accum, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
     )
     if launch.init_from_env():  # under torchrun: this process is one rank
@@ -49,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 def add_parser(sub) -> None:
     from scheduler.tiny_models import DEFAULT_MODEL, MODELS
 
@@ -64,6 +71,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
+                   help="micro-batches per optimizer step (gradients summed, reduced once)")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

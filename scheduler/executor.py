@@ -274,15 +274,33 @@ class Executor:
         return self.holders_of(name)[0] == self.rank
 
     # --- one step ----------------------------------------------------------------------------
-    def step(self, data: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    def step(self, data: Mapping[str, Mapping[str, torch.Tensor]], *,
+             units: Mapping[str, int] | None = None, reduce: bool = True) -> dict[str, float]:
         """Forward and backward of every task on its whole batch; gradients are accumulated
-        into ``.grad`` and reduced among holders. Returns each task's loss (the same on every
-        rank)."""
+        into ``.grad`` and, with ``reduce``, reduced among holders. Returns each task's loss
+        (the same on every rank).
+
+        Gradient accumulation: ``units`` (per task) replaces the batch's own count of loss
+        units (samples, or tokens for token losses) as the divisor of its loss; a trainer passes
+        the count over all its micro-batches, so that their summed gradients weigh every unit
+        alike, as one batch of them all would. ``reduce=False`` leaves the gradients local;
+        the reduction is linear, so reducing the sum once, with the last micro-batch, is
+        reducing each."""
         model, sched = self.model, self.schedule
         for task in model.tasks:
             if task not in data:
                 raise ValueError(f"data: no batch for task {task!r}")
             model.check_batch(task, data[task])
+        if units is not None:
+            if not isinstance(units, Mapping):
+                raise ValueError(f"units: expected a mapping of task to count, got "
+                                 f"{type(units).__name__}")
+            for task in model.tasks:
+                n = units.get(task)
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise ValueError(f"units: expected a positive int for task {task!r}, "
+                                     f"got {n!r}")
+        self._units = units
         self._data = data
         self._rec: dict[int, _Record] = {}
         self._inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
@@ -309,7 +327,8 @@ class Executor:
             stats["compute_s"] += t1 - t0
             stats["transfer_s"] += clock() - t1
         t0 = clock()
-        self._reduce_grads()
+        if reduce:
+            self._reduce_grads()
         stats["reduce_s"] = clock() - t0
         # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
         # Waiting for a slower peer counts as transfer time.
@@ -321,7 +340,8 @@ class Executor:
                 losses[names.index(sched.slices[sid].task)] += rec.loss.detach().double()
         if self.world > 1:
             dist.all_reduce(losses)
-        self._rec, self._inbox, self._grad_out, self._prefix, self._data = {}, {}, {}, {}, None
+        self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}
+        self._data = self._units = None
         return dict(zip(names, losses.tolist()))
 
     def _shard(self, sl: Slice) -> tuple[int, int]:
@@ -356,7 +376,9 @@ class Executor:
             if self.schedule.is_sink(sl):
                 loss = task.loss({sl.component: x}, batch)  # at least fp32 (bf16 under autocast)
                 loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
-                rec.loss = loss * (task.weight / task.count_units(full))
+                units = (task.count_units(full) if self._units is None
+                         else self._units[sl.task])
+                rec.loss = loss * (task.weight / units)
         rec.out = x
         self._rec[sl.id] = rec
 

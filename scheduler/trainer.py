@@ -47,6 +47,9 @@ class TrainConfig:
     # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks; mtmm's
     # grouped GEMM runs its torch loop there) or "auto": bf16 on GPUs, fp32 on CPUs
     precision: str = "auto"
+    # micro-batches per optimizer step, their gradients summed and reduced once; each loss
+    # divided by its task's units (samples or tokens) over all of them, as one batch would be
+    grad_accum: int = 1
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -95,6 +98,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     final state."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
+    accum = cfg.grad_accum
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"grad_accum: expected a positive int, got {accum!r}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
@@ -128,11 +134,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.die_at_step == step and rank == cfg.die_rank:
             os._exit(17)
         t0 = time.perf_counter()
-        data = {t: {k: _to(v, device, dtype) for k, v in b.items()}
-                for t, b in stream.step(step).items()}
+        # micro-batch j of step s is the stream's batch s * accum + j (resumable)
+        micro = [{t: {k: _to(v, device, dtype) for k, v in b.items()}
+                  for t, b in stream.step(step * accum + j).items()} for j in range(accum)]
+        units = None if accum == 1 else {
+            t: sum(model.tasks[t].count_units(m[t]) for m in micro) for t in model.tasks}
         opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
-        losses = ex.step(data)
+        losses = dict.fromkeys(model.tasks, 0.0)
+        stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
+        for j, data in enumerate(micro):
+            for t, loss in ex.step(data, units=units, reduce=j == accum - 1).items():
+                losses[t] += loss
+            for k, v in ex.last_stats.items():
+                stats[k] += v
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_exec = time.perf_counter() - t1
@@ -142,8 +157,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm,
-               "seconds": dt, "executor_seconds": t_exec, **ex.last_stats,
-               "tokens_per_s": batch_tokens(data, model) / dt}
+               "seconds": dt, "executor_seconds": t_exec, **stats,
+               "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
         history.append(rec)
         if rank == 0:
             _log(cfg, bar, rec)

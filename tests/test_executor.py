@@ -43,13 +43,15 @@ def _has_val_kernels() -> bool:
 
 needs_val = pytest.mark.skipif(not _has_val_kernels(), reason="mtmm_kernels.pack_multimodal/GroupedLinear missing")
 
-_REF: dict[tuple[str, str, int], tuple] = {}
+_REF: dict[tuple[str, str, int, int], tuple] = {}
 
 
-def reference_run(name: str, prec: str, steps: int = STEPS):
-    """(per-step task losses, final parameters) of the single-process reference."""
-    if (name, prec, steps) in _REF:
-        return _REF[name, prec, steps]
+def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1):
+    """(per-step task losses, final parameters) of the single-process reference. With
+    ``accum`` micro-batches per step (the stream's batches s * accum + j), each task's loss is
+    its summed loss over all of them divided by its units over all of them."""
+    if (name, prec, steps, accum) in _REF:
+        return _REF[name, prec, steps, accum]
     dtype = torch.float64 if prec == "fp64" else torch.float32
     model = get_trainable_model(name).build().to(dtype)
     named = sorted(model.named_parameters())
@@ -58,25 +60,30 @@ def reference_run(name: str, prec: str, steps: int = STEPS):
     hist = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
-        batch = {t: {k: _to(v, "cpu", dtype) for k, v in b.items()}
-                 for t, b in stream.step(s).items()}
-        losses = model.reference_losses(batch)
+        micro = [{t: {k: _to(v, "cpu", dtype) for k, v in b.items()}
+                  for t, b in stream.step(s * accum + j).items()} for j in range(accum)]
+        units = [{t: model.tasks[t].count_units(m[t]) for t in model.tasks} for m in micro]
+        losses = dict.fromkeys(model.tasks, 0.0)
+        for batch, n in zip(micro, units):
+            for t, loss in model.reference_losses(batch).items():  # loss / its own units
+                losses[t] = losses[t] + loss * (n[t] / sum(u[t] for u in units))
         sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP_NORM)
         opt.step()
         hist.append({k: float(v.detach()) for k, v in losses.items()})
-    _REF[name, prec, steps] = hist, {n: p.detach().clone() for n, p in named}
-    return _REF[name, prec, steps]
+    _REF[name, prec, steps, accum] = hist, {n: p.detach().clone() for n, p in named}
+    return _REF[name, prec, steps, accum]
 
 
-def cfg_for(name: str, plan: dict, prec: str | None = None) -> TrainConfig:
+def cfg_for(name: str, plan: dict, prec: str | None = None, accum: int = 1) -> TrainConfig:
     return TrainConfig(model=name, steps=STEPS, plan=plan, lr=LR, clip=CLIP_NORM, return_state=True, progress=False,
-                       log_every=0, precision=prec or precision(name))
+                       log_every=0, precision=prec or precision(name), grad_accum=accum)
 
 
-def assert_matches_reference(name: str, result: dict, prec: str | None = None) -> None:
+def assert_matches_reference(name: str, result: dict, prec: str | None = None,
+                             accum: int = 1) -> None:
     prec = prec or precision(name)
-    ref_hist, ref_params = reference_run(name, prec)
+    ref_hist, ref_params = reference_run(name, prec, accum=accum)
     tol = TOL[prec]
     assert len(result["history"]) == STEPS
     for step, (got, want) in enumerate(zip(result["history"], ref_hist)):
@@ -91,8 +98,10 @@ def assert_matches_reference(name: str, result: dict, prec: str | None = None) -
         assert err < tol, f"{pname}: relative error {err:.2e}"
 
 
-def run_plans(name: str, nproc: int, plans: list[dict], prec: str | None = None) -> list[dict]:
-    results = run_local(train_many, nproc, [cfg_for(name, p, prec) for p in plans], timeout_s=240)
+def run_plans(name: str, nproc: int, plans: list[dict], prec: str | None = None,
+              accum: int = 1) -> list[dict]:
+    results = run_local(train_many, nproc, [cfg_for(name, p, prec, accum) for p in plans],
+                        timeout_s=240)
     return results[0]
 
 
@@ -170,6 +179,38 @@ def test_val_packed_resharding_on_3_gloo_ranks_matches_reference():
     model = get_trainable_model("tiny-val")
     for r in run_plans("tiny-val", 3, [VAL_PLAN_3, make_plan(model, 3, "mtmm")]):
         assert_matches_reference("tiny-val", r)
+
+
+@needs_val
+def test_gradient_accumulation_on_3_gloo_ranks_matches_reference(monkeypatch):
+    """3 micro-batches per step through VAL_PLAN_3 (packed activations re-split; token losses,
+    whose units differ between micro-batches), gradients reduced once, in float64 on the
+    kernels' torch path: equal to one step over all their tokens."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for r in run_plans("tiny-val", 3, [VAL_PLAN_3], "fp64", accum=3):
+        assert_matches_reference("tiny-val", r, "fp64", accum=3)
+
+
+def test_gradient_accumulation_in_one_process_matches_reference():
+    from scheduler.trainer import train
+
+    model = get_trainable_model("tiny-clip")
+    result = train(cfg_for("tiny-clip", make_plan(model, 1, "sequential"), accum=2))
+    assert_matches_reference("tiny-clip", result, accum=2)
+
+
+def test_bad_accumulation_arguments_are_named():
+    from scheduler.trainer import train
+
+    model = get_trainable_model("tiny-clip")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="^grad_accum"):
+            train(cfg_for("tiny-clip", make_plan(model, 1, "sequential"), accum=bad))
+    ex = Executor(get_trainable_model("tiny-clip"), make_plan(model, 1, "sequential"))
+    data = SyntheticStream(model).step(0)
+    for bad in ({"vision-text": 8}, [8, 8, 8], dict.fromkeys(model.tasks, 0)):
+        with pytest.raises(ValueError, match="^units"):
+            ex.step(data, units=bad)
 
 
 def test_rank_without_any_layer_matches_reference():

@@ -73,11 +73,20 @@ def test_tiny_val_learns():
 def test_mtmm_train_command_runs_two_gloo_processes(capfd):
     from scheduler.cli import main
 
-    argv = ["train", "--steps", "3", "--nproc", "2", "--no-progress", "--log-every", "1", "--cost", "profile"]
+    argv = ["train", "--steps", "3", "--nproc", "2", "--no-progress", "--log-every", "1", "--cost", "profile",
+            "--grad-accum", "2"]
     assert main(argv) == 0
     out = capfd.readouterr().out  # the step lines come from rank 0's process
     assert "trained tiny-clip with plan spindle" in out and "tokens/s" in out
     assert sum(line.startswith("step") for line in out.splitlines()) == 3
+
+
+def test_mtmm_train_refuses_a_bad_grad_accum(capsys):
+    from scheduler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--grad-accum", "0"])
+    assert "--grad-accum: expected a positive int, got 0" in capsys.readouterr().err
 
 
 def test_mtmm_train_reports_a_bad_plan_file(tmp_path, capsys):
