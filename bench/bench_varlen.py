@@ -84,9 +84,9 @@ def _mm_case():
     audio = _text_lengths(g, B, 100, 1500)
     text = _text_lengths(g, B, 5, 77)
     lens, Ls = [], []
-    for l, L in zip((image, audio, text), (257, 1500, 77)):
-        l, H_small, L = _shrink(l, H, L)
-        lens.append(l)
+    for lens_B, L in zip((image, audio, text), (257, 1500, 77)):
+        lens_B, H_small, L = _shrink(lens_B, H, L)
+        lens.append(lens_B)
         Ls.append(L)
     xs = [torch.randn(lens[0].shape[0], L, H_small, device=_DEV, dtype=DTYPE) for L in Ls]
     return xs, lens
@@ -128,7 +128,7 @@ def _values(out) -> torch.Tensor:
 def _pack_kernel_only(xs, lens, T):
     """The copy kernel alone (plan precomputed, no Python checks, no custom-op dispatch): what
     the bandwidth target is about; the end-to-end methods add the host overhead."""
-    plan = V._launch_plan([l.to(_DEV) for l in lens], None, 0, [x.shape[1] for x in xs])
+    plan = V._launch_plan([lens_B.to(_DEV) for lens_B in lens], None, 0, [x.shape[1] for x in xs])
     lens_SB, cu = plan[0], plan[1]
     return lambda: V._launch_pack(xs, lens_SB, cu, None, T)
 
@@ -225,17 +225,17 @@ def _torch_metadata(lens_dev: list[torch.Tensor], T: int):
 def test_pack_multimodal(measure, benchmark, method):
     xs, lens = _mm_case()
     B, H = xs[0].shape[0], xs[0].shape[2]
-    T = int(sum(l.sum() for l in lens))
-    lens_list = [l.tolist() for l in lens]
-    lens_dev = [l.to(_DEV) for l in lens]
+    T = int(sum(lens_B.sum() for lens_B in lens))
+    lens_list = [lens_B.tolist() for lens_B in lens]
+    lens_dev = [lens_B.to(_DEV) for lens_B in lens]
     # index baseline: gather rows of the three streams flattened, precomputed once
     flat = [x.flatten(0, 1) for x in xs]
     seq = torch.stack(lens).sum(0)
     cu = F.pad(seq.cumsum(0), (1, 0))
     src, dst = [], []
-    for s, (x, l) in enumerate(zip(xs, lens)):
-        valid = torch.arange(x.shape[1])[None, :] < l[:, None]
-        prefix = sum(lens[:s]) if s else torch.zeros_like(l)
+    for s, (x, lens_B) in enumerate(zip(xs, lens)):
+        valid = torch.arange(x.shape[1])[None, :] < lens_B[:, None]
+        prefix = sum(lens[:s]) if s else torch.zeros_like(lens_B)
         d = (cu[:-1] + prefix)[:, None] + torch.arange(x.shape[1])[None, :]
         src.append(valid.flatten().nonzero().flatten().to(_DEV))
         dst.append(d[valid].to(_DEV))
@@ -290,9 +290,9 @@ def test_unpack_multimodal(measure, benchmark, method):
     seq = torch.stack(lens).sum(0)
     cu = F.pad(seq.cumsum(0), (1, 0))
     src = []
-    for s, l in enumerate(lens):
-        valid = torch.arange(Ls[s])[None, :] < l[:, None]
-        prefix = sum(lens[:s]) if s else torch.zeros_like(l)
+    for s, lens_B in enumerate(lens):
+        valid = torch.arange(Ls[s])[None, :] < lens_B[:, None]
+        prefix = sum(lens[:s]) if s else torch.zeros_like(lens_B)
         d = (cu[:-1] + prefix)[:, None] + torch.arange(Ls[s])[None, :]
         src.append((valid.flatten().nonzero().flatten().to(_DEV), d[valid].to(_DEV)))
 
@@ -376,7 +376,7 @@ def test_search_sweep(measure, monkeypatch, case, search):
     else:
         x, lens1 = _padded_case(case)
         xs, lens = [x], [lens1]
-    T = int(sum(int(l.sum()) for l in lens))
+    T = int(sum(int(lens_B.sum()) for lens_B in lens))
     H = xs[0].shape[2]
     measure(_pack_kernel_only(xs, lens, T), dtype=DTYPE, bytes=2 * _nbytes(T, H), rounds=3,
             shape=[xs[0].shape[0], [x.shape[1] for x in xs], H],

@@ -22,7 +22,7 @@ def varlen_pack(streams: list[torch.Tensor], lengths: list, group_ids=None,
     x_1[b, :len_1[b]], ...; with group_ids the sequences are stably sorted by group. Returns a
     dict with the PackedBatch fields (order and group_offsets only with group_ids)."""
     B, H = streams[0].shape[0], streams[0].shape[2]
-    lens = [[int(v) for v in torch.as_tensor(l).tolist()] for l in lengths]
+    lens = [[int(v) for v in torch.as_tensor(lens_B).tolist()] for lens_B in lengths]
     grouped = group_ids is not None
     gids = [int(g) for g in torch.as_tensor(group_ids).tolist()] if grouped else [0] * B
     order = sorted(range(B), key=lambda b: gids[b])  # Python's sort is stable
@@ -30,11 +30,11 @@ def varlen_pack(streams: list[torch.Tensor], lengths: list, group_ids=None,
     for p, b in enumerate(order):
         n = 0
         for s, x in enumerate(streams):
-            l = lens[s][b]
-            pieces.append(x[b, :l])
-            pos += range(n, n + l)
-            mod += [s] * l
-            n += l
+            length = lens[s][b]
+            pieces.append(x[b, :length])
+            pos += range(n, n + length)
+            mod += [s] * length
+            n += length
         seq += [p] * n
         cu.append(cu[-1] + n)
     values = torch.cat(pieces) if pieces else streams[0].new_zeros(0, H)
@@ -75,7 +75,7 @@ def varlen_unpack_multimodal(values: torch.Tensor, cu_seqlens: torch.Tensor, ord
     cu = [int(c) for c in cu_seqlens.tolist()]
     B = len(cu) - 1
     order = list(range(B)) if order is None else [int(o) for o in order.tolist()]
-    lens = [[int(v) for v in torch.as_tensor(l).tolist()] for l in lengths]
+    lens = [[int(v) for v in torch.as_tensor(lens_B).tolist()] for lens_B in lengths]
     outs = [values.new_zeros(B, L, values.shape[1]) for L in max_lens]
     for p, b in enumerate(order):
         row = cu[p]
@@ -89,7 +89,7 @@ def varlen_plan_fallback(lengths: list[torch.Tensor], group_ids, num_groups: int
                          max_lens: list[int]):
     """mtmm::varlen_plan without Triton: (lens_SB, cu_seqlens, order, group_offsets, stats)."""
     device = lengths[0].device
-    raw = torch.stack([l.to(torch.int64) for l in lengths])  # [S, B]
+    raw = torch.stack([lens_B.to(torch.int64) for lens_B in lengths])  # [S, B]
     Ls = torch.tensor(max_lens, dtype=torch.int64, device=device)[:, None]
     bad_len = ((raw < 0) | (raw > Ls)).sum()
     lens = torch.minimum(raw.clamp(min=0), Ls)

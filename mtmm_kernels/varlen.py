@@ -605,7 +605,7 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _plan_impl(lengths, group_ids, num_groups, max_lens):
-    lengths, group_ids = [l.contiguous() for l in lengths], _contiguous(group_ids)
+    lengths, group_ids = [length.contiguous() for length in lengths], _contiguous(group_ids)
     tensors = lengths + ([group_ids] if group_ids is not None else [])
     if _use_triton(*tensors):
         return _launch_plan(list(lengths), group_ids, num_groups, list(max_lens))
@@ -968,14 +968,14 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
     _check_alike(streams, x_name, 2)
     max_lens = [x.shape[1] for x in streams]
     lens = []
-    for s, l in enumerate(lengths):
+    for s, length in enumerate(lengths):
         name = f"{len_name}[{s}]" if multimodal else len_name
-        l = _as_index_tensor(l, name)
-        if l.shape != (B,):
-            raise ValueError(f"{name} must have shape ({B},), got {tuple(l.shape)}")
-        if l.device.type != "cpu" and l.device != device:
-            raise ValueError(f"{name} is on {l.device}, the values on {device}")
-        lens.append(l)
+        length = _as_index_tensor(length, name)
+        if length.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},), got {tuple(length.shape)}")
+        if length.device.type != "cpu" and length.device != device:
+            raise ValueError(f"{name} is on {length.device}, the values on {device}")
+        lens.append(length)
     grouped = group_ids is not None
     if grouped:
         group_ids = _as_index_tensor(group_ids, "group_ids")
@@ -1005,7 +1005,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         if len(lens) == 1:
             a = lens[0].numpy().astype(np.int64, copy=False)[None]
         else:
-            a = np.stack([l.numpy() for l in lens]).astype(np.int64, copy=False)
+            a = np.stack([length.numpy() for length in lens]).astype(np.int64, copy=False)
         if B and (a.min() < 0 or (a.max(axis=1) > max_lens).any()):
             bad = (a < 0) | (a > np.asarray(max_lens)[:, None])
             s, b = (int(i[0]) for i in np.nonzero(bad))
@@ -1040,7 +1040,7 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
         if grouped:
             group_ids = _to_device(group_ids, device)
         lens_SB, cu_seqlens, order, group_offsets, stats = _plan(
-            [_to_device(l, device) for l in lens], group_ids if grouped else None,
+            [_to_device(length, device) for length in lens], group_ids if grouped else None,
             num_groups if grouped else 0, max_lens)
     if total is None:  # lengths on the device: the one sync, which also validates
         if not all(has_values(length) for length in lens):
@@ -1183,23 +1183,23 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
     if not isinstance(lengths, Sequence) or len(lengths) != len(max_lens):
         raise ValueError(f"lengths must be a list of {len(max_lens)} tensors (one per max_lens)")
     lens = []
-    for s, l in enumerate(lengths):
-        l = _as_index_tensor(l, f"lengths[{s}]")
-        if l.shape != (B,):
+    for s, length in enumerate(lengths):
+        length = _as_index_tensor(length, f"lengths[{s}]")
+        if length.shape != (B,):
             raise ValueError(f"lengths[{s}] must have shape ({B},) (B from packed.cu_seqlens), "
-                             f"got {tuple(l.shape)}")
-        lens.append(l)
+                             f"got {tuple(length.shape)}")
+        lens.append(length)
     if order is not None and (order.dtype != torch.int64 or order.shape != (B,)):
         raise ValueError(f"packed.order must be int64 [{B}], got {order.dtype} "
                          f"{tuple(order.shape)}")
     device = values.device
     host = None  # the lengths as given, int64 on the CPU, when that costs no sync
     if all(n.device.type == "cpu" and has_values(n) for n in lens):  # one copy for all
-        a = np.stack([l.numpy() for l in lens])
+        a = np.stack([length.numpy() for length in lens])
         host = torch.from_numpy(a.astype(np.int64, copy=False))
         lens_SB = _to_device(torch.from_numpy(a.astype(np.int32)), device)
     else:
-        lens_SB = torch.stack([_to_device(l, device).to(torch.int32) for l in lens])
+        lens_SB = torch.stack([_to_device(length, device).to(torch.int32) for length in lens])
     if (validate and not torch.compiler.is_compiling() and has_values(cu_seqlens)
             and all(has_values(length) for length in lens)):
         _check_cu_values(cu_seqlens, values.shape[0], None)

@@ -185,7 +185,7 @@ def _bipoint(inp: CoreInput, m: int, C: float) -> list[list[int]]:
     t_lo, t_hi = inp.times[m][j], inp.times[m][j + 1]
     l_hi = math.floor((f[j] - C) / (t_lo - t_hi) + 0.5)
     l_hi = min(max(l_hi, 0), L)
-    return [[ci, l] for ci, l in ((j, L - l_hi), (j + 1, l_hi)) if l > 0]
+    return [[ci, layers] for ci, layers in ((j, L - l_hi), (j + 1, l_hi)) if layers > 0]
 
 
 # --- wavefront scheduling --------------------------------------------------------------------
@@ -322,8 +322,8 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
 
     def rem_time(m: int) -> float:
         s = 0.0
-        for ci, l in tuples[m][cur[m]:]:
-            s += l * inp.times[m][ci]
+        for ci, layers in tuples[m][cur[m]:]:
+            s += layers * inp.times[m][ci]
         return s
 
     # Priority tail: the longest chain of successors' (tuple) time; only when levels overlap.

@@ -163,8 +163,8 @@ def test_multimodal_round_trip_grouped(device):
     gids = torch.tensor([1, 1, 0, 2, 0, 1, 2])
     pb = pack_multimodal(xs, lens, gids, 3)
     outs = unpack_multimodal(pb, lens, list(Ls))
-    for x, l, out in zip(xs, lens, outs):
-        valid = (torch.arange(x.shape[1])[None, :] < l[:, None]).to(device)
+    for x, lens_B, out in zip(xs, lens, outs):
+        valid = (torch.arange(x.shape[1])[None, :] < lens_B[:, None]).to(device)
         assert torch.equal(out[valid], x[valid])
         assert not out[~valid].any()
 
@@ -284,8 +284,8 @@ def test_group_offsets_route_rows_through_grouped_gemm(device):
     pb = pack_multimodal(xs, lens, task, G)
     y = grouped_mm(pb.values, w, pb.group_offsets)
     outs = unpack_multimodal(dataclasses.replace(pb, values=y), lens, list(Ls))
-    for x, l, out in zip(xs, lens, outs):
-        valid = (torch.arange(x.shape[1])[None, :] < l[:, None]).to(device)
+    for x, lens_B, out in zip(xs, lens, outs):
+        valid = (torch.arange(x.shape[1])[None, :] < lens_B[:, None]).to(device)
         want = torch.einsum("blh,bhn->bln", x, w[task.to(device)]) * valid[..., None]
         torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
 
@@ -438,7 +438,7 @@ def test_device_plan_path_matches_and_validates(device, monkeypatch):
     lens = [_lengths(B, L).to(device) for L in Ls]
     gids = torch.tensor([0, 2, 2, 1, 0, 1, 2, 0], device=device)
     pb = pack_multimodal(xs, lens, gids, 3)
-    ref = R.varlen_pack([x.cpu() for x in xs], [l.cpu() for l in lens], gids.cpu(), 3)
+    ref = R.varlen_pack([x.cpu() for x in xs], [lens_B.cpu() for lens_B in lens], gids.cpu(), 3)
     _assert_matches(pb, ref, multimodal=True, grouped=True)
     bad = lens[1].clone()
     bad[3] = 7
@@ -471,8 +471,8 @@ def test_fallback_matches_reference(device, monkeypatch):
     ref = R.varlen_pack([x.detach().cpu() for x in xs], lens, gids, 3)
     _assert_matches(pb, ref, multimodal=True, grouped=True)
     outs = unpack_multimodal(pb, lens, list(Ls))
-    for x, l, out in zip(xs, lens, outs):
-        valid = (torch.arange(x.shape[1])[None, :] < l[:, None]).to(device)
+    for x, lens_B, out in zip(xs, lens, outs):
+        valid = (torch.arange(x.shape[1])[None, :] < lens_B[:, None]).to(device)
         assert torch.equal(out[valid], x[valid]) and not out[~valid].any()
     seqs = [torch.randn(n, 2, device=device) for n in (0, 3, 1)]
     assert pack(seqs).position_ids.tolist() == [0, 1, 2, 0]
@@ -759,8 +759,8 @@ def test_multimodal_pack_promotes_under_autocast(device):
     assert torch.equal(packed.modality_ids, expected.modality_ids)
     packed.values.sum().backward()
     assert narrow.grad.dtype == torch.float16 and wide.grad.dtype == torch.float32
-    for x, l in ((narrow, lens[0]), (wide, lens[1])):  # ones on every packed row, else zeros
-        mask = (torch.arange(x.shape[1])[None, :] < l[:, None]).to(device)
+    for x, lens_B in ((narrow, lens[0]), (wide, lens[1])):  # ones on every packed row, else zeros
+        mask = (torch.arange(x.shape[1])[None, :] < lens_B[:, None]).to(device)
         assert torch.equal(x.grad, mask[..., None].expand_as(x).to(x.dtype))
     with pytest.raises(ValueError, match=r"streams\[1\] is torch.float32"):
         pack_multimodal([narrow, wide], lens)
