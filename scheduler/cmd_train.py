@@ -12,6 +12,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from scheduler import launch
+    from scheduler.lr_schedule import check_schedule
     from scheduler.trainer import TrainConfig, train
 
     plan = None
@@ -20,9 +21,15 @@ def run(args: argparse.Namespace) -> int:
             plan = json.load(f)
     cfg = TrainConfig(
         model=args.model, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
     )
+    try:  # before any process starts
+        check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
+    except ValueError as e:
+        print(f"mtmm train: {e}")
+        return 2
     if launch.init_from_env():  # under torchrun: this process is one rank
         # The group is torn down here, not by the interpreter's exit, where gloo's threads
         # could outlive it (a rank once aborted with "terminate called without an active
@@ -57,6 +64,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_parser(sub) -> None:
+    from scheduler.lr_schedule import LR_SCHEDULES
     from scheduler.tiny_models import DEFAULT_MODEL, MODELS
 
     p = sub.add_parser("train", help="train a built-in model with a plan on local devices or under torchrun")
@@ -69,6 +77,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cost", choices=["model", "profile"], default="model",
                    help="per-layer times for the planner: the analytic model, or each MetaOp timed here first")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="decay from --lr to --min-lr at the last step, after the warmup")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto")
     p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",

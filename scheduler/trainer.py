@@ -23,6 +23,7 @@ from scheduler import checkpoint as ckpt
 from scheduler.data import SyntheticStream, batch_tokens
 from scheduler.executor import Executor, make_plan
 from scheduler.launch import local_device
+from scheduler.lr_schedule import check_schedule, lr_at
 from scheduler.modelapi import profiled_cost
 from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
 
@@ -41,6 +42,11 @@ class TrainConfig:
     plan: dict | None = None  # an explicit plan wins over ``method``
     cost: str = "model"  # per-layer times for planning: "model" (analytic) or "profile" (timed here)
     lr: float = 3e-3
+    # "constant", "cosine" or "linear" decay to min_lr at the last step, after a linear warmup
+    # over warmup_steps (scheduler/lr_schedule.py)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
     weight_decay: float = 0.0
     clip: float | None = 1.0
     seed: int = 0
@@ -98,6 +104,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     final state."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
+    check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
     accum = cfg.grad_accum
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"grad_accum: expected a positive int, got {accum!r}")
@@ -152,11 +159,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.cuda.synchronize()
         t_exec = time.perf_counter() - t1
         norm = clip_global(ex, cfg.clip) if cfg.clip else float("nan")
+        lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, kind=cfg.lr_schedule,
+                   warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm,
+        rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm, "lr": lr,
                "seconds": dt, "executor_seconds": t_exec, **stats,
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
         history.append(rec)

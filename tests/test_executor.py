@@ -43,15 +43,18 @@ def _has_val_kernels() -> bool:
 
 needs_val = pytest.mark.skipif(not _has_val_kernels(), reason="mtmm_kernels.pack_multimodal/GroupedLinear missing")
 
-_REF: dict[tuple[str, str, int, int], tuple] = {}
+_REF: dict[tuple, tuple] = {}
 
 
-def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1):
+def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1,
+                  lrs: tuple[float, ...] | None = None):
     """(per-step task losses, final parameters) of the single-process reference. With
     ``accum`` micro-batches per step (the stream's batches s * accum + j), each task's loss is
-    its summed loss over all of them divided by its units over all of them."""
-    if (name, prec, steps, accum) in _REF:
-        return _REF[name, prec, steps, accum]
+    its summed loss over all of them divided by its units over all of them; ``lrs`` gives each
+    step's learning rate (else LR throughout)."""
+    key = (name, prec, steps, accum, lrs)
+    if key in _REF:
+        return _REF[key]
     dtype = torch.float64 if prec == "fp64" else torch.float32
     model = get_trainable_model(name).build().to(dtype)
     named = sorted(model.named_parameters())
@@ -69,10 +72,12 @@ def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1):
                 losses[t] = losses[t] + loss * (n[t] / sum(u[t] for u in units))
         sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP_NORM)
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[s]
         opt.step()
         hist.append({k: float(v.detach()) for k, v in losses.items()})
-    _REF[name, prec, steps, accum] = hist, {n: p.detach().clone() for n, p in named}
-    return _REF[name, prec, steps, accum]
+    _REF[key] = hist, {n: p.detach().clone() for n, p in named}
+    return _REF[key]
 
 
 def cfg_for(name: str, plan: dict, prec: str | None = None, accum: int = 1) -> TrainConfig:
@@ -81,9 +86,9 @@ def cfg_for(name: str, plan: dict, prec: str | None = None, accum: int = 1) -> T
 
 
 def assert_matches_reference(name: str, result: dict, prec: str | None = None,
-                             accum: int = 1) -> None:
+                             accum: int = 1, lrs: tuple[float, ...] | None = None) -> None:
     prec = prec or precision(name)
-    ref_hist, ref_params = reference_run(name, prec, accum=accum)
+    ref_hist, ref_params = reference_run(name, prec, accum=accum, lrs=lrs)
     tol = TOL[prec]
     assert len(result["history"]) == STEPS
     for step, (got, want) in enumerate(zip(result["history"], ref_hist)):
