@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
+        metrics_file=args.metrics_file,
     )
     try:  # before any process starts
         check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
@@ -89,6 +90,8 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="append every step's losses, lr, grad norm and timings as JSON lines")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung rank is declared dead")
     p.set_defaults(func=run)

@@ -9,6 +9,7 @@ autocast (parameters and optimizer stay fp32).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -59,6 +60,8 @@ class TrainConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
+    # rank 0 appends each step's record (the history entry) to this file as one JSON line
+    metrics_file: str | None = None
     progress: bool = True
     log_every: int = 10
     return_state: bool = False  # rank 0 returns the whole final state (tests)
@@ -195,7 +198,20 @@ def _progress(cfg: TrainConfig, rank: int, start: int):
     return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
 
 
+def _finite_or_null(value):
+    """value for strict JSON: a NaN or infinite float (no clipping's norm, a diverged loss)
+    becomes None."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _log(cfg: TrainConfig, bar, rec: dict) -> None:
+    if cfg.metrics_file:  # appended and flushed per step: a crash keeps the steps before it
+        with open(cfg.metrics_file, "a") as f:
+            f.write(json.dumps(_finite_or_null(rec)) + "\n")
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")

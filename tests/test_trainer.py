@@ -70,15 +70,38 @@ def test_tiny_val_learns():
         assert last < 0.85 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
 
 
-def test_mtmm_train_command_runs_two_gloo_processes(capfd):
+def test_mtmm_train_command_runs_two_gloo_processes(capfd, tmp_path):
+    import json
+
     from scheduler.cli import main
 
+    metrics = tmp_path / "metrics.jsonl"
     argv = ["train", "--steps", "3", "--nproc", "2", "--no-progress", "--log-every", "1", "--cost", "profile",
-            "--grad-accum", "2"]
+            "--grad-accum", "2", "--metrics-file", str(metrics)]
     assert main(argv) == 0
     out = capfd.readouterr().out  # the step lines come from rank 0's process
     assert "trained tiny-clip with plan spindle" in out and "tokens/s" in out
     assert sum(line.startswith("step") for line in out.splitlines()) == 3
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # rank 0's only
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert f"step {r['step']:4d}  loss {r['loss']:.4f}" in out
+
+
+def test_metrics_file_holds_the_history_as_strict_json(tmp_path):
+    import json
+    import math
+
+    metrics = tmp_path / "m.jsonl"
+    cfg = TrainConfig(model="tiny-clip", steps=2, method="sequential", progress=False, log_every=0,
+                      clip=None, metrics_file=str(metrics))
+    history = train(cfg)["history"]
+    text = metrics.read_text()
+    assert "NaN" not in text  # no clipping: no norm, written as null
+    records = [json.loads(line) for line in text.splitlines()]
+    assert len(records) == 2 and math.isnan(history[0]["grad_norm"])
+    for rec, h in zip(records, history):
+        assert rec == {k: (None if k == "grad_norm" else v) for k, v in h.items()}
 
 
 def test_mtmm_train_refuses_a_bad_grad_accum(capsys):
