@@ -219,7 +219,8 @@ class Executor:
     and backward (gradients reduced), ``owned(name)`` to count each parameter once."""
 
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+                 activation_checkpointing: bool = False):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
@@ -227,6 +228,8 @@ class Executor:
         self.model = model.build(self.schedule.holdings(self.rank)).to(device=device, dtype=dtype)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
+        # every component layer recomputed in the backward (Component.run_layers)
+        self.activation_checkpointing = activation_checkpointing
         # Groups: every rank creates every group, in the same order (torch requires it).
         self._groups = {}
         for ranks in self.schedule.groups:
@@ -370,7 +373,8 @@ class Executor:
                 x = comp.run_pre({k: v for k, v in rec.leaves.items()}, batch, ctx)
             else:
                 x = rec.leaves[""]
-            x = comp.run_layers(x, sl.begin, sl.end, ctx)
+            x = comp.run_layers(x, sl.begin, sl.end, ctx,
+                                checkpoint=self.activation_checkpointing)
             if sl.end == comp.num_layers:
                 x = comp.run_post(x, ctx)
             if self.schedule.is_sink(sl):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
@@ -158,9 +159,18 @@ class Component(nn.Module):
             )
         return next(iter(inputs.values()))
 
-    def run_layers(self, x: torch.Tensor, begin: int, end: int, ctx: Any) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, begin: int, end: int, ctx: Any, *,
+                   checkpoint: bool = False) -> torch.Tensor:
+        """Layers [begin, end). With ``checkpoint`` (activation checkpointing), where autograd
+        records, each layer keeps only its input: its inner activations are recomputed in the
+        backward (``torch.utils.checkpoint``, non-reentrant: autocast and RNG states as in
+        the forward), about one more forward of compute for that memory."""
         for i in range(begin, end):
-            x = self.layers[str(i)](x, ctx)
+            layer = self.layers[str(i)]
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         return x
 
     def run_post(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:

@@ -57,6 +57,8 @@ class TrainConfig:
     # micro-batches per optimizer step, their gradients summed and reduced once; each loss
     # divided by its task's units (samples or tokens) over all of them, as one batch would be
     grad_accum: int = 1
+    # recompute every component layer's activations in the backward instead of keeping them
+    activation_checkpointing: bool = False
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -131,7 +133,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = torch.float64 if cfg.precision == "fp64" else None
     ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                  dtype=dtype)
+                  dtype=dtype, activation_checkpointing=cfg.activation_checkpointing)
     named = sorted(ex.named_parameters())
     opt = make_optimizer([p for _, p in named], cfg)
     start = 0

@@ -9,6 +9,8 @@ processes; every loss of every step and every parameter after 3 optimizer steps 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,9 +106,10 @@ def assert_matches_reference(name: str, result: dict, prec: str | None = None,
 
 
 def run_plans(name: str, nproc: int, plans: list[dict], prec: str | None = None,
-              accum: int = 1) -> list[dict]:
-    results = run_local(train_many, nproc, [cfg_for(name, p, prec, accum) for p in plans],
-                        timeout_s=240)
+              accum: int = 1, **options) -> list[dict]:
+    """Each plan trained by ``nproc`` gloo ranks; ``options`` set further TrainConfig fields."""
+    cfgs = [dataclasses.replace(cfg_for(name, p, prec, accum), **options) for p in plans]
+    results = run_local(train_many, nproc, cfgs, timeout_s=240)
     return results[0]
 
 
@@ -190,9 +193,11 @@ def test_val_packed_resharding_on_3_gloo_ranks_matches_reference():
 def test_gradient_accumulation_on_3_gloo_ranks_matches_reference(monkeypatch):
     """3 micro-batches per step through VAL_PLAN_3 (packed activations re-split; token losses,
     whose units differ between micro-batches), gradients reduced once, in float64 on the
-    kernels' torch path: equal to one step over all their tokens."""
+    kernels' torch path: equal to one step over all their tokens. With activation
+    checkpointing, which must change nothing either."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for r in run_plans("tiny-val", 3, [VAL_PLAN_3], "fp64", accum=3):
+    for r in run_plans("tiny-val", 3, [VAL_PLAN_3], "fp64", accum=3,
+                       activation_checkpointing=True):
         assert_matches_reference("tiny-val", r, "fp64", accum=3)
 
 
@@ -216,6 +221,34 @@ def test_bad_accumulation_arguments_are_named():
     for bad in ({"vision-text": 8}, [8, 8, 8], dict.fromkeys(model.tasks, 0)):
         with pytest.raises(ValueError, match="^units"):
             ex.step(data, units=bad)
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-val"])
+def test_activation_checkpointing_recomputes_every_layer_and_changes_nothing(name):
+    """Each component layer runs twice per step (its forward again in the backward) and the
+    losses and gradients are those of the run that keeps its activations (float64)."""
+    model = get_trainable_model(name)
+    plan = make_plan(model, 1, "sequential")
+    data = {t: {k: _to(v, "cpu", torch.float64) for k, v in b.items()}
+            for t, b in SyntheticStream(model).step(0).items()}
+    runs = {}
+    for recompute in (False, True):
+        ex = Executor(get_trainable_model(name), plan, dtype=torch.float64,
+                      activation_checkpointing=recompute)
+        calls = []
+        for comp in ex.model.components.values():
+            for layer in comp.layers.values():
+                # a pre-hook: the recomputation stops once it has what the backward needs
+                layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        losses = ex.step(data)
+        grads = {n: p.grad for n, p in ex.named_parameters() if p.grad is not None}
+        runs[recompute] = losses, grads, len(calls)
+    (losses, grads, calls), (ac_losses, ac_grads, ac_calls) = runs[False], runs[True]
+    assert calls > 0 and ac_calls == 2 * calls
+    assert ac_losses == pytest.approx(losses, rel=1e-13)
+    assert ac_grads.keys() == grads.keys()
+    for n, g in grads.items():
+        assert float((ac_grads[n] - g).norm() / g.norm().clamp_min(1e-300)) < 1e-12, n
 
 
 def test_rank_without_any_layer_matches_reference():
