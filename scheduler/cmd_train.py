@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum,
-        activation_checkpointing=args.activation_checkpointing, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        activation_checkpointing=args.activation_checkpointing, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
         metrics_file=args.metrics_file,
     )
@@ -87,6 +88,10 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto")
     p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
                    help="micro-batches per optimizer step (gradients summed, reduced once)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N steps and after the last, the loss on held-out batches (0: never)")
+    p.add_argument("--eval-batches", type=_positive_int, default=1, metavar="K",
+                   help="held-out batches per evaluation (the same each time)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (less memory)")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")

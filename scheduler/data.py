@@ -23,17 +23,22 @@ Step = dict[str, dict[str, torch.Tensor]]
 
 class SyntheticStream:
     """Deterministic synthetic multi-task batches for a built-in model (heterogeneous lengths
-    across tasks and, for text, across samples)."""
+    across tasks and, for text, across samples). ``split`` names disjoint streams of the same
+    distribution: "train", and any other name (an evaluation set: "eval")."""
 
-    def __init__(self, model, seed: int = 0):
+    def __init__(self, model, seed: int = 0, split: str = "train"):
         if not callable(getattr(model, "synthetic", None)):
             raise ValueError(f"model: {model.name!r} has no synthetic data; pass datasets to MultiTaskLoader")
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split: expected a non-empty name, got {split!r}")
         self.model, self.seed = model, seed
+        self._prefix = "" if split == "train" else f"{split}/"  # train keeps its original seeds
 
     def step(self, index: int) -> Step:
         out = {}
         for task in self.model.tasks:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{index}/{task}".encode()))
+            key = f"{self._prefix}{self.seed}/{index}/{task}"
+            gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             out[task] = self.model.synthetic(task, gen)
         return out
 

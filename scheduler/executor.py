@@ -289,7 +289,39 @@ class Executor:
         alike, as one batch of them all would. ``reduce=False`` leaves the gradients local;
         the reduction is linear, so reducing the sum once, with the last micro-batch, is
         reducing each."""
-        model, sched = self.model, self.schedule
+        self._begin(data, units)
+        clock = time.perf_counter
+        stats = self._run_forward()
+        for w in reversed(range(self.schedule.num_waves)):
+            sl = self.schedule.slice_of(self.rank, w)
+            t0 = clock()
+            if sl is not None:
+                self._backward(sl)
+            t1 = clock()
+            self._exchange_backward(w)
+            stats["compute_s"] += t1 - t0
+            stats["transfer_s"] += clock() - t1
+        t0 = clock()
+        if reduce:
+            self._reduce_grads()
+        stats["reduce_s"] = clock() - t0
+        # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
+        # Waiting for a slower peer counts as transfer time.
+        self.last_stats = stats
+        return self._end()
+
+    def evaluate(self, data: Mapping[str, Mapping[str, torch.Tensor]], *,
+                 units: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Every task's loss on its whole batch, forward only (no autograd graph, gradients
+        untouched), through the same plan and transfers as ``step``; ``units`` as there (an
+        evaluation over several batches passes their total). The same on every rank."""
+        self._begin(data, units)
+        with torch.no_grad():
+            self._run_forward()
+        return self._end()
+
+    def _begin(self, data, units) -> None:
+        model = self.model
         for task in model.tasks:
             if task not in data:
                 raise ValueError(f"data: no batch for task {task!r}")
@@ -309,10 +341,12 @@ class Executor:
         self._inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
         self._grad_out: dict[int, torch.Tensor] = {}
         self._prefix: dict[int, list[int]] = {}
+
+    def _run_forward(self) -> dict[str, float]:
         clock = time.perf_counter
         stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
-        for w in range(sched.num_waves):
-            sl = sched.slice_of(self.rank, w)
+        for w in range(self.schedule.num_waves):
+            sl = self.schedule.slice_of(self.rank, w)
             t0 = clock()
             if sl is not None:
                 self._forward(sl)
@@ -320,27 +354,15 @@ class Executor:
             self._exchange_forward(w)
             stats["compute_s"] += t1 - t0
             stats["transfer_s"] += clock() - t1
-        for w in reversed(range(sched.num_waves)):
-            sl = sched.slice_of(self.rank, w)
-            t0 = clock()
-            if sl is not None:
-                self._backward(sl)
-            t1 = clock()
-            self._exchange_backward(w)
-            stats["compute_s"] += t1 - t0
-            stats["transfer_s"] += clock() - t1
-        t0 = clock()
-        if reduce:
-            self._reduce_grads()
-        stats["reduce_s"] = clock() - t0
-        # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
-        # Waiting for a slower peer counts as transfer time.
-        self.last_stats = stats
-        losses = torch.zeros(len(model.tasks), dtype=torch.float64, device=self.device)
-        names = list(model.tasks)
+        return stats
+
+    def _end(self) -> dict[str, float]:
+        """Each task's loss summed over the ranks' shards; the step's state dropped."""
+        names = list(self.model.tasks)
+        losses = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         for sid, rec in self._rec.items():
             if rec.loss is not None:
-                losses[names.index(sched.slices[sid].task)] += rec.loss.detach().double()
+                losses[names.index(self.schedule.slices[sid].task)] += rec.loss.detach().double()
         if self.world > 1:
             dist.all_reduce(losses)
         self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}

@@ -59,6 +59,10 @@ class TrainConfig:
     grad_accum: int = 1
     # recompute every component layer's activations in the backward instead of keeping them
     activation_checkpointing: bool = False
+    # every eval_every steps (and after the last), each task's loss on the same eval_batches
+    # batches of a held-out stream, forward only; 0: never
+    eval_every: int = 0
+    eval_batches: int = 1
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -113,6 +117,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accum = cfg.grad_accum
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"grad_accum: expected a positive int, got {accum!r}")
+    for name, low in (("eval_every", 0), ("eval_batches", 1)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
@@ -140,6 +148,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
         start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)
     stream = SyntheticStream(model, seed=cfg.seed)
+    eval_set = []
+    if cfg.eval_every:  # the same held-out batches at every evaluation
+        held_out = SyntheticStream(model, seed=cfg.seed, split="eval")
+        eval_set = [{t: {k: _to(v, device, dtype) for k, v in b.items()}
+                     for t, b in held_out.step(i).items()} for i in range(cfg.eval_batches)]
     bar = _progress(cfg, rank, start)
     history = []
     for step in range(start, cfg.steps):
@@ -175,6 +188,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm, "lr": lr,
                "seconds": dt, "executor_seconds": t_exec, **stats,
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            rec["eval_losses"] = evaluate(ex, eval_set, model)
+            rec["eval_loss"] = sum(rec["eval_losses"].values())
         history.append(rec)
         if rank == 0:
             _log(cfg, bar, rec)
@@ -200,6 +216,17 @@ def _progress(cfg: TrainConfig, rank: int, start: int):
     return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
 
 
+def evaluate(ex: Executor, batches: list, model) -> dict[str, float]:
+    """Each task's loss over ``batches``, forward only: its summed loss over all of them divided
+    by its units over all of them (as gradient accumulation weighs them)."""
+    units = {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
+    losses = dict.fromkeys(model.tasks, 0.0)
+    for batch in batches:
+        for t, loss in ex.evaluate(batch, units=units).items():
+            losses[t] += loss
+    return losses
+
+
 def _finite_or_null(value):
     """value for strict JSON: a NaN or infinite float (no clipping's norm, a diverged loss)
     becomes None."""
@@ -218,9 +245,11 @@ def _log(cfg: TrainConfig, bar, rec: dict) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     step = rec["step"]
-    if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+    if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1 or "eval_loss" in rec):
         per_task = " ".join(f"{t}={v:.4f}" for t, v in rec["losses"].items())
         msg = f"step {step:4d}  loss {rec['loss']:.4f}  [{per_task}]  {rec['tokens_per_s']:.0f} tok/s"
+        if "eval_loss" in rec:
+            msg += f"  eval loss {rec['eval_loss']:.4f}"
         (bar.write if bar is not None else print)(msg)
 
 

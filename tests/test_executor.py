@@ -189,16 +189,61 @@ def test_val_packed_resharding_on_3_gloo_ranks_matches_reference():
         assert_matches_reference("tiny-val", r)
 
 
+def reference_eval(name: str, params: dict, batches: list) -> dict[str, float]:
+    """Each task's loss over ``batches`` (float64, no autograd) of the whole model holding
+    ``params``: summed over the batches, divided by the units of them all."""
+    model = get_trainable_model(name).build().double()
+    model.load_state_dict(params, strict=True)
+    units = {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
+    out = dict.fromkeys(model.tasks, 0.0)
+    with torch.no_grad():
+        for b in batches:
+            b = {t: {k: _to(v, "cpu", torch.float64) for k, v in tb.items()} for t, tb in b.items()}
+            for t, loss in model.reference_losses(b).items():  # loss / the batch's own units
+                out[t] += float(loss) * model.tasks[t].count_units(b[t]) / units[t]
+    return out
+
+
 @needs_val
-def test_gradient_accumulation_on_3_gloo_ranks_matches_reference(monkeypatch):
+def test_accumulation_checkpointing_and_evaluation_on_3_gloo_ranks_match_reference(monkeypatch):
     """3 micro-batches per step through VAL_PLAN_3 (packed activations re-split; token losses,
     whose units differ between micro-batches), gradients reduced once, in float64 on the
     kernels' torch path: equal to one step over all their tokens. With activation
-    checkpointing, which must change nothing either."""
+    checkpointing (which must change nothing) and an evaluation on 2 held-out batches after
+    the last step (forward only: it must not disturb training)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for r in run_plans("tiny-val", 3, [VAL_PLAN_3], "fp64", accum=3,
-                       activation_checkpointing=True):
-        assert_matches_reference("tiny-val", r, "fp64", accum=3)
+    (r,) = run_plans("tiny-val", 3, [VAL_PLAN_3], "fp64", accum=3,
+                     activation_checkpointing=True, eval_every=STEPS, eval_batches=2)
+    assert_matches_reference("tiny-val", r, "fp64", accum=3)
+    assert [("eval_losses" in h) for h in r["history"]] == [False] * (STEPS - 1) + [True]
+    model = get_trainable_model("tiny-val")
+    held_out = SyntheticStream(model, split="eval")
+    _, params = reference_run("tiny-val", "fp64", accum=3)
+    want = reference_eval("tiny-val", params, [held_out.step(i) for i in range(2)])
+    got = r["history"][-1]["eval_losses"]
+    assert got.keys() == want.keys()
+    for task in want:
+        assert abs(got[task] - want[task]) < TOL["fp64"] * abs(want[task]), (task, got, want)
+
+
+def test_evaluate_is_forward_only_and_matches_reference():
+    model = get_trainable_model("tiny-clip")
+    ex = Executor(get_trainable_model("tiny-clip"), make_plan(model, 1, "sequential"),
+                  dtype=torch.float64)
+    batches = [SyntheticStream(model, split="eval").step(i) for i in range(2)]
+    data = [{t: {k: _to(v, "cpu", torch.float64) for k, v in b.items()} for t, b in step.items()}
+            for step in batches]
+    units = {t: sum(model.tasks[t].count_units(b[t]) for b in data) for t in model.tasks}
+    got = dict.fromkeys(model.tasks, 0.0)
+    for b in data:
+        for t, loss in ex.evaluate(b, units=units).items():
+            got[t] += loss
+    assert all(p.grad is None for p in ex.parameters())
+    params = {n: p.detach() for n, p in ex.named_parameters()}
+    want = reference_eval("tiny-clip", params, batches)
+    assert got == pytest.approx(want, rel=1e-12)
+    train_batch = SyntheticStream(model).step(0)
+    assert not torch.equal(batches[0]["vision-text"]["text"], train_batch["vision-text"]["text"])
 
 
 def test_gradient_accumulation_in_one_process_matches_reference():
@@ -209,13 +254,19 @@ def test_gradient_accumulation_in_one_process_matches_reference():
     assert_matches_reference("tiny-clip", result, accum=2)
 
 
-def test_bad_accumulation_arguments_are_named():
+def test_bad_accumulation_and_evaluation_arguments_are_named():
     from scheduler.trainer import train
 
     model = get_trainable_model("tiny-clip")
+    cfg = cfg_for("tiny-clip", make_plan(model, 1, "sequential"))
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="^grad_accum"):
-            train(cfg_for("tiny-clip", make_plan(model, 1, "sequential"), accum=bad))
+            train(dataclasses.replace(cfg, grad_accum=bad))
+    for name, bad in (("eval_every", -1), ("eval_every", 2.0), ("eval_batches", 0)):
+        with pytest.raises(ValueError, match=f"^{name}"):
+            train(dataclasses.replace(cfg, **{"eval_every": 1, name: bad}))
+    with pytest.raises(ValueError, match="^split"):
+        SyntheticStream(model, split="")
     ex = Executor(get_trainable_model("tiny-clip"), make_plan(model, 1, "sequential"))
     data = SyntheticStream(model).step(0)
     for bad in ({"vision-text": 8}, [8, 8, 8], dict.fromkeys(model.tasks, 0)):
