@@ -1059,11 +1059,12 @@ def _pack_streams(streams, lengths, group_ids, num_groups, total, max_seqlen, *,
             max_seqlen = longest
     if max_seqlen is None:
         max_seqlen = sum(max_lens)
-    # DTensor streams (tensor parallelism): the plan is the same on every rank, replicated
-    values, position_ids, seq_ids, modality_ids = _pack(
-        streams, *(index_on_mesh(t, *streams) for t in (lens_SB, cu_seqlens,
-                                                         order if grouped else None)), total)
-    if dtensor_mesh(values) is not None:  # token metadata stays plain, as cu_seqlens is
+    index = (lens_SB, cu_seqlens, order if grouped else None)
+    distributed = dtensor_mesh(streams[0]) is not None  # all streams are DTensors, or none
+    if distributed:  # tensor parallelism: the plan, the same on every rank, replicated
+        index = tuple(index_on_mesh(t, streams[0]) for t in index)
+    values, position_ids, seq_ids, modality_ids = _pack(streams, *index, total)
+    if distributed:  # the token metadata stays plain, as cu_seqlens is
         position_ids, seq_ids, modality_ids = (
             t.to_local() for t in (position_ids, seq_ids, modality_ids))
     return PackedBatch(
