@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.plan_file) as f:
             plan = json.load(f)
     cfg = TrainConfig(
-        model=args.model, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
+        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, eval_every=args.eval_every,
@@ -59,6 +59,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(text: str) -> str:
+    from scheduler.tiny_models import MODELS
+    from scheduler.user_code import is_spec
+
+    if text not in MODELS and not is_spec(text):
+        raise argparse.ArgumentTypeError(
+            f"expected one of {sorted(MODELS)} or 'package.module:factory', got {text!r}")
+    return text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -71,7 +81,12 @@ def add_parser(sub) -> None:
     from scheduler.tiny_models import DEFAULT_MODEL, MODELS
 
     p = sub.add_parser("train", help="train a built-in model with a plan on local devices or under torchrun")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in model")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=_model_name,
+                   help=f"a built-in model ({', '.join(sorted(MODELS))}) or your "
+                        "'package.module:factory' returning an unbuilt MultiTaskModel")
+    p.add_argument("--data", metavar="MODULE:FACTORY",
+                   help="batches: factory(model, seed=, split=) with a step(index) method "
+                        "(default: the model's synthetic data)")
     p.add_argument("--nproc", type=int, default=0,
                    help="processes (default: one per GPU, else one gloo rank per CPU core, at most 4)")
     p.add_argument("--steps", type=int, default=40)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scheduler.modelapi import Component, MultiTaskModel, Task
+from scheduler.user_code import is_spec, load_callable
 
 DEFAULT_MODEL = "tiny-clip"
 
@@ -408,7 +409,16 @@ MODELS: dict[str, Callable[..., MultiTaskModel]] = {"tiny-clip": tiny_clip, "tin
 
 
 def get_trainable_model(name: str = DEFAULT_MODEL, **options) -> MultiTaskModel:
-    """A fresh (unbuilt) built-in model; ``options`` go to its constructor (layers, hidden...)."""
+    """A fresh (unbuilt) model: a built-in one, or a user's ``package.module:factory`` (a
+    callable returning an unbuilt ``MultiTaskModel``, called on every rank); ``options`` go to
+    its constructor (layers, hidden...)."""
+    if is_spec(name):
+        model = load_callable(name, "model")(**options)
+        if not isinstance(model, MultiTaskModel):
+            raise TypeError(f"model: {name!r} returned a {type(model).__name__}, "
+                            "not a MultiTaskModel")
+        return model
     if name not in MODELS:
-        raise ValueError(f"name: unknown trainable model {name!r}; choose from {sorted(MODELS)}")
+        raise ValueError(f"name: unknown trainable model {name!r}; choose from {sorted(MODELS)} "
+                         "or give 'package.module:factory'")
     return MODELS[name](**options)

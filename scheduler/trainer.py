@@ -27,6 +27,7 @@ from scheduler.launch import local_device
 from scheduler.lr_schedule import check_schedule, lr_at
 from scheduler.modelapi import profiled_cost
 from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
+from scheduler.user_code import load_callable
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp64")
@@ -36,8 +37,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp64")
 class TrainConfig:
     """What one training run does (picklable: it travels to every rank)."""
 
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # a built-in name, or a user's "package.module:factory"
     model_options: dict = field(default_factory=dict)
+    # "package.module:factory" called as factory(model, seed=, split=) ("train", "eval"), giving
+    # an object whose step(i) is the i-th batch of every task; None: the model's synthetic data
+    data: str | None = None
     steps: int = 40
     method: str = "spindle"
     plan: dict | None = None  # an explicit plan wins over ``method``
@@ -147,10 +151,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     start = 0
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
         start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)
-    stream = SyntheticStream(model, seed=cfg.seed)
+    stream = make_stream(cfg, model, "train")
     eval_set = []
     if cfg.eval_every:  # the same held-out batches at every evaluation
-        held_out = SyntheticStream(model, seed=cfg.seed, split="eval")
+        held_out = make_stream(cfg, model, "eval")
         eval_set = [{t: {k: _to(v, device, dtype) for k, v in b.items()}
                      for t, b in held_out.step(i).items()} for i in range(cfg.eval_batches)]
     bar = _progress(cfg, rank, start)
@@ -214,6 +218,17 @@ def _progress(cfg: TrainConfig, rank: int, start: int):
     except ImportError:
         return None
     return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
+
+
+def make_stream(cfg: TrainConfig, model, split: str):
+    """The batches of ``split``: the user's ``cfg.data`` factory, else synthetic ones."""
+    if cfg.data is None:
+        return SyntheticStream(model, seed=cfg.seed, split=split)
+    stream = load_callable(cfg.data, "data")(model, seed=cfg.seed, split=split)
+    if not callable(getattr(stream, "step", None)):
+        raise TypeError(f"data: {cfg.data!r} returned a {type(stream).__name__} without a "
+                        "step(index) method")
+    return stream
 
 
 def evaluate(ex: Executor, batches: list, model) -> dict[str, float]:

@@ -1,0 +1,64 @@
+"""Training a user's own model and data (``package.module:attribute``, scheduler/user_code.py)
+with the ``mtmm train`` command, and the errors for bad names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scheduler.data import SyntheticStream
+from scheduler.tiny_models import get_trainable_model
+from scheduler.user_code import is_spec, load_callable
+
+
+def test_mtmm_train_runs_a_users_model_on_a_users_data(tmp_path):
+    """Two gloo ranks train tests/user_model.py's model on its stream: the first step's losses
+    are the whole model's on that stream's first batch (float64)."""
+    from scheduler.cli import main
+
+    metrics = tmp_path / "m.jsonl"
+    rc = main(["train", "--model", "user_model:small_clip", "--data", "user_model:ShiftedStream",
+               "--nproc", "2", "--steps", "2", "--no-progress", "--log-every", "0",
+               "--precision", "fp64", "--metrics-file", str(metrics)])
+    assert rc == 0
+    first = json.loads(metrics.read_text().splitlines()[0])
+    model = get_trainable_model("user_model:small_clip")
+    assert model.name == "user-clip" and model.components["vision"].num_layers == 1
+    model = model.build().double()
+    batch = SyntheticStream(model, seed=1000).step(0)  # what ShiftedStream gives at seed 0
+    batch = {t: {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
+             for t, b in batch.items()}
+    with torch.no_grad():
+        want = {t: float(loss) for t, loss in model.reference_losses(batch).items()}
+    assert first["losses"] == pytest.approx(want, rel=1e-10)
+
+
+def test_spec_form():
+    assert is_spec("pkg.mod:factory") and is_spec("m:a.b")
+    assert not any(is_spec(t) for t in ("tiny-clip", ":f", "m:", "m"))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("tiny-clip", "expected 'package.module:callable'"),
+    ("no_such_module_here:f", "cannot import 'no_such_module_here'"),
+    ("user_model:missing", "has no attribute 'missing'"),
+    ("user_model:NOT_CALLABLE", r"is not callable \(a int\)"),
+])
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(ValueError, match=f"^data: .*{message}"):
+        load_callable(spec, "data")
+
+
+def test_a_factory_that_returns_no_model_is_named():
+    with pytest.raises(TypeError, match="^model: 'user_model:not_a_model' returned a str"):
+        get_trainable_model("user_model:not_a_model")
+
+
+def test_mtmm_train_refuses_an_unknown_model_name(capsys):
+    from scheduler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "tiny-nothing"])
+    assert "or 'package.module:factory', got 'tiny-nothing'" in capsys.readouterr().err

@@ -1,0 +1,31 @@
+"""A model and a data stream declared outside mtmm, as a user's package would declare them, for
+``mtmm train --model user_model:small_clip --data user_model:ShiftedStream``
+(tests/test_user_code.py)."""
+
+from __future__ import annotations
+
+from scheduler.data import SyntheticStream
+from scheduler.tiny_models import tiny_clip
+
+
+def small_clip(**options):
+    """tiny-clip with one layer per encoder, under a name of its own."""
+    model = tiny_clip(layers=1, **options)
+    model.name = "user-clip"
+    return model
+
+
+class ShiftedStream(SyntheticStream):
+    """The model's synthetic batches of another seed: a stream that is not mtmm's default."""
+
+    SHIFT = 1000
+
+    def __init__(self, model, seed: int = 0, split: str = "train"):
+        super().__init__(model, seed=seed + self.SHIFT, split=split)
+
+
+NOT_CALLABLE = 3
+
+
+def not_a_model():
+    return "a string"
