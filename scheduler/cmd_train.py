@@ -12,8 +12,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from scheduler import launch
-    from scheduler.lr_schedule import check_schedule
-    from scheduler.trainer import TrainConfig, train
+    from scheduler.tiny_models import get_trainable_model
+    from scheduler.trainer import TrainConfig, check_config, train
+    from scheduler.user_code import load_callable
 
     plan = None
     if args.plan_file:
@@ -29,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
         metrics_file=args.metrics_file,
     )
     try:  # before any process starts
-        check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
-    except ValueError as e:
+        check_config(cfg)
+        get_trainable_model(cfg.model, **cfg.model_options)  # a user's factory imports here
+        if cfg.data is not None:
+            load_callable(cfg.data, "data")
+    except (ValueError, TypeError) as e:
         print(f"mtmm train: {e}")
         return 2
     if launch.init_from_env():  # under torchrun: this process is one rank

@@ -115,16 +115,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs ``cfg`` on the current process group (or alone). Returns the history (per step:
     per-task losses, total, tokens/s, grad norm) and, with ``return_state``, rank 0's gathered
     final state."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
-    check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
-    accum = cfg.grad_accum
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-        raise ValueError(f"grad_accum: expected a positive int, got {accum!r}")
-    for name, low in (("eval_every", 0), ("eval_batches", 1)):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    check_config(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
@@ -152,31 +143,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
         start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)
     stream = make_stream(cfg, model, "train")
-    eval_set = []
-    if cfg.eval_every:  # the same held-out batches at every evaluation
-        held_out = make_stream(cfg, model, "eval")
-        eval_set = [{t: {k: _to(v, device, dtype) for k, v in b.items()}
-                     for t, b in held_out.step(i).items()} for i in range(cfg.eval_batches)]
+    # the same held-out batches at every evaluation
+    eval_set = _batches(make_stream(cfg, model, "eval"), range(cfg.eval_batches), device,
+                        dtype) if cfg.eval_every else []
     bar = _progress(cfg, rank, start)
     history = []
+    accum = cfg.grad_accum
     for step in range(start, cfg.steps):
         if cfg.die_at_step == step and rank == cfg.die_rank:
             os._exit(17)
         t0 = time.perf_counter()
         # micro-batch j of step s is the stream's batch s * accum + j (resumable)
-        micro = [{t: {k: _to(v, device, dtype) for k, v in b.items()}
-                  for t, b in stream.step(step * accum + j).items()} for j in range(accum)]
-        units = None if accum == 1 else {
-            t: sum(model.tasks[t].count_units(m[t]) for m in micro) for t in model.tasks}
+        micro = _batches(stream, range(step * accum, (step + 1) * accum), device, dtype)
         opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
-        losses = dict.fromkeys(model.tasks, 0.0)
-        stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
-        for j, data in enumerate(micro):
-            for t, loss in ex.step(data, units=units, reduce=j == accum - 1).items():
-                losses[t] += loss
-            for k, v in ex.last_stats.items():
-                stats[k] += v
+        losses, stats = _forward_backward(ex, model, micro)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_exec = time.perf_counter() - t1
@@ -218,6 +199,38 @@ def _progress(cfg: TrainConfig, rank: int, start: int):
     except ImportError:
         return None
     return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first bad field (before any process group or model is made)."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
+    check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
+    for name, low in (("grad_accum", 1), ("eval_every", 0), ("eval_batches", 1)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def _batches(stream, indices, device: torch.device, dtype: torch.dtype | None) -> list[dict]:
+    return [{t: {k: _to(v, device, dtype) for k, v in b.items()}
+             for t, b in stream.step(i).items()} for i in indices]
+
+
+def _forward_backward(ex: Executor, model, micro: list[dict]) -> tuple[dict, dict]:
+    """Every micro-batch forward and backward, the gradients summed and reduced once, with
+    the last; each task's loss divided by its units over all of them (one batch's own units
+    where there is one). Returns the step's losses and its phase times on this rank."""
+    units = None if len(micro) == 1 else {
+        t: sum(model.tasks[t].count_units(m[t]) for m in micro) for t in model.tasks}
+    losses = dict.fromkeys(model.tasks, 0.0)
+    stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
+    for j, data in enumerate(micro):
+        for t, loss in ex.step(data, units=units, reduce=j == len(micro) - 1).items():
+            losses[t] += loss
+        for k, v in ex.last_stats.items():
+            stats[k] += v
+    return losses, stats
 
 
 def make_stream(cfg: TrainConfig, model, split: str):

@@ -56,6 +56,15 @@ def test_a_factory_that_returns_no_model_is_named():
         get_trainable_model("user_model:not_a_model")
 
 
+def test_mtmm_train_names_a_bad_factory_before_starting_ranks(capsys):
+    from scheduler.cli import main
+
+    assert main(["train", "--model", "user_model:not_a_model"]) == 2
+    assert "model: 'user_model:not_a_model' returned a str" in capsys.readouterr().out
+    assert main(["train", "--data", "user_model:missing"]) == 2
+    assert "data: 'user_model' has no attribute 'missing'" in capsys.readouterr().out
+
+
 def test_mtmm_train_refuses_an_unknown_model_name(capsys):
     from scheduler.cli import main
 
