@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.plan_file) as f:
             plan = json.load(f)
     cfg = TrainConfig(
-        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed,
+        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, eval_every=args.eval_every,
@@ -99,6 +99,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cost", choices=["model", "profile"], default="model",
                    help="per-layer times for the planner: the analytic model, or each MetaOp timed here first")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's, on matrices and embeddings (not biases or norm scales)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="decay from --lr to --min-lr at the last step, after the warmup")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")

@@ -52,7 +52,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on matrices and embeddings (see decays)
+    decay_all: bool = False  # weight decay on biases, norm scales and scalars too
     clip: float | None = 1.0
     seed: int = 0
     # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks; mtmm's
@@ -86,10 +87,23 @@ def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> tor
     return t.to(device)
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # One explicit param group: a rank that the plan leaves without any layer has no
-    # parameters, and torch refuses a bare empty list but accepts an empty group.
-    return torch.optim.AdamW([{"params": list(params)}], lr=cfg.lr, weight_decay=cfg.weight_decay,
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: to matrices and embeddings, not to biases (a
+    ``GroupedLinear`` bias is 2-D), norm scales or scalars such as a contrastive temperature,
+    as GPT-2's and most trainers' AdamW setups do."""
+    return param.ndim >= 2 and not name.endswith("bias")
+
+
+def make_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over (name, parameter) pairs: one group with ``cfg.weight_decay``, one without
+    (``decays``; everything decayed with ``cfg.decay_all``)."""
+    # Explicit param groups: a rank that the plan leaves without any layer has no parameters,
+    # and torch refuses a bare empty list but accepts empty groups.
+    groups = ([], [])
+    for name, p in named_params:
+        groups[0 if cfg.decay_all or decays(name, p) else 1].append(p)
+    return torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
+                              {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr,
                              foreach=False)
 
 
@@ -138,7 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing)
     named = sorted(ex.named_parameters())
-    opt = make_optimizer([p for _, p in named], cfg)
+    opt = make_optimizer(named, cfg)
     start = 0
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
         start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)

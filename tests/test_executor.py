@@ -49,18 +49,22 @@ _REF: dict[tuple, tuple] = {}
 
 
 def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1,
-                  lrs: tuple[float, ...] | None = None):
+                  lrs: tuple[float, ...] | None = None, weight_decay: float = 0.0):
     """(per-step task losses, final parameters) of the single-process reference. With
     ``accum`` micro-batches per step (the stream's batches s * accum + j), each task's loss is
     its summed loss over all of them divided by its units over all of them; ``lrs`` gives each
-    step's learning rate (else LR throughout)."""
-    key = (name, prec, steps, accum, lrs)
+    step's learning rate (else LR throughout); ``weight_decay`` applies to every parameter
+    but biases and scalar or 1-D ones."""
+    key = (name, prec, steps, accum, lrs, weight_decay)
     if key in _REF:
         return _REF[key]
     dtype = torch.float64 if prec == "fp64" else torch.float32
     model = get_trainable_model(name).build().to(dtype)
     named = sorted(model.named_parameters())
-    opt = torch.optim.AdamW([p for _, p in named], lr=LR, weight_decay=0.0, foreach=False)
+    no_decay = [p for n, p in named if n.rsplit(".", 1)[-1] == "bias" or p.dim() < 2]
+    decay = [p for _, p in named if not any(p is q for q in no_decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=LR, foreach=False)
     stream = SyntheticStream(model, seed=0)
     hist = []
     for s in range(steps):
@@ -75,7 +79,8 @@ def reference_run(name: str, prec: str, steps: int = STEPS, accum: int = 1,
         sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP_NORM)
         if lrs is not None:
-            opt.param_groups[0]["lr"] = lrs[s]
+            for group in opt.param_groups:
+                group["lr"] = lrs[s]
         opt.step()
         hist.append({k: float(v.detach()) for k, v in losses.items()})
     _REF[key] = hist, {n: p.detach().clone() for n, p in named}
@@ -88,9 +93,11 @@ def cfg_for(name: str, plan: dict, prec: str | None = None, accum: int = 1) -> T
 
 
 def assert_matches_reference(name: str, result: dict, prec: str | None = None,
-                             accum: int = 1, lrs: tuple[float, ...] | None = None) -> None:
+                             accum: int = 1, lrs: tuple[float, ...] | None = None,
+                             weight_decay: float = 0.0) -> None:
     prec = prec or precision(name)
-    ref_hist, ref_params = reference_run(name, prec, accum=accum, lrs=lrs)
+    ref_hist, ref_params = reference_run(name, prec, accum=accum, lrs=lrs,
+                                         weight_decay=weight_decay)
     tol = TOL[prec]
     assert len(result["history"]) == STEPS
     for step, (got, want) in enumerate(zip(result["history"], ref_hist)):
@@ -252,6 +259,23 @@ def test_gradient_accumulation_in_one_process_matches_reference():
     model = get_trainable_model("tiny-clip")
     result = train(cfg_for("tiny-clip", make_plan(model, 1, "sequential"), accum=2))
     assert_matches_reference("tiny-clip", result, accum=2)
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-val"])
+def test_weight_decay_spares_biases_and_norms_like_the_reference(model, monkeypatch):
+    """weight_decay on matrices and embeddings only, in one process (float64; tiny-val has
+    GroupedLinear heads, whose bias is 2-D); decay_all decays everything, which differs."""
+    from scheduler.trainer import train
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # float64 takes the kernels' torch path anyway
+    cfg = dataclasses.replace(
+        cfg_for(model, make_plan(get_trainable_model(model), 1, "sequential"), "fp64"),
+        weight_decay=0.5)
+    assert_matches_reference(model, train(cfg), "fp64", weight_decay=0.5)
+    everything = train(dataclasses.replace(cfg, decay_all=True))["state"]["params"]
+    _, params = reference_run(model, "fp64", weight_decay=0.5)
+    assert any(not torch.allclose(everything[n], params[n], rtol=1e-6, atol=0)
+               for n in params if n.endswith("bias"))
 
 
 def test_bad_accumulation_and_evaluation_arguments_are_named():
