@@ -290,21 +290,14 @@ class Executor:
         the reduction is linear, so reducing the sum once, with the last micro-batch, is
         reducing each."""
         self._begin(data, units)
-        clock = time.perf_counter
-        stats = self._run_forward()
-        for w in reversed(range(self.schedule.num_waves)):
-            sl = self.schedule.slice_of(self.rank, w)
-            t0 = clock()
-            if sl is not None:
-                self._backward(sl)
-            t1 = clock()
-            self._exchange_backward(w)
-            stats["compute_s"] += t1 - t0
-            stats["transfer_s"] += clock() - t1
-        t0 = clock()
+        stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
+        waves = range(self.schedule.num_waves)
+        self._run_waves(waves, self._forward, self._exchange_forward, stats)
+        self._run_waves(reversed(waves), self._backward, self._exchange_backward, stats)
+        t0 = time.perf_counter()
         if reduce:
             self._reduce_grads()
-        stats["reduce_s"] = clock() - t0
+        stats["reduce_s"] = time.perf_counter() - t0
         # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
         # Waiting for a slower peer counts as transfer time.
         self.last_stats = stats
@@ -317,7 +310,8 @@ class Executor:
         evaluation over several batches passes their total). The same on every rank."""
         self._begin(data, units)
         with torch.no_grad():
-            self._run_forward()
+            self._run_waves(range(self.schedule.num_waves), self._forward,
+                            self._exchange_forward, dict.fromkeys(("compute_s", "transfer_s"), 0.0))
         return self._end()
 
     def _begin(self, data, units) -> None:
@@ -342,19 +336,19 @@ class Executor:
         self._grad_out: dict[int, torch.Tensor] = {}
         self._prefix: dict[int, list[int]] = {}
 
-    def _run_forward(self) -> dict[str, float]:
+    def _run_waves(self, waves, compute, exchange, stats: dict[str, float]) -> None:
+        """``compute`` this rank's slice of each wave (if it has one), then ``exchange`` the
+        wave's transfers; wall times added to ``stats``."""
         clock = time.perf_counter
-        stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
-        for w in range(self.schedule.num_waves):
+        for w in waves:
             sl = self.schedule.slice_of(self.rank, w)
             t0 = clock()
             if sl is not None:
-                self._forward(sl)
+                compute(sl)
             t1 = clock()
-            self._exchange_forward(w)
+            exchange(w)
             stats["compute_s"] += t1 - t0
             stats["transfer_s"] += clock() - t1
-        return stats
 
     def _end(self) -> dict[str, float]:
         """Each task's loss summed over the ranks' shards; the step's state dropped."""
