@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         precision=args.precision, grad_accum=args.grad_accum,
-        activation_checkpointing=args.activation_checkpointing, eval_every=args.eval_every,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+        eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
         metrics_file=args.metrics_file,
@@ -113,6 +114,8 @@ def add_parser(sub) -> None:
                    help="every N steps and after the last, the loss on held-out batches (0: never)")
     p.add_argument("--eval-batches", type=_positive_int, default=1, metavar="K",
                    help="held-out batches per evaluation (the same each time)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile every component layer (default backend: inductor)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (less memory)")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")

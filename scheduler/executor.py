@@ -220,7 +220,7 @@ class Executor:
 
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, compile: str | None = None):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
@@ -230,6 +230,10 @@ class Executor:
         self.autocast_dtype = autocast_dtype
         # every component layer recomputed in the backward (Component.run_layers)
         self.activation_checkpointing = activation_checkpointing
+        if compile is not None:  # every layer this rank built, by that torch.compile backend
+            for comp in self.model.components.values():
+                for layer in comp.layers.values():
+                    layer.compile(backend=compile)
         # Groups: every rank creates every group, in the same order (torch requires it).
         self._groups = {}
         for ranks in self.schedule.groups:

@@ -64,6 +64,8 @@ class TrainConfig:
     grad_accum: int = 1
     # recompute every component layer's activations in the backward instead of keeping them
     activation_checkpointing: bool = False
+    # a torch.compile backend ("inductor") for every component layer; None: eager
+    compile: str | None = None
     # every eval_every steps (and after the last), each task's loss on the same eval_batches
     # batches of a held-out stream, forward only; 0: never
     eval_every: int = 0
@@ -150,7 +152,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = torch.float64 if cfg.precision == "fp64" else None
     ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                  dtype=dtype, activation_checkpointing=cfg.activation_checkpointing)
+                  dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
+                  compile=cfg.compile)
     named = sorted(ex.named_parameters())
     opt = make_optimizer(named, cfg)
     start = 0
