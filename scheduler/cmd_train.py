@@ -21,14 +21,14 @@ def run(args: argparse.Namespace) -> int:
         with open(args.plan_file) as f:
             plan = json.load(f)
     cfg = TrainConfig(
-        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan, cost=args.cost, lr=args.lr, seed=args.seed, weight_decay=args.weight_decay,
-        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
-        precision=args.precision, grad_accum=args.grad_accum,
+        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan,
+        cost=args.cost, seed=args.seed, precision=args.precision,
+        lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
-        metrics_file=args.metrics_file,
+        eval_every=args.eval_every, eval_batches=args.eval_batches,
+        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
     try:  # before any process starts
         check_config(cfg)
