@@ -78,6 +78,10 @@ class MultiTaskLoader:
             iterable dataset (read in order, restarted when exhausted).
         batch_sizes: task -> samples per step (the model's ``Task.batch``).
         seed: shuffling seed; the same on every rank.
+
+    ``step(i)`` gives the i-th step (a ``mtmm train --data`` stream): map-style datasets are
+    read at the positions that step covers, so a resumed run reads what an uninterrupted one
+    would; iterable ones can only go on in order.
     """
 
     def __init__(self, datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], seed: int = 0):
@@ -86,18 +90,26 @@ class MultiTaskLoader:
             raise ValueError(f"datasets: no dataset for tasks {sorted(missing)}")
         self.datasets, self.batch_sizes, self.seed = dict(datasets), dict(batch_sizes), seed
         self._iters: dict[str, Iterator] = {}
-        self._pos: dict[str, int] = {t: 0 for t in batch_sizes}
+        self._pos: dict[str, int] = {t: 0 for t in batch_sizes}  # samples drawn so far
+        self._perms: dict[str, tuple[int, torch.Tensor]] = {}  # task -> (epoch, permutation)
+
+    def _is_map(self, task: str) -> bool:
+        ds = self.datasets[task]
+        return hasattr(ds, "__getitem__") and hasattr(ds, "__len__")
 
     def _draw(self, task: str) -> Mapping[str, torch.Tensor]:
         ds = self.datasets[task]
-        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):
+        pos = self._pos[task]
+        self._pos[task] += 1
+        if self._is_map(task):
             n = len(ds)
             if n == 0:
                 raise ValueError(f"datasets[{task!r}]: empty")
-            epoch, i = divmod(self._pos[task], n)
-            self._pos[task] += 1
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{task}/{epoch}".encode()))
-            return ds[int(torch.randperm(n, generator=gen)[i])]
+            epoch, i = divmod(pos, n)
+            if self._perms.get(task, (None,))[0] != epoch:  # one permutation per epoch
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{task}/{epoch}".encode()))
+                self._perms[task] = (epoch, torch.randperm(n, generator=gen))
+            return ds[int(self._perms[task][1][i])]
         it = self._iters.get(task)
         for _ in range(2):
             if it is None:
@@ -108,7 +120,15 @@ class MultiTaskLoader:
                 it = None
         raise ValueError(f"datasets[{task!r}]: iterable yields nothing")
 
-    def step(self) -> Step:
+    def step(self, index: int | None = None) -> Step:
+        """The next step, or the ``index``-th (0-based)."""
+        if index is not None:
+            for t, b in self.batch_sizes.items():
+                if self._is_map(t):
+                    self._pos[t] = index * b
+                elif self._pos[t] != index * b:
+                    raise ValueError(f"index: datasets[{t!r}] is iterable, read in order, and "
+                                     f"is at step {self._pos[t] // b}, not {index}")
         return {t: collate([self._draw(t) for _ in range(b)]) for t, b in self.batch_sizes.items()}
 
     def __iter__(self) -> Iterator[Step]:

@@ -3,6 +3,8 @@ checks; the synthetic stream and the dataset loader."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -217,6 +219,35 @@ def test_loader_over_map_style_and_iterable_datasets():
     assert [s["it"]["v"].flatten().tolist() for s in steps] == [[0, 1], [2, 0], [1, 2], [0, 1]]
     with pytest.raises(ValueError, match=r"no dataset for tasks \['zz'\]"):
         MultiTaskLoader({}, {"zz": 1})
+
+
+def test_loader_steps_by_index_resume_where_they_would_have_been():
+    """step(i) on map-style datasets reads what the i-th sequential step read (a resumed run);
+    an iterable one only goes on in order."""
+    class MapDS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return {"label": torch.tensor(i)}
+
+    class IterDS(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([{"v": torch.tensor([float(i)])} for i in range(3)])
+
+    def labels(step):
+        return {t: b["label"].tolist() for t, b in step.items()}
+
+    datasets, sizes = {"a": MapDS(), "b": MapDS()}, {"a": 3, "b": 5}
+    sequential = [labels(s) for s in itertools.islice(MultiTaskLoader(datasets, sizes, 1), 6)]
+    resumed = MultiTaskLoader(datasets, sizes, 1)
+    assert [labels(resumed.step(i)) for i in (4, 5, 0, 2)] == [sequential[i] for i in (4, 5, 0, 2)]
+    assert sorted(sequential[0]["b"] + sequential[1]["b"][:2]) == list(range(7))  # an epoch
+    mixed = MultiTaskLoader({"a": MapDS(), "it": IterDS()}, {"a": 3, "it": 2})
+    mixed.step(0)
+    mixed.step(1)
+    with pytest.raises(ValueError, match=r"^index: datasets\['it'\] is iterable.*at step 2, not 5"):
+        mixed.step(5)
 
 
 def test_collate_and_shard():
