@@ -234,12 +234,17 @@ def _batches(stream, indices, device: torch.device, dtype: torch.dtype | None) -
              for t, b in stream.step(i).items()} for i in indices]
 
 
+def _units_over(model, batches: list[dict]) -> dict[str, int]:
+    """Each task's loss units (samples or tokens) over all ``batches``: the divisor that weighs
+    every unit of them alike."""
+    return {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
+
+
 def _forward_backward(ex: Executor, model, micro: list[dict]) -> tuple[dict, dict]:
     """Every micro-batch forward and backward, the gradients summed and reduced once, with
     the last; each task's loss divided by its units over all of them (one batch's own units
     where there is one). Returns the step's losses and its phase times on this rank."""
-    units = None if len(micro) == 1 else {
-        t: sum(model.tasks[t].count_units(m[t]) for m in micro) for t in model.tasks}
+    units = None if len(micro) == 1 else _units_over(model, micro)
     losses = dict.fromkeys(model.tasks, 0.0)
     stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
     for j, data in enumerate(micro):
@@ -264,7 +269,7 @@ def make_stream(cfg: TrainConfig, model, split: str):
 def evaluate(ex: Executor, batches: list, model) -> dict[str, float]:
     """Each task's loss over ``batches``, forward only: its summed loss over all of them divided
     by its units over all of them (as gradient accumulation weighs them)."""
-    units = {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
+    units = _units_over(model, batches)
     losses = dict.fromkeys(model.tasks, 0.0)
     for batch in batches:
         for t, loss in ex.evaluate(batch, units=units).items():
