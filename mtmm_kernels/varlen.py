@@ -1218,5 +1218,7 @@ def unpack_multimodal(packed: PackedBatch, lengths: Sequence, max_lens: Sequence
         if not torch.equal(host.sum(0)[perm], cu[1:] - cu[:-1]):
             raise ValueError("lengths do not add up to the sequence lengths in "
                              "packed.cu_seqlens")
-    return list(_unpack(values, *(index_on_mesh(t, values) for t in (lens_SB, cu_seqlens, order)),
-                        max_lens))
+    index = (lens_SB, cu_seqlens, order)
+    if dtensor_mesh(values) is not None:  # tensor parallelism: the plan replicated, as in a pack
+        index = tuple(index_on_mesh(t, values) for t in index)
+    return list(_unpack(values, *index, max_lens))
