@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
             plan = json.load(f)
     cfg = TrainConfig(
         model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan,
-        cost=args.cost, seed=args.seed, precision=args.precision,
+        cost=args.cost, seed=args.seed, precision=args.precision, init_loss_scale=args.init_loss_scale,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     if hist and results[0]["rank"] == 0:
         first, last = hist[0], hist[-1]
         tok_s = sum(h["tokens_per_s"] for h in hist[1:] or hist) / len(hist[1:] or hist)
+        skipped = sum(bool(h.get("skipped")) for h in hist)
         print(f"trained {cfg.model} with plan {results[0]['plan_method']}: loss {first['loss']:.4f} -> "
-              f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s")
+              f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s"
+              + (f", {skipped} skipped (inf/NaN gradients)" if skipped else ""))
     return 0
 
 
@@ -107,7 +109,11 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp64"], default="auto",
+                   help="auto: bf16 autocast on GPUs, fp32 on CPUs; fp16: autocast with dynamic "
+                        "loss scaling (a step with inf/NaN gradients is skipped on every rank)")
+    p.add_argument("--init-loss-scale", type=float, default=2.0 ** 16, metavar="S",
+                   help="fp16's first loss scale")
     p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
                    help="micro-batches per optimizer step (gradients summed, reduced once)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",

@@ -282,7 +282,8 @@ class Executor:
 
     # --- one step ----------------------------------------------------------------------------
     def step(self, data: Mapping[str, Mapping[str, torch.Tensor]], *,
-             units: Mapping[str, int] | None = None, reduce: bool = True) -> dict[str, float]:
+             units: Mapping[str, int] | None = None, reduce: bool = True,
+             loss_scale: torch.Tensor | float | None = None) -> dict[str, float]:
         """Forward and backward of every task on its whole batch; gradients are accumulated
         into ``.grad`` and, with ``reduce``, reduced among holders. Returns each task's loss
         (the same on every rank).
@@ -292,8 +293,20 @@ class Executor:
         the count over all its micro-batches, so that their summed gradients weigh every unit
         alike, as one batch of them all would. ``reduce=False`` leaves the gradients local;
         the reduction is linear, so reducing the sum once, with the last micro-batch, is
-        reducing each."""
+        reducing each.
+
+        Loss scaling: ``loss_scale`` (a GradScaler's factor, a 0-d tensor or a number)
+        multiplies every task's loss before its backward, so the gradients come out scaled by
+        it; the returned losses are not."""
         self._begin(data, units)
+        if torch.is_tensor(loss_scale) and loss_scale.dim() != 0:
+            raise ValueError(f"loss_scale: expected a 0-d tensor, got shape {tuple(loss_scale.shape)}")
+        if loss_scale is not None and not torch.is_tensor(loss_scale) and (
+                isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float))
+                or not 0 < loss_scale < float("inf")):
+            raise ValueError(f"loss_scale: expected a positive finite number or a 0-d tensor, "
+                             f"got {loss_scale!r}")
+        self._loss_scale = loss_scale
         stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
         waves = range(self.schedule.num_waves)
         self._run_waves(waves, self._forward, self._exchange_forward, stats)
@@ -334,6 +347,7 @@ class Executor:
                     raise ValueError(f"units: expected a positive int for task {task!r}, "
                                      f"got {n!r}")
         self._units = units
+        self._loss_scale = None
         self._data = data
         self._rec: dict[int, _Record] = {}
         self._inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
@@ -364,7 +378,7 @@ class Executor:
         if self.world > 1:
             dist.all_reduce(losses)
         self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}
-        self._data = self._units = None
+        self._data = self._units = self._loss_scale = None
         return dict(zip(names, losses.tolist()))
 
     def _shard(self, sl: Slice) -> tuple[int, int]:
@@ -410,6 +424,8 @@ class Executor:
         rec = self._rec[sl.id]
         if rec.loss is not None:
             target, grad = rec.loss, None
+            if self._loss_scale is not None:
+                target = target * self._loss_scale
         else:
             target = rec.out
             grad = self._grad_out.pop(sl.id, None)

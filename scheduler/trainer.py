@@ -4,7 +4,9 @@ checkpoints. Runs inside each rank (see ``scheduler.launch``).
 Gradient clipping uses the global norm: each parameter is counted once (by its lowest
 holder), the squares are summed over all ranks, and every rank applies the same factor, so
 the update equals a single-process ``clip_grad_norm_``. On GPUs the forward runs under bf16
-autocast (parameters and optimizer stay fp32).
+autocast (parameters and optimizer stay fp32). Under fp16 autocast the losses are scaled
+dynamically; an inf or NaN gradient on any rank skips the step on every rank (the check is
+all-reduced), so ranks holding different parameters never part ways.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
 from scheduler.user_code import load_callable
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp64")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 
 
 @dataclass
@@ -56,9 +58,17 @@ class TrainConfig:
     decay_all: bool = False  # weight decay on biases, norm scales and scalars too
     clip: float | None = 1.0
     seed: int = 0
-    # "fp32", "bf16" (autocast), "fp64" (float64 parameters and inputs: numerics checks; mtmm's
-    # grouped GEMM runs its torch loop there) or "auto": bf16 on GPUs, fp32 on CPUs
+    # "fp32", "bf16" (autocast), "fp16" (autocast, with loss scaling), "fp64" (float64
+    # parameters and inputs: numerics checks; mtmm's grouped GEMM runs its torch loop there) or
+    # "auto": bf16 on GPUs, fp32 on CPUs
     precision: str = "auto"
+    # dynamic loss scaling (torch's GradScaler rules, the inf/NaN check shared by all ranks):
+    # None: on with fp16 only. The scale starts at init_loss_scale, halves on a step whose
+    # gradients hold an inf or NaN (the step is skipped) and doubles after
+    # loss_scale_growth_interval steps in a row without one.
+    loss_scaling: bool | None = None
+    init_loss_scale: float = 2.0 ** 16
+    loss_scale_growth_interval: int = 2000
     # micro-batches per optimizer step, their gradients summed and reduced once; each loss
     # divided by its task's units (samples or tokens) over all of them, as one batch would be
     grad_accum: int = 1
@@ -127,6 +137,20 @@ def clip_global(executor: Executor, max_norm: float) -> float:
     return norm
 
 
+def make_grad_scaler(cfg: TrainConfig, device: torch.device):
+    """The run's loss scaler, or None where ``cfg`` scales no loss. Across several ranks it is
+    FSDP's ``ShardedGradScaler``, whose inf/NaN flag is all-reduced: each rank holds other
+    parameters, and a rank that stepped while another skipped would leave the model torn."""
+    if not (cfg.loss_scaling if cfg.loss_scaling is not None else cfg.precision == "fp16"):
+        return None
+    options = dict(init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, **options)
+    return torch.amp.GradScaler(device.type, **options)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs ``cfg`` on the current process group (or alone). Returns the history (per step:
     per-task losses, total, tokens/s, grad norm) and, with ``return_state``, rank 0's gathered
@@ -150,15 +174,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if cfg.precision == "fp16" else None
     dtype = torch.float64 if cfg.precision == "fp64" else None
-    ex = Executor(model, plan, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+    ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile)
     named = sorted(ex.named_parameters())
     opt = make_optimizer(named, cfg)
+    scaler = make_grad_scaler(cfg, device)
     start = 0
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
-        start = ckpt.restore(ex, opt, ckpt.load(cfg.checkpoint), model_name=cfg.model)
+        state = ckpt.load(cfg.checkpoint)
+        start = ckpt.restore(ex, opt, state, model_name=cfg.model)
+        if scaler is not None and "grad_scaler" in state["extra"]:
+            scaler.load_state_dict(state["extra"]["grad_scaler"])
     stream = make_stream(cfg, model, "train")
     # the same held-out batches at every evaluation
     eval_set = _batches(make_stream(cfg, model, "eval"), range(cfg.eval_batches), device,
@@ -174,21 +203,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         micro = _batches(stream, range(step * accum, (step + 1) * accum), device, dtype)
         opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
-        losses, stats = _forward_backward(ex, model, micro)
+        # the scaler's factor as a tensor: no host sync before the backward
+        loss_scale = None if scaler is None else scaler.scale(torch.ones((), device=device))
+        losses, stats = _forward_backward(ex, model, micro, loss_scale)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_exec = time.perf_counter() - t1
+        if scaler is not None:
+            scaler.unscale_(opt)  # true gradients for clipping; the inf/NaN flag shared
         norm = clip_global(ex, cfg.clip) if cfg.clip else float("nan")
         lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, kind=cfg.lr_schedule,
                    warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        opt.step()
+        scale_info = {}
+        if scaler is None:
+            opt.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.step(opt)  # skipped on every rank if any rank found an inf or NaN
+            scaler.update()
+            # the scale only shrinks (backoff) on a step that found one
+            scale_info = {"loss_scale": scale, "skipped": scaler.get_scale() < scale}
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm, "lr": lr,
-               "seconds": dt, "executor_seconds": t_exec, **stats,
+               **scale_info, "seconds": dt, "executor_seconds": t_exec, **stats,
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             rec["eval_losses"] = evaluate(ex, eval_set, model)
@@ -197,15 +238,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if rank == 0:
             _log(cfg, bar, rec)
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            ckpt.save(ex, opt, cfg.checkpoint, step=step + 1, model_name=cfg.model)
+            ckpt.save(ex, opt, cfg.checkpoint, step=step + 1, model_name=cfg.model,
+                      extra=_scaler_state(scaler))
     if bar is not None:
         bar.close()
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
-        ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model)
+        ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
+                  extra=_scaler_state(scaler))
     out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method")}
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
     return out
+
+
+def _scaler_state(scaler) -> dict:
+    """The checkpoint's extra entries: the loss scaler's state (the same on every rank)."""
+    return {} if scaler is None else {"grad_scaler": scaler.state_dict()}
 
 
 def _progress(cfg: TrainConfig, rank: int, start: int):
@@ -223,10 +271,16 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
     check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
-    for name, low in (("grad_accum", 1), ("eval_every", 0), ("eval_batches", 1)):
+    for name, low in (("grad_accum", 1), ("eval_every", 0), ("eval_batches", 1),
+                      ("loss_scale_growth_interval", 1)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if cfg.loss_scaling not in (None, True, False):
+        raise ValueError(f"loss_scaling: expected True, False or None, got {cfg.loss_scaling!r}")
+    scale = cfg.init_loss_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"init_loss_scale: expected a positive finite number, got {scale!r}")
 
 
 def _batches(stream, indices, device: torch.device, dtype: torch.dtype | None) -> list[dict]:
@@ -240,15 +294,18 @@ def _units_over(model, batches: list[dict]) -> dict[str, int]:
     return {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
 
 
-def _forward_backward(ex: Executor, model, micro: list[dict]) -> tuple[dict, dict]:
+def _forward_backward(ex: Executor, model, micro: list[dict],
+                      loss_scale: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Every micro-batch forward and backward, the gradients summed and reduced once, with
     the last; each task's loss divided by its units over all of them (one batch's own units
-    where there is one). Returns the step's losses and its phase times on this rank."""
+    where there is one) and multiplied by ``loss_scale`` for the backward. Returns the step's
+    (unscaled) losses and its phase times on this rank."""
     units = None if len(micro) == 1 else _units_over(model, micro)
     losses = dict.fromkeys(model.tasks, 0.0)
     stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
     for j, data in enumerate(micro):
-        for t, loss in ex.step(data, units=units, reduce=j == len(micro) - 1).items():
+        for t, loss in ex.step(data, units=units, reduce=j == len(micro) - 1,
+                               loss_scale=loss_scale).items():
             losses[t] += loss
         for k, v in ex.last_stats.items():
             stats[k] += v
@@ -295,11 +352,14 @@ def _log(cfg: TrainConfig, bar, rec: dict) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     step = rec["step"]
-    if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1 or "eval_loss" in rec):
+    if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1 or "eval_loss" in rec
+                          or rec.get("skipped")):
         per_task = " ".join(f"{t}={v:.4f}" for t, v in rec["losses"].items())
         msg = f"step {step:4d}  loss {rec['loss']:.4f}  [{per_task}]  {rec['tokens_per_s']:.0f} tok/s"
         if "eval_loss" in rec:
             msg += f"  eval loss {rec['eval_loss']:.4f}"
+        if rec.get("skipped"):
+            msg += f"  skipped: inf/NaN gradients at loss scale {rec['loss_scale']:g}"
         (bar.write if bar is not None else print)(msg)
 
 

@@ -3,6 +3,7 @@ the `mtmm train` command, bf16 on GPUs, lazy tqdm."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -149,8 +150,8 @@ def test_fp64_trains_in_float64_and_a_bad_precision_is_named():
                              log_every=0))
     for a, b in zip(out["history"], fp32["history"]):  # the same run, other rounding
         assert a["loss"] != b["loss"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(b["loss"])
-    with pytest.raises(ValueError, match="^precision: .* got 'fp16'"):
-        train(TrainConfig(model="tiny-clip", steps=1, precision="fp16", progress=False))
+    with pytest.raises(ValueError, match="^precision: .* got 'fp8'"):
+        train(TrainConfig(model="tiny-clip", steps=1, precision="fp8", progress=False))
 
 
 @pytest.mark.gpu
@@ -164,6 +165,20 @@ def test_bf16_autocast_on_gpu_tracks_fp32(model):
     for a, b in zip(fp32, bf16):
         for task in a["losses"]:
             assert abs(a["losses"][task] - b["losses"][task]) < 5e-2 * abs(a["losses"][task])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-val"])
+def test_fp16_with_loss_scaling_on_gpu_tracks_fp32(model):
+    """fp16 autocast with its loss scaler: the first step's losses are fp32's within fp16
+    rounding, and a scale that fits lets the steps through."""
+    base = dict(model=model, steps=3, method="sequential", progress=False, log_every=0)
+    fp32 = train(TrainConfig(precision="fp32", **base))["history"]
+    fp16 = train(TrainConfig(precision="fp16", init_loss_scale=2.0 ** 8, **base))["history"]
+    for task, loss in fp32[0]["losses"].items():
+        assert abs(fp16[0]["losses"][task] - loss) < 5e-2 * abs(loss)
+    assert [h["skipped"] for h in fp16] == [False] * 3
+    assert all(math.isfinite(h["grad_norm"]) for h in fp16)
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from scheduler.data import SyntheticStream
 from scheduler.tiny_models import tiny_clip
 
@@ -29,3 +31,18 @@ NOT_CALLABLE = 3
 
 def not_a_model():
     return "a string"
+
+
+class PoisonedStream(SyntheticStream):
+    """The synthetic batches, with task audio-text's audio all inf at step POISON_STEP: every
+    gradient on that task's path (audio and text encoders, contrastive head) turns NaN there,
+    the vision encoder's stays finite (tests/test_loss_scaling.py)."""
+
+    POISON_STEP = 1
+
+    def step(self, index: int):
+        batch = super().step(index)
+        if index == self.POISON_STEP:
+            batch["audio-text"] = dict(batch["audio-text"], audio=torch.full_like(
+                batch["audio-text"]["audio"], float("inf")))
+        return batch
