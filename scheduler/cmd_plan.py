@@ -1,7 +1,8 @@
 """`mtmm plan`: plan one training iteration.
 
     mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
-    mtmm plan --model NAME [--tasks K] [--gpus N] [--method M] [-o PLAN.json]
+    mtmm plan --model NAME [--tasks K] [--gpus N] [--memory-gb GB] [--activation-checkpointing]
+              [--method M] [-o PLAN.json]
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None:
             from scheduler import zoo
 
-            problem = zoo.build_problem(args.model, args.tasks, args.gpus)
+            if args.memory_gb is not None and not args.memory_gb > 0:
+                raise ValueError(f"--memory-gb: expected a positive number, got {args.memory_gb}")
+            problem = zoo.build_problem(args.model, args.tasks, args.gpus,
+                                        device_memory_gb=args.memory_gb,
+                                        activation_checkpointing=args.activation_checkpointing)
+        elif args.memory_gb is not None or args.activation_checkpointing:
+            raise ValueError("--memory-gb and --activation-checkpointing apply to --model; a "
+                             "problem file sets device_memory_gb and activation_gb itself")
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
@@ -71,6 +79,11 @@ def add_parser(sub) -> None:
                    help="a zoo model instead of a file (multitask-clip, ofasys, qwen-val)")
     p.add_argument("--tasks", type=int, default=None, help="tasks of the zoo model")
     p.add_argument("--gpus", type=int, default=8, help="devices for the zoo model (default 8)")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                   help="each device's memory for the zoo model (default: unlimited)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="zoo model: layers keep only their inputs and are recomputed in the "
+                        "backward (less activation memory, a third more layer compute)")
     p.add_argument("--method", choices=METHODS, default="spindle")
     p.add_argument("--backend", choices=BACKENDS, default="cpp")
     p.add_argument("--overlap-levels", dest="overlap_levels", action=argparse.BooleanOptionalAction,

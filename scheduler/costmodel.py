@@ -32,6 +32,7 @@ __all__ = [
     "H100",
     "H200",
     "PRESETS",
+    "RECOMPUTE_FACTOR",
     "AlphaBeta",
     "AnalyticCost",
     "activation_gb",
@@ -42,12 +43,16 @@ __all__ = [
     "param_gb",
     "preset_for",
     "profile_layer",
+    "recomputed",
     "valid_counts",
 ]
 
 # Mixed-precision Adam keeps bf16 weights and gradients plus fp32 master weights, m and v.
 BYTES_PER_PARAM_STATE = 2 + 2 + 4 + 4 + 4
 BYTES_BF16 = 2
+# Activation checkpointing runs each layer's forward once more in the backward: one forward on
+# top of forward + backward (= 3 forwards), for a layer kind that is checkpointed.
+RECOMPUTE_FACTOR = 4.0 / 3.0
 
 
 # --- per-layer sizes -------------------------------------------------------------------------
@@ -101,9 +106,26 @@ def param_gb(c: Component) -> float:
     return layer_params(c) * BYTES_PER_PARAM_STATE / 1e9
 
 
-def activation_gb(c: Component, batch: int, seq_len: int) -> float:
-    """Activations one layer keeps for backward over the whole batch, GB."""
-    return batch * seq_len * _activation_bytes_per_token(c) / 1e9
+def recomputed(c: Component) -> bool:
+    """Whether activation checkpointing recomputes this kind of layer (every layer with
+    weights; a loss keeps what it keeps)."""
+    return c.kind != "loss"
+
+
+def activation_gb(c: Component, batch: int, seq_len: int, layers: int = 1,
+                  checkpointing: bool = False) -> float:
+    """Activations one layer keeps for backward over the whole batch, GB.
+
+    With ``checkpointing`` a layer keeps only its input (bf16, hidden wide) and the backward
+    rebuilds one layer's activations at a time: of a MetaOp's ``layers`` layers, each is
+    charged its input plus 1/layers of one layer's full activations, so that the MetaOp's
+    total is its inputs plus one layer's recompute."""
+    full = batch * seq_len * _activation_bytes_per_token(c) / 1e9
+    if not (checkpointing and recomputed(c)):
+        return full
+    if layers < 1:
+        raise ValueError(f"layers: expected >= 1, got {layers}")
+    return batch * seq_len * c.hidden * BYTES_BF16 / 1e9 + full / layers
 
 
 def output_mb(c: Component, batch: int, out_tokens: int) -> float:
@@ -160,6 +182,9 @@ class AnalyticCost:
     intra_gbs: float = 150.0  # all-reduce bus bandwidth inside an island (NVLink), GB/s
     inter_gbs: float = 45.0  # across islands (A800 cluster: 400 Gb/s InfiniBand per node)
     link_latency_us: float = 8.0
+    # activation checkpointing: layers that recompute (``recomputed``) take RECOMPUTE_FACTOR
+    # times their compute, FLOPs and fitted overheads alike; the sync does not change
+    recompute: bool = False
 
     def __post_init__(self):
         for f in ("peak_tflops", "hbm_tbs", "mm_efficiency", "traffic_factor", "floor_exponent",
@@ -179,7 +204,8 @@ class AnalyticCost:
 
     def compute_ms(self, c: Component, tokens_per_device: float, seq_len: float | None = None,
                    n_devices: int = 1) -> float:
-        """Forward+backward of one layer over the local tokens of one device, no communication."""
+        """Forward+backward of one layer over the local tokens of one device, no communication
+        (with ``recompute``, the recomputed forward too)."""
         if tokens_per_device < 0:
             raise ValueError(f"tokens_per_device must be >= 0, got {tokens_per_device}")
         seq = tokens_per_device if seq_len is None else seq_len
@@ -189,7 +215,8 @@ class AnalyticCost:
                + self.traffic_factor * act_bytes / (self.hbm_tbs * 1e12)) * 1e3
         floor = self.floor_ms * _FLOOR_SHARE[c.kind]
         p = self.floor_exponent
-        return (floor**p + gpu**p) ** (1.0 / p)
+        ms = (floor**p + gpu**p) ** (1.0 / p)
+        return ms * RECOMPUTE_FACTOR if self.recompute and recomputed(c) else ms
 
     def efficiency(self, c: Component, tokens_per_device: float,
                    seq_len: float | None = None) -> float:

@@ -314,18 +314,31 @@ def contract(graph: OpGraph, backend: str = "cpp") -> MetaGraph:
 
 
 def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=None,
-               device_memory_gb: float | None = None, backend: str = "cpp") -> dict:
+               device_memory_gb: float | None = None, backend: str = "cpp",
+               activation_checkpointing: bool = False) -> dict:
     """The planner's problem dict (issue-5 format) for one iteration of `spec` on N devices.
 
     cost: an `AnalyticCost` (default: the paper's A800 cluster, `costmodel.A800`, with this
     island size), or any object with `time_table(component, batch, seq_len, max_devices)`.
+    activation_checkpointing: every layer with weights keeps only its input and is recomputed
+    in the backward: `activation_gb` shrinks (`costmodel.activation_gb`) and those layers'
+    times grow by `costmodel.RECOMPUTE_FACTOR` (an `AnalyticCost` scales their compute only;
+    another cost object's whole table is scaled, its sync included: an upper bound).
     """
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ValueError(f"num_devices must be an int >= 1, got {num_devices!r}")
     if not isinstance(island_size, int) or island_size < 1:
         raise ValueError(f"island_size must be an int >= 1, got {island_size!r}")
+    if activation_checkpointing not in (True, False):
+        raise ValueError(f"activation_checkpointing must be a bool, got {activation_checkpointing!r}")
     if cost is None:
         cost = costmodel.A800.with_(island_size=island_size)
+    factor = 1.0
+    if activation_checkpointing:
+        if isinstance(cost, costmodel.AnalyticCost):
+            cost = cost.with_(recompute=True)
+        else:
+            factor = costmodel.RECOMPUTE_FACTOR
     mg = contract(build_op_graph(spec), backend=backend)
     tasks = {t.name: t for t in spec.tasks}
     metaops = []
@@ -334,11 +347,13 @@ def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=Non
         t = tasks[m.task]
         seq = t.seq_lens[c.name]
         table = cost.time_table(c, t.batch, seq, num_devices)
+        scale = factor if costmodel.recomputed(c) else 1.0
         metaops.append({
             "name": m.name, "task": m.task, "component": m.component, "layers": m.layers,
-            "time_ms": {str(n): round(ms, 6) for n, ms in table.items()},
+            "time_ms": {str(n): round(ms * scale, 6) for n, ms in table.items()},
             "param_gb": round(costmodel.param_gb(c), 9),
-            "activation_gb": round(costmodel.activation_gb(c, t.batch, seq), 9),
+            "activation_gb": round(costmodel.activation_gb(
+                c, t.batch, seq, m.layers, checkpointing=activation_checkpointing), 9),
             "output_mb": round(costmodel.output_mb(c, t.batch, c.out_tokens or seq), 6),
             # between two layers the whole sequence is live, not only the tokens handed on
             "hidden_mb": round(costmodel.output_mb(c, t.batch, seq), 6),

@@ -161,10 +161,13 @@ def model_spec(name: str, tasks: int | Sequence[str] | None = None) -> ModelSpec
 
 
 def build_problem(name: str, tasks: int | Sequence[str] | None = None, gpus: int = 8, cost=None,
-                  island_size: int = 8, device_memory_gb: float | None = None) -> dict:
-    """The planner problem of zoo model `name` on `gpus` devices (default cost: A800 cluster)."""
+                  island_size: int = 8, device_memory_gb: float | None = None,
+                  activation_checkpointing: bool = False) -> dict:
+    """The planner problem of zoo model `name` on `gpus` devices (default cost: A800 cluster);
+    `activation_checkpointing` as in `graph.to_problem`."""
     return to_problem(model_spec(name, tasks), gpus, island_size=min(island_size, gpus),
-                      cost=cost, device_memory_gb=device_memory_gb)
+                      cost=cost, device_memory_gb=device_memory_gb,
+                      activation_checkpointing=activation_checkpointing)
 
 
 def paper_grid() -> list[tuple[str, int, int]]:

@@ -93,6 +93,20 @@ def test_fit_bad_input():
 # --- layer sizes -----------------------------------------------------------------------------
 
 
+def test_recompute_adds_one_forward_to_layers_with_weights_only():
+    """A checkpointed layer runs forward twice: 4 forwards' time where forward+backward is 3,
+    for transformers and linear layers; a loss and every all-reduce are unchanged."""
+    ck = A800.with_(recompute=True)
+    for c in (Component("t", 2, 256, 4), Component("l", 1, 256, kind="linear", mlp=512)):
+        for tokens in (16, 4096):
+            assert ck.compute_ms(c, tokens, 64) == pytest.approx(A800.compute_ms(c, tokens, 64) * 4 / 3)
+        assert ck.sync_ms(c, 8) == A800.sync_ms(c, 8)
+        assert ck.layer_ms(c, 512, 8, 64) == pytest.approx(
+            A800.compute_ms(c, 512, 64, 8) * 4 / 3 + A800.sync_ms(c, 8))
+    loss = Component("x", 1, 256, kind="loss")
+    assert ck.layer_ms(loss, 64, 4) == A800.layer_ms(loss, 64, 4)
+
+
 def test_layer_sizes_by_hand():
     c = Component("c", 2, 64, 4)  # mlp 256
     assert layer_params(c) == 4 * 64 * 64 + 2 * 64 * 256
@@ -104,6 +118,12 @@ def test_layer_sizes_by_hand():
     assert param_gb(c) == pytest.approx(layer_params(c) * 16 / 1e9)
     assert activation_gb(c, 4, 10) == pytest.approx(40 * (18 * 64 + 4 * 256) / 1e9)
     assert output_mb(c, 4, 1) == pytest.approx(4 * 64 * 2 / 1e6)
+    # checkpointed: each of 3 layers keeps its bf16 input (2 h bytes per token) plus a third of
+    # one layer's full activations (the one rebuilt at a time); a loss keeps what it keeps
+    assert activation_gb(c, 4, 10, 3, checkpointing=True) == pytest.approx(
+        40 * (2 * 64 + (18 * 64 + 4 * 256) / 3) / 1e9)
+    loss = Component("x", 1, 10, kind="loss")
+    assert activation_gb(loss, 4, 10, 3, checkpointing=True) == activation_gb(loss, 4, 10)
     assert valid_counts(12, 8) == [1, 2, 3, 4, 6]
     with pytest.raises(ValueError, match="batch"):
         valid_counts(0, 8)

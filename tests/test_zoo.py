@@ -69,6 +69,74 @@ def test_grid_problems_parse_and_are_whole(model, tasks, gpus):
     assert len(p.flows) == sum(len(t.flows) for t in spec.tasks)
 
 
+def test_activation_checkpointing_problem():
+    """Every MetaOp with weights: activation_gb is its layers' inputs plus one layer's
+    recompute, times a third longer; a loss MetaOp unchanged."""
+    spec = zoo.model_spec("multitask-clip", 4)
+    plain = zoo.build_problem("multitask-clip", 4, 8)
+    ck = zoo.build_problem("multitask-clip", 4, 8, activation_checkpointing=True)
+    seen = set()
+    for a, b in zip(plain["metaops"], ck["metaops"]):
+        assert a["name"] == b["name"] and a["param_gb"] == b["param_gb"]
+        c = spec.component(a["component"])
+        task = next(t for t in spec.tasks if t.name == a["task"])
+        inputs_gb = task.batch * task.seq_lens[c.name] * c.hidden * 2 / 1e9  # bf16
+        if c.kind == "loss":
+            assert (b["activation_gb"], b["time_ms"]) == (a["activation_gb"], a["time_ms"])
+        else:
+            assert b["activation_gb"] == pytest.approx(inputs_gb + a["activation_gb"] / a["layers"], rel=1e-6)
+            assert b["activation_gb"] < a["activation_gb"] / 5
+            for n, ms in a["time_ms"].items():
+                assert b["time_ms"][n] > ms  # the all-reduce part is not scaled
+                assert b["time_ms"][n] <= ms * 4 / 3 * (1 + 1e-6)
+        seen.add(c.kind)
+    assert seen == {"transformer", "loss"}
+    with pytest.raises(ValueError, match="activation_checkpointing must be a bool"):
+        zoo.build_problem("multitask-clip", 4, 8, activation_checkpointing="yes")
+
+
+@pytest.mark.parametrize("model,tasks,gpus,memory_gb", [
+    ("multitask-clip", 10, 32, 24), ("ofasys", 7, 16, 24), ("multitask-clip", 4, 8, 80)])
+def test_activation_checkpointing_plans_what_memory_refused(model, tasks, gpus, memory_gb):
+    """Under a device memory the whole activations cannot fit (refused before planning);
+    checkpointed, both backends plan it within that memory (validated), the makespan at most a
+    third longer than the unlimited plain one."""
+    from scheduler.plan import validate
+    from scheduler.planner import plan_problem
+
+    plain = zoo.build_problem(model, tasks, gpus, device_memory_gb=memory_gb)
+    with pytest.raises(ValueError, match="cannot fit in memory"):
+        plan_problem(plain, method="mtmm")
+    ck = zoo.build_problem(model, tasks, gpus, device_memory_gb=memory_gb,
+                           activation_checkpointing=True)
+    free = plan_problem(zoo.build_problem(model, tasks, gpus), method="mtmm")
+    for backend in ("cpp", "python"):
+        plan = plan_problem(ck, method="mtmm", backend=backend)
+        validate(ck, plan)  # every device within memory_gb at every point
+        assert free["makespan_ms"] < plan["makespan_ms"] <= free["makespan_ms"] * 4 / 3 * 1.05
+
+
+def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
+    import json
+
+    from scheduler.cli import main
+    from scheduler.plan import validate
+
+    args = ["plan", "--model", "ofasys", "--tasks", "7", "--gpus", "16", "--memory-gb", "24"]
+    assert main(args) == 1
+    assert "cannot fit in memory" in capsys.readouterr().err
+    out = tmp_path / "plan.json"
+    assert main([*args, "--activation-checkpointing", "-o", str(out)]) == 0
+    validate(zoo.build_problem("ofasys", 7, 16, device_memory_gb=24, activation_checkpointing=True),
+             json.loads(out.read_text()))
+    assert main([*args[:-1], "-5"]) == 1
+    assert "--memory-gb: expected a positive number" in capsys.readouterr().err
+    problem = tmp_path / "p.json"
+    problem.write_text(json.dumps(zoo.build_problem("ofasys", 4, 8)))
+    assert main(["plan", str(problem), "--activation-checkpointing"]) == 1
+    assert "apply to --model" in capsys.readouterr().err
+
+
 def test_shared_components_give_separate_metaops():
     p = Problem.from_dict(zoo.build_problem("qwen-val", gpus=32))
     llm = [m for m in p.metaops if m.component == "llm"]
