@@ -113,8 +113,9 @@ def restore(executor, optimizer, state: dict, *, model_name: str) -> int:
                 raise ValueError(
                     f"checkpoint: parameter {name!r} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
             p.copy_(src)
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, p in params.items():
         st = state["optim"].get(name)
-        if st is not None:
+        if st is not None and id(p) in updated:  # a sharded optimizer: its owner's only
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()}
     return int(state["step"])

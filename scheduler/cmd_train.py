@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
+        shard_optimizer=args.shard_optimizer,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
@@ -124,6 +125,9 @@ def add_parser(sub) -> None:
                    help="torch.compile every component layer (default backend: inductor)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (less memory)")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="ZeRO-1: the optimizer state of a parameter held by several ranks on one "
+                        "of them, which broadcasts its update")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

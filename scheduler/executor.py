@@ -12,7 +12,11 @@ Rank r plays device r of the plan. Each rank:
 - runs backward wave by wave in reverse; the gradient of every received activation goes back
   to the rank that sent it, the exact reverse of the forward moves;
 - all-reduces each parameter's gradient (summed) inside the group of ranks that hold it; one
-  group per distinct holder set, created once, in the same order on every rank.
+  group per distinct holder set, created once, in the same order on every rank;
+- with ``shard_optimizer`` (ZeRO stage 1 inside each holder group), gives each parameter held
+  by several ranks one owner among them, balanced by size: only the owner's optimizer keeps
+  its state and updates it, and ``sync_parameters`` broadcasts the updated values to the
+  other holders.
 
 Transfers: every rank derives the same ordered list of messages from the plan, so each pair of
 ranks posts its sends and receives in the same order (no tags, no deadlock). A forward message
@@ -220,7 +224,8 @@ class Executor:
 
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                 activation_checkpointing: bool = False, compile: str | None = None):
+                 activation_checkpointing: bool = False, compile: str | None = None,
+                 shard_optimizer: bool = False):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
@@ -241,6 +246,8 @@ class Executor:
             if self.rank in ranks:
                 self._groups[ranks] = g
         self._buckets = self._make_buckets()
+        self.shard_optimizer = shard_optimizer
+        self._owner = self._assign_owners() if shard_optimizer else {}
         if self.world > 1:
             # The first batched p2p call on a group must involve every rank (NCCL) unless a
             # collective ran before it: this barrier is that collective.
@@ -267,8 +274,22 @@ class Executor:
         self._part_holders = self._param_holders()
         by_group: dict[tuple[int, ...], list] = {}
         for name, p in sorted(self.model.named_parameters()):
-            by_group.setdefault(self.holders_of(name), []).append(p)
-        return [(g, by_group[g]) for g in self.schedule.groups if g in by_group]
+            by_group.setdefault(self.holders_of(name), []).append((name, p))
+        self._bucket_names = [[n for n, _ in by_group[g]] for g in self.schedule.groups if g in by_group]
+        return [(g, [p for _, p in by_group[g]]) for g in self.schedule.groups if g in by_group]
+
+    def _assign_owners(self) -> dict[str, int]:
+        """Each parameter of a holder group to one of its holders: largest first, each to the
+        holder with the fewest elements so far (then the lowest rank). Every holder has the
+        same parameters, so every holder computes the same owners."""
+        owner = {}
+        for (ranks, params), names in zip(self._buckets, self._bucket_names):
+            load = dict.fromkeys(ranks, 0)
+            for n, p in sorted(zip(names, params), key=lambda t: (-t[1].numel(), t[0])):
+                r = min(ranks, key=lambda r: (load[r], r))
+                owner[n] = r
+                load[r] += p.numel()
+        return owner
 
     def named_parameters(self):
         return self.model.named_parameters()
@@ -276,9 +297,49 @@ class Executor:
     def parameters(self):
         return self.model.parameters()
 
+    def zero_grad(self) -> None:
+        """Drops every gradient on this rank, the optimizer's or not (with ``shard_optimizer``
+        a rank's optimizer holds only the parameters it owns; the others' gradients still
+        feed the next all-reduce)."""
+        for p in self.model.parameters():
+            p.grad = None
+
     def owned(self, name: str) -> bool:
-        """True on exactly one holder of each parameter (the lowest rank)."""
+        """True on exactly one holder of each parameter: its owner with ``shard_optimizer``,
+        else the lowest rank."""
+        if name in self._owner:
+            return self._owner[name] == self.rank
         return self.holders_of(name)[0] == self.rank
+
+    def updates(self, name: str) -> bool:
+        """Whether this rank's optimizer updates the parameter (and keeps its state): every
+        holder, or only its owner with ``shard_optimizer``."""
+        return name not in self._owner or self._owner[name] == self.rank
+
+    def sync_parameters(self) -> None:
+        """After the optimizer step, with ``shard_optimizer``: every parameter's value from its
+        owner to the other holders (one broadcast per owner and holder group, all in flight
+        at once, issued in the global group order). Without it, a no-op."""
+        if not self._owner:
+            return
+        pending = []
+        for (ranks, params), names in zip(self._buckets, self._bucket_names):
+            for src in ranks:
+                mine = [p for n, p in zip(names, params) if self._owner[n] == src]
+                if not mine:
+                    continue
+                flat = torch.cat([p.detach().reshape(-1) for p in mine])
+                work = dist.broadcast(flat, src=src, group=self._groups[ranks], async_op=True)
+                pending.append((work, flat, mine, src))
+        with torch.no_grad():
+            for work, flat, mine, src in pending:
+                work.wait()
+                if src == self.rank:
+                    continue
+                offset = 0
+                for p in mine:
+                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
 
     # --- one step ----------------------------------------------------------------------------
     def step(self, data: Mapping[str, Mapping[str, torch.Tensor]], *,

@@ -80,6 +80,9 @@ class TrainConfig:
     # batches of a held-out stream, forward only; 0: never
     eval_every: int = 0
     eval_batches: int = 1
+    # ZeRO stage 1: each parameter held by several ranks has its optimizer state on one of
+    # them, which updates it and broadcasts the new value (Executor(shard_optimizer=))
+    shard_optimizer: bool = False
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -178,9 +181,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dtype = torch.float64 if cfg.precision == "fp64" else None
     ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
-                  compile=cfg.compile)
-    named = sorted(ex.named_parameters())
-    opt = make_optimizer(named, cfg)
+                  compile=cfg.compile, shard_optimizer=cfg.shard_optimizer)
+    opt = make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
     scaler = make_grad_scaler(cfg, device)
     start = 0
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
@@ -201,7 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         # micro-batch j of step s is the stream's batch s * accum + j (resumable)
         micro = _batches(stream, range(step * accum, (step + 1) * accum), device, dtype)
-        opt.zero_grad(set_to_none=True)
+        ex.zero_grad()
         t1 = time.perf_counter()
         # the scaler's factor as a tensor: no host sync before the backward
         loss_scale = None if scaler is None else scaler.scale(torch.ones((), device=device))
@@ -225,6 +227,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scaler.update()
             # the scale only shrinks (backoff) on a step that found one
             scale_info = {"loss_scale": scale, "skipped": scaler.get_scale() < scale}
+        ex.sync_parameters()  # sharded optimizer state: owners' new values to the other holders
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -245,10 +248,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
                   extra=_scaler_state(scaler))
-    out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method")}
+    out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method"),
+                           "optimizer_state_bytes": optimizer_state_bytes(opt)}
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
     return out
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer's state on this rank (AdamW: its two moments;
+    the step counters left out)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values()
+               for k, v in st.items() if torch.is_tensor(v) and k != "step")
 
 
 def _scaler_state(scaler) -> dict:
@@ -276,6 +287,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if cfg.shard_optimizer not in (True, False):
+        raise ValueError(f"shard_optimizer: expected True or False, got {cfg.shard_optimizer!r}")
     if cfg.loss_scaling not in (None, True, False):
         raise ValueError(f"loss_scaling: expected True, False or None, got {cfg.loss_scaling!r}")
     scale = cfg.init_loss_scale
