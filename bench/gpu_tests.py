@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     for i, shard in enumerate(shards):
         log = open(args.out_dir / f"shard{i}.log", "w")
+        # the same -m as the collection: pyproject's default one would drop the slow tests
         cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider",
-               f"--junitxml={args.out_dir / f'shard{i}.xml'}", *shard]
+               "-m", args.marks, f"--junitxml={args.out_dir / f'shard{i}.xml'}", *shard]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
         try:
