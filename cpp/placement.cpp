@@ -83,7 +83,8 @@ void Placer::cost(int d, int m, int b, int k, int n, double& act, double& par) c
         fresh = 0;
         for (int j = b; j < b + k; ++j) fresh += it->second[j] ? 0 : 1;
     }
-    par = in_.param_gb[c] * static_cast<double>(fresh);
+    par = in_.param_gb[c] * static_cast<double>(fresh) *
+          ((1.0 - in_.shard_fraction) + in_.shard_fraction / static_cast<double>(n));
 }
 
 bool Placer::fits(int d, int m, int b, int k, int n) const {

@@ -46,6 +46,8 @@ void CoreInput::check() const {
     }
     for (double p : param_gb)
         if (!(p >= 0.0)) throw PlanningError("param_gb must be >= 0");
+    if (!(shard_fraction >= 0.0 && shard_fraction < 1.0))
+        throw PlanningError("shard_fraction must be in [0, 1)");
 }
 
 namespace {

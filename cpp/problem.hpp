@@ -27,6 +27,10 @@ struct CoreInput {
     std::vector<double> hidden_mb;            // per MetaOp: between two of its layers
     std::vector<std::pair<int, int>> flows;
     double device_memory_gb = -1.0;           // < 0: unlimited
+    // share of every param_gb that is optimizer state sharded among a layer's holders (ZeRO-1);
+    // a slice on n devices is charged (1 - f + f / n) of it per fresh layer (its devices are
+    // holders, so that much at most)
+    double shard_fraction = 0.0;
 
     // Throws PlanningError when the arrays disagree in length or break the format's rules.
     void check() const;

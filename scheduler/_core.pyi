@@ -21,6 +21,7 @@ class PlannerInput:
         counts: list[list[int]], times: list[list[float]], component: list[int],
         param_gb: list[float], activation_gb: list[float], output_mb: list[float],
         hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
+        shard_fraction: float = 0.0,
     ) -> None: ...
 
 def plan(
@@ -40,4 +41,5 @@ def plan_core(
     hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
     overlap_levels: bool,
     least_idle: bool, single_tuple: bool, portfolio: bool, defer_short: bool = False,
+    shard_fraction: float = 0.0,
 ) -> dict: ...

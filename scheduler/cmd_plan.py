@@ -2,7 +2,7 @@
 
     mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
     mtmm plan --model NAME [--tasks K] [--gpus N] [--memory-gb GB] [--activation-checkpointing]
-              [--method M] [-o PLAN.json]
+              [--shard-optimizer] [--method M] [-o PLAN.json]
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--memory-gb: expected a positive number, got {args.memory_gb}")
             problem = zoo.build_problem(args.model, args.tasks, args.gpus,
                                         device_memory_gb=args.memory_gb,
-                                        activation_checkpointing=args.activation_checkpointing)
-        elif args.memory_gb is not None or args.activation_checkpointing:
-            raise ValueError("--memory-gb and --activation-checkpointing apply to --model; a "
-                             "problem file sets device_memory_gb and activation_gb itself")
+                                        activation_checkpointing=args.activation_checkpointing,
+                                        optimizer_sharding=args.shard_optimizer)
+        elif args.memory_gb is not None or args.activation_checkpointing or args.shard_optimizer:
+            raise ValueError("--memory-gb, --activation-checkpointing and --shard-optimizer apply "
+                             "to --model; a problem file sets device_memory_gb, activation_gb "
+                             "and optimizer_shard_fraction itself")
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
@@ -84,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="zoo model: layers keep only their inputs and are recomputed in the "
                         "backward (less activation memory, a third more layer compute)")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="zoo model: Adam's fp32 state of a layer split among the devices that "
+                        "hold it (ZeRO-1)")
     p.add_argument("--method", choices=METHODS, default="spindle")
     p.add_argument("--backend", choices=BACKENDS, default="cpp")
     p.add_argument("--overlap-levels", dest="overlap_levels", action=argparse.BooleanOptionalAction,

@@ -33,6 +33,7 @@ __all__ = [
     "H200",
     "PRESETS",
     "RECOMPUTE_FACTOR",
+    "SHARDED_STATE_FRACTION",
     "AlphaBeta",
     "AnalyticCost",
     "activation_gb",
@@ -50,6 +51,9 @@ __all__ = [
 # Mixed-precision Adam keeps bf16 weights and gradients plus fp32 master weights, m and v.
 BYTES_PER_PARAM_STATE = 2 + 2 + 4 + 4 + 4
 BYTES_BF16 = 2
+# ZeRO stage 1 shards the fp32 master weights, m and v among a layer's holders: this share of
+# BYTES_PER_PARAM_STATE (a problem's optimizer_shard_fraction)
+SHARDED_STATE_FRACTION = (4 + 4 + 4) / BYTES_PER_PARAM_STATE
 # Activation checkpointing runs each layer's forward once more in the backward: one forward on
 # top of forward + backward (= 3 forwards), for a layer kind that is checkpointed.
 RECOMPUTE_FACTOR = 4.0 / 3.0

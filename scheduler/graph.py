@@ -315,7 +315,7 @@ def contract(graph: OpGraph, backend: str = "cpp") -> MetaGraph:
 
 def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=None,
                device_memory_gb: float | None = None, backend: str = "cpp",
-               activation_checkpointing: bool = False) -> dict:
+               activation_checkpointing: bool = False, optimizer_sharding: bool = False) -> dict:
     """The planner's problem dict (issue-5 format) for one iteration of `spec` on N devices.
 
     cost: an `AnalyticCost` (default: the paper's A800 cluster, `costmodel.A800`, with this
@@ -324,13 +324,17 @@ def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=Non
     in the backward: `activation_gb` shrinks (`costmodel.activation_gb`) and those layers'
     times grow by `costmodel.RECOMPUTE_FACTOR` (an `AnalyticCost` scales their compute only;
     another cost object's whole table is scaled, its sync included: an upper bound).
+    optimizer_sharding: ZeRO stage 1 among each layer's holders (the problem's
+    `optimizer_shard_fraction` = `costmodel.SHARDED_STATE_FRACTION`).
     """
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ValueError(f"num_devices must be an int >= 1, got {num_devices!r}")
     if not isinstance(island_size, int) or island_size < 1:
         raise ValueError(f"island_size must be an int >= 1, got {island_size!r}")
-    if activation_checkpointing not in (True, False):
-        raise ValueError(f"activation_checkpointing must be a bool, got {activation_checkpointing!r}")
+    for name, flag in (("activation_checkpointing", activation_checkpointing),
+                       ("optimizer_sharding", optimizer_sharding)):
+        if flag not in (True, False):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     if cost is None:
         cost = costmodel.A800.with_(island_size=island_size)
     factor = 1.0
@@ -364,4 +368,6 @@ def to_problem(spec: ModelSpec, num_devices: int, island_size: int = 8, cost=Non
     }
     if device_memory_gb is not None:
         problem["device_memory_gb"] = device_memory_gb
+    if optimizer_sharding:
+        problem["optimizer_shard_fraction"] = costmodel.SHARDED_STATE_FRACTION
     return problem

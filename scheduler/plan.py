@@ -8,7 +8,10 @@ Memory model (shared by the planner and ``validate``): a device that runs layer 
 c holds that layer's parameters once (``param_gb``, the largest over the component's MetaOps),
 however many MetaOps and waves use it; every slice leaves ``layers * activation_gb / n`` of
 activations on each of its n devices for the whole iteration (forward runs wave by wave, the
-backward in reverse, so the peak holds all of them).
+backward in reverse, so the peak holds all of them). With ``optimizer_shard_fraction`` f, the
+share f of ``param_gb`` (optimizer state) is split evenly among the H devices that hold the
+layer in the whole plan: each holds (1 - f + f / H) of it. The planner, which places wave by
+wave, charges (1 - f + f / n) for a slice on n devices, never less than the final share.
 """
 
 from __future__ import annotations
@@ -154,6 +157,9 @@ class Problem:
     metaops: tuple[MetaOpSpec, ...]
     flows: tuple[tuple[int, int], ...] = ()
     device_memory_gb: float | None = None
+    # the share of every param_gb that is optimizer state sharded among the devices holding
+    # the layer (ZeRO-1: 12 of mixed-precision Adam's 16 bytes per parameter); 0: replicated
+    optimizer_shard_fraction: float = 0.0
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     _levels: list[int] = field(init=False, repr=False, compare=False)
 
@@ -168,6 +174,9 @@ class Problem:
         ):
             raise ValueError(f"device_memory_gb must be a positive number or null, got "
                              f"{self.device_memory_gb!r}")
+        f = self.optimizer_shard_fraction
+        if not _finite_number(f) or not 0.0 <= f < 1.0:
+            raise ValueError(f"optimizer_shard_fraction must be a number in [0, 1), got {f!r}")
         metaops = tuple(self.metaops)
         if not metaops:
             raise ValueError("metaops must hold at least one MetaOp")
@@ -203,7 +212,8 @@ class Problem:
         for key in ("num_devices", "metaops"):
             if key not in d:
                 raise ValueError(f"problem: missing {key!r}")
-        unknown = set(d) - {"num_devices", "island_size", "metaops", "flows", "device_memory_gb"}
+        unknown = set(d) - {"num_devices", "island_size", "metaops", "flows", "device_memory_gb",
+                            "optimizer_shard_fraction"}
         if unknown:
             raise ValueError(f"problem: unknown keys {sorted(unknown)}")
         if not isinstance(d["metaops"], (list, tuple)):
@@ -226,16 +236,20 @@ class Problem:
         return Problem(
             num_devices=n, island_size=d.get("island_size", min(8, n) if _is_int(n) else 8),
             metaops=metaops, flows=tuple(flows), device_memory_gb=d.get("device_memory_gb"),
+            optimizer_shard_fraction=d.get("optimizer_shard_fraction", 0.0),
         )
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "num_devices": self.num_devices,
             "island_size": self.island_size,
             "metaops": [m.to_dict() for m in self.metaops],
             "flows": [[self.metaops[s].name, self.metaops[t].name] for s, t in self.flows],
             "device_memory_gb": self.device_memory_gb,
         }
+        if self.optimizer_shard_fraction:
+            out["optimizer_shard_fraction"] = self.optimizer_shard_fraction
+        return out
 
     # --- queries
     def index(self, name: str) -> int:
@@ -316,8 +330,10 @@ def memory_per_device(problem: Problem | Mapping, plan: Mapping) -> list[float]:
     """GB held by every device at the iteration's peak under the memory model above."""
     p = _as_problem(problem)
     param = p.component_param_gb()
+    f = p.optimizer_shard_fraction
     used = [0.0] * p.num_devices
-    held: set[tuple[int, str, int]] = set()
+    held: dict[tuple[int, str, int], None] = {}  # in the order first held
+    holders: dict[tuple[str, int], int] = {}
     for wave in plan["waves"]:
         for s in wave["slices"]:
             m = p.metaops[p.index(s["metaop"])]
@@ -327,8 +343,10 @@ def memory_per_device(problem: Problem | Mapping, plan: Mapping) -> list[float]:
                 used[d] += act
                 for j in range(s["layer_begin"], s["layer_end"]):
                     if (d, m.component, j) not in held:
-                        held.add((d, m.component, j))
-                        used[d] += param[m.component]
+                        held[d, m.component, j] = None
+                        holders[m.component, j] = holders.get((m.component, j), 0) + 1
+    for d, c, j in held:
+        used[d] += param[c] * ((1.0 - f) + f / holders[c, j])
     return used
 
 

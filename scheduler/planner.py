@@ -46,16 +46,19 @@ def check_memory(p: Problem) -> None:
     if cap is None:
         return
     param = p.component_param_gb()
+    f = p.optimizer_shard_fraction
     max_layers: dict[str, int] = {}
     total = 0.0
     worst, worst_gb = None, -1.0
     for i, m in enumerate(p.metaops):
         n_max = p.usable_counts(i)[-1]
-        need = param[m.component] + m.activation_gb / n_max
+        # a layer's own parameters with its optimizer state sharded n_max ways at best
+        own = param[m.component] * ((1.0 - f) + f / n_max)
+        need = own + m.activation_gb / n_max
         if need > cap:
             raise ValueError(
                 f"MetaOp {m.name!r} cannot fit in memory: one layer needs {need:.6g} GB per "
-                f"device even on {n_max} devices (param_gb {param[m.component]:.6g} + "
+                f"device even on {n_max} devices (param_gb {own:.6g} + "
                 f"activation_gb {m.activation_gb:.6g} / {n_max}), device_memory_gb = {cap}")
         max_layers[m.component] = max(max_layers.get(m.component, 0), m.layers)
         total += m.layers * m.activation_gb
@@ -109,7 +112,7 @@ def _cached_input(p: Problem, backend: str):
             inp = _core.PlannerInput(
                 inp.num_devices, inp.island_size, inp.names, inp.layers, inp.counts, inp.times,
                 inp.component, inp.param_gb, inp.activation_gb, inp.output_mb, inp.hidden_mb,
-                inp.flows, inp.device_memory_gb)
+                inp.flows, inp.device_memory_gb, inp.shard_fraction)
             cache["cpp"] = inp
     return inp
 

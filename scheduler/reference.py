@@ -42,6 +42,7 @@ class CoreInput:
     hidden_mb: list[float]         # per MetaOp: between two of its layers (default output_mb)
     flows: list[tuple[int, int]]
     device_memory_gb: float        # < 0: unlimited
+    shard_fraction: float = 0.0    # of param_gb: optimizer state sharded among a layer's holders
 
 
 @dataclass
@@ -79,6 +80,7 @@ def core_input(problem: Problem) -> CoreInput:
         flows=list(problem.flows),
         device_memory_gb=-1.0 if problem.device_memory_gb is None
         else float(problem.device_memory_gb),
+        shard_fraction=float(problem.optimizer_shard_fraction),
     )
 
 

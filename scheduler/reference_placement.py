@@ -56,7 +56,10 @@ class Placer:
             return act, 0.0
         held = self.held.get((d, c))
         new = k if held is None else sum(1 for j in range(b, b + k) if not held[j])
-        return act, inp.param_gb[c] * new
+        # ZeRO-1: the n devices of this slice will hold the layer, so each keeps at most 1/n
+        # of its sharded optimizer state (fewer, should more devices hold it later)
+        f = inp.shard_fraction
+        return act, inp.param_gb[c] * new * ((1.0 - f) + f / n)
 
     def _fits(self, d: int, m: int, b: int, k: int, n: int) -> bool:
         if self.inp.device_memory_gb < 0:

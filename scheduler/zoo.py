@@ -162,12 +162,13 @@ def model_spec(name: str, tasks: int | Sequence[str] | None = None) -> ModelSpec
 
 def build_problem(name: str, tasks: int | Sequence[str] | None = None, gpus: int = 8, cost=None,
                   island_size: int = 8, device_memory_gb: float | None = None,
-                  activation_checkpointing: bool = False) -> dict:
+                  activation_checkpointing: bool = False, optimizer_sharding: bool = False) -> dict:
     """The planner problem of zoo model `name` on `gpus` devices (default cost: A800 cluster);
-    `activation_checkpointing` as in `graph.to_problem`."""
+    `activation_checkpointing` and `optimizer_sharding` as in `graph.to_problem`."""
     return to_problem(model_spec(name, tasks), gpus, island_size=min(island_size, gpus),
                       cost=cost, device_memory_gb=device_memory_gb,
-                      activation_checkpointing=activation_checkpointing)
+                      activation_checkpointing=activation_checkpointing,
+                      optimizer_sharding=optimizer_sharding)
 
 
 def paper_grid() -> list[tuple[str, int, int]]:

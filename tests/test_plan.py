@@ -167,6 +167,36 @@ def test_memory_model_and_limit():
         validate(_problem(device_memory_gb=4.9), plan)
 
 
+def test_memory_model_with_sharded_optimizer_state():
+    """optimizer_shard_fraction 0.75: each holder of a layer keeps a quarter of its param_gb
+    plus its share of the other three quarters among the layer's holders over the whole plan.
+    Here t2/vision runs on device 2 alone, so vision layers 0-1 have 3 holders (0, 1, 2) and
+    layers 2-3 four."""
+    plan = _plan()
+    plan["waves"][0]["slices"][1]["devices"] = [2]
+    used = memory_per_device(_problem(optimizer_shard_fraction=0.75), plan)
+    layer = {3: 0.5 * (0.25 + 0.75 / 3), 4: 0.5 * (0.25 + 0.75 / 4)}
+    assert used[0] == pytest.approx(2 * layer[3] + 2 * layer[4] + 2 * 2.0 / 2 + 2 * 2.0 / 4)
+    assert used[2] == pytest.approx(2 * layer[3] + 2 * layer[4] + 2 * 1.0 / 1 + 2 * 2.0 / 4)
+    assert used[3] == pytest.approx(2 * layer[4] + 2 * 2.0 / 4)
+    plain = memory_per_device(_problem(), plan)
+    assert all(u < p for u, p in zip(used, plain))
+    with pytest.raises(PlanError, match="more than device_memory_gb"):
+        validate(_problem(optimizer_shard_fraction=0.75, device_memory_gb=3.9), plan)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.5", True])
+def test_bad_shard_fraction_is_named(bad):
+    with pytest.raises(ValueError, match="optimizer_shard_fraction must be a number in"):
+        Problem.from_dict(_problem(optimizer_shard_fraction=bad))
+
+
+def test_shard_fraction_round_trips():
+    p = Problem.from_dict(_problem(optimizer_shard_fraction=0.75))
+    assert Problem.from_dict(p.to_dict()) == p and p.to_dict()["optimizer_shard_fraction"] == 0.75
+    assert "optimizer_shard_fraction" not in Problem.from_dict(_problem()).to_dict()
+
+
 # --- lower bound -----------------------------------------------------------------------------
 
 def test_lower_bound_critical_path():

@@ -191,11 +191,15 @@ def test_returning_metaop_takes_back_its_devices():
     assert wave(2, [(0, 0, 2)]) == {0: [0, 1]}
 
 
-def test_memory_limit_is_respected_or_refused():
+@pytest.mark.parametrize("shard_fraction", [0.0, 0.75])
+def test_memory_limit_is_respected_or_refused(shard_fraction):
+    """Planned within memory (validate: with sharded optimizer state, each holder keeps its
+    share of the layer's final holders) or refused, the same on both back ends."""
     rng = random.Random(11)
     planned = refused = 0
     for _ in range(40):
         d = random_problem(rng, rng.randint(2, 20), rng.choice([4, 8, 16]), memory=True)
+        d["optimizer_shard_fraction"] = shard_fraction
         for method in METHODS:
             try:
                 a = plan_problem(d, method, "cpp")
@@ -346,6 +350,22 @@ def test_mtmm_is_within_five_percent_of_relaxed_on_the_zoo():
 
 # --- API and bad input ------------------------------------------------------------------------
 
+def test_sharded_optimizer_state_fits_a_layer_no_device_could_hold():
+    """A 70 GB layer on 64 GB devices: refused unsharded; with 3/4 of it sharded it needs
+    70 x (1/4 + 3/4 / n) GB per device, which fits from n = 4 devices (30.6 GB), where
+    both back ends place it."""
+    d = {"num_devices": 4, "island_size": 2, "device_memory_gb": 64.0,
+         "metaops": [_op("a", 2, _T, param_gb=70.0)]}
+    for backend in ("cpp", "python"):
+        with pytest.raises(ValueError, match="'a' cannot fit in memory"):
+            plan_problem(d, "spindle", backend)
+    d["optimizer_shard_fraction"] = 0.75
+    for backend in ("cpp", "python"):
+        plan = plan_problem(d, "spindle", backend)
+        validate(d, plan)
+        assert {len(s["devices"]) for w in plan["waves"] for s in w["slices"]} == {4}
+
+
 def test_bad_problems_raise_value_errors_naming_the_metaop():
     base = {"num_devices": 4, "island_size": 2, "metaops": [_op("a", 2, _T), _op("b", 2, _T)],
             "flows": [["a", "b"]]}
@@ -416,6 +436,9 @@ def test_core_rejects_inconsistent_arrays():
         _core.plan_core(2, 1, ["a", "b"], [1, 1], [[1], [1]], [[1.0], [1.0]], [0, 1], [0.0, 0.0],
                         [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [(0, 1), (1, 0)], -1.0, False, False,
                         False, False)
+    with pytest.raises(ValueError, match=r"shard_fraction must be in \[0, 1\)"):
+        _core.plan_core(2, 1, ["a"], [1], [[1]], [[1.0]], [0], [0.0], [0.0], [0.0], [0.0],
+                        [], -1.0, False, False, False, False, shard_fraction=1.0)
 
 
 def test_planner_input_is_built_once_per_problem_and_released_with_it():

@@ -51,6 +51,7 @@ def problems(draw):
          "flows": [[f"m{s}", f"m{t}"] for s, t in sorted(flows)]}
     if draw(st.booleans()):
         d["device_memory_gb"] = draw(st.sampled_from([8.0, 40.0, 80.0, 1000.0]))
+        d["optimizer_shard_fraction"] = draw(st.sampled_from([0.0, 0.5, 0.75]))
     return d
 
 
