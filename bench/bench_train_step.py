@@ -380,3 +380,37 @@ def test_cpu_iteration_time_vs_simulator(benchmark, nproc):
     print(f"\np2p exchange {p2p_us:.0f} us")
     print("\n".join(f"{m:>10}: measured {r['measured_ms']:8.2f} ms  simulated {r['predicted_ms']:8.2f} ms"
                     f"  error {100 * r['error']:+.0f}%" for m, r in rows.items()))
+
+
+# --- CPU: gradient all-reduce overlapped with the backward, or after it ----------------------
+def _overlap_runs(nproc: int, options: dict, steps: int, repeats: int) -> list[dict]:
+    from scheduler.executor import make_plan
+    from scheduler.launch import run_local
+    from scheduler.tiny_models import get_trainable_model
+    from scheduler.trainer import TrainConfig, train_many
+
+    # "sequential" runs every MetaOp on every rank: every parameter is replicated, so every
+    # gradient is all-reduced (the case the overlap is for)
+    plan = make_plan(get_trainable_model("tiny-clip", **options), nproc, "sequential")
+    cfgs = [TrainConfig(model="tiny-clip", model_options=options, steps=steps, plan=plan, progress=False,
+                        log_every=0, precision="fp32", clip=None, overlap_grad_reduce=flag)
+            for _ in range(repeats) for flag in (True, False)]  # alternated: drift hits both
+    return run_local(train_many, nproc, cfgs, timeout_s=600)[0]
+
+
+def test_cpu_grad_reduce_overlap(benchmark, nproc=2):
+    """Executor time per step (median of steps 2+, runs alternated) with each holder group's
+    all-reduce started during the backward against all of them after it: tiny-clip at width
+    256, 4 layers per encoder, every parameter replicated on both gloo processes."""
+    options = {"hidden": 256, "layers": 4}
+    res = benchmark.pedantic(_overlap_runs, args=(nproc, options, 10, 3), rounds=1, iterations=1)
+    out = {}
+    for flag, name in ((True, "overlapped"), (False, "after_backward")):
+        runs = [r for r, f in zip(res, [True, False] * (len(res) // 2)) if f == flag]
+        steps = [h for r in runs for h in r["history"][2:]]
+        out[name] = {k: round(statistics.median(h[k] for h in steps) * 1e3, 2)
+                     for k in ("executor_seconds", "compute_s", "transfer_s", "reduce_s")}
+    ratio = out["after_backward"]["executor_seconds"] / out["overlapped"]["executor_seconds"]
+    benchmark.extra_info.update(processes=nproc, model="tiny-clip", model_options=options,
+                                ms=out, speedup=round(ratio, 3))
+    print(f"\n{out}\nafter-backward / overlapped executor time: {ratio:.3f}x")

@@ -12,7 +12,10 @@ Rank r plays device r of the plan. Each rank:
 - runs backward wave by wave in reverse; the gradient of every received activation goes back
   to the rank that sent it, the exact reverse of the forward moves;
 - all-reduces each parameter's gradient (summed) inside the group of ranks that hold it; one
-  group per distinct holder set, created once, in the same order on every rank;
+  group per distinct holder set, created once, in the same order on every rank. A group's
+  all-reduce starts in the backward as soon as no holder has a slice left that runs one of
+  its layers (after the exchange of the first forward wave that runs one), so it overlaps
+  the remaining backward waves; every rank starts them at the same points in the same order;
 - with ``shard_optimizer`` (ZeRO stage 1 inside each holder group), gives each parameter held
   by several ranks one owner among them, balanced by size: only the owner's optimizer keeps
   its state and updates it, and ``sync_parameters`` broadcasts the updated values to the
@@ -225,7 +228,7 @@ class Executor:
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                  activation_checkpointing: bool = False, compile: str | None = None,
-                 shard_optimizer: bool = False):
+                 shard_optimizer: bool = False, overlap_grad_reduce: bool = True):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
@@ -246,6 +249,8 @@ class Executor:
             if self.rank in ranks:
                 self._groups[ranks] = g
         self._buckets = self._make_buckets()
+        # backward wave after which each bucket's all-reduce starts (None: after the backward)
+        self._reduce_after = self._reduce_waves() if overlap_grad_reduce else {}
         self.shard_optimizer = shard_optimizer
         self._owner = self._assign_owners() if shard_optimizer else {}
         if self.world > 1:
@@ -256,10 +261,30 @@ class Executor:
     # --- parameters ----------------------------------------------------------------------
     def _param_holders(self) -> dict[str, tuple[int, ...]]:
         out = {}
+        self._part_layer: dict[str, tuple[str, int]] = {}
         for (comp, i), h in self.schedule.holders.items():
             c = self.model.components[comp]
             for part in c.part_names(i):
                 out[f"components.{comp}.{part}"] = h
+                self._part_layer[f"components.{comp}.{part}"] = (comp, i)
+        return out
+
+    def _layer_of(self, name: str) -> tuple[str, int]:
+        """(component, layer) whose part holds parameter ``name``."""
+        prefix = name
+        while prefix:
+            if prefix in self._part_layer:
+                return self._part_layer[prefix]
+            prefix = prefix.rpartition(".")[0]
+        raise KeyError(name)
+
+    def _reduce_waves(self) -> dict[int, list[int]]:
+        """{wave: this rank's bucket indices} whose all-reduce starts after that wave's
+        backward exchange (the bucket's first wave). Every holder derives the same waves from
+        the schedule, so on each group the collectives start in the same order everywhere."""
+        out: dict[int, list[int]] = {}
+        for b, wave in enumerate(self._bucket_wave):
+            out.setdefault(wave, []).append(b)
         return out
 
     def holders_of(self, name: str) -> tuple[int, ...]:
@@ -271,12 +296,25 @@ class Executor:
         raise KeyError(name)
 
     def _make_buckets(self) -> list[tuple[tuple[int, ...], list[torch.nn.Parameter]]]:
+        """This rank's parameters held by several ranks, one bucket per holder group and first
+        wave (the first forward wave of any slice that runs the parameter's layer: once the
+        backward is past it no holder adds to that gradient). Ordered by group (the global
+        order), then first wave descending: the order the backward finishes them."""
         self._part_holders = self._param_holders()
-        by_group: dict[tuple[int, ...], list] = {}
+        first: dict[tuple[str, int], int] = {}
+        for sl in self.schedule.slices:
+            for i in range(sl.begin, sl.end):
+                first[sl.component, i] = min(first.get((sl.component, i), sl.wave), sl.wave)
+        by_key: dict[tuple[tuple[int, ...], int], list] = {}
         for name, p in sorted(self.model.named_parameters()):
-            by_group.setdefault(self.holders_of(name), []).append((name, p))
-        self._bucket_names = [[n for n, _ in by_group[g]] for g in self.schedule.groups if g in by_group]
-        return [(g, [p for _, p in by_group[g]]) for g in self.schedule.groups if g in by_group]
+            holders = self.holders_of(name)
+            if len(holders) > 1:
+                by_key.setdefault((holders, first[self._layer_of(name)]), []).append((name, p))
+        order = {g: i for i, g in enumerate(self.schedule.groups)}
+        keys = sorted(by_key, key=lambda k: (order[k[0]], -k[1]))
+        self._bucket_names = [[n for n, _ in by_key[k]] for k in keys]
+        self._bucket_wave = [k[1] for k in keys]
+        return [(k[0], [p for _, p in by_key[k]]) for k in keys]
 
     def _assign_owners(self) -> dict[str, int]:
         """Each parameter of a holder group to one of its holders: largest first, each to the
@@ -371,11 +409,16 @@ class Executor:
         stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
         waves = range(self.schedule.num_waves)
         self._run_waves(waves, self._forward, self._exchange_forward, stats)
-        self._run_waves(reversed(waves), self._backward, self._exchange_backward, stats)
+        pending: list = []
+        starts = self._reduce_after if reduce else {}
+        self._run_waves(reversed(waves), self._backward, self._exchange_backward, stats,
+                        after=lambda w: self._start_reduce(starts.get(w, ()), pending, stats))
         t0 = time.perf_counter()
         if reduce:
-            self._reduce_grads()
-        stats["reduce_s"] = time.perf_counter() - t0
+            started = {b for bs in starts.values() for b in bs}
+            self._start_reduce([b for b in range(len(self._buckets)) if b not in started], pending, stats)
+            self._finish_reduce(pending)
+        stats["reduce_s"] += time.perf_counter() - t0
         # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
         # Waiting for a slower peer counts as transfer time.
         self.last_stats = stats
@@ -415,9 +458,9 @@ class Executor:
         self._grad_out: dict[int, torch.Tensor] = {}
         self._prefix: dict[int, list[int]] = {}
 
-    def _run_waves(self, waves, compute, exchange, stats: dict[str, float]) -> None:
+    def _run_waves(self, waves, compute, exchange, stats: dict[str, float], after=None) -> None:
         """``compute`` this rank's slice of each wave (if it has one), then ``exchange`` the
-        wave's transfers; wall times added to ``stats``."""
+        wave's transfers, then ``after(wave)`` if given; wall times added to ``stats``."""
         clock = time.perf_counter
         for w in waves:
             sl = self.schedule.slice_of(self.rank, w)
@@ -428,6 +471,8 @@ class Executor:
             exchange(w)
             stats["compute_s"] += t1 - t0
             stats["transfer_s"] += clock() - t1
+            if after is not None:
+                after(w)
 
     def _end(self) -> dict[str, float]:
         """Each task's loss summed over the ranks' shards; the step's state dropped."""
@@ -580,13 +625,18 @@ class Executor:
         r0, r1 = self._piece_rows(m, m.producer, rec.shard)
         self._grad_out[m.producer][r0:r1] += piece.to(rec.out.dtype)
 
-    def _reduce_grads(self) -> None:
-        """One flat all-reduce per holder group, all in flight at once (issued in the global
-        group order, each on its own communicator, so their latencies overlap)."""
-        pending = []
-        for ranks, params in self._buckets:
+    def _start_reduce(self, buckets, pending: list, stats: dict[str, float]) -> None:
+        """Starts one flat all-reduce per bucket in ``buckets`` (ascending: the global group
+        order), each on its holder group's communicator, and leaves it in flight."""
+        t0 = time.perf_counter()
+        for b in buckets:
+            ranks, params = self._buckets[b]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             pending.append((dist.all_reduce(flat, group=self._groups[ranks], async_op=True), flat, params))
+        stats["reduce_s"] += time.perf_counter() - t0
+
+    def _finish_reduce(self, pending: list) -> None:
+        """Waits for the all-reduces and gives every parameter its summed gradient."""
         for work, flat, params in pending:
             work.wait()
             offset = 0

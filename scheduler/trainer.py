@@ -1,8 +1,8 @@
 """The training loop on top of the executor: optimizer, clipping, mixed precision, logging,
 checkpoints. Runs inside each rank (see ``scheduler.launch``).
 
-Gradient clipping uses the global norm: each parameter is counted once (by its lowest
-holder), the squares are summed over all ranks, and every rank applies the same factor, so
+Gradient clipping uses the global norm: each parameter is counted once (by one holder:
+``Executor.owned``), the squares are summed over all ranks, and every rank applies the same factor, so
 the update equals a single-process ``clip_grad_norm_``. On GPUs the forward runs under bf16
 autocast (parameters and optimizer stay fp32). Under fp16 autocast the losses are scaled
 dynamically; an inf or NaN gradient on any rank skips the step on every rank (the check is
@@ -83,6 +83,9 @@ class TrainConfig:
     # ZeRO stage 1: each parameter held by several ranks has its optimizer state on one of
     # them, which updates it and broadcasts the new value (Executor(shard_optimizer=))
     shard_optimizer: bool = False
+    # each holder group's gradient all-reduce starts in the backward once no slice adds to it
+    # (Executor(overlap_grad_reduce=)); False: all of them after the backward
+    overlap_grad_reduce: bool = True
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -181,7 +184,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dtype = torch.float64 if cfg.precision == "fp64" else None
     ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
-                  compile=cfg.compile, shard_optimizer=cfg.shard_optimizer)
+                  compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
+                  overlap_grad_reduce=cfg.overlap_grad_reduce)
     opt = make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
     scaler = make_grad_scaler(cfg, device)
     start = 0
@@ -287,8 +291,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    if cfg.shard_optimizer not in (True, False):
-        raise ValueError(f"shard_optimizer: expected True or False, got {cfg.shard_optimizer!r}")
+    for name in ("shard_optimizer", "overlap_grad_reduce"):
+        if getattr(cfg, name) not in (True, False):
+            raise ValueError(f"{name}: expected True or False, got {getattr(cfg, name)!r}")
     if cfg.loss_scaling not in (None, True, False):
         raise ValueError(f"loss_scaling: expected True, False or None, got {cfg.loss_scaling!r}")
     scale = cfg.init_loss_scale
