@@ -114,6 +114,17 @@ def test_two_ranks_skip_together_where_one_alone_saw_nan():
         (h["loss_scale"], h["skipped"]) for h in results[0]["history"]]
 
 
+def test_with_sharded_optimizer_state_on_three_ranks():
+    """Loss scaling with ZeRO-1 (test_executor's CLIP_PLAN_3, every layer but the text
+    encoder's second on all three ranks): each rank unscales and checks only the gradients its
+    optimizer updates, and clips by the norm of those; the shared flag and norm still give the
+    reference's scales, skips and parameters."""
+    from test_executor import CLIP_PLAN_3
+
+    results = run_local(train, 3, _cfg(plan=CLIP_PLAN_3, shard_optimizer=True), timeout_s=240)
+    assert_matches(results[0], reference())
+
+
 def test_one_process_matches_the_reference():
     """World of one: torch's plain GradScaler; the executor scales each task's loss."""
     plan = make_plan(get_trainable_model("tiny-clip"), 1, "sequential")
