@@ -12,7 +12,7 @@ import json
 import sys
 
 
-def _summary(plan: dict) -> str:
+def _summary(plan: dict, problem: dict | None = None) -> str:
     lines = [
         f"method       {plan['method']} ({plan.get('backend', 'python')})",
         f"makespan     {plan['makespan_ms']:.3f} ms",
@@ -24,6 +24,12 @@ def _summary(plan: dict) -> str:
     lines.append(f"planner      {plan['planner_ms']:.3f} ms")
     lines.append(f"waves        {len(plan['waves'])} "
                  f"({sum(len(w['slices']) for w in plan['waves'])} slices)")
+    if problem is not None and problem.get("device_memory_gb") is not None:
+        from scheduler.plan import memory_per_device
+
+        used = memory_per_device(problem, plan)
+        lines.append(f"memory       peak {max(used):.1f} GB per device (mean {sum(used) / len(used):.1f}), "
+                     f"of {problem['device_memory_gb']:g} GB")
     return "\n".join(lines)
 
 
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         print(f"mtmm plan: {e}", file=sys.stderr)
         return 1
-    print(_summary(plan))
+    print(_summary(plan, problem))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(plan, f, indent=1)

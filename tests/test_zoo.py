@@ -145,15 +145,18 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     import json
 
     from scheduler.cli import main
-    from scheduler.plan import validate
+    from scheduler.plan import memory_per_device, validate
 
     args = ["plan", "--model", "ofasys", "--tasks", "7", "--gpus", "16", "--memory-gb", "24"]
     assert main(args) == 1
     assert "cannot fit in memory" in capsys.readouterr().err
     out = tmp_path / "plan.json"
     assert main([*args, "--activation-checkpointing", "-o", str(out)]) == 0
-    validate(zoo.build_problem("ofasys", 7, 16, device_memory_gb=24, activation_checkpointing=True),
-             json.loads(out.read_text()))
+    problem = zoo.build_problem("ofasys", 7, 16, device_memory_gb=24, activation_checkpointing=True)
+    plan = json.loads(out.read_text())
+    validate(problem, plan)
+    peak = max(memory_per_device(problem, plan))
+    assert f"memory       peak {peak:.1f} GB per device" in capsys.readouterr().out and peak <= 24
     assert main([*args[:-1], "-5"]) == 1
     assert "--memory-gb: expected a positive number" in capsys.readouterr().err
     problem = tmp_path / "p.json"
