@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
-        shard_optimizer=args.shard_optimizer,
+        shard_optimizer=args.shard_optimizer, profile_dir=args.profile, profile_steps=args.profile_steps,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
@@ -128,6 +128,10 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-optimizer", action="store_true",
                    help="ZeRO-1: the optimizer state of a parameter held by several ranks on one "
                         "of them, which broadcasts its update")
+    p.add_argument("--profile", metavar="DIR",
+                   help="write each rank's Chrome trace (torch.profiler) to DIR/rank<r>.json")
+    p.add_argument("--profile-steps", type=_positive_int, default=3, metavar="K",
+                   help="steps the trace records, after one skipped and one of warm-up")
     p.add_argument("--checkpoint", help="checkpoint file (written atomically)")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

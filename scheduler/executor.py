@@ -30,6 +30,7 @@ so shard losses add up to the single-process loss and gradients add up by the al
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -252,6 +253,9 @@ class Executor:
         # backward wave after which each bucket's all-reduce starts (None: after the backward)
         self._reduce_after = self._reduce_waves() if overlap_grad_reduce else {}
         self.shard_optimizer = shard_optimizer
+        # labelled spans (torch.profiler.record_function) around every phase of a step, for a
+        # trace; off: no span is made
+        self.trace = False
         self._owner = self._assign_owners() if shard_optimizer else {}
         if self.world > 1:
             # The first batched p2p call on a group must involve every rank (NCCL) unless a
@@ -412,7 +416,8 @@ class Executor:
         pending: list = []
         starts = self._reduce_after if reduce else {}
         self._run_waves(reversed(waves), self._backward, self._exchange_backward, stats,
-                        after=lambda w: self._start_reduce(starts.get(w, ()), pending, stats))
+                        after=lambda w: self._start_reduce(starts.get(w, ()), pending, stats),
+                        phase="backward")
         t0 = time.perf_counter()
         if reduce:
             started = {b for bs in starts.values() for b in bs}
@@ -432,7 +437,8 @@ class Executor:
         self._begin(data, units)
         with torch.no_grad():
             self._run_waves(range(self.schedule.num_waves), self._forward,
-                            self._exchange_forward, dict.fromkeys(("compute_s", "transfer_s"), 0.0))
+                            self._exchange_forward, dict.fromkeys(("compute_s", "transfer_s"), 0.0),
+                            phase="eval")
         return self._end()
 
     def _begin(self, data, units) -> None:
@@ -458,7 +464,12 @@ class Executor:
         self._grad_out: dict[int, torch.Tensor] = {}
         self._prefix: dict[int, list[int]] = {}
 
-    def _run_waves(self, waves, compute, exchange, stats: dict[str, float], after=None) -> None:
+    def span(self, label: str):
+        """A ``torch.profiler.record_function`` named ``label`` where ``trace`` is on."""
+        return torch.profiler.record_function(label) if self.trace else contextlib.nullcontext()
+
+    def _run_waves(self, waves, compute, exchange, stats: dict[str, float], after=None,
+                   phase: str = "forward") -> None:
         """``compute`` this rank's slice of each wave (if it has one), then ``exchange`` the
         wave's transfers, then ``after(wave)`` if given; wall times added to ``stats``."""
         clock = time.perf_counter
@@ -466,9 +477,11 @@ class Executor:
             sl = self.schedule.slice_of(self.rank, w)
             t0 = clock()
             if sl is not None:
-                compute(sl)
+                with self.span(f"mtmm {phase} wave {w} {sl.metaop}[{sl.begin}:{sl.end}]"):
+                    compute(sl)
             t1 = clock()
-            exchange(w)
+            with self.span(f"mtmm {phase} exchange wave {w}"):
+                exchange(w)
             stats["compute_s"] += t1 - t0
             stats["transfer_s"] += clock() - t1
             if after is not None:
@@ -631,14 +644,18 @@ class Executor:
         t0 = time.perf_counter()
         for b in buckets:
             ranks, params = self._buckets[b]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            pending.append((dist.all_reduce(flat, group=self._groups[ranks], async_op=True), flat, params))
+            with self.span(f"mtmm reduce start {ranks}"):
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                  for p in params])
+                work = dist.all_reduce(flat, group=self._groups[ranks], async_op=True)
+            pending.append((work, flat, params))
         stats["reduce_s"] += time.perf_counter() - t0
 
     def _finish_reduce(self, pending: list) -> None:
         """Waits for the all-reduces and gives every parameter its summed gradient."""
         for work, flat, params in pending:
-            work.wait()
+            with self.span("mtmm reduce wait"):
+                work.wait()
             offset = 0
             for p in params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()

@@ -86,6 +86,11 @@ class TrainConfig:
     # each holder group's gradient all-reduce starts in the backward once no slice adds to it
     # (Executor(overlap_grad_reduce=)); False: all of them after the backward
     overlap_grad_reduce: bool = True
+    # a folder for each rank's Chrome trace (rank{r}.json, torch.profiler) of profile_steps
+    # steps, after one step skipped and one of warm-up where the run has them; the executor
+    # labels every wave's compute and exchange and the reductions ("mtmm ...")
+    profile_dir: str | None = None
+    profile_steps: int = 3
     checkpoint: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when ``checkpoint`` is set)
     resume: bool = False
@@ -199,6 +204,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eval_set = _batches(make_stream(cfg, model, "eval"), range(cfg.eval_batches), device,
                         dtype) if cfg.eval_every else []
     bar = _progress(cfg, rank, start)
+    prof = _profiler(cfg, rank, start, device)
+    ex.trace = prof is not None
     history = []
     accum = cfg.grad_accum
     for step in range(start, cfg.steps):
@@ -223,15 +230,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr
         scale_info = {}
-        if scaler is None:
-            opt.step()
-        else:
-            scale = scaler.get_scale()
-            scaler.step(opt)  # skipped on every rank if any rank found an inf or NaN
-            scaler.update()
-            # the scale only shrinks (backoff) on a step that found one
-            scale_info = {"loss_scale": scale, "skipped": scaler.get_scale() < scale}
-        ex.sync_parameters()  # sharded optimizer state: owners' new values to the other holders
+        with ex.span("mtmm optimizer step"):
+            if scaler is None:
+                opt.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.step(opt)  # skipped on every rank if any rank found an inf or NaN
+                scaler.update()
+                # the scale only shrinks (backoff) on a step that found one
+                scale_info = {"loss_scale": scale, "skipped": scaler.get_scale() < scale}
+        with ex.span("mtmm parameter sync"):
+            ex.sync_parameters()  # sharded optimizer state: owners' new values to other holders
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -242,6 +251,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             rec["eval_losses"] = evaluate(ex, eval_set, model)
             rec["eval_loss"] = sum(rec["eval_losses"].values())
         history.append(rec)
+        if prof is not None:
+            prof.step()
         if rank == 0:
             _log(cfg, bar, rec)
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
@@ -249,6 +260,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                       extra=_scaler_state(scaler))
     if bar is not None:
         bar.close()
+    if prof is not None:
+        prof.stop()  # writes the trace if the run ended inside the recorded steps
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
                   extra=_scaler_state(scaler))
@@ -271,6 +284,27 @@ def _scaler_state(scaler) -> dict:
     return {} if scaler is None else {"grad_scaler": scaler.state_dict()}
 
 
+def _profiler(cfg: TrainConfig, rank: int, start: int, device: torch.device):
+    """A started torch.profiler writing ``profile_dir``/rank{rank}.json, or None."""
+    if cfg.profile_dir is None or cfg.steps <= start:
+        return None
+    os.makedirs(cfg.profile_dir, exist_ok=True)
+    left = cfg.steps - start
+    active = min(cfg.profile_steps, left)
+    warmup = 1 if left > active else 0
+    wait = 1 if left > active + warmup else 0  # the first step allocates and compiles
+    path = os.path.join(cfg.profile_dir, f"rank{rank}.json")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+        on_trace_ready=lambda p: p.export_chrome_trace(path))
+    prof.start()
+    return prof
+
+
 def _progress(cfg: TrainConfig, rank: int, start: int):
     if rank != 0 or not cfg.progress or not sys.stderr.isatty():
         return None
@@ -287,7 +321,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {cfg.precision!r}")
     check_schedule(cfg.lr_schedule, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
     for name, low in (("grad_accum", 1), ("eval_every", 0), ("eval_batches", 1),
-                      ("loss_scale_growth_interval", 1)):
+                      ("loss_scale_growth_interval", 1), ("profile_steps", 1)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

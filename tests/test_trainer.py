@@ -189,3 +189,31 @@ def test_runs_under_torchrun(tmp_path):
     # the ranks' own errors come first in stderr, the launcher's summary of them last
     assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1000:]
     assert "trained tiny-clip" in r.stdout
+
+
+def test_profile_writes_each_ranks_trace_of_the_steps_asked(tmp_path):
+    """2 gloo ranks, 4 steps, a trace of 2 (after one skipped and one of warm-up): every rank's
+    Chrome trace has each of its slices' forward and backward once per recorded step, and two
+    optimizer steps."""
+    import json
+    from collections import Counter
+
+    from scheduler.executor import Schedule
+    from scheduler.launch import run_local
+
+    model = get_trainable_model("tiny-clip")
+    plan = make_plan(model, 2, "spindle")
+    cfg = TrainConfig(model="tiny-clip", steps=4, plan=plan, progress=False, log_every=0,
+                      profile_dir=str(tmp_path), profile_steps=2)
+    run_local(train, 2, cfg, timeout_s=240)
+    schedule = Schedule(get_trainable_model("tiny-clip"), plan, 2)
+    for rank in range(2):
+        trace = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        names = Counter(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("mtmm"))
+        mine = [s for s in schedule.slices if rank in s.devices]
+        assert mine
+        for phase in ("forward", "backward"):
+            want = {f"mtmm {phase} wave {s.wave} {s.metaop}[{s.begin}:{s.end}]": 2 for s in mine}
+            got = {n: c for n, c in names.items() if n.startswith(f"mtmm {phase} wave")}
+            assert got == want, (rank, phase)
+        assert names["mtmm optimizer step"] == 2
