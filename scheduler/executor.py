@@ -418,12 +418,12 @@ class Executor:
         self._run_waves(reversed(waves), self._backward, self._exchange_backward, stats,
                         after=lambda w: self._start_reduce(starts.get(w, ()), pending, stats),
                         phase="backward")
-        t0 = time.perf_counter()
         if reduce:
             started = {b for bs in starts.values() for b in bs}
             self._start_reduce([b for b in range(len(self._buckets)) if b not in started], pending, stats)
+            t0 = time.perf_counter()
             self._finish_reduce(pending)
-        stats["reduce_s"] += time.perf_counter() - t0
+            stats["reduce_s"] += time.perf_counter() - t0
         # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
         # Waiting for a slower peer counts as transfer time.
         self.last_stats = stats
