@@ -20,6 +20,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # about 45 s: the sweep's configs compiled and run in the interpreter
 def test_grouped_gemm_sweep_smoke(tmp_path):
     """Every kernel the sweep launches (forward, dX, dW; pointer and descriptor builds; dW also
     persistent and flattened) runs in the interpreter with the launcher's arguments and

@@ -21,9 +21,13 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(
-    not all((_BIN / tool).exists() for tool in ("ptxas", "cuobjdump", "nvdisasm")),
-    reason="this Triton bundles no NVIDIA toolchain")
+pytestmark = [
+    pytest.mark.skipif(
+        not all((_BIN / tool).exists() for tool in ("ptxas", "cuobjdump", "nvdisasm")),
+        reason="this Triton bundles no NVIDIA toolchain"),
+    # compiling every kernel for sm_90 takes about 90 s of one core: out of the plain run
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")
