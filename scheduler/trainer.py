@@ -84,8 +84,8 @@ class TrainConfig:
     # them, which updates it and broadcasts the new value (Executor(shard_optimizer=))
     shard_optimizer: bool = False
     # each holder group's gradient all-reduce starts in the backward once no slice adds to it
-    # (Executor(overlap_grad_reduce=)); False: all of them after the backward
-    overlap_grad_reduce: bool = True
+    # (Executor(overlap_grad_reduce=)); False: all of them after the backward; None: on GPUs
+    overlap_grad_reduce: bool | None = None
     # a folder for each rank's Chrome trace (rank{r}.json, torch.profiler) of profile_steps
     # steps, after one step skipped and one of warm-up where the run has them; the executor
     # labels every wave's compute and exchange and the reductions ("mtmm ...")
@@ -325,11 +325,11 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    for name in ("shard_optimizer", "overlap_grad_reduce"):
-        if getattr(cfg, name) not in (True, False):
-            raise ValueError(f"{name}: expected True or False, got {getattr(cfg, name)!r}")
-    if cfg.loss_scaling not in (None, True, False):
-        raise ValueError(f"loss_scaling: expected True, False or None, got {cfg.loss_scaling!r}")
+    if cfg.shard_optimizer not in (True, False):
+        raise ValueError(f"shard_optimizer: expected True or False, got {cfg.shard_optimizer!r}")
+    for name in ("loss_scaling", "overlap_grad_reduce"):
+        if getattr(cfg, name) not in (None, True, False):
+            raise ValueError(f"{name}: expected True, False or None, got {getattr(cfg, name)!r}")
     scale = cfg.init_loss_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"init_loss_scale: expected a positive finite number, got {scale!r}")

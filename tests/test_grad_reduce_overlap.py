@@ -15,8 +15,10 @@ from test_executor import CLIP, CLIP_PLAN_3, assert_matches_reference, cfg_for
 
 
 def _starts(plan: dict) -> list[tuple[tuple[int, ...], int, list[str]]]:
-    """On one rank: (holders, wave after which it starts, components) of each bucket."""
-    ex = Executor(get_trainable_model(CLIP), plan)
+    """On one rank: (holders, wave after which it starts, components) of each bucket; none
+    where the overlap is left at its default, which is off on CPUs."""
+    assert Executor(get_trainable_model(CLIP), plan)._reduce_after == {}
+    ex = Executor(get_trainable_model(CLIP), plan, overlap_grad_reduce=True)
     out = []
     for wave, buckets in ex._reduce_after.items():
         for b in buckets:
