@@ -17,9 +17,9 @@ Rank r plays device r of the plan. Each rank:
   its layers (after the exchange of the first forward wave that runs one), so it overlaps
   the remaining backward waves; every rank starts them at the same points in the same order;
 - with ``shard_optimizer`` (ZeRO stage 1 inside each holder group), gives each parameter held
-  by several ranks one owner among them, balanced by size: only the owner's optimizer keeps
-  its state and updates it, and ``sync_parameters`` broadcasts the updated values to the
-  other holders.
+  by several ranks one owner among them, balanced by size: its gradient is reduced to the
+  owner only, the owner's optimizer alone keeps its state and updates it, and
+  ``sync_parameters`` broadcasts the updated values to the other holders.
 
 Transfers: every rank derives the same ordered list of messages from the plan, so each pair of
 ranks posts its sends and receives in the same order (no tags, no deadlock). A forward message
@@ -643,27 +643,48 @@ class Executor:
         self._grad_out[m.producer][r0:r1] += piece.to(rec.out.dtype)
 
     def _start_reduce(self, buckets, pending: list, stats: dict[str, float]) -> None:
-        """Starts one flat all-reduce per bucket in ``buckets`` (ascending: the global group
-        order), each on its holder group's communicator, and leaves it in flight."""
+        """Starts the reduction of every bucket in ``buckets`` (ascending: the global group
+        order) on its holder group's communicator, and leaves it in flight: one flat
+        all-reduce, or with ``shard_optimizer`` one flat reduce to each owner of the owner's
+        parameters (only the owner steps them: half an all-reduce's traffic)."""
         t0 = time.perf_counter()
         for b in buckets:
             ranks, params = self._buckets[b]
+            names = self._bucket_names[b]
+            group = self._groups[ranks]
             with self.span(f"mtmm reduce start {ranks}"):
-                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                  for p in params])
-                work = dist.all_reduce(flat, group=self._groups[ranks], async_op=True)
-            pending.append((work, flat, params))
+                if not self._owner:
+                    flat = _flat_grads(params)
+                    pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, params, None))
+                    continue
+                for dst in ranks:
+                    mine = [p for n, p in zip(names, params) if self._owner[n] == dst]
+                    if mine:
+                        flat = _flat_grads(mine)
+                        work = dist.reduce(flat, dst=dst, group=group, async_op=True)
+                        pending.append((work, flat, mine, dst))
         stats["reduce_s"] += time.perf_counter() - t0
 
     def _finish_reduce(self, pending: list) -> None:
-        """Waits for the all-reduces and gives every parameter its summed gradient."""
-        for work, flat, params in pending:
+        """Waits for the reductions and gives every parameter this rank steps its summed
+        gradient; a reduce's other ranks drop theirs (partial sums nobody reads)."""
+        for work, flat, params, dst in pending:
             with self.span("mtmm reduce wait"):
                 work.wait()
+            if dst is not None and dst != self.rank:
+                for p in params:
+                    p.grad = None
+                continue
             offset = 0
             for p in params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
+
+
+def _flat_grads(params) -> torch.Tensor:
+    """The parameters' gradients (zeros where there is none) in one flat tensor."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
 
 
 @dataclass(frozen=True)

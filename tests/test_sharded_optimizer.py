@@ -50,20 +50,24 @@ def test_packed_val_plan_matches_the_reference():
 
 
 def _ownership(plan: dict) -> dict:
-    """On one rank: per parameter, (holders, owned, updated, elements)."""
-    ex = Executor(get_trainable_model(CLIP), plan, shard_optimizer=True)
-    return {n: (ex.holders_of(n), ex.owned(n), ex.updates(n), p.numel())
+    """On one rank: per parameter, (holders, owned, updated, elements, has a gradient after
+    a step)."""
+    model = get_trainable_model(CLIP)
+    ex = Executor(model, plan, shard_optimizer=True)
+    ex.step(SyntheticStream(model).step(0))
+    return {n: (ex.holders_of(n), ex.owned(n), ex.updates(n), p.numel(), p.grad is not None)
             for n, p in ex.named_parameters()}
 
 
 def test_owners_are_holders_spread_by_size():
-    """Every parameter is owned and updated by exactly one of its holders; in each holder
-    group the owners' elements differ by at most the largest parameter."""
+    """Every parameter is owned and updated by exactly one of its holders, the only one left
+    with its (reduced) gradient; in each holder group the owners' elements differ by at most
+    the largest parameter."""
     ranks = run_local(_ownership, 3, CLIP_PLAN_3, timeout_s=120)
     seen = {}
     for r, table in enumerate(ranks):
-        for name, (holders, owned, updated, numel) in table.items():
-            assert r in holders and owned == updated
+        for name, (holders, owned, updated, numel, grad) in table.items():
+            assert r in holders and owned == updated == grad
             if owned:
                 assert name not in seen
                 seen[name] = (r, holders, numel)
