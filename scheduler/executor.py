@@ -279,12 +279,7 @@ class Executor:
 
     def _layer_of(self, name: str) -> tuple[str, int]:
         """(component, layer) whose part holds parameter ``name``."""
-        prefix = name
-        while prefix:
-            if prefix in self._part_layer:
-                return self._part_layer[prefix]
-            prefix = prefix.rpartition(".")[0]
-        raise KeyError(name)
+        return _part_entry(self._part_layer, name)
 
     def _reduce_waves(self) -> dict[int, list[int]]:
         """{wave: this rank's bucket indices} whose all-reduce starts after that wave's
@@ -296,12 +291,7 @@ class Executor:
         return out
 
     def holders_of(self, name: str) -> tuple[int, ...]:
-        prefix = name
-        while prefix:
-            if prefix in self._part_holders:
-                return self._part_holders[prefix]
-            prefix = prefix.rpartition(".")[0]
-        raise KeyError(name)
+        return _part_entry(self._part_holders, name)
 
     def _make_buckets(self) -> list[tuple[tuple[int, ...], list[torch.nn.Parameter]]]:
         """This rank's parameters held by several ranks, one bucket per holder group and first
@@ -679,6 +669,16 @@ class Executor:
             for p in params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
+
+
+def _part_entry(table: Mapping[str, object], name: str):
+    """The entry of the part (its dotted prefix in ``table``) that holds parameter ``name``."""
+    prefix = name
+    while prefix:
+        if prefix in table:
+            return table[prefix]
+        prefix = prefix.rpartition(".")[0]
+    raise KeyError(name)
 
 
 def _flat_grads(params) -> torch.Tensor:
