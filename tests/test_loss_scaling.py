@@ -151,7 +151,7 @@ def test_fp16_trains_on_two_ranks_with_one_scale():
     """fp16 autocast from a scale that overflows: the first steps are skipped on both ranks
     alike until the scale fits, then the loss goes down; the first losses are the float64
     model's within fp16 rounding."""
-    cfg = _cfg(precision="fp16", loss_scaling=None, init_loss_scale=2.0 ** 24, steps=12,
+    cfg = _cfg(precision="fp16", loss_scaling=None, init_loss_scale=2.0 ** 20, steps=12,
                data=None, loss_scale_growth_interval=2000)
     results = run_local(train_many, 2, [cfg], timeout_s=240)
     hists = [r[0]["history"] for r in results]
@@ -161,7 +161,7 @@ def test_fp16_trains_on_two_ranks_with_one_scale():
     assert skipped[0] and not all(skipped)
     assert skipped == sorted(skipped, reverse=True)  # back off until it fits, then no overflow
     first = [i for i, s in enumerate(skipped) if not s][0]
-    assert scales[0][first][0] == 2.0 ** (24 - first)
+    assert scales[0][first][0] == 2.0 ** (20 - first)
     ref = get_trainable_model("tiny-clip").build().double()
     batch = {t: {k: _to(v, "cpu", torch.float64) for k, v in b.items()}
              for t, b in SyntheticStream(ref, seed=0).step(0).items()}
@@ -170,7 +170,10 @@ def test_fp16_trains_on_two_ranks_with_one_scale():
     assert hists[0][0]["losses"] == pytest.approx(want, rel=1e-2)
     params = results[0][0]["state"]["params"]
     assert all(torch.isfinite(p).all() for p in params.values())
-    assert hists[0][-1]["loss"] < 0.9 * hists[0][first]["loss"]
+    # the skipped steps all ran the initial model; the last three trained ones learnt
+    before = sum(h["loss"] for h in hists[0][:first]) / first
+    after = sum(h["loss"] for h in hists[0][-3:]) / 3
+    assert after < 0.85 * before, (before, after)
 
 
 @pytest.mark.parametrize("field,value,message", [
