@@ -12,10 +12,11 @@ Rank r plays device r of the plan. Each rank:
 - runs backward wave by wave in reverse; the gradient of every received activation goes back
   to the rank that sent it, the exact reverse of the forward moves;
 - all-reduces each parameter's gradient (summed) inside the group of ranks that hold it; one
-  group per distinct holder set, created once, in the same order on every rank. A group's
-  all-reduce starts in the backward as soon as no holder has a slice left that runs one of
-  its layers (after the exchange of the first forward wave that runs one), so it overlaps
-  the remaining backward waves; every rank starts them at the same points in the same order;
+  group per distinct holder set, created once, in the same order on every rank. With
+  ``overlap_grad_reduce`` (the default on GPUs) a bucket's reduction starts in the backward
+  as soon as no holder has a slice left that runs one of its layers (after the exchange of
+  the first forward wave that runs one), so it overlaps the remaining backward waves; every
+  rank starts them at the same points in the same order;
 - with ``shard_optimizer`` (ZeRO stage 1 inside each holder group), gives each parameter held
   by several ranks one owner among them, balanced by size: its gradient is reduced to the
   owner only, the owner's optimizer alone keeps its state and updates it, and
@@ -261,6 +262,11 @@ class Executor:
         # trace; off: no span is made
         self.trace = False
         self._owner = self._assign_owners() if shard_optimizer else {}
+        # per bucket, (owner, the owner's parameters in bucket order) for each owner with any
+        self._shards = [[(r, [p for n, p in zip(names, params) if self._owner[n] == r])
+                         for r in ranks if any(self._owner[n] == r for n in names)]
+                        for (ranks, params), names in zip(self._buckets, self._bucket_names)
+                        ] if shard_optimizer else []
         if self.world > 1:
             # The first batched p2p call on a group must involve every rank (NCCL) unless a
             # collective ran before it: this barrier is that collective.
@@ -335,8 +341,8 @@ class Executor:
 
     def zero_grad(self) -> None:
         """Drops every gradient on this rank, the optimizer's or not (with ``shard_optimizer``
-        a rank's optimizer holds only the parameters it owns; the others' gradients still
-        feed the next all-reduce)."""
+        a rank's optimizer holds only the parameters it owns, but it accumulates gradients of
+        the others too, which its next reduction would otherwise add in again)."""
         for p in self.model.parameters():
             p.grad = None
 
@@ -359,11 +365,8 @@ class Executor:
         if not self._owner:
             return
         pending = []
-        for (ranks, params), names in zip(self._buckets, self._bucket_names):
-            for src in ranks:
-                mine = [p for n, p in zip(names, params) if self._owner[n] == src]
-                if not mine:
-                    continue
+        for (ranks, _), shards in zip(self._buckets, self._shards):
+            for src, mine in shards:
                 flat = torch.cat([p.detach().reshape(-1) for p in mine])
                 work = dist.broadcast(flat, src=src, group=self._groups[ranks], async_op=True)
                 pending.append((work, flat, mine, src))
@@ -640,19 +643,16 @@ class Executor:
         t0 = time.perf_counter()
         for b in buckets:
             ranks, params = self._buckets[b]
-            names = self._bucket_names[b]
             group = self._groups[ranks]
             with self.span(f"mtmm reduce start {ranks}"):
                 if not self._owner:
                     flat = _flat_grads(params)
                     pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, params, None))
                     continue
-                for dst in ranks:
-                    mine = [p for n, p in zip(names, params) if self._owner[n] == dst]
-                    if mine:
-                        flat = _flat_grads(mine)
-                        work = dist.reduce(flat, dst=dst, group=group, async_op=True)
-                        pending.append((work, flat, mine, dst))
+                for dst, mine in self._shards[b]:
+                    flat = _flat_grads(mine)
+                    work = dist.reduce(flat, dst=dst, group=group, async_op=True)
+                    pending.append((work, flat, mine, dst))
         stats["reduce_s"] += time.perf_counter() - t0
 
     def _finish_reduce(self, pending: list) -> None:
