@@ -18,12 +18,16 @@ def _summary(plan: dict, problem: dict | None = None) -> str:
         f"makespan     {plan['makespan_ms']:.3f} ms",
     ]
     if "relaxed_ms" in plan:
+        of = "" if plan.get("count_cap") is None else ", of the capped problem"
         lines.append(f"relaxed C*   {plan['relaxed_ms']:.3f} ms "
-                     f"(makespan / relaxed = {plan['makespan_ms'] / plan['relaxed_ms']:.4f})")
+                     f"(makespan / relaxed = {plan['makespan_ms'] / plan['relaxed_ms']:.4f}{of})")
     lines.append(f"lower bound  {plan['lower_bound_ms']:.3f} ms")
     lines.append(f"planner      {plan['planner_ms']:.3f} ms")
     lines.append(f"waves        {len(plan['waves'])} "
                  f"({sum(len(w['slices']) for w in plan['waves'])} slices)")
+    if plan.get("count_cap") is not None:
+        lines.append(f"count cap    {plan['count_cap']} devices per slice (uncapped, the plan "
+                     "did not fit memory)")
     if problem is not None and problem.get("device_memory_gb") is not None:
         from scheduler.plan import memory_per_device
 
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
-        options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio")
+        options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio", "memory_fallback")
                    if getattr(args, k) is not None}
         plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
@@ -101,6 +105,11 @@ def add_parser(sub) -> None:
                    default=None, help="override the method's default (spindle/mtmm only)")
     p.add_argument("--portfolio", action=argparse.BooleanOptionalAction, default=None,
                    help="mtmm: plan every variant and keep the best (default on)")
+    p.add_argument("--memory-fallback", dest="memory_fallback",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="mtmm: when the plan does not fit memory, plan again with a slice's "
+                        "devices capped at each smaller count and keep the fastest that fits "
+                        "(default on)")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--gantt", help="write a Gantt chart of the simulated plan (PNG)")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of the simulated plan (JSON)")

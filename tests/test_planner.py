@@ -215,6 +215,62 @@ def test_memory_limit_is_respected_or_refused(shard_fraction):
     assert planned > refused
 
 
+def test_memory_fallback_plans_under_count_caps_what_memory_refused():
+    """mtmm's memory fallback changes nothing where the uncapped plan fits; where it is out of
+    memory, it plans each smaller cap on a slice's device count and keeps the fastest plan
+    that fits (validated against the uncapped problem: within memory, slices no wider than
+    the cap), the same on both back ends, or refuses naming the caps it tried."""
+    from scheduler.planner import count_capped
+
+    rng = random.Random(7)
+    kept = rescued = still_refused = 0
+    for i in range(60):
+        d = random_problem(rng, rng.randint(2, 16), rng.choice([8, 16, 32]), memory=True)
+        d["device_memory_gb"] = round(d["device_memory_gb"] * rng.choice([0.5, 1.0]), 3)
+        p = Problem.from_dict(d)
+        try:
+            plain = plan_problem(p, "mtmm", memory_fallback=False)
+        except ValueError as e:
+            if "cannot fit in memory" not in str(e):
+                continue  # refused before planning (check_memory): nothing to fall back from
+            plain = None
+        if plain is not None:
+            got = plan_problem(p, "mtmm")
+            assert got["count_cap"] is None
+            assert _without_timing(got) == _without_timing(plain) | {
+                "options": got["options"], "count_cap": None}
+            kept += 1
+            continue
+        caps = sorted({n for j in range(len(p.metaops)) for n in p.usable_counts(j)})[:-1]
+        fitting = {}
+        for cap in caps:
+            try:
+                fitting[cap] = plan_problem(count_capped(p, cap), "mtmm", memory_fallback=False)
+            except ValueError as e:
+                assert "memory" in str(e)
+        try:
+            a = plan_problem(p, "mtmm", "cpp")
+        except ValueError as e:
+            assert not fitting and "capped at each of" in str(e), i
+            with pytest.raises(ValueError, match="capped at each of"):
+                plan_problem(p, "mtmm", "python")
+            still_refused += 1
+            continue
+        b = plan_problem(p, "mtmm", "python")
+        assert _without_timing(a) == _without_timing(b), i
+        best = min(fitting.values(), key=lambda q: q["makespan_ms"])
+        assert a["makespan_ms"] == best["makespan_ms"]
+        assert a["count_cap"] == max(c for c, q in fitting.items()
+                                     if q["makespan_ms"] == best["makespan_ms"])
+        validate(p, a)
+        for s in (s for w in a["waves"] for s in w["slices"]):  # a count above the cap only
+            smallest = p.metaops[p.index(s["metaop"])].counts[0]  # where it is the smallest
+            assert len(s["devices"]) <= max(a["count_cap"], smallest)
+        assert a["lower_bound_ms"] == lower_bound(p) <= a["makespan_ms"]
+        rescued += 1
+    assert kept > 0 and rescued > 0 and still_refused > 0, (kept, rescued, still_refused)
+
+
 # --- C++ == Python, validity and bounds on random problems ---------------------------------
 
 def test_cpp_equals_python_on_random_problems():
@@ -408,7 +464,7 @@ def test_options_override_defaults_and_are_recorded():
     d = random_problem(3, 12, 8)
     a = plan_problem(d, "mtmm", overlap_levels=True, portfolio=False)
     assert a["options"] == {"overlap_levels": True, "least_idle": True, "single_tuple": True,
-                            "defer_short": False, "portfolio": False}
+                            "defer_short": False, "portfolio": False, "memory_fallback": True}
     assert a["variant"] == {"overlap_levels": True, "least_idle": True, "single_tuple": True,
                             "fastest": False, "defer_short": False}
     # The portfolio keeps the smallest makespan of its variants, each a plan of its own.
@@ -519,7 +575,7 @@ def test_portfolio_keeps_the_first_of_equal_plans_and_skips_variants_out_of_memo
                 skipped += 1
         if not full:
             with pytest.raises(ValueError, match="memory"):
-                plan_problem(p, "mtmm", "cpp")
+                plan_problem(p, "mtmm", "cpp", memory_fallback=False)
             continue
         best = min(full, key=lambda s: s.makespan_ms)  # min keeps the first of equals
         ties += sum(s.makespan_ms == best.makespan_ms for s in full) > 1

@@ -118,27 +118,70 @@ def test_activation_checkpointing_plans_what_memory_refused(model, tasks, gpus, 
 
 def test_qwen_val_on_64_80gb_devices_needs_checkpointing_and_sharded_optimizer_state():
     """QWen-VAL's activations alone exceed 64 x 80 GB; checkpointed they fit, but the LLM's
-    replicated Adam state (32 layers x 3.24 GB) fits no device that runs all its layers;
-    with ZeRO-1 among each layer's holders both back ends plan it, the same plan, within
-    memory (validated with each layer's final holders), about 4/3 of the unlimited plan."""
+    replicated Adam state (32 layers x 3.24 GB) fits no device that runs all its layers, which
+    the allocation asks for: spindle refuses it, and mtmm plans it only by capping a slice's
+    devices (so that each device holds fewer LLM layers). With ZeRO-1 among each layer's
+    holders both back ends plan it uncapped, the same plan, within memory (validated with each
+    layer's final holders), about 4/3 of the unlimited plan."""
     from scheduler.plan import memory_per_device, validate
     from scheduler.planner import plan_problem
 
     base = dict(device_memory_gb=80.0)
     with pytest.raises(ValueError, match="cannot fit in memory"):
         plan_problem(zoo.build_problem("qwen-val", 3, 64, **base), method="mtmm")
+    checkpointed = zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True, **base)
     with pytest.raises(ValueError, match="cannot fit in memory"):
-        plan_problem(zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True, **base),
-                     method="mtmm")
+        plan_problem(checkpointed, method="spindle")
+    with pytest.raises(ValueError, match="cannot fit in memory"):
+        plan_problem(checkpointed, method="mtmm", memory_fallback=False)
+    capped = plan_problem(checkpointed, method="mtmm")
+    assert capped["count_cap"] is not None and capped["count_cap"] < 64
+    validate(checkpointed, capped)
     p = zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True,
                           optimizer_sharding=True, **base)
     assert p["optimizer_shard_fraction"] == 0.75
     plans = [plan_problem(p, method="mtmm", backend=b) for b in ("cpp", "python")]
     assert plans[0]["waves"] == plans[1]["waves"]
+    assert plans[0]["count_cap"] is None
     validate(p, plans[0])
     assert max(memory_per_device(p, plans[0])) <= 80.0
     free = plan_problem(zoo.build_problem("qwen-val", 3, 64), method="mtmm")
     assert free["makespan_ms"] < plans[0]["makespan_ms"] <= free["makespan_ms"] * 4 / 3 * 1.05
+    assert plans[0]["makespan_ms"] < capped["makespan_ms"]
+
+
+@pytest.mark.parametrize("memory_gb,cap", [(40.0, 16), (24.0, 8)])
+def test_qwen_val_on_small_devices_plans_under_a_count_cap(memory_gb, cap):
+    """At 40 and 24 GB even sharded state does not fit devices that run every LLM layer; the
+    memory fallback plans every smaller cap on a slice's devices and keeps the fastest that
+    fits: the same plan on both back ends, within memory, its slices no wider than the cap,
+    its lower bound the problem's own. Capped plans are valid plans of the uncapped problem,
+    so the 80 GB uncapped plan is no slower."""
+    from scheduler.plan import Problem, lower_bound, memory_per_device, validate
+    from scheduler.planner import count_capped, plan_problem
+
+    d = zoo.build_problem("qwen-val", 3, 64, device_memory_gb=memory_gb,
+                          activation_checkpointing=True, optimizer_sharding=True)
+    with pytest.raises(ValueError, match="cannot fit in memory"):
+        plan_problem(d, method="mtmm", memory_fallback=False)
+    plans = [plan_problem(d, method="mtmm", backend=b) for b in ("cpp", "python")]
+    assert plans[0]["waves"] == plans[1]["waves"]
+    plan = plans[0]
+    assert plan["count_cap"] == plans[1]["count_cap"] == cap
+    validate(d, plan)
+    assert max(memory_per_device(d, plan)) <= memory_gb
+    assert max(len(s["devices"]) for w in plan["waves"] for s in w["slices"]) <= cap
+    assert plan["lower_bound_ms"] == lower_bound(Problem.from_dict(d))
+    # the kept cap is the fastest of all caps that fit
+    p = Problem.from_dict(d)
+    for other in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
+        try:
+            alt = plan_problem(count_capped(p, other), method="mtmm", memory_fallback=False)
+        except ValueError:
+            continue
+        assert plan["makespan_ms"] <= alt["makespan_ms"]
+    roomy = dict(d, device_memory_gb=80.0)
+    assert plan_problem(roomy, method="mtmm")["makespan_ms"] < plan["makespan_ms"]
 
 
 def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
@@ -168,6 +211,14 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     assert main(qwen) == 1
     assert "cannot fit in memory" in capsys.readouterr().err
     assert main([*qwen, "--shard-optimizer"]) == 0
+    assert "count cap" not in capsys.readouterr().out
+    small = [*qwen[:-2], "40", "--activation-checkpointing", "--shard-optimizer"]
+    assert main([*small, "--method", "mtmm", "--no-memory-fallback"]) == 1
+    assert "cannot fit in memory" in capsys.readouterr().err
+    assert main([*small, "--method", "mtmm", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "count cap    16 devices per slice" in printed and "of the capped problem" in printed
+    assert json.loads(out.read_text())["count_cap"] == 16
 
 
 def test_shared_components_give_separate_metaops():

@@ -1,0 +1,122 @@
+"""Plans under a device memory limit: how often spindle, mtmm without its memory fallback and
+mtmm refuse, and what the fallback's plans cost (CPU, no timing: plan quality only).
+
+Random problems: ``scheduler.random_problem(..., memory=True)`` (memory about 3x what a plan
+needs at least, ignoring parameter replication), then the same problems at half that memory.
+QWen-VAL (3 tasks, 64 devices, checkpointed activations, sharded optimizer state) at 80, 40,
+32, 24 and 16 GB per device. For each plan: refused or makespan, and the makespan over the
+same problem's mtmm plan without a memory limit.
+
+    python bench/bench_planner_memory.py [--json OUT.json] [--problems 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+
+from scheduler.plan import Problem
+from scheduler.planner import check_memory, plan_problem
+from scheduler.random_problem import random_problem
+
+METHODS = {"spindle": ("spindle", {}), "mtmm, no fallback": ("mtmm", {"memory_fallback": False}),
+           "mtmm": ("mtmm", {})}
+
+
+def _makespan(problem, method: str, options: dict) -> tuple[float | None, int | None]:
+    """(makespan ms, count_cap) or (None, None) when refused for memory."""
+    try:
+        plan = plan_problem(problem, method, **options)
+    except ValueError as e:
+        if "memory" not in str(e):
+            raise
+        return None, None
+    return plan["makespan_ms"], plan["count_cap"]
+
+
+def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n_problems):
+        d = random_problem(rng, rng.randint(2, 20), rng.choice([4, 8, 16, 32]), memory=True)
+        problems.append(d)
+    rows = []
+    for scale in (1.0, 0.5):
+        stats = {name: {"refused": 0, "ratios": [], "capped": 0} for name in METHODS}
+        considered = 0
+        for d in problems:
+            d = dict(d, device_memory_gb=d["device_memory_gb"] * scale)
+            try:
+                check_memory(Problem.from_dict(d))
+            except ValueError:
+                continue  # cannot fit under any plan: no planner can do better than refuse
+            free = plan_problem(dict(d, device_memory_gb=None), "mtmm")["makespan_ms"]
+            considered += 1
+            for name, (method, options) in METHODS.items():
+                ms, cap = _makespan(d, method, options)
+                s = stats[name]
+                if ms is None:
+                    s["refused"] += 1
+                else:
+                    s["ratios"].append(ms / free)
+                    s["capped"] += cap is not None
+        for name, s in stats.items():
+            rows.append({
+                "memory": f"{scale:g}x", "method": name, "problems": considered,
+                "refused": s["refused"], "refused_pct": 100.0 * s["refused"] / considered,
+                "capped": s["capped"],
+                "median_over_unlimited": statistics.median(s["ratios"]) if s["ratios"] else None,
+            })
+    return rows
+
+
+def qwen_rows() -> list[dict]:
+    from scheduler import zoo
+
+    free = plan_problem(zoo.build_problem("qwen-val", 3, 64), "mtmm")["makespan_ms"]
+    rows = []
+    for gb in (80.0, 40.0, 32.0, 24.0, 16.0):
+        d = zoo.build_problem("qwen-val", 3, 64, device_memory_gb=gb,
+                              activation_checkpointing=True, optimizer_sharding=True)
+        for name, (method, options) in METHODS.items():
+            ms, cap = _makespan(d, method, options)
+            rows.append({"memory_gb": gb, "method": name, "makespan_ms": ms, "count_cap": cap,
+                         "over_unlimited": None if ms is None else ms / free})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--problems", type=int, default=200, help="random problems (default 200)")
+    args = ap.parse_args(argv)
+    rand, qwen = random_rows(args.problems), qwen_rows()
+    print("| memory | method | problems | refused | capped plans | median makespan / unlimited |")
+    print("|---|---|---|---|---|---|")
+    for r in rand:
+        med = "-" if r["median_over_unlimited"] is None else f"{r['median_over_unlimited']:.3f}"
+        print(f"| {r['memory']} | {r['method']} | {r['problems']} | {r['refused']} "
+              f"({r['refused_pct']:.0f}%) | {r['capped']} | {med} |")
+    print("\n| QWen-VAL, 64 devices, GB | method | makespan ms | count cap | / unlimited |")
+    print("|---|---|---|---|---|")
+    for r in qwen:
+        ms = "refused" if r["makespan_ms"] is None else f"{r['makespan_ms']:.1f}"
+        ratio = "-" if r["over_unlimited"] is None else f"{r['over_unlimited']:.3f}"
+        print(f"| {r['memory_gb']:g} | {r['method']} | {ms} | {r['count_cap'] or '-'} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"random": rand, "qwen_val": qwen}, f, indent=1)
+    return 0
+
+
+def test_memory_fallback_table():
+    """A smoke run on a few problems (the table itself comes from ``main``)."""
+    rows = random_rows(6)
+    assert {r["method"] for r in rows} == set(METHODS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
