@@ -17,24 +17,40 @@ import json
 import random
 import statistics
 import sys
+import time
 
+from scheduler import count_caps
 from scheduler.plan import Problem
 from scheduler.planner import check_memory, plan_problem
 from scheduler.random_problem import random_problem
 
 METHODS = {"spindle": ("spindle", {}), "mtmm, no fallback": ("mtmm", {"memory_fallback": False}),
-           "mtmm": ("mtmm", {})}
+           "mtmm, one cap for all": ("mtmm", {}), "mtmm": ("mtmm", {})}
 
 
-def _makespan(problem, method: str, options: dict) -> tuple[float | None, int | None]:
-    """(makespan ms, count_cap) or (None, None) when refused for memory."""
+def _makespan_of(name: str, problem) -> tuple[float | None, dict | None, float]:
+    """``name``'s makespan; "one cap for all" is the fallback without its per-component sweeps
+    (an ablation: count_caps.MAX_REFINE_PLANS set to 0 for the call)."""
+    method, options = METHODS[name]
+    if not name.endswith("one cap for all"):
+        return _makespan(problem, method, options)
+    saved, count_caps.MAX_REFINE_PLANS = count_caps.MAX_REFINE_PLANS, 0
+    try:
+        return _makespan(problem, method, options)
+    finally:
+        count_caps.MAX_REFINE_PLANS = saved
+
+
+def _makespan(problem, method: str, options: dict) -> tuple[float | None, dict | None, float]:
+    """(makespan ms, count_cap, planner ms); (None, None, ms) when refused for memory."""
+    t0 = time.perf_counter()
     try:
         plan = plan_problem(problem, method, **options)
     except ValueError as e:
         if "memory" not in str(e):
             raise
-        return None, None
-    return plan["makespan_ms"], plan["count_cap"]
+        return None, None, (time.perf_counter() - t0) * 1e3
+    return plan["makespan_ms"], plan["count_cap"], plan["planner_ms"]
 
 
 def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
@@ -55,8 +71,8 @@ def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
                 continue  # cannot fit under any plan: no planner can do better than refuse
             free = plan_problem(dict(d, device_memory_gb=None), "mtmm")["makespan_ms"]
             considered += 1
-            for name, (method, options) in METHODS.items():
-                ms, cap = _makespan(d, method, options)
+            for name in METHODS:
+                ms, cap, _ = _makespan_of(name, d)
                 s = stats[name]
                 if ms is None:
                     s["refused"] += 1
@@ -81,10 +97,11 @@ def qwen_rows() -> list[dict]:
     for gb in (80.0, 40.0, 32.0, 24.0, 16.0):
         d = zoo.build_problem("qwen-val", 3, 64, device_memory_gb=gb,
                               activation_checkpointing=True, optimizer_sharding=True)
-        for name, (method, options) in METHODS.items():
-            ms, cap = _makespan(d, method, options)
+        for name in METHODS:
+            ms, cap, planner_ms = _makespan_of(name, d)
             rows.append({"memory_gb": gb, "method": name, "makespan_ms": ms, "count_cap": cap,
-                         "over_unlimited": None if ms is None else ms / free})
+                         "over_unlimited": None if ms is None else ms / free,
+                         "planner_ms": planner_ms})
     return rows
 
 
@@ -100,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         med = "-" if r["median_over_unlimited"] is None else f"{r['median_over_unlimited']:.3f}"
         print(f"| {r['memory']} | {r['method']} | {r['problems']} | {r['refused']} "
               f"({r['refused_pct']:.0f}%) | {r['capped']} | {med} |")
-    print("\n| QWen-VAL, 64 devices, GB | method | makespan ms | count cap | / unlimited |")
-    print("|---|---|---|---|---|")
+    print("\n| QWen-VAL, 64 devices, GB | method | makespan ms | count caps | / unlimited | "
+          "planner ms (C++) |")
+    print("|---|---|---|---|---|---|")
     for r in qwen:
         ms = "refused" if r["makespan_ms"] is None else f"{r['makespan_ms']:.1f}"
         ratio = "-" if r["over_unlimited"] is None else f"{r['over_unlimited']:.3f}"
-        print(f"| {r['memory_gb']:g} | {r['method']} | {ms} | {r['count_cap'] or '-'} | {ratio} |")
+        caps = ", ".join(f"{c} {n}" for c, n in (r["count_cap"] or {}).items()) or "-"
+        print(f"| {r['memory_gb']:g} | {r['method']} | {ms} | {caps} | {ratio} | "
+              f"{r['planner_ms']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"random": rand, "qwen_val": qwen}, f, indent=1)

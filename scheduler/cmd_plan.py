@@ -26,8 +26,9 @@ def _summary(plan: dict, problem: dict | None = None) -> str:
     lines.append(f"waves        {len(plan['waves'])} "
                  f"({sum(len(w['slices']) for w in plan['waves'])} slices)")
     if plan.get("count_cap") is not None:
-        lines.append(f"count cap    {plan['count_cap']} devices per slice (uncapped, the plan "
-                     "did not fit memory)")
+        caps = ", ".join(f"{c} {n}" for c, n in plan["count_cap"].items())
+        lines.append(f"count caps   {caps} devices per slice (uncapped, the plan did not fit "
+                     "memory)")
     if problem is not None and problem.get("device_memory_gb") is not None:
         from scheduler.plan import memory_per_device
 

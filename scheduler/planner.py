@@ -8,8 +8,8 @@ Methods:
                own predecessors are done, with critical-path priority; ``defer_short``: short
                MetaOps take only the devices left idle; and every MetaOp at its fastest count),
                keeping the plan with the smallest makespan; and when the plan does not fit
-               device memory, the same at every smaller cap on a slice's device count
-               (``memory_fallback``);
+               device memory, the same under caps on each component's device counts
+               (``memory_fallback``, scheduler/count_caps.py);
   ``sequential``, ``distmm``, ``optimus``, ``uniform``: the baselines (scheduler.baselines).
 Back ends for spindle/mtmm: ``cpp`` (scheduler._core) and ``python`` (scheduler.reference); they
 return the same plan. Every plan is checked with ``plan.validate`` before it is returned.
@@ -17,12 +17,12 @@ return the same plan. Every plan is checked with ``plan.validate`` before it is 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 import weakref
 from typing import Any, Mapping
 
+from .count_caps import plan_under_count_caps
 from .plan import Problem, lower_bound, validate
 from .reference import CoreInput, core_input, plan_core
 
@@ -33,7 +33,7 @@ BACKENDS = ("cpp", "python")
 # mtmm's portfolio plans with and without overlap_levels and keeps the better plan. Alone
 # (portfolio=False), overlap_levels is off by default: it loses on every zoo model and wins
 # on deep random DAGs (bench/bench_planner.py's ablation; numbers in docs/planner.md).
-# memory_fallback: see _plan_under_count_caps.
+# memory_fallback: see scheduler/count_caps.py.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "spindle": {"overlap_levels": False, "least_idle": False, "single_tuple": False,
                 "defer_short": False, "portfolio": False, "memory_fallback": False},
@@ -177,51 +177,16 @@ def _out_of_memory(error: ValueError) -> bool:
     return str(error).startswith("cannot fit in memory")
 
 
-def count_capped(p: Problem, cap: int) -> Problem:
-    """``p`` with every MetaOp's device counts above ``cap`` left out (a MetaOp whose smallest
-    count is larger keeps that one alone). Its plans are plans of ``p``."""
-    metaops = []
-    for m in p.metaops:
-        times = {n: t for n, t in m.time_ms.items() if n <= cap} or {m.counts[0]: m.time_ms[m.counts[0]]}
-        metaops.append(m if len(times) == len(m.time_ms) else dataclasses.replace(m, time_ms=times))
-    return dataclasses.replace(p, metaops=tuple(metaops))
-
-
-def _plan_under_count_caps(p: Problem, method: str, backend: str, opts: dict) -> dict:
-    """The plan of ``p``; when it does not fit memory, the best plan (smallest makespan, the
-    larger cap on a tie) among those with every slice capped at each smaller usable count.
-
-    The allocation gives a MetaOp its fastest count whatever its memory, so a deep component
-    run on all N devices leaves each of them holding all its layers; a cap makes slices of
-    fewer devices that each hold fewer layers. The makespan does not fall monotonically with
-    the cap (placement is greedy), hence every cap is planned. The plan records the cap in
-    ``count_cap`` (None: uncapped); ``lower_bound_ms`` stays ``p``'s own bound."""
+def _plan_with_fallback(p: Problem, method: str, backend: str, opts: dict) -> dict:
+    """count_caps.plan_under_count_caps over the core; the lower bound stays ``p``'s own and
+    planner_ms counts every plan tried."""
     t0 = time.perf_counter()
-    try:
-        return _plan_core(p, method, backend, opts)
-    except ValueError as e:
-        if not _out_of_memory(e):
-            raise
-        error = e
-    caps = sorted({n for i in range(len(p.metaops)) for n in p.usable_counts(i)}, reverse=True)
-    best, core_ms = None, 0.0
-    for cap in caps[1:]:
-        try:
-            plan = _plan_core(count_capped(p, cap), method, backend, opts)
-        except ValueError as e:
-            if not _out_of_memory(e):
-                raise
-            continue
-        core_ms += plan["core_ms"]
-        plan["count_cap"] = cap
-        if best is None or plan["makespan_ms"] < best["makespan_ms"]:
-            best = plan
-    if best is None:
-        raise ValueError(f"{error} (and with a slice's devices capped at each of {caps[1:]})")
-    best["lower_bound_ms"] = lower_bound(p)
-    best["planner_ms"] = (time.perf_counter() - t0) * 1e3
-    best["core_ms"] = core_ms
-    return best
+    plan = plan_under_count_caps(p, lambda q: _plan_core(q, method, backend, opts),
+                                 _out_of_memory)
+    if plan["count_cap"] is not None:
+        plan["lower_bound_ms"] = lower_bound(p)
+        plan["planner_ms"] = (time.perf_counter() - t0) * 1e3
+    return plan
 
 
 def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: str = "cpp",
@@ -242,8 +207,8 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         The plan dict (docs/formats.md) with ``method``, ``backend``, ``options``,
         ``makespan_ms``, ``lower_bound_ms``, ``relaxed_ms`` (spindle/mtmm), ``planner_ms`` (the
         planning call: core plus conversion to the plan dict, not parsing or validation),
-        ``core_ms`` (the algorithm alone), ``waves`` and (spindle/mtmm) ``count_cap``: the
-        most devices a slice was allowed by the memory fallback, None when uncapped.
+        ``core_ms`` (the algorithm alone), ``waves`` and (spindle/mtmm) ``count_cap``: None,
+        or {component: the most devices its slices were allowed} from the memory fallback.
 
     Raises:
         ValueError: bad problem (naming the MetaOp and why), a problem that cannot fit in memory,
@@ -265,7 +230,7 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
                 raise TypeError(f"option {key!r} must be a bool, got {value!r}")
         opts = {**DEFAULT_OPTIONS[method], **options}
         if opts["memory_fallback"] and p.device_memory_gb is not None:
-            plan = _plan_under_count_caps(p, method, backend, opts)
+            plan = _plan_with_fallback(p, method, backend, opts)
         else:
             plan = _plan_core(p, method, backend, opts)
         plan.setdefault("count_cap", None)

@@ -135,7 +135,7 @@ def test_qwen_val_on_64_80gb_devices_needs_checkpointing_and_sharded_optimizer_s
     with pytest.raises(ValueError, match="cannot fit in memory"):
         plan_problem(checkpointed, method="mtmm", memory_fallback=False)
     capped = plan_problem(checkpointed, method="mtmm")
-    assert capped["count_cap"] is not None and capped["count_cap"] < 64
+    assert capped["count_cap"]["llm"] < 64
     validate(checkpointed, capped)
     p = zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True,
                           optimizer_sharding=True, **base)
@@ -150,15 +150,16 @@ def test_qwen_val_on_64_80gb_devices_needs_checkpointing_and_sharded_optimizer_s
     assert plans[0]["makespan_ms"] < capped["makespan_ms"]
 
 
-@pytest.mark.parametrize("memory_gb,cap", [(40.0, 16), (24.0, 8)])
-def test_qwen_val_on_small_devices_plans_under_a_count_cap(memory_gb, cap):
+@pytest.mark.parametrize("memory_gb", [40.0, 24.0])
+def test_qwen_val_on_small_devices_plans_under_count_caps(memory_gb):
     """At 40 and 24 GB even sharded state does not fit devices that run every LLM layer; the
-    memory fallback plans every smaller cap on a slice's devices and keeps the fastest that
-    fits: the same plan on both back ends, within memory, its slices no wider than the cap,
-    its lower bound the problem's own. Capped plans are valid plans of the uncapped problem,
-    so the 80 GB uncapped plan is no slower."""
+    memory fallback plans under caps on each component's device counts: the same plan on both
+    back ends, within memory, each component's slices no wider than its cap, the lower bound
+    the problem's own, no slower than the best single cap on every component, slower than the
+    80 GB plan."""
+    from scheduler.count_caps import count_capped
     from scheduler.plan import Problem, lower_bound, memory_per_device, validate
-    from scheduler.planner import count_capped, plan_problem
+    from scheduler.planner import plan_problem
 
     d = zoo.build_problem("qwen-val", 3, 64, device_memory_gb=memory_gb,
                           activation_checkpointing=True, optimizer_sharding=True)
@@ -167,19 +168,23 @@ def test_qwen_val_on_small_devices_plans_under_a_count_cap(memory_gb, cap):
     plans = [plan_problem(d, method="mtmm", backend=b) for b in ("cpp", "python")]
     assert plans[0]["waves"] == plans[1]["waves"]
     plan = plans[0]
-    assert plan["count_cap"] == plans[1]["count_cap"] == cap
+    assert plan["count_cap"] == plans[1]["count_cap"] and plan["count_cap"]["llm"] < 64
     validate(d, plan)
     assert max(memory_per_device(d, plan)) <= memory_gb
-    assert max(len(s["devices"]) for w in plan["waves"] for s in w["slices"]) <= cap
-    assert plan["lower_bound_ms"] == lower_bound(Problem.from_dict(d))
-    # the kept cap is the fastest of all caps that fit
     p = Problem.from_dict(d)
-    for other in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
+    for s in (s for w in plan["waves"] for s in w["slices"]):
+        cap = plan["count_cap"].get(p.metaops[p.index(s["metaop"])].component, 64)
+        assert len(s["devices"]) <= cap
+    assert plan["lower_bound_ms"] == lower_bound(p)
+    uniform, components = [], {m.component for m in p.metaops}
+    for cap in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
         try:
-            alt = plan_problem(count_capped(p, other), method="mtmm", memory_fallback=False)
+            alt = plan_problem(count_capped(p, dict.fromkeys(components, cap)),
+                               method="mtmm", memory_fallback=False)
         except ValueError:
             continue
-        assert plan["makespan_ms"] <= alt["makespan_ms"]
+        uniform.append(alt["makespan_ms"])
+    assert uniform and plan["makespan_ms"] <= min(uniform)
     roomy = dict(d, device_memory_gb=80.0)
     assert plan_problem(roomy, method="mtmm")["makespan_ms"] < plan["makespan_ms"]
 
@@ -217,8 +222,9 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     assert "cannot fit in memory" in capsys.readouterr().err
     assert main([*small, "--method", "mtmm", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "count cap    16 devices per slice" in printed and "of the capped problem" in printed
-    assert json.loads(out.read_text())["count_cap"] == 16
+    caps = json.loads(out.read_text())["count_cap"]
+    assert caps["llm"] < 64 and "of the capped problem" in printed
+    assert "count caps   " + ", ".join(f"{c} {n}" for c, n in caps.items()) in printed
 
 
 def test_shared_components_give_separate_metaops():
