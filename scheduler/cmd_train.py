@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
             plan = json.load(f)
     cfg = TrainConfig(
         model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan,
+        memory_gb=args.memory_gb,
         cost=args.cost, seed=args.seed, precision=args.precision, init_loss_scale=args.init_loss_scale,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
@@ -61,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         first, last = hist[0], hist[-1]
         tok_s = sum(h["tokens_per_s"] for h in hist[1:] or hist) / len(hist[1:] or hist)
         skipped = sum(bool(h.get("skipped")) for h in hist)
-        print(f"trained {cfg.model} with plan {results[0]['plan_method']}: loss {first['loss']:.4f} -> "
+        caps = results[0].get("count_cap")
+        caps = f" (count caps {', '.join(f'{c} {n}' for c, n in caps.items())})" if caps else ""
+        print(f"trained {cfg.model} with plan {results[0]['plan_method']}{caps}: loss {first['loss']:.4f} -> "
               f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s"
               + (f", {skipped} skipped (inf/NaN gradients)" if skipped else ""))
     return 0
@@ -100,6 +103,11 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--plan", default="spindle", help="plan method: spindle, mtmm, sequential, distmm, optimus, uniform")
     p.add_argument("--plan-file", help="a plan JSON (issue-5 format) to run instead of planning")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                   help="each device's memory for the planner (default: no limit): the plan keeps "
+                        "each device's estimated weights, gradients, optimizer state and "
+                        "activations within it (spindle refuses a plan that does not fit; mtmm "
+                        "caps components' device counts until one fits)")
     p.add_argument("--cost", choices=["model", "profile"], default="model",
                    help="per-layer times for the planner: the analytic model, or each MetaOp timed here first")
     p.add_argument("--lr", type=float, default=3e-3)

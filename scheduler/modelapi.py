@@ -340,29 +340,55 @@ class MultiTaskModel(nn.Module):
             out[c.name] = int(n)
         return out
 
-    def to_problem(self, num_devices: int, *, island_size: int = 8, cost=None, device_memory_gb=None) -> dict:
+    def to_problem(self, num_devices: int, *, island_size: int = 8, cost=None, device_memory_gb=None,
+                   activation_checkpointing: bool = False, shard_optimizer: bool = False,
+                   param_dtype: torch.dtype = torch.float32, activation_dtype: torch.dtype | None = None) -> dict:
         """The planner problem (issue-5 format) for ``num_devices`` devices.
 
         ``cost`` is ``(component, task, tokens_per_device, n) -> ms`` for one layer forward and
         backward; default: ``scheduler.costmodel.AnalyticCost`` when present, else a FLOP count
-        at a nominal CPU rate. ``time_ms`` keys are the valid counts (``valid_counts``)."""
+        at a nominal CPU rate. ``time_ms`` keys are the valid counts (``valid_counts``).
+
+        Memory, as the runtime keeps it (it matters to the plan only under ``device_memory_gb``):
+        each parameter holds its weight, gradient and AdamW's two moments in ``param_dtype``;
+        ``shard_optimizer`` shards the moments among the parameter's holders
+        (``optimizer_shard_fraction`` 1/2, as ``Executor(shard_optimizer=True)``). Activations:
+        ``costmodel.activation_gb`` (per-token bytes of a transformer layer) scaled from bf16 to
+        ``activation_dtype`` (default ``param_dtype``: no autocast); ``activation_checkpointing``
+        keeps each layer's input only and charges recompute time (``costmodel.RECOMPUTE_FACTOR``
+        on the whole layer time, an upper bound)."""
+        from scheduler import costmodel
+
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ValueError(f"num_devices: expected an int >= 1, got {num_devices!r}")
+        for name, flag in (("activation_checkpointing", activation_checkpointing),
+                           ("shard_optimizer", shard_optimizer)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}: expected a bool, got {flag!r}")
+        for name, dt in (("param_dtype", param_dtype), ("activation_dtype", activation_dtype)):
+            if dt is not None and (not isinstance(dt, torch.dtype) or not dt.is_floating_point):
+                raise ValueError(f"{name}: expected a floating torch.dtype, got {dt!r}")
         cost = cost or default_cost()
         params = self.param_counts()
+        state_bytes = 4 * param_dtype.itemsize  # weight, gradient, exp_avg, exp_avg_sq
+        act_scale = (activation_dtype or param_dtype).itemsize / costmodel.BYTES_BF16
         metaops = []
         for t in self.tasks.values():
             for cname in self.task_order(t.name):
                 c = self.components[cname]
+                gc = _graph_component(c)
                 tokens = int(t.seq_lens.get(cname, 1))
+                slower = costmodel.RECOMPUTE_FACTOR if (activation_checkpointing and costmodel.recomputed(gc)) else 1.0
                 times: dict[str, float] = {}
                 for n in self.valid_counts(t.name, cname, num_devices):
-                    ms = float(cost(c, t, math.ceil(t.batch / n) * tokens, n))
+                    ms = float(cost(c, t, math.ceil(t.batch / n) * tokens, n)) * slower
                     # A count slower than a smaller one is never worth it (and the planner
                     # requires monotonic tables): leave it out.
                     if not times or ms <= min(times.values()):
                         times[str(n)] = ms
                 act_elems = t.batch * tokens * c.hidden
+                activation_gb = costmodel.activation_gb(gc, t.batch, tokens, c.num_layers,
+                                                        checkpointing=activation_checkpointing)
                 metaops.append(
                     {
                         "name": f"{t.name}/{cname}",
@@ -370,8 +396,8 @@ class MultiTaskModel(nn.Module):
                         "component": cname,
                         "layers": c.num_layers,
                         "time_ms": times,
-                        "param_gb": params[cname] * 16 / 1e9,  # fp32 weight + grad + 2 Adam moments
-                        "activation_gb": act_elems * 4 * 8 / 1e9,
+                        "param_gb": params[cname] * state_bytes / 1e9,
+                        "activation_gb": activation_gb * act_scale,
                         "output_mb": act_elems * 4 / 1e6,
                         "hidden_mb": act_elems * 4 / 1e6,
                     }
@@ -384,6 +410,8 @@ class MultiTaskModel(nn.Module):
         }
         if device_memory_gb is not None:
             problem["device_memory_gb"] = device_memory_gb
+        if shard_optimizer:
+            problem["optimizer_shard_fraction"] = 0.5  # the two moments of weight+grad+moments
         return problem
 
     # --- materialisation and the reference run ---------------------------------------------

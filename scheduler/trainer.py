@@ -47,6 +47,10 @@ class TrainConfig:
     steps: int = 40
     method: str = "spindle"
     plan: dict | None = None  # an explicit plan wins over ``method``
+    # each device's memory for the planner, GB (None: no limit): the plan keeps every device's
+    # estimated weights, gradients, optimizer state and activations within it, as this run
+    # keeps them (precision, activation_checkpointing, shard_optimizer; MultiTaskModel.to_problem)
+    memory_gb: float | None = None
     cost: str = "model"  # per-layer times for planning: "model" (analytic) or "profile" (timed here)
     lr: float = 3e-3
     # "constant", "cosine" or "linear" decay to min_lr at the last step, after a linear warmup
@@ -175,18 +179,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = local_device(0)
     model = get_trainable_model(cfg.model, **cfg.model_options)
     model.seed = cfg.seed
-    plan = cfg.plan
-    if plan is None and rank == 0:
-        cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
-        plan = make_plan(model, world, cfg.method, cost=cost)
-    if world > 1:
-        # Rank 0's plan for everyone: profiled times differ between processes.
-        box = [plan]
-        dist.broadcast_object_list(box, src=0)
-        plan = box[0]
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if cfg.precision == "fp16" else None
     dtype = torch.float64 if cfg.precision == "fp64" else None
+    plan, error = cfg.plan, None
+    if plan is None and rank == 0:
+        cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
+        param_dtype = dtype or torch.float32
+        try:
+            plan = make_plan(model, world, cfg.method, cost=cost, device_memory_gb=cfg.memory_gb,
+                             activation_checkpointing=cfg.activation_checkpointing,
+                             shard_optimizer=cfg.shard_optimizer, param_dtype=param_dtype,
+                             activation_dtype=autocast_dtype or param_dtype)
+        except ValueError as e:  # e.g. out of memory: every rank must hear of it, not wait
+            error = e
+    if world > 1:
+        # Rank 0's plan for everyone: profiled times differ between processes.
+        box = [plan, None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+        if box[1] is not None and error is None:
+            raise ValueError(f"planning on rank 0 failed: {box[1]}")
+    if error is not None:
+        raise error
     ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
@@ -266,6 +281,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
                   extra=_scaler_state(scaler))
     out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method"),
+                           "count_cap": plan.get("count_cap"),
                            "optimizer_state_bytes": optimizer_state_bytes(opt)}
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
@@ -330,9 +346,12 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("loss_scaling", "overlap_grad_reduce"):
         if getattr(cfg, name) not in (None, True, False):
             raise ValueError(f"{name}: expected True, False or None, got {getattr(cfg, name)!r}")
-    scale = cfg.init_loss_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"init_loss_scale: expected a positive finite number, got {scale!r}")
+    for name in ("init_loss_scale", "memory_gb"):
+        value = getattr(cfg, name)
+        if value is None and name == "memory_gb":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
 
 
 def _batches(stream, indices, device: torch.device, dtype: torch.dtype | None) -> list[dict]:
