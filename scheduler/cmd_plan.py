@@ -1,8 +1,12 @@
 """`mtmm plan`: plan one training iteration.
 
     mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
-    mtmm plan --model NAME [--tasks K] [--gpus N] [--memory-gb GB] [--activation-checkpointing]
-              [--shard-optimizer] [--method M] [-o PLAN.json]
+    mtmm plan --model NAME [--tasks K] [--gpus N] [--device A800|H100|H200] [--memory-gb GB]
+              [--activation-checkpointing] [--shard-optimizer] [--method M] [-o PLAN.json]
+
+NAME: a zoo model (multitask-clip, ofasys, qwen-val), or a model `mtmm train` runs (a built-in
+one such as tiny-clip, or your 'package.module:factory'): its plan, stamped with the model and
+device count, runs with `mtmm train --model NAME --plan-file PLAN.json`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,37 @@ def _summary(plan: dict, problem: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _model_problem(args: argparse.Namespace):
+    """(problem, None) for a zoo model; (problem, the model) for one `mtmm train` runs, its
+    memory as that run keeps it on GPUs (fp32 parameters and AdamW state, bf16 autocast)."""
+    import torch
+
+    from scheduler import costmodel, zoo
+
+    preset = costmodel.PRESETS[args.device or "A800"].with_(island_size=min(8, args.gpus))
+    if args.model in zoo.MODELS:
+        return zoo.build_problem(args.model, args.tasks, args.gpus, cost=preset,
+                                 device_memory_gb=args.memory_gb,
+                                 activation_checkpointing=args.activation_checkpointing,
+                                 optimizer_sharding=args.shard_optimizer), None
+    from scheduler.modelapi import analytic_cost
+    from scheduler.tiny_models import MODELS, get_trainable_model
+    from scheduler.user_code import is_spec
+
+    if args.model not in MODELS and not is_spec(args.model):
+        raise ValueError(f"--model: expected a zoo model {sorted(zoo.MODELS)}, a trainable one "
+                         f"{sorted(MODELS)} or 'package.module:factory', got {args.model!r}")
+    if args.tasks is not None:
+        raise ValueError("--tasks applies to the zoo models; a trainable model plans every task")
+    model = get_trainable_model(args.model)
+    problem = model.to_problem(args.gpus, island_size=min(8, args.gpus),
+                               cost=analytic_cost(preset), device_memory_gb=args.memory_gb,
+                               activation_checkpointing=args.activation_checkpointing,
+                               shard_optimizer=args.shard_optimizer,
+                               activation_dtype=torch.bfloat16)
+    return problem, model
+
+
 def run(args: argparse.Namespace) -> int:
     from scheduler.planner import plan_problem
 
@@ -45,25 +80,25 @@ def run(args: argparse.Namespace) -> int:
         print("mtmm plan: give PROBLEM.json or --model NAME (not both)", file=sys.stderr)
         return 2
     try:
+        trainable = None
         if args.model is not None:
-            from scheduler import zoo
-
             if args.memory_gb is not None and not args.memory_gb > 0:
                 raise ValueError(f"--memory-gb: expected a positive number, got {args.memory_gb}")
-            problem = zoo.build_problem(args.model, args.tasks, args.gpus,
-                                        device_memory_gb=args.memory_gb,
-                                        activation_checkpointing=args.activation_checkpointing,
-                                        optimizer_sharding=args.shard_optimizer)
-        elif args.memory_gb is not None or args.activation_checkpointing or args.shard_optimizer:
-            raise ValueError("--memory-gb, --activation-checkpointing and --shard-optimizer apply "
-                             "to --model; a problem file sets device_memory_gb, activation_gb "
-                             "and optimizer_shard_fraction itself")
+            problem, trainable = _model_problem(args)
+        elif (args.memory_gb is not None or args.activation_checkpointing or args.shard_optimizer
+              or args.device is not None):
+            raise ValueError("--device, --memory-gb, --activation-checkpointing and "
+                             "--shard-optimizer apply to --model; a problem file sets its "
+                             "times, device_memory_gb, activation_gb and "
+                             "optimizer_shard_fraction itself")
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
         options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio", "memory_fallback")
                    if getattr(args, k) is not None}
         plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
+        if trainable is not None:  # what the executor checks before it runs the plan
+            plan["num_devices"], plan["model"] = args.gpus, trainable.name
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         print(f"mtmm plan: {e}", file=sys.stderr)
         return 1
@@ -83,22 +118,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def costmodel_presets() -> tuple[str, ...]:
+    from scheduler.costmodel import PRESETS
+
+    return tuple(PRESETS)
+
+
 def add_parser(sub) -> None:
     from scheduler.planner import BACKENDS, METHODS
 
     p = sub.add_parser("plan", help="plan one training iteration (Spindle / mtmm / baselines)")
     p.add_argument("problem", nargs="?", help="problem JSON (docs/formats.md)")
     p.add_argument("--model",
-                   help="a zoo model instead of a file (multitask-clip, ofasys, qwen-val)")
+                   help="a model instead of a file: a zoo model (multitask-clip, ofasys, "
+                        "qwen-val), or one `mtmm train` runs (tiny-clip, tiny-val, or "
+                        "'package.module:factory')")
+    p.add_argument("--device", choices=sorted(costmodel_presets()), default=None,
+                   help="--model: the GPU whose analytic cost model times the layers "
+                        "(default A800, the paper's)")
     p.add_argument("--tasks", type=int, default=None, help="tasks of the zoo model")
-    p.add_argument("--gpus", type=int, default=8, help="devices for the zoo model (default 8)")
+    p.add_argument("--gpus", type=int, default=8, help="--model: devices (default 8)")
     p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
-                   help="each device's memory for the zoo model (default: unlimited)")
+                   help="--model: each device's memory (default: unlimited)")
     p.add_argument("--activation-checkpointing", action="store_true",
-                   help="zoo model: layers keep only their inputs and are recomputed in the "
+                   help="--model: layers keep only their inputs and are recomputed in the "
                         "backward (less activation memory, a third more layer compute)")
     p.add_argument("--shard-optimizer", action="store_true",
-                   help="zoo model: Adam's fp32 state of a layer split among the devices that "
+                   help="--model: Adam's state of a layer split among the devices that "
                         "hold it (ZeRO-1)")
     p.add_argument("--method", choices=METHODS, default="spindle")
     p.add_argument("--backend", choices=BACKENDS, default="cpp")

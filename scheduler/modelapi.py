@@ -471,13 +471,18 @@ def default_cost() -> Callable:
     if torch.cuda.is_available():
         from scheduler.costmodel import preset_for
 
-        model = preset_for(torch.cuda.get_device_name())
-
-        def cost(component, task, tokens_per_device, n):
-            return model.layer_ms(_graph_component(component), tokens_per_device, n)
-
-        return cost
+        return analytic_cost(preset_for(torch.cuda.get_device_name()))
     return flop_cost
+
+
+def analytic_cost(model) -> Callable:
+    """``to_problem``'s cost from a ``costmodel.AnalyticCost`` (e.g. ``costmodel.PRESETS["H100"]``):
+    one layer's forward and backward on ``tokens_per_device`` tokens, its gradient sync on n."""
+
+    def cost(component, task, tokens_per_device, n):
+        return model.layer_ms(_graph_component(component), tokens_per_device, n)
+
+    return cost
 
 
 def _graph_component(c: Component):

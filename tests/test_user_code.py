@@ -71,3 +71,50 @@ def test_mtmm_train_refuses_an_unknown_model_name(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--model", "tiny-nothing"])
     assert "or 'package.module:factory', got 'tiny-nothing'" in capsys.readouterr().err
+
+
+def test_mtmm_plan_plans_a_trainable_model_and_mtmm_train_runs_that_plan(tmp_path, capsys):
+    """`mtmm plan --model user_model:small_clip --gpus 2 --device H100` writes the problem the
+    runtime would plan on H100s (the model's own valid counts, H100 layer times), stamped with
+    the model and device count; `mtmm train --plan-file` runs it on 2 ranks. Under a memory
+    limit the plan keeps each device's estimate within it (bf16 activations, as on GPUs)."""
+    from scheduler import costmodel
+    from scheduler.cli import main
+    from scheduler.modelapi import analytic_cost
+    from scheduler.plan import memory_per_device, validate
+    from scheduler.planner import plan_problem
+
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--model", "user_model:small_clip", "--gpus", "2", "--device", "H100",
+            "--method", "mtmm", "-o", str(out)]
+    assert main(argv) == 0
+    plan = json.loads(out.read_text())
+    assert plan["model"] == "user-clip" and plan["num_devices"] == 2
+    model = get_trainable_model("user_model:small_clip")
+    problem = model.to_problem(2, island_size=2, cost=analytic_cost(costmodel.H100),
+                               activation_dtype=torch.bfloat16)
+    want = plan_problem(problem, "mtmm")
+    assert plan["waves"] == want["waves"] and plan["makespan_ms"] == want["makespan_ms"]
+    a800 = plan_problem(model.to_problem(2, island_size=2, cost=analytic_cost(costmodel.A800)),
+                        "mtmm")
+    assert a800["makespan_ms"] > plan["makespan_ms"]  # the H100's times, not the A800's
+    capsys.readouterr()
+    assert main(["train", "--model", "user_model:small_clip", "--plan-file", str(out),
+                 "--nproc", "2", "--steps", "2", "--no-progress", "--log-every", "0"]) == 0
+    assert "trained user_model:small_clip with plan mtmm" in capsys.readouterr().out
+    assert main(["train", "--model", "tiny-clip", "--plan-file", str(out), "--nproc", "2",
+                 "--steps", "1", "--no-progress", "--log-every", "0"]) == 1
+    assert "made for model 'user-clip'" in capsys.readouterr().out
+
+    peak = max(memory_per_device(dict(problem, device_memory_gb=1e9), want))
+    assert main([*argv, "--memory-gb", repr(peak * 0.99), "--activation-checkpointing"]) == 0
+    limited = dict(model.to_problem(2, island_size=2, cost=analytic_cost(costmodel.H100),
+                                    activation_dtype=torch.bfloat16, activation_checkpointing=True,
+                                    device_memory_gb=peak * 0.99))
+    plan = json.loads(out.read_text())
+    validate(limited, plan)
+    assert max(memory_per_device(limited, plan)) <= peak * 0.99
+    for bad, message in ((["--tasks", "2"], "--tasks applies to the zoo models"),
+                         (["--model", "nope"], "--model: expected a zoo model")):
+        assert main([*argv, *bad]) == 1
+        assert message in capsys.readouterr().err
