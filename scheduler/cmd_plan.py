@@ -3,6 +3,7 @@
     mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
     mtmm plan --model NAME [--tasks K] [--gpus N] [--device A800|H100|H200] [--memory-gb GB]
               [--activation-checkpointing] [--shard-optimizer] [--method M] [-o PLAN.json]
+              [--save-problem PROBLEM.json]
 
 NAME: a zoo model (multitask-clip, ofasys, qwen-val), or a model `mtmm train` runs (a built-in
 one such as tiny-clip, or your 'package.module:factory'): its plan, stamped with the model and
@@ -106,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(plan, f, indent=1)
+    if args.save_problem:
+        with open(args.save_problem, "w") as f:
+            json.dump(problem, f, indent=1)
     if args.gantt or args.trace:  # pictures of the simulated iteration (scheduler/viz.py)
         from scheduler import viz
         from scheduler.simulate import simulate
@@ -158,6 +162,9 @@ def add_parser(sub) -> None:
                         "devices capped at each smaller count and keep the fastest that fits "
                         "(default on)")
     p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--save-problem", metavar="PATH",
+                   help="write the problem JSON here (with --model: what was planned; "
+                        "`mtmm simulate PATH PLAN.json` prices the plan on a cluster)")
     p.add_argument("--gantt", help="write a Gantt chart of the simulated plan (PNG)")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of the simulated plan (JSON)")
     p.set_defaults(func=run)

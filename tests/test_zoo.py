@@ -220,7 +220,12 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     small = [*qwen[:-2], "40", "--activation-checkpointing", "--shard-optimizer"]
     assert main([*small, "--method", "mtmm", "--no-memory-fallback"]) == 1
     assert "cannot fit in memory" in capsys.readouterr().err
-    assert main([*small, "--method", "mtmm", "-o", str(out)]) == 0
+    saved = tmp_path / "problem.json"
+    assert main([*small, "--method", "mtmm", "-o", str(out), "--save-problem", str(saved)]) == 0
+    assert json.loads(saved.read_text()) == zoo.build_problem(
+        "qwen-val", None, 64, device_memory_gb=40.0, activation_checkpointing=True,
+        optimizer_sharding=True)
+    assert main(["simulate", str(saved), str(out)]) == 0
     printed = capsys.readouterr().out
     caps = json.loads(out.read_text())["count_cap"]
     assert caps["llm"] < 64 and "of the capped problem" in printed
