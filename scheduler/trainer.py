@@ -182,15 +182,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if cfg.precision == "fp16" else None
     dtype = torch.float64 if cfg.precision == "fp64" else None
+    param_dtype = dtype or torch.float32
+    # the memory this run keeps, for the planner (MultiTaskModel.to_problem)
+    memory = dict(device_memory_gb=cfg.memory_gb, activation_checkpointing=cfg.activation_checkpointing,
+                  shard_optimizer=cfg.shard_optimizer, param_dtype=param_dtype,
+                  activation_dtype=autocast_dtype or param_dtype)
     plan, error = cfg.plan, None
     if plan is None and rank == 0:
         cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
-        param_dtype = dtype or torch.float32
         try:
-            plan = make_plan(model, world, cfg.method, cost=cost, device_memory_gb=cfg.memory_gb,
-                             activation_checkpointing=cfg.activation_checkpointing,
-                             shard_optimizer=cfg.shard_optimizer, param_dtype=param_dtype,
-                             activation_dtype=autocast_dtype or param_dtype)
+            plan = make_plan(model, world, cfg.method, cost=cost, **memory)
         except ValueError as e:  # e.g. out of memory: every rank must hear of it, not wait
             error = e
     if world > 1:
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
                   overlap_grad_reduce=cfg.overlap_grad_reduce)
+    if cfg.plan is not None and cfg.memory_gb is not None:  # the same verdict on every rank
+        check_plan_memory(model, cfg.plan, world, **memory)
     opt = make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
     scaler = make_grad_scaler(cfg, device)
     start = 0
@@ -286,6 +289,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
     return out
+
+
+def check_plan_memory(model, plan: dict, world: int, *, device_memory_gb: float, **options) -> None:
+    """ValueError when a given plan's estimated memory (``plan.memory_per_device`` on the
+    problem ``model.to_problem(world, **options)`` describes) passes ``device_memory_gb`` on
+    some device."""
+    from scheduler.plan import memory_per_device
+
+    used = memory_per_device(model.to_problem(world, **options), plan)
+    worst = max(range(len(used)), key=used.__getitem__)
+    if used[worst] > device_memory_gb:
+        raise ValueError(
+            f"plan: device {worst} would hold about {used[worst]:.6g} GB (estimated weights, "
+            f"gradients, optimizer state and activations), more than memory_gb = "
+            f"{device_memory_gb}; plan with --memory-gb instead of --plan-file, or raise it")
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

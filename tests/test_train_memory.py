@@ -135,3 +135,21 @@ def test_mtmm_train_takes_memory_gb(capsys):
     assert "with plan mtmm (count caps " in capsys.readouterr().out
     assert main([*argv[:-1], "-1"]) == 2
     assert "memory_gb: expected a positive finite number, got -1.0" in capsys.readouterr().out
+
+
+def test_a_given_plan_is_checked_against_memory_gb():
+    """With an explicit plan, memory_gb checks it (the planner is not asked): the unlimited
+    plan under a memory it passes stops every rank, naming the device and the estimate; under
+    its own peak it trains."""
+    from scheduler.launch import run_local
+    from scheduler.trainer import TrainConfig
+
+    model = get_trainable_model("tiny-clip")
+    plan = make_plan(model, 3, "mtmm")
+    peak = max(memory_per_device(model.to_problem(3), plan))
+    cfg = dict(model="tiny-clip", steps=1, progress=False, log_every=0, plan=plan)
+    errors = run_local(_train_or_error, 3, TrainConfig(memory_gb=peak * 0.999, **cfg), timeout_s=90)
+    assert all(e is not None and e.startswith("plan: device ") and "would hold about" in e
+               for e in errors), errors
+    assert f"{peak:.6g} GB" in errors[0]
+    assert run_local(_train_or_error, 3, TrainConfig(memory_gb=peak, **cfg), timeout_s=90) == [None] * 3
