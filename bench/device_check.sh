@@ -4,9 +4,9 @@
 # tile sweep, a grouped-GEMM config sweep and a profile of the slow paths.
 #   bash bench/device_check.sh [OUT_DIR] [STAGES]
 # STAGES (default "cpp_errors tests grouped_gemm host dw_sweep", what the open grouped-GEMM
-# issue needs; also "varlen", "varlen_sweep", "train_step", "sweep" and "profile") picks
-# stages; they run in the order cpp_errors tests varlen grouped_gemm varlen_sweep train_step
-# host dw_sweep sweep profile. Before the first benchmark, a check of the persistent dW configs
+# issue needs; also "varlen", "varlen_sweep", "train_step", "sweep", "memory" and "profile")
+# picks stages; they run in the order cpp_errors tests varlen grouped_gemm varlen_sweep
+# train_step host dw_sweep sweep memory profile. Before the first benchmark, a check of the persistent dW configs
 # (~30 s) decides whether the autotuner may take them (MTMM_DW_FLATTEN, MTMM_DW_BALANCED).
 # "cpp_errors" (~40 s) records which ways of raising from a C++ extension crash on this machine
 # (bench/cpp_error_check.py). Everything goes to OUT_DIR/work; OUT_DIR itself gets three files
@@ -20,7 +20,9 @@
 # TEST_LIMIT seconds.
 # "host" (the small grouped GEMM's and the pack's host time, layer by layer) takes ~30 s,
 # "varlen" ~75 s, "varlen_sweep" up to 90 s, "dw_sweep" (the dW kernel's configs on the
-# 32-small-groups and equal-groups cases) up to 100 s, "sweep" ~2 minutes, "profile" ~30 s.
+# 32-small-groups and equal-groups cases) up to 100 s, "sweep" ~2 minutes, "memory" (the
+# planner's memory estimate against torch.cuda.max_memory_allocated, bench/memory_check.py)
+# up to 120 s, "profile" ~30 s.
 # `python -m pip`: on some machines `pip` belongs to another interpreter than `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -176,6 +178,13 @@ if wants sweep; then
     timeout 120 python bench/sweep_grouped_gemm.py "$W/sweep_grouped_gemm.json" --max-seconds 100 \
         >"$W/sweep_grouped_gemm.log" 2>&1 || status=1
     tail -30 "$W/sweep_grouped_gemm.log"
+fi
+if wants memory; then  # the planner's memory estimate against CUDA's peak (~60 s)
+    stamp "memory estimate check"
+    timeout 120 python bench/memory_check.py --json "$W/memory_check.json" \
+        --markdown "$W/memory_check.md" >"$W/memory_check.log" 2>&1 || status=1
+    tail -12 "$W/memory_check.log"
+    bundle
 fi
 if wants profile; then
     stamp "profile"

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"trained {cfg.model} with plan {results[0]['plan_method']}{caps}: loss {first['loss']:.4f} -> "
               f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s"
               + (f", {skipped} skipped (inf/NaN gradients)" if skipped else ""))
+        peak = results[0].get("peak_memory_gb")
+        print(f"memory on rank 0: {results[0]['memory_estimate_gb']:.4g} GB estimated by the planner"
+              + (f", {peak:.4g} GB allocated at most" if peak is not None else ""))
     return 0
 
 

@@ -177,6 +177,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = local_device(rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     else:
         device = local_device(0)
+    if device.type == "cuda":  # peak_memory_gb is this run's (train_many runs several)
+        torch.cuda.reset_peak_memory_stats(device)
     model = get_trainable_model(cfg.model, **cfg.model_options)
     model.seed = cfg.seed
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -283,21 +285,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
                   extra=_scaler_state(scaler))
+    limitless = {k: v for k, v in memory.items() if k != "device_memory_gb"}
     out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method"),
                            "count_cap": plan.get("count_cap"),
-                           "optimizer_state_bytes": optimizer_state_bytes(opt)}
+                           "optimizer_state_bytes": optimizer_state_bytes(opt),
+                           # the planner's estimate for this rank, and what CUDA allocated at most
+                           "memory_estimate_gb": memory_estimates(model, plan, world, **limitless)[rank],
+                           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 1e9
+                                              if device.type == "cuda" else None)}
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
     return out
 
 
-def check_plan_memory(model, plan: dict, world: int, *, device_memory_gb: float, **options) -> None:
-    """ValueError when a given plan's estimated memory (``plan.memory_per_device`` on the
-    problem ``model.to_problem(world, **options)`` describes) passes ``device_memory_gb`` on
-    some device."""
+def memory_estimates(model, plan: dict, world: int, **options) -> list[float]:
+    """Each rank's GB under ``plan`` as the planner estimates it (``plan.memory_per_device`` on
+    ``model.to_problem(world, **options)``: weights, gradients, optimizer state, activations)."""
     from scheduler.plan import memory_per_device
 
-    used = memory_per_device(model.to_problem(world, **options), plan)
+    return memory_per_device(model.to_problem(world, **options), plan)
+
+
+def check_plan_memory(model, plan: dict, world: int, *, device_memory_gb: float, **options) -> None:
+    """ValueError when a given plan's estimated memory (``memory_estimates``) passes
+    ``device_memory_gb`` on some device."""
+    used = memory_estimates(model, plan, world, **options)
     worst = max(range(len(used)), key=used.__getitem__)
     if used[worst] > device_memory_gb:
         raise ValueError(

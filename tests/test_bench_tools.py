@@ -202,3 +202,35 @@ def test_targets_basis_by_basis():
     assert "| >= 1.0x torch._grouped_mm | equal8_k4096 fwd | 0.90x | 1.10x | 1.20x | - | - | " \
            "pipelined, kernel |" in text
     assert "| >= 90% of dense | equal8_k4096 fwd | 90% | 90% | 95% | - | - | all bases |" in text
+
+
+def test_memory_check_script_without_a_gpu(tmp_path):
+    """bench/memory_check.py (the device check's "memory" stage) trains every case and writes
+    its table; on a CPU the peaks are None and the estimates grow with the model."""
+    out = tmp_path / "memory.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU path
+    proc = subprocess.run([sys.executable, "bench/memory_check.py", "--steps", "1", "--json",
+                           str(out), "--markdown", str(tmp_path / "memory.md")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all(r["peak_gb"] is None for r in rows)
+    est = {(r["model"], bool(r["options"]), r["checkpointing"]): r["estimate_gb"] for r in rows}
+    for model in ("tiny-clip", "tiny-val"):
+        assert est[model, True, False] > 10 * est[model, False, False]
+        assert est[model, True, True] < est[model, True, False]  # checkpointed activations
+    assert "| tiny-val | hidden=512, layers=4 | True |" in (tmp_path / "memory.md").read_text()
+
+
+def test_planner_memory_bench_runs(tmp_path):
+    """bench/bench_planner_memory.py on a few random problems: every method's row, and
+    QWen-VAL's table with the fallback's plan at 40 GB."""
+    out = tmp_path / "mem.json"
+    proc = _run("bench/bench_planner_memory.py", "--problems", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["random"]} == {
+        "spindle", "mtmm, no fallback", "mtmm, one cap for all", "mtmm"}
+    qwen = {(r["memory_gb"], r["method"]): r for r in data["qwen_val"]}
+    assert qwen[40.0, "spindle"]["makespan_ms"] is None
+    assert qwen[40.0, "mtmm"]["count_cap"]["llm"] < 64 and qwen[40.0, "mtmm"]["simulated_ms"] > 0

@@ -75,6 +75,7 @@ def _tight_memory(model, world: int) -> float:
     raise AssertionError("no memory between spindle's refusal and mtmm's capped plan")
 
 
+@pytest.mark.slow  # about 15 s: two 3-rank runs
 def test_train_plans_within_memory_gb_on_three_ranks():
     """3 gloo ranks, tiny-clip, fp32: under a memory where spindle refuses, `mtmm train --plan
     mtmm` runs a capped plan (the one the planner gives for the run's own problem, within the
@@ -93,6 +94,10 @@ def test_train_plans_within_memory_gb_on_three_ranks():
     capped = run_local(train, 3, TrainConfig(memory_gb=gb, **cfg), timeout_s=240)
     free = run_local(train, 3, TrainConfig(**cfg), timeout_s=240)
     assert capped[0]["count_cap"] == want["count_cap"] and free[0]["count_cap"] is None
+    # each rank reports the planner's estimate for itself (no CUDA peak on a CPU)
+    estimates = memory_per_device(problem, want)
+    assert [r["memory_estimate_gb"] for r in capped] == pytest.approx(estimates, rel=1e-12)
+    assert all(r["memory_estimate_gb"] <= gb and r["peak_memory_gb"] is None for r in capped)
     for a, b in zip(capped[0]["history"], free[0]["history"]):
         for task, loss in a["losses"].items():
             assert loss == pytest.approx(b["losses"][task], rel=1e-5, abs=1e-7)
@@ -132,11 +137,13 @@ def test_mtmm_train_takes_memory_gb(capsys):
     assert main(argv) == 1  # spindle, the default, refuses
     assert "cannot fit in memory" in capsys.readouterr().out
     assert main([*argv, "--plan", "mtmm"]) == 0
-    assert "with plan mtmm (count caps " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "with plan mtmm (count caps " in out and "GB estimated by the planner" in out
     assert main([*argv[:-1], "-1"]) == 2
     assert "memory_gb: expected a positive finite number, got -1.0" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # about 11 s: two 3-rank runs
 def test_a_given_plan_is_checked_against_memory_gb():
     """With an explicit plan, memory_gb checks it (the planner is not asked): the unlimited
     plan under a memory it passes stops every rank, naming the device and the estimate; under
