@@ -85,7 +85,7 @@ def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict],
         # the same cap on every component, as the widest count it leaves (none: no cap)
         caps = {c: next((n for n in counts if n <= value), counts[-1]) for c, counts in own.items()}
         caps = {c: n for c, n in caps.items() if n < own[c][0]}
-        if tuple(caps.items()) in tried:
+        if not caps or tuple(caps.items()) in tried:  # none: the uncapped problem again
             continue
         tried.add(tuple(caps.items()))
         plan = attempt(caps)

@@ -225,11 +225,14 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     assert json.loads(saved.read_text()) == zoo.build_problem(
         "qwen-val", None, 64, device_memory_gb=40.0, activation_checkpointing=True,
         optimizer_sharding=True)
-    assert main(["simulate", str(saved), str(out)]) == 0
     printed = capsys.readouterr().out
     caps = json.loads(out.read_text())["count_cap"]
     assert caps["llm"] < 64 and "of the capped problem" in printed
     assert "count caps   " + ", ".join(f"{c} {n}" for c, n in caps.items()) in printed
+    assert main(["simulate", str(saved), str(out)]) == 0
+    simulated = capsys.readouterr().out
+    assert simulated.startswith("iteration ") and "memory peak " in simulated
+    assert simulated.split("memory peak ")[1] == printed.split("memory       peak ")[1]
 
 
 def test_shared_components_give_separate_metaops():
