@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None:
             if args.memory_gb is not None and not args.memory_gb > 0:
                 raise ValueError(f"--memory-gb: expected a positive number, got {args.memory_gb}")
+            if args.gpus < 1:
+                raise ValueError(f"--gpus: expected a positive int, got {args.gpus}")
             problem, trainable = _model_problem(args)
         elif (args.memory_gb is not None or args.activation_checkpointing or args.shard_optimizer
               or args.device is not None):

@@ -115,6 +115,7 @@ def test_mtmm_plan_plans_a_trainable_model_and_mtmm_train_runs_that_plan(tmp_pat
     validate(limited, plan)
     assert max(memory_per_device(limited, plan)) <= peak * 0.99
     for bad, message in ((["--tasks", "2"], "--tasks applies to the zoo models"),
-                         (["--model", "nope"], "--model: expected a zoo model")):
+                         (["--model", "nope"], "--model: expected a zoo model"),
+                         (["--gpus", "0"], "--gpus: expected a positive int, got 0")):
         assert main([*argv, *bad]) == 1
         assert message in capsys.readouterr().err
