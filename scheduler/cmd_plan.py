@@ -160,9 +160,9 @@ def add_parser(sub) -> None:
                    help="mtmm: plan every variant and keep the best (default on)")
     p.add_argument("--memory-fallback", dest="memory_fallback",
                    action=argparse.BooleanOptionalAction, default=None,
-                   help="mtmm: when the plan does not fit memory, plan again with a slice's "
-                        "devices capped at each smaller count and keep the fastest that fits "
-                        "(default on)")
+                   help="mtmm: when the plan does not fit memory, plan again with components' "
+                        "device counts capped and keep the fastest plan that fits (default on; "
+                        "docs/planner.md, section 7)")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--save-problem", metavar="PATH",
                    help="write the problem JSON here (with --model: what was planned; "

@@ -209,8 +209,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
                   overlap_grad_reduce=cfg.overlap_grad_reduce)
+    # the planner's memory estimate of every rank under this plan (reported with the results)
+    estimates = memory_estimates(model, plan, world,
+                                 **{k: v for k, v in memory.items() if k != "device_memory_gb"})
     if cfg.plan is not None and cfg.memory_gb is not None:  # the same verdict on every rank
-        check_plan_memory(model, cfg.plan, world, **memory)
+        check_plan_memory(estimates, cfg.memory_gb)
     opt = make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
     scaler = make_grad_scaler(cfg, device)
     start = 0
@@ -285,12 +288,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
                   extra=_scaler_state(scaler))
-    limitless = {k: v for k, v in memory.items() if k != "device_memory_gb"}
     out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method"),
                            "count_cap": plan.get("count_cap"),
                            "optimizer_state_bytes": optimizer_state_bytes(opt),
                            # the planner's estimate for this rank, and what CUDA allocated at most
-                           "memory_estimate_gb": memory_estimates(model, plan, world, **limitless)[rank],
+                           "memory_estimate_gb": estimates[rank],
                            "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 1e9
                                               if device.type == "cuda" else None)}
     if cfg.return_state:
@@ -306,10 +308,9 @@ def memory_estimates(model, plan: dict, world: int, **options) -> list[float]:
     return memory_per_device(model.to_problem(world, **options), plan)
 
 
-def check_plan_memory(model, plan: dict, world: int, *, device_memory_gb: float, **options) -> None:
-    """ValueError when a given plan's estimated memory (``memory_estimates``) passes
+def check_plan_memory(used: list[float], device_memory_gb: float) -> None:
+    """ValueError when a given plan's estimated memory per rank (``memory_estimates``) passes
     ``device_memory_gb`` on some device."""
-    used = memory_estimates(model, plan, world, **options)
     worst = max(range(len(used)), key=used.__getitem__)
     if used[worst] > device_memory_gb:
         raise ValueError(

@@ -29,6 +29,8 @@ def _single_config(monkeypatch):
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CPU_DTYPES = [torch.float32, torch.float16]
+# Cases that take 15-50 s each in the interpreter are slow there only (a GPU run keeps them).
+_SLOW_ON_CPU = () if torch.cuda.is_available() else pytest.mark.slow
 
 
 def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -115,9 +117,7 @@ def test_many_groups(device):
     check_against_reference(x, w, b, offsets, tail=3)
 
 
-# G = 1030 takes about 50 s in the interpreter: slow there only
-@pytest.mark.parametrize("G", [63, pytest.param(1030, marks=() if torch.cuda.is_available()
-                                                else pytest.mark.slow)])
+@pytest.mark.parametrize("G", [63, pytest.param(1030, marks=_SLOW_ON_CPU)])
 def test_tile_lookup_at_its_bounds(device, G):
     """Groups of one row: every group's M-tile runs BLOCK_M - 1 rows past it, so the entry of
     the rows past offsets[-1] has the largest lag valid offsets allow. G = 63 puts the one-sum
@@ -317,7 +317,7 @@ def test_tma_dw_matches_the_pointer_loads_bitwise(device, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("N", [40, 36])
+@pytest.mark.parametrize("N", [40, pytest.param(36, marks=_SLOW_ON_CPU)])
 def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N):
     """dW tiles stored through dw's [G, K, N] descriptor (TMA_STORE), one program per tile,
     persistent and flattened, with descriptor or pointer loads: the same bits as the pointer
@@ -361,7 +361,8 @@ def test_tma_store_dw_matches_the_pointer_stores_bitwise(device, monkeypatch, N)
     assert torch.equal(db[4], torch.zeros_like(db[4]))
 
 
-@pytest.mark.parametrize("G", [5, 40, 70])
+@pytest.mark.parametrize("G", [5, pytest.param(40, marks=_SLOW_ON_CPU),
+                               pytest.param(70, marks=_SLOW_ON_CPU)])
 def test_warp_specialized_configs_match_their_twins_bitwise(device, monkeypatch, G):
     """The warp-specialized configs (WS): the forward kernel's tile schedule comes from a
     doubling scan instead of a cumsum (the same integers: the same bits as the twin without
@@ -477,7 +478,8 @@ def test_a_config_the_compiler_fails_on_loses_the_tuning(monkeypatch):
         grouped_gemm._short_bench(failing("CUDA error: an illegal memory access"), (0.5,))
 
 
-@pytest.mark.parametrize("G, tma", [(6, False), (70, False), (6, True), (70, True)])
+@pytest.mark.parametrize("G, tma", [(6, False), pytest.param(70, False, marks=_SLOW_ON_CPU),
+                                    (6, True), pytest.param(70, True, marks=_SLOW_ON_CPU)])
 def test_flattened_dw_matches_the_tile_per_program_build_bitwise(device, monkeypatch, G, tma):
     """The flattened dW loop sums each tile's rows in the order the one-program-per-tile
     build of the same loads does (with tma: every row tile through descriptors that end at the
