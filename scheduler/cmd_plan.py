@@ -99,9 +99,13 @@ def run(args: argparse.Namespace) -> int:
                 problem = json.load(f)
         options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio", "memory_fallback")
                    if getattr(args, k) is not None}
-        plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
-        if trainable is not None:  # what the executor checks before it runs the plan
-            plan["num_devices"], plan["model"] = args.gpus, trainable.name
+        if trainable is None:
+            plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
+        else:  # stamped with the model and device count, which the executor checks
+            from scheduler.executor import make_plan
+
+            plan = make_plan(trainable, args.gpus, args.method, problem=problem,
+                             backend=args.backend, options=options)
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         print(f"mtmm plan: {e}", file=sys.stderr)
         return 1

@@ -711,13 +711,14 @@ def plan_methods() -> list[str]:
 
 
 def make_plan(model: MultiTaskModel, num_devices: int, method: str = "spindle", *, problem: dict | None = None,
-              cost=None, **problem_options) -> dict:
+              cost=None, backend: str = "cpp", options: dict | None = None, **problem_options) -> dict:
     """A plan of ``method`` for ``model`` on ``num_devices`` devices, stamped with the model
     name and device count (the executor refuses a plan made for something else).
-    ``problem_options`` go to ``model.to_problem`` (device memory, checkpointing, sharding)."""
+    ``backend`` and ``options`` go to ``plan_problem``; ``problem_options`` to
+    ``model.to_problem`` (device memory, checkpointing, sharding)."""
     from scheduler.planner import plan_problem
 
     problem = problem or model.to_problem(num_devices, cost=cost, **problem_options)
-    plan = dict(plan_problem(problem, method=method))
+    plan = dict(plan_problem(problem, method=method, backend=backend, **(options or {})))
     plan["num_devices"], plan["model"] = num_devices, model.name
     return plan
