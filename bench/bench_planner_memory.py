@@ -20,7 +20,7 @@ import sys
 import time
 
 from scheduler import count_caps
-from scheduler.plan import Problem
+from scheduler.plan import PlanMemoryError, Problem
 from scheduler.planner import check_memory, plan_problem
 from scheduler.random_problem import random_problem
 from scheduler.simulate import simulate
@@ -52,9 +52,7 @@ def _plan(problem, method: str, options: dict) -> tuple[dict | None, float]:
     t0 = time.perf_counter()
     try:
         plan = plan_problem(problem, method, **options)
-    except ValueError as e:
-        if "memory" not in str(e):
-            raise
+    except PlanMemoryError:
         return None, (time.perf_counter() - t0) * 1e3
     return plan, plan["planner_ms"]
 
@@ -73,7 +71,7 @@ def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
             d = dict(d, device_memory_gb=d["device_memory_gb"] * scale)
             try:
                 check_memory(Problem.from_dict(d))
-            except ValueError:
+            except PlanMemoryError:
                 continue  # cannot fit under any plan: no planner can do better than refuse
             free = plan_problem(dict(d, device_memory_gb=None), "mtmm")["makespan_ms"]
             considered += 1

@@ -212,7 +212,10 @@ PYBIND11_MODULE(_core, m) {
           "Spindle contraction: (groups, meta_edges). Merges i -> j when i has out-degree 1, "
           "j in-degree 1 and keys[i] == keys[j]. ValueError on a cycle or a bad edge.");
     // --- planner (scheduler/planner.py wraps it; the plan's waves are built here)
-    py::register_exception<mtmm::PlanningError>(m, "PlanningError", PyExc_ValueError);
+    auto& planning_error =
+        py::register_exception<mtmm::PlanningError>(m, "PlanningError", PyExc_ValueError);
+    // registered after its base, so its translator is tried first
+    py::register_exception<mtmm::PlanMemoryError>(m, "PlanMemoryError", planning_error.ptr());
     // A problem converted once (scheduler/planner.py keeps it on the Problem): planning it again
     // skips converting the nested lists and building the MetaOp names' Python strings.
     py::class_<PlannerInput, std::shared_ptr<PlannerInput>>(

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <functional>
 #include <memory>
@@ -435,10 +436,10 @@ void Run::step() {
     const std::vector<Placed>& placed = placer_.place_wave(wave_index, sized_, done_, rem_layers_, D);
     if (placed.empty()) {
         const int m = sized_[0].metaop;
-        throw PlanningError("cannot fit in memory: MetaOp '" + in_.names[m] + "' (layers from " +
-                            std::to_string(done_[m]) + ") does not fit the free memory of any " +
-                            std::to_string(in_.counts[m][0]) + " devices (device_memory_gb = " +
-                            std::to_string(in_.device_memory_gb) + ")");
+        throw PlanMemoryError("cannot fit in memory: MetaOp '" + in_.names[m] + "' (layers from " +
+                              std::to_string(done_[m]) + ") does not fit the free memory of any " +
+                              std::to_string(in_.counts[m][0]) + " devices (device_memory_gb = " +
+                              std::to_string(in_.device_memory_gb) + ")");
     }
     Wave wave{t_now_, 0.0, static_cast<int>(out_.slices.size()), static_cast<int>(placed.size())};
     const int dev_base = static_cast<int>(out_.devices.size());
@@ -514,7 +515,7 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
                                          {false, true, true, false, true}};
     constexpr int kCount = 5;
     std::vector<std::unique_ptr<Run>> runs(kCount);
-    std::string errors[kCount];
+    std::exception_ptr errors[kCount];  // rethrown as they came, so their type survives
     for (int v = 0; v < kCount; ++v) {
         PlanOptions o = options;
         o.overlap_levels = kVariants[v][0];
@@ -536,8 +537,8 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
         Run& run = *runs[v];
         try {
             run.step();
-        } catch (const PlanningError& e) {
-            errors[v] = e.what();
+        } catch (const PlanningError&) {
+            errors[v] = std::current_exception();
             active[v] = 0;
             runs[v].reset();
             continue;
@@ -566,8 +567,8 @@ Schedule plan_core(const CoreInput& in, const PlanOptions& options) {
         }
     }
     if (best < 0) {
-        for (const std::string& e : errors)
-            if (!e.empty()) throw PlanningError(e);
+        for (const std::exception_ptr& e : errors)
+            if (e) std::rethrow_exception(e);
         throw PlanningError("no variant of the portfolio gave a plan");
     }
     return runs[best]->take();

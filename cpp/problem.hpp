@@ -7,10 +7,15 @@
 
 namespace mtmm {
 
-// A problem the caller got wrong (or one that cannot fit in memory). bindings.cpp maps it to
-// ValueError.
+// A problem the caller got wrong. bindings.cpp maps it to ValueError.
 struct PlanningError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
+};
+
+// A wave that fits no devices' free memory: a problem that a plan with fewer devices per slice
+// may still fit (scheduler/count_caps.py retries on exactly this error, not on the others).
+struct PlanMemoryError : PlanningError {
+    using PlanningError::PlanningError;
 };
 
 struct CoreInput {

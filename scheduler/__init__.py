@@ -7,6 +7,7 @@ _LAZY = {
     "lower_bound": "scheduler.plan",
     "Problem": "scheduler.plan",
     "PlanError": "scheduler.plan",
+    "PlanMemoryError": "scheduler.plan",
 }
 
 

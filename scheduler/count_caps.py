@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping
 
-from .plan import Problem
+from .plan import PlanMemoryError, Problem
 
 __all__ = ["MAX_REFINE_PLANS", "count_capped", "plan_under_count_caps"]
 
@@ -52,19 +52,16 @@ def _own_counts(p: Problem) -> dict[str, list[int]]:
     return {c: sorted(counts, reverse=True) for c, counts in own.items()}
 
 
-def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict],
-                          out_of_memory: Callable[[ValueError], bool]) -> dict:
-    """``plan_once(p)``; when it runs out of memory, the best plan under count caps (module
+def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict]) -> dict:
+    """``plan_once(p)``; when it raises PlanMemoryError, the best plan under count caps (module
     docstring), with ``count_cap`` = {component: cap} (None when uncapped) and ``core_ms``
-    summed over the plans that fit. Other errors propagate; when nothing fits, the uncapped
-    error with the caps tried."""
+    summed over the plans that fit. Other errors propagate; when nothing fits, a
+    PlanMemoryError: the uncapped one's message with the caps tried."""
     try:
         plan = plan_once(p)
         plan["count_cap"] = None
         return plan
-    except ValueError as e:
-        if not out_of_memory(e):
-            raise
+    except PlanMemoryError as e:
         error = e
     core_ms = 0.0
 
@@ -72,9 +69,7 @@ def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict],
         nonlocal core_ms
         try:
             plan = plan_once(count_capped(p, caps))
-        except ValueError as e:
-            if not out_of_memory(e):
-                raise
+        except PlanMemoryError:
             return None
         core_ms += plan["core_ms"]
         return plan
@@ -92,8 +87,8 @@ def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict],
         if plan is not None and (best is None or plan["makespan_ms"] < best["makespan_ms"]):
             best, best_caps = plan, caps
     if best is None:
-        raise ValueError(f"{error} (and with every component's devices capped at each smaller "
-                         "count)")
+        raise PlanMemoryError(f"{error} (and with every component's devices capped at each "
+                              "smaller count)")
 
     param = p.component_param_gb()
     layers: dict[str, int] = {}

@@ -24,6 +24,7 @@ __all__ = [
     "MetaOpSpec",
     "Problem",
     "PlanError",
+    "PlanMemoryError",
     "validate",
     "lower_bound",
     "memory_per_device",
@@ -35,6 +36,13 @@ _REL_TOL = 1e-9
 
 class PlanError(ValueError):
     """A plan breaks an invariant of the plan format; the message says which and where."""
+
+
+class PlanMemoryError(ValueError):
+    """No plan was found within ``device_memory_gb``: a MetaOp's layer fits no device, the
+    problem needs more than all devices hold, or a wave fits no devices' free memory (the
+    planner's placement; the memory fallback then tries capped device counts). The message
+    names the MetaOp and the memory."""
 
 
 def _is_int(x: Any) -> bool:

@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Mapping
 
 from .count_caps import plan_under_count_caps
-from .plan import Problem, lower_bound, validate
+from .plan import PlanMemoryError, Problem, lower_bound, validate
 from .reference import CoreInput, core_input, plan_core
 
 __all__ = ["METHODS", "BACKENDS", "DEFAULT_OPTIONS", "plan_problem", "check_memory"]
@@ -43,8 +43,8 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def check_memory(p: Problem) -> None:
-    """Reject problems that cannot fit in device memory under any plan (ValueError naming the
-    MetaOp): one layer on the largest usable count must fit one device, and everything must
+    """Reject problems that cannot fit in device memory under any plan (PlanMemoryError naming
+    the MetaOp): one layer on the largest usable count must fit one device, and everything must
     fit all devices together."""
     cap = p.device_memory_gb
     if cap is None:
@@ -60,7 +60,7 @@ def check_memory(p: Problem) -> None:
         own = param[m.component] * ((1.0 - f) + f / n_max)
         need = own + m.activation_gb / n_max
         if need > cap:
-            raise ValueError(
+            raise PlanMemoryError(
                 f"MetaOp {m.name!r} cannot fit in memory: one layer needs {need:.6g} GB per "
                 f"device even on {n_max} devices (param_gb {own:.6g} + "
                 f"activation_gb {m.activation_gb:.6g} / {n_max}), device_memory_gb = {cap}")
@@ -71,7 +71,7 @@ def check_memory(p: Problem) -> None:
     for c, layers in max_layers.items():
         total += layers * param[c]
     if total > cap * p.num_devices:
-        raise ValueError(
+        raise PlanMemoryError(
             f"the problem cannot fit in memory: it needs at least {total:.6g} GB, the "
             f"{p.num_devices} devices hold {cap * p.num_devices:.6g} GB (largest MetaOp: "
             f"{worst!r}, {worst_gb:.6g} GB)")
@@ -132,8 +132,11 @@ def _run_cpp(inp, method: str, opts: dict) -> tuple[dict, float]:
         from . import _core
 
         _CORE = _core
-    return _CORE.plan(inp, method, "cpp", opts, opts["overlap_levels"], opts["least_idle"],
-                      opts["single_tuple"], opts["portfolio"], opts["defer_short"])
+    try:
+        return _CORE.plan(inp, method, "cpp", opts, opts["overlap_levels"], opts["least_idle"],
+                          opts["single_tuple"], opts["portfolio"], opts["defer_short"])
+    except _CORE.PlanMemoryError as e:  # one class for both back ends
+        raise PlanMemoryError(str(e)) from None
 
 
 def _run_python(inp: CoreInput, opts: dict) -> tuple[dict, float]:
@@ -154,7 +157,8 @@ def _run_python(inp: CoreInput, opts: dict) -> tuple[dict, float]:
 
 
 def _plan_core(p: Problem, method: str, backend: str, opts: dict) -> dict:
-    """One spindle/mtmm plan of ``p`` on ``backend`` (ValueError when it does not fit memory)."""
+    """One spindle/mtmm plan of ``p`` on ``backend`` (PlanMemoryError when it does not fit
+    memory)."""
     gc_was_on = gc.isenabled()
     gc.disable()  # building a large plan must not trigger collections of what it builds
     try:
@@ -173,16 +177,11 @@ def _plan_core(p: Problem, method: str, backend: str, opts: dict) -> dict:
     return plan
 
 
-def _out_of_memory(error: ValueError) -> bool:
-    return str(error).startswith("cannot fit in memory")
-
-
 def _plan_with_fallback(p: Problem, method: str, backend: str, opts: dict) -> dict:
     """count_caps.plan_under_count_caps over the core; the lower bound stays ``p``'s own and
     planner_ms counts every plan tried."""
     t0 = time.perf_counter()
-    plan = plan_under_count_caps(p, lambda q: _plan_core(q, method, backend, opts),
-                                 _out_of_memory)
+    plan = plan_under_count_caps(p, lambda q: _plan_core(q, method, backend, opts))
     if plan["count_cap"] is not None:
         plan["lower_bound_ms"] = lower_bound(p)
         plan["planner_ms"] = (time.perf_counter() - t0) * 1e3
@@ -211,8 +210,9 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         or {component: the most devices its slices were allowed} from the memory fallback.
 
     Raises:
-        ValueError: bad problem (naming the MetaOp and why), a problem that cannot fit in memory,
-            an unknown method or backend. TypeError: an unknown option.
+        PlanMemoryError (a ValueError): no plan fits ``device_memory_gb`` (naming the MetaOp).
+        ValueError: bad problem (naming the MetaOp and why), an unknown method or backend.
+        TypeError: an unknown option.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .plan import Problem
+from .plan import PlanMemoryError, Problem
 from .reference_placement import Placer, layers_fitting
 
 __all__ = ["CoreInput", "Schedule", "core_input", "plan_core"]
@@ -389,7 +389,7 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
         placed = placer.place_wave(len(waves), sized, done, lambda m: tuples[m][cur[m]][1], D)
         if not placed:
             m = sized[0][0]
-            raise ValueError(
+            raise PlanMemoryError(
                 f"cannot fit in memory: MetaOp {inp.names[m]!r} (layers from {done[m]}) does not "
                 f"fit the free memory of any {inp.counts[m][0]} devices "
                 f"(device_memory_gb = {inp.device_memory_gb})")

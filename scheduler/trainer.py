@@ -28,6 +28,7 @@ from scheduler.executor import Executor, make_plan
 from scheduler.launch import local_device
 from scheduler.lr_schedule import check_schedule, lr_at
 from scheduler.modelapi import profiled_cost
+from scheduler.plan import PlanMemoryError, memory_per_device
 from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
 from scheduler.user_code import load_callable
 
@@ -198,11 +199,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             error = e
     if world > 1:
         # Rank 0's plan for everyone: profiled times differ between processes.
-        box = [plan, None if error is None else str(error)]
+        box = [plan, None if error is None else str(error), isinstance(error, PlanMemoryError)]
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
         if box[1] is not None and error is None:
-            raise ValueError(f"planning on rank 0 failed: {box[1]}")
+            raise (PlanMemoryError if box[2] else ValueError)(f"planning on rank 0 failed: {box[1]}")
     if error is not None:
         raise error
     ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
@@ -303,17 +304,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def memory_estimates(model, plan: dict, world: int, **options) -> list[float]:
     """Each rank's GB under ``plan`` as the planner estimates it (``plan.memory_per_device`` on
     ``model.to_problem(world, **options)``: weights, gradients, optimizer state, activations)."""
-    from scheduler.plan import memory_per_device
-
     return memory_per_device(model.to_problem(world, **options), plan)
 
 
 def check_plan_memory(used: list[float], device_memory_gb: float) -> None:
-    """ValueError when a given plan's estimated memory per rank (``memory_estimates``) passes
-    ``device_memory_gb`` on some device."""
+    """PlanMemoryError when a given plan's estimated memory per rank (``memory_estimates``)
+    passes ``device_memory_gb`` on some device."""
     worst = max(range(len(used)), key=used.__getitem__)
     if used[worst] > device_memory_gb:
-        raise ValueError(
+        raise PlanMemoryError(
             f"plan: device {worst} would hold about {used[worst]:.6g} GB (estimated weights, "
             f"gradients, optimizer state and activations), more than memory_gb = "
             f"{device_memory_gb}; plan with --memory-gb instead of --plan-file, or raise it")

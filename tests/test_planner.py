@@ -9,8 +9,8 @@ import random
 import pytest
 
 from scheduler import reference
-from scheduler.plan import Problem, lower_bound, validate
-from scheduler.planner import plan_problem
+from scheduler.plan import PlanMemoryError, Problem, lower_bound, validate
+from scheduler.planner import check_memory, plan_problem
 from scheduler.random_problem import random_problem
 
 METHODS = ("spindle", "mtmm")
@@ -203,9 +203,8 @@ def test_memory_limit_is_respected_or_refused(shard_fraction):
         for method in METHODS:
             try:
                 a = plan_problem(d, method, "cpp")
-            except ValueError as e:
-                assert "memory" in str(e)
-                with pytest.raises(ValueError, match="memory"):
+            except PlanMemoryError:
+                with pytest.raises(PlanMemoryError):
                     plan_problem(d, method, "python")
                 refused += 1
                 continue
@@ -213,6 +212,53 @@ def test_memory_limit_is_respected_or_refused(shard_fraction):
             assert _without_timing(a) == _without_timing(plan_problem(d, method, "python"))
             planned += 1
     assert planned > refused
+
+
+def test_running_out_of_memory_is_a_plan_memory_error_and_only_it_is_retried():
+    """Every refusal for memory is one class, PlanMemoryError (a ValueError), on both back ends,
+    with and without the portfolio: before planning (check_memory) and when a wave fits no
+    devices' free memory. The memory fallback retries on that class alone: another
+    ValueError, even one whose message reads like it, propagates from the first plan."""
+    from scheduler import _core
+    from scheduler.count_caps import plan_under_count_caps
+
+    assert issubclass(PlanMemoryError, ValueError)
+    assert issubclass(_core.PlanMemoryError, _core.PlanningError)
+    rng = random.Random(3)
+    before = in_placement = 0
+    for _ in range(60):
+        d = random_problem(rng, rng.randint(2, 16), rng.choice([8, 16]), memory=True)
+        d["device_memory_gb"] = round(d["device_memory_gb"] * rng.choice([0.1, 0.5]), 3)
+        p = Problem.from_dict(d)
+        try:
+            check_memory(p)
+        except PlanMemoryError:
+            before += 1
+        for backend in ("cpp", "python"):
+            for method, options in (("spindle", {}), ("mtmm", {"memory_fallback": False}),
+                                    ("mtmm", {"memory_fallback": False, "portfolio": False})):
+                try:
+                    plan_problem(p, method, backend, **options)
+                except PlanMemoryError as e:
+                    assert type(e) is PlanMemoryError, type(e)  # not the core's own class
+                    in_placement += "cannot fit in memory: MetaOp" in str(e)
+    assert before > 0 and in_placement > 0
+
+    calls = []
+
+    def fails(message, cls):
+        def plan_once(q):
+            calls.append(q)
+            raise cls(message)
+        return plan_once
+
+    with pytest.raises(ValueError, match="a bad problem") as info:
+        plan_under_count_caps(p, fails("cannot fit in memory: a bad problem", ValueError))
+    assert type(info.value) is ValueError and len(calls) == 1
+    calls.clear()
+    with pytest.raises(PlanMemoryError, match="no room.*capped at each smaller count"):
+        plan_under_count_caps(p, fails("no room", PlanMemoryError))
+    assert len(calls) > 1 and calls[0] is p
 
 
 def _own_counts(p):
@@ -228,8 +274,7 @@ def _fits(p, caps):
 
     try:
         return plan_problem(count_capped(p, caps), "mtmm", memory_fallback=False)["makespan_ms"]
-    except ValueError as e:
-        assert "memory" in str(e)
+    except PlanMemoryError:
         return None
 
 
@@ -250,10 +295,12 @@ def test_memory_fallback_plans_under_count_caps_what_memory_refused():
         d["device_memory_gb"] = round(d["device_memory_gb"] * rng.choice([0.5, 1.0]), 3)
         p = Problem.from_dict(d)
         try:
+            check_memory(p)
+        except PlanMemoryError:
+            continue  # refused before planning: nothing to fall back from
+        try:
             plain = plan_problem(p, "mtmm", memory_fallback=False)
-        except ValueError as e:
-            if "cannot fit in memory" not in str(e):
-                continue  # refused before planning (check_memory): nothing to fall back from
+        except PlanMemoryError:
             plain = None
         if plain is not None:
             got = plan_problem(p, "mtmm")
@@ -271,9 +318,9 @@ def test_memory_fallback_plans_under_count_caps_what_memory_refused():
         uniform = [ms for ms in uniform if ms is not None]
         try:
             a = plan_problem(p, "mtmm", "cpp")
-        except ValueError as e:
+        except PlanMemoryError as e:
             assert not uniform and "capped at each smaller count" in str(e), i
-            with pytest.raises(ValueError, match="capped at each smaller count"):
+            with pytest.raises(PlanMemoryError, match="capped at each smaller count"):
                 plan_problem(p, "mtmm", "python")
             still_refused += 1
             continue
@@ -315,8 +362,7 @@ def test_cpp_equals_python_on_random_problems():
         for method in METHODS:
             try:
                 a = plan_problem(p, method, "cpp")
-            except ValueError as e:
-                assert "memory" in str(e)
+            except PlanMemoryError:
                 continue
             b = plan_problem(p, method, "python")
             assert _without_timing(a) == _without_timing(b), (i, method)
@@ -400,8 +446,7 @@ def test_defer_short_cpp_equals_python_on_random_problems():
             opts = dict(portfolio=False, overlap_levels=overlap, defer_short=True)
             try:
                 a = plan_problem(p, "mtmm", "cpp", **opts)
-            except ValueError as e:
-                assert "memory" in str(e)
+            except PlanMemoryError:
                 continue
             b = plan_problem(p, "mtmm", "python", **opts)
             assert _without_timing(a) == _without_timing(b), (i, overlap)
@@ -605,8 +650,9 @@ def test_portfolio_keeps_the_first_of_equal_plans_and_skips_variants_out_of_memo
             except ValueError:
                 skipped += 1
         if not full:
-            with pytest.raises(ValueError, match="memory"):
-                plan_problem(p, "mtmm", "cpp", memory_fallback=False)
+            for backend in ("cpp", "python"):
+                with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
+                    plan_problem(p, "mtmm", backend, memory_fallback=False)
             continue
         best = min(full, key=lambda s: s.makespan_ms)  # min keeps the first of equals
         ties += sum(s.makespan_ms == best.makespan_ms for s in full) > 1

@@ -109,7 +109,7 @@ def _train_or_error(cfg) -> str | None:
     try:
         train(cfg)
     except ValueError as e:
-        return str(e)
+        return f"{type(e).__name__}: {e}"
     return None
 
 
@@ -123,9 +123,10 @@ def test_a_plan_that_cannot_fit_stops_every_rank_with_the_planners_error():
     gb = _tight_memory(get_trainable_model("tiny-clip"), 3)
     cfg = TrainConfig(model="tiny-clip", steps=1, progress=False, log_every=0, memory_gb=gb)
     errors = run_local(_train_or_error, 3, cfg, timeout_s=90)  # spindle refuses
-    assert all("cannot fit in memory" in e for e in errors)
-    assert not errors[0].startswith("planning on rank 0 failed")
-    assert all(e.startswith("planning on rank 0 failed: cannot fit") for e in errors[1:])
+    assert all(e.startswith("PlanMemoryError: ") and "cannot fit in memory" in e for e in errors)
+    assert not errors[0].startswith("PlanMemoryError: planning on rank 0 failed")
+    assert all(e.startswith("PlanMemoryError: planning on rank 0 failed: cannot fit")
+               for e in errors[1:])
 
 
 def test_mtmm_train_takes_memory_gb(capsys):
@@ -156,7 +157,7 @@ def test_a_given_plan_is_checked_against_memory_gb():
     peak = max(memory_per_device(model.to_problem(3), plan))
     cfg = dict(model="tiny-clip", steps=1, progress=False, log_every=0, plan=plan)
     errors = run_local(_train_or_error, 3, TrainConfig(memory_gb=peak * 0.999, **cfg), timeout_s=90)
-    assert all(e is not None and e.startswith("plan: device ") and "would hold about" in e
-               for e in errors), errors
+    assert all(e is not None and e.startswith("PlanMemoryError: plan: device ")
+               and "would hold about" in e for e in errors), errors
     assert f"{peak:.6g} GB" in errors[0]
     assert run_local(_train_or_error, 3, TrainConfig(memory_gb=peak, **cfg), timeout_s=90) == [None] * 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler import zoo
-from scheduler.plan import Problem
+from scheduler.plan import PlanMemoryError, Problem
 
 
 def test_models_and_task_variants():
@@ -105,7 +105,7 @@ def test_activation_checkpointing_plans_what_memory_refused(model, tasks, gpus, 
     from scheduler.planner import plan_problem
 
     plain = zoo.build_problem(model, tasks, gpus, device_memory_gb=memory_gb)
-    with pytest.raises(ValueError, match="cannot fit in memory"):
+    with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
         plan_problem(plain, method="mtmm")
     ck = zoo.build_problem(model, tasks, gpus, device_memory_gb=memory_gb,
                            activation_checkpointing=True)
@@ -127,12 +127,12 @@ def test_qwen_val_on_64_80gb_devices_needs_checkpointing_and_sharded_optimizer_s
     from scheduler.planner import plan_problem
 
     base = dict(device_memory_gb=80.0)
-    with pytest.raises(ValueError, match="cannot fit in memory"):
+    with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
         plan_problem(zoo.build_problem("qwen-val", 3, 64, **base), method="mtmm")
     checkpointed = zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True, **base)
-    with pytest.raises(ValueError, match="cannot fit in memory"):
+    with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
         plan_problem(checkpointed, method="spindle")
-    with pytest.raises(ValueError, match="cannot fit in memory"):
+    with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
         plan_problem(checkpointed, method="mtmm", memory_fallback=False)
     capped = plan_problem(checkpointed, method="mtmm")
     assert capped["count_cap"]["llm"] < 64
@@ -163,7 +163,7 @@ def test_qwen_val_on_small_devices_plans_under_count_caps(memory_gb):
 
     d = zoo.build_problem("qwen-val", 3, 64, device_memory_gb=memory_gb,
                           activation_checkpointing=True, optimizer_sharding=True)
-    with pytest.raises(ValueError, match="cannot fit in memory"):
+    with pytest.raises(PlanMemoryError, match="cannot fit in memory"):
         plan_problem(d, method="mtmm", memory_fallback=False)
     plans = [plan_problem(d, method="mtmm", backend=b) for b in ("cpp", "python")]
     assert plans[0]["waves"] == plans[1]["waves"]
@@ -181,7 +181,7 @@ def test_qwen_val_on_small_devices_plans_under_count_caps(memory_gb):
         try:
             alt = plan_problem(count_capped(p, dict.fromkeys(components, cap)),
                                method="mtmm", memory_fallback=False)
-        except ValueError:
+        except PlanMemoryError:
             continue
         uniform.append(alt["makespan_ms"])
     assert uniform and plan["makespan_ms"] <= min(uniform)
