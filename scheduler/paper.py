@@ -20,6 +20,8 @@ import random
 import time
 from typing import Iterable
 
+from .checks import check_positive_int
+
 __all__ = ["METHODS", "PUBLISHED", "published_speedup", "run_grid", "placement_study",
            "unplaced", "wave_rule_study", "dynamic_study", "check_targets", "format_markdown"]
 
@@ -209,8 +211,7 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     from scheduler.simulate import simulate
     from scheduler.workload import Workload, WorkloadConfig
 
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    check_positive_int("iterations", iterations)
     workload = Workload(config or WorkloadConfig())
     fixed_plan = _plan(workload.nominal_problem(), method)
     fixed_ms = replan_ms = planning_ms = 0.0

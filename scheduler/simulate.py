@@ -36,6 +36,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .checks import check_positive_int
+
 __all__ = ["Cluster", "SimResult", "WaveTiming", "simulate", "reshard_bytes", "align_layout",
            "allreduce_ms"]
 
@@ -71,9 +73,7 @@ class Cluster:
     hidden_fraction: float = 1 / 17
 
     def __post_init__(self):
-        if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
-            raise ValueError(f"devices_per_node must be a positive int, "
-                             f"got {self.devices_per_node!r}")
+        check_positive_int("devices_per_node", self.devices_per_node)
         for name in ("intra_gbps", "inter_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import check_positive_int
+
 __all__ = ["WorkloadConfig", "Workload"]
 
 
@@ -49,12 +51,8 @@ class WorkloadConfig:
         for name in ("p_leave", "p_join"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not isinstance(self.gpus, int) or self.gpus < 1:
-            raise ValueError(f"gpus must be a positive int, got {self.gpus!r}")
-        if not isinstance(self.min_active, int) or self.min_active < 1:
-            raise ValueError(f"min_active must be a positive int, got {self.min_active!r}")
-        if not isinstance(self.quantum, int) or self.quantum < 1:
-            raise ValueError(f"quantum must be a positive int, got {self.quantum!r}")
+        for name in ("gpus", "min_active", "quantum"):
+            check_positive_int(name, getattr(self, name))
 
 
 class Workload:

@@ -121,6 +121,10 @@ def test_workload_varies_lengths_and_tasks_deterministically():
     assert a.next_problem()["num_devices"] == 8
     with pytest.raises(ValueError, match="p_leave"):
         WorkloadConfig(p_leave=1.5)
+    for name in ("gpus", "min_active", "quantum"):
+        for bad in (0, 8.0, True):  # a bool is not a count
+            with pytest.raises(ValueError, match=f"{name} must be a positive int, got {bad!r}"):
+                WorkloadConfig(**{name: bad})
 
 
 def test_dynamic_study_small():
@@ -131,8 +135,9 @@ def test_dynamic_study_small():
     assert r["iterations"] == 3 and r["planning_total_ms"] > 0
     assert r["replan_total_ms"] > r["planning_total_ms"] and r["fixed_total_ms"] > 0
     assert r["throughput_gain"] == pytest.approx(r["fixed_total_ms"] / r["replan_total_ms"] - 1)
-    with pytest.raises(ValueError, match="iterations"):
-        paper.dynamic_study(0, cfg)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=f"iterations must be a positive int, got {bad!r}"):
+            paper.dynamic_study(bad, cfg)
 
 
 def test_command_simulates_a_plan_and_draws_it(tmp_path, capsys):

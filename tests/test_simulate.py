@@ -192,6 +192,9 @@ def test_bad_arguments_raise():
         simulate(problem, plan_of([sl("t/a", 0, 1, [0])]), cluster={"devices_per_node": 2})
     with pytest.raises(ValueError, match="inter_gbps"):
         Cluster(inter_gbps=0.0)
+    for bad in (0, 2.0, True):  # a bool is not a count
+        with pytest.raises(ValueError, match=f"devices_per_node must be a positive int, got {bad!r}"):
+            Cluster(devices_per_node=bad)
 
 
 @pytest.mark.parametrize("seed", range(12))
