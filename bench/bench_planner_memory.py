@@ -2,7 +2,8 @@
 mtmm refuse, and what the fallback's plans cost (CPU, no timing: plan quality only).
 
 Random problems: ``scheduler.random_problem(..., memory=True)`` (memory about 3x what a plan
-needs at least, ignoring parameter replication), then the same problems at half that memory.
+needs at least, ignoring parameter replication), then the same problems at half that memory,
+and at half with 3/4 of every ``param_gb`` optimizer state sharded among the layer's holders.
 QWen-VAL (3 tasks, 64 devices, checkpointed activations, sharded optimizer state) at 80, 40,
 32, 24 and 16 GB per device. For each plan: refused or makespan, and the makespan over the
 same problem's mtmm plan without a memory limit.
@@ -64,11 +65,13 @@ def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
         d = random_problem(rng, rng.randint(2, 20), rng.choice([4, 8, 16, 32]), memory=True)
         problems.append(d)
     rows = []
-    for scale in (1.0, 0.5):
+    # the last: 3/4 of every param_gb optimizer state sharded among each layer's holders
+    for scale, shard in ((1.0, 0.0), (0.5, 0.0), (0.5, 0.75)):
         stats = {name: {"refused": 0, "ratios": [], "capped": 0} for name in METHODS}
         considered = 0
         for d in problems:
-            d = dict(d, device_memory_gb=d["device_memory_gb"] * scale)
+            d = dict(d, device_memory_gb=d["device_memory_gb"] * scale,
+                     optimizer_shard_fraction=shard)
             try:
                 check_memory(Problem.from_dict(d))
             except PlanMemoryError:
@@ -85,7 +88,8 @@ def random_rows(n_problems: int, seed: int = 0) -> list[dict]:
                     s["capped"] += cap is not None
         for name, s in stats.items():
             rows.append({
-                "memory": f"{scale:g}x", "method": name, "problems": considered,
+                "memory": f"{scale:g}x" + (f", sharded {shard:g}" if shard else ""),
+                "method": name, "problems": considered,
                 "refused": s["refused"], "refused_pct": 100.0 * s["refused"] / considered,
                 "capped": s["capped"],
                 "median_over_unlimited": statistics.median(s["ratios"]) if s["ratios"] else None,

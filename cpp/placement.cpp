@@ -69,6 +69,11 @@ Placer::Placer(const CoreInput& in, const Adjacency& preds)
     for (int d = 0; d < in.num_devices; ++d) island_of_[d] = d / in.island_size;
     for (size_t m = 0; m < in.layers.size(); ++m)
         max_layers_[in.component[m]] = std::max(max_layers_[in.component[m]], in.layers[m]);
+    sharded_ = limited_ && in.shard_fraction > 0.0;
+    if (sharded_) {
+        holders_.resize(in.param_gb.size());
+        for (size_t c = 0; c < holders_.size(); ++c) holders_[c].resize(max_layers_[c]);
+    }
 }
 
 void Placer::cost(int d, int m, int b, int k, int n, double& act, double& par) const {
@@ -78,13 +83,96 @@ void Placer::cost(int d, int m, int b, int k, int n, double& act, double& par) c
     if (in_.param_gb[c] == 0.0) return;
     const int64_t key = static_cast<int64_t>(d) * static_cast<int64_t>(in_.param_gb.size()) + c;
     auto it = held_.find(key);
-    int fresh = k;
-    if (it != held_.end()) {
-        fresh = 0;
-        for (int j = b; j < b + k; ++j) fresh += it->second[j] ? 0 : 1;
+    const std::vector<char>* held = it == held_.end() ? nullptr : &it->second;
+    if (!sharded_) {
+        int fresh = k;
+        if (held) {
+            fresh = 0;
+            for (int j = b; j < b + k; ++j) fresh += (*held)[j] ? 0 : 1;
+        }
+        par = in_.param_gb[c] * static_cast<double>(fresh);
+        return;
     }
-    par = in_.param_gb[c] * static_cast<double>(fresh) *
-          ((1.0 - in_.shard_fraction) + in_.shard_fraction / static_cast<double>(n));
+    // A layer d takes will have at least max(n, holders + 1) holders once this slice commits
+    // (d and the slice's n devices among them), so d's share is at most 1 / that.
+    // Every room scan asks this of most devices for one key: the per-layer shares and their
+    // sum over all k layers (a device holding none of them) are kept until the next commit.
+    if (share_key_ != std::array<int, 4>{c, b, k, n}) {
+        share_key_ = {c, b, k, n};
+        share_of_.resize(k);
+        share_all_ = 0.0;
+        for (int j = 0; j < k; ++j) {
+            const int after = std::max(n, static_cast<int>(holders_[c][b + j].size()) + 1);
+            share_of_[j] = 1.0 / static_cast<double>(after);
+            share_all_ += share_of_[j];
+        }
+    }
+    int fresh = k;
+    double share = share_all_;
+    if (held) {
+        fresh = 0;
+        share = 0.0;
+        for (int j = 0; j < k; ++j) {
+            if ((*held)[b + j]) continue;
+            ++fresh;
+            share += share_of_[j];
+        }
+    }
+    par = in_.param_gb[c] *
+          ((1.0 - in_.shard_fraction) * static_cast<double>(fresh) + in_.shard_fraction * share);
+}
+
+std::vector<char>& Placer::held_layers(int d, int c) {
+    const int64_t key = static_cast<int64_t>(d) * static_cast<int64_t>(in_.param_gb.size()) + c;
+    auto& held = held_[key];
+    if (held.empty()) held.assign(max_layers_[c], 0);
+    return held;
+}
+
+void Placer::mark_held(int d, int c, int b, int k) {
+    std::vector<char>& held = held_layers(d, c);
+    for (int j = b; j < b + k; ++j) held[j] = 1;
+}
+
+void Placer::commit_sharded(int m, int b, int k, const int* devices, int n) {
+    // Each holder of a layer keeps 1 / (its holders) of the sharded state: the slice's new
+    // holders pay their share of the final count, and the earlier holders are credited the
+    // part of theirs the new ones take over (what plan.memory_per_device computes at the end).
+    const int c = in_.component[m];
+    const double p = in_.param_gb[c], f = in_.shard_fraction;
+    share_key_ = {-1, 0, 0, 0};  // the holder counts change
+    held_of_.resize(n);
+    for (int i = 0; i < n; ++i) held_of_[i] = held_layers(devices[i], c).data() + b;
+    fresh_count_.assign(k, 0);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < k; ++j) fresh_count_[j] += held_of_[i][j] ? 0 : 1;
+    const double act = static_cast<double>(k) * in_.activation_gb[m] / static_cast<double>(n);
+    for (int i = 0; i < n; ++i) {
+        int fresh = 0;
+        double share = 0.0;
+        for (int j = 0; j < k; ++j) {
+            if (held_of_[i][j]) continue;
+            ++fresh;
+            const int after = static_cast<int>(holders_[c][b + j].size()) + fresh_count_[j];
+            share += 1.0 / static_cast<double>(after);
+        }
+        const int d = devices[i];
+        used_[d] = used_[d] + act + p * ((1.0 - f) * static_cast<double>(fresh) + f * share);
+    }
+    for (int j = 0; j < k; ++j) {
+        std::vector<int>& holders = holders_[c][b + j];
+        const int before = static_cast<int>(holders.size());
+        if (fresh_count_[j] == 0) continue;
+        if (before > 0) {
+            const double credit = f * p *
+                (1.0 / static_cast<double>(before) -
+                 1.0 / static_cast<double>(before + fresh_count_[j]));
+            for (int h : holders) used_[h] = used_[h] - credit;
+        }
+        for (int i = 0; i < n; ++i)
+            if (!held_of_[i][j]) holders.push_back(devices[i]);
+    }
+    for (int i = 0; i < n; ++i) std::fill(held_of_[i], held_of_[i] + k, char{1});
 }
 
 bool Placer::fits(int d, int m, int b, int k, int n) const {
@@ -120,17 +208,15 @@ void Placer::commit(int wave, int m, int b, int k, int begin, int n) {
     }
     if (word >= 0) free_bits_[word] &= ~bits;
     if (island >= 0) isl_free_[island] -= in_island;
-    if (limited_) {
+    if (limited_ && sharded_ && in_.param_gb[c] > 0.0) {
+        commit_sharded(m, b, k, devices, n);
+    } else if (limited_) {
         for (int i = 0; i < n; ++i) {
             const int d = devices[i];
             double act, par;
             cost(d, m, b, k, n, act, par);
             used_[d] = used_[d] + act + par;
-            const int64_t key =
-                static_cast<int64_t>(d) * static_cast<int64_t>(in_.param_gb.size()) + c;
-            auto& held = held_[key];
-            if (held.empty()) held.assign(max_layers_[c], 0);
-            for (int j = b; j < b + k; ++j) held[j] = 1;
+            mark_held(d, c, b, k);
         }
     }
     last_dev_.assign(m, devices, n);

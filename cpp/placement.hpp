@@ -4,6 +4,7 @@
 // scheduler/reference.py.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <unordered_map>
@@ -61,6 +62,10 @@ class Placer {
     bool fits(int d, int m, int b, int k, int n) const;
     // Records the group's devices out_[begin, begin + n) as taken and holding its slice.
     void commit(int wave, int m, int b, int k, int begin, int n);
+    // commit's memory with sharded optimizer state: charges and credits by holder count.
+    void commit_sharded(int m, int b, int k, const int* devices, int n);
+    std::vector<char>& held_layers(int d, int c);  // d's held bits of c's layers
+    void mark_held(int d, int c, int b, int k);
     // Both append the n chosen devices, ascending, to out_.
     void choose(const std::vector<int>& room, int n);
     void choose_free(int n);
@@ -70,6 +75,17 @@ class Placer {
     bool limited_;
     std::vector<double> used_;
     std::unordered_map<int64_t, std::vector<char>> held_;  // key: device * #components + comp
+    // With sharded optimizer state: [component][layer] the devices holding it, in the order
+    // they took it (each holder's share is 1 / their number; later holders shrink it).
+    bool sharded_;
+    std::vector<std::vector<std::vector<int>>> holders_;
+    std::vector<int> fresh_count_;  // scratch for commit: per layer of the slice, new holders
+    std::vector<char*> held_of_;     // scratch for commit: each slice device's held bits at b
+    // cost's shares of layers [b, b + k) of c taken on n devices, one per layer and their
+    // sum, for the key {c, b, k, n}; reset by each commit
+    mutable std::array<int, 4> share_key_{-1, 0, 0, 0};
+    mutable std::vector<double> share_of_;
+    mutable double share_all_ = 0.0;
     DeviceLists last_dev_;  // per MetaOp: the devices of its latest slice
     std::vector<int> last_wave_;
     DeviceLists comp_last_;  // per component: the devices of its latest slice

@@ -46,6 +46,11 @@ class Placer:
         self.max_layers = [0] * len(inp.param_gb)
         for m, c in enumerate(inp.component):
             self.max_layers[c] = max(self.max_layers[c], inp.layers[m])
+        # With sharded optimizer state: [component][layer] the devices holding it, in the order
+        # they took it (each holder's share is 1 / their number; later holders shrink it).
+        self.sharded = inp.device_memory_gb >= 0 and inp.shard_fraction > 0
+        self.holders: list[list[list[int]]] = (
+            [[[] for _ in range(n)] for n in self.max_layers] if self.sharded else [])
 
     def _cost(self, d: int, m: int, b: int, k: int, n: int) -> tuple[float, float]:
         """Activation and parameter GB that slice [b, b + k) of m adds to device d."""
@@ -55,11 +60,19 @@ class Placer:
         if inp.param_gb[c] == 0.0:
             return act, 0.0
         held = self.held.get((d, c))
-        new = k if held is None else sum(1 for j in range(b, b + k) if not held[j])
-        # ZeRO-1: the n devices of this slice will hold the layer, so each keeps at most 1/n
-        # of its sharded optimizer state (fewer, should more devices hold it later)
+        if not self.sharded:
+            new = k if held is None else sum(1 for j in range(b, b + k) if not held[j])
+            return act, inp.param_gb[c] * new
+        # A layer d takes will have at least max(n, holders + 1) holders once this slice
+        # commits (d and the slice's n devices among them), so d's share is at most 1 / that.
+        new, share = 0, 0.0
+        for j in range(b, b + k):
+            if held is not None and held[j]:
+                continue
+            new += 1
+            share += 1.0 / max(n, len(self.holders[c][j]) + 1)
         f = inp.shard_fraction
-        return act, inp.param_gb[c] * new * ((1.0 - f) + f / n)
+        return act, inp.param_gb[c] * ((1.0 - f) * new + f * share)
 
     def _fits(self, d: int, m: int, b: int, k: int, n: int) -> bool:
         if self.inp.device_memory_gb < 0:
@@ -70,16 +83,48 @@ class Placer:
     def _commit(self, w: int, m: int, b: int, k: int, devices: list[int]) -> None:
         inp = self.inp
         c = inp.component[m]
-        if inp.device_memory_gb >= 0:
+        if self.sharded and inp.param_gb[c] > 0.0:
+            self._commit_sharded(m, b, k, devices)
+        elif inp.device_memory_gb >= 0:
             for d in devices:
                 act, par = self._cost(d, m, b, k, len(devices))
                 self.used[d] = self.used[d] + act + par
-                held = self.held.setdefault((d, c), bytearray(self.max_layers[c]))
-                for j in range(b, b + k):
-                    held[j] = 1
+                self._held_layers(d, c)[b:b + k] = bytes([1]) * k
         self.last_dev[m] = devices
         self.last_wave[m] = w
         self.comp_last[c] = devices
+
+    def _held_layers(self, d: int, c: int) -> bytearray:
+        return self.held.setdefault((d, c), bytearray(self.max_layers[c]))
+
+    def _commit_sharded(self, m: int, b: int, k: int, devices: list[int]) -> None:
+        """_commit's memory with sharded optimizer state: each holder of a layer keeps 1 / (its
+        holders) of that state, so the slice's new holders pay their share of the final count
+        and the earlier holders are credited the part the new ones take over."""
+        inp = self.inp
+        c = inp.component[m]
+        p, f, n = inp.param_gb[c], inp.shard_fraction, len(devices)
+        helds = [self._held_layers(d, c) for d in devices]
+        fresh_count = [sum(1 for h in helds if not h[b + j]) for j in range(k)]
+        act = k * inp.activation_gb[m] / n
+        holders = self.holders[c]
+        for d, held in zip(devices, helds):
+            fresh, share = 0, 0.0
+            for j in range(k):
+                if held[b + j]:
+                    continue
+                fresh += 1
+                share += 1.0 / (len(holders[b + j]) + fresh_count[j])
+            self.used[d] = self.used[d] + act + p * ((1.0 - f) * fresh + f * share)
+        for j in range(k):
+            before = len(holders[b + j])
+            if before > 0 and fresh_count[j] > 0:
+                credit = f * p * (1.0 / before - 1.0 / (before + fresh_count[j]))
+                for h in holders[b + j]:
+                    self.used[h] = self.used[h] - credit
+            holders[b + j].extend(d for d, held in zip(devices, helds) if not held[b + j])
+        for held in helds:
+            held[b:b + k] = bytes([1]) * k
 
     def _choose(self, room: list[int], n: int, aff: dict[int, float]) -> list[int]:
         S = self.inp.island_size

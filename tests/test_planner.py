@@ -9,7 +9,7 @@ import random
 import pytest
 
 from scheduler import reference
-from scheduler.plan import PlanMemoryError, Problem, lower_bound, validate
+from scheduler.plan import PlanMemoryError, Problem, lower_bound, memory_per_device, validate
 from scheduler.planner import check_memory, plan_problem
 from scheduler.random_problem import random_problem
 
@@ -212,6 +212,57 @@ def test_memory_limit_is_respected_or_refused(shard_fraction):
             assert _without_timing(a) == _without_timing(plan_problem(d, method, "python"))
             planned += 1
     assert planned > refused
+
+
+def test_placement_counts_sharded_state_by_the_layers_holders_as_validate_does():
+    """With sharded optimizer state a layer's holders each keep 1 / (their number) of it, so
+    a later slice that adds holders shrinks the earlier holders' share. Placement credits
+    that back: replaying a plan's slices through the twin's Placer leaves each device's
+    memory equal to plan.memory_per_device (it used to keep every first share, up to
+    (1 - 1/n) of the sharded state more)."""
+    from scheduler.plan import memory_per_device
+    from scheduler.reference_placement import Placer
+
+    rng = random.Random(13)
+    grown = 0
+    for i in range(30):
+        d = random_problem(rng, rng.randint(4, 16), rng.choice([8, 16]), memory=True)
+        d["optimizer_shard_fraction"] = 0.75
+        d["device_memory_gb"] = 1e9  # limited, so placement tracks memory, yet all fits
+        p = Problem.from_dict(d)
+        plan = plan_problem(p, "mtmm", "python")
+        inp = reference.core_input(p)
+        placer = Placer(inp, [[] for _ in inp.layers])
+        first: dict = {}
+        for w, wave in enumerate(plan["waves"]):
+            for s in wave["slices"]:
+                m = p.index(s["metaop"])
+                placer._commit(w, m, s["layer_begin"], s["layer_end"] - s["layer_begin"],
+                               s["devices"])
+                for j in range(s["layer_begin"], s["layer_end"]):
+                    key = (p.metaops[m].component, j)
+                    grown += first.setdefault(key, s["devices"]) != s["devices"]
+        want = memory_per_device(p, plan)
+        assert placer.used == pytest.approx(want, rel=1e-12, abs=1e-12), i
+    assert grown > 0
+
+
+def test_a_later_slice_of_a_shared_layer_makes_room_for_what_follows():
+    """a and b (two tasks, one component) run side by side on two devices each, so each of the
+    four devices keeps 1/4 of the layer's sharded state: 0.25 + 0.75 / 4 = 0.4375 GB. c, after
+    both, needs 0.4375 GB more on each of the four: 0.875 GB fits 0.9. Keeping a's first share
+    (0.625 GB on devices 0 and 1) refused it."""
+    d = {"num_devices": 4, "island_size": 4, "optimizer_shard_fraction": 0.75,
+         "device_memory_gb": 0.9,
+         "metaops": [_op("t1/a", 1, {2: 1.0}, component="enc", param_gb=1.0),
+                     _op("t2/b", 1, {2: 1.0}, component="enc", param_gb=1.0),
+                     _op("t1/c", 1, {4: 1.0}, component="big", param_gb=1.0)],
+         "flows": [["t1/a", "t1/c"], ["t2/b", "t1/c"]]}
+    for method in METHODS:
+        plan = _both(d, method)
+        assert _waves(plan) == [[("t1/a", 0, 1, [0, 1]), ("t2/b", 0, 1, [2, 3])],
+                                [("t1/c", 0, 1, [0, 1, 2, 3])]]
+        assert memory_per_device(d, plan) == pytest.approx([0.875] * 4, rel=1e-12)
 
 
 def test_running_out_of_memory_is_a_plan_memory_error_and_only_it_is_retried():
