@@ -138,13 +138,16 @@ def _gemm(method: str, mode: str):
 
     x, w, offsets, dy, ids = _gemm_problem()
     if method == "mtmm":
-        fwd = lambda x, w: grouped_mm(x, w, offsets)
+        def fwd(x, w):
+            return grouped_mm(x, w, offsets)
     elif method == "torch":
         if not hasattr(torch, "_grouped_mm"):
             raise RuntimeError("torch._grouped_mm is not in this torch")
-        fwd = lambda x, w: torch._grouped_mm(x, w, offs=offsets)
+        def fwd(x, w):
+            return torch._grouped_mm(x, w, offs=offsets)
     else:
-        fwd = lambda x, w: grouped_mm_by_ids(x, w, ids)
+        def fwd(x, w):
+            return grouped_mm_by_ids(x, w, ids)
     if mode == "fwd":
         def run():
             with torch.no_grad():

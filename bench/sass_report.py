@@ -145,8 +145,8 @@ def _varlen_cases():
             cu = torch.arange(0, B + 1, dtype=torch.int32) * 10
             lens_SB = torch.full((1, B), 10, dtype=torch.int32)
             T = 10 * B
-            pack = (lambda x=x, cu=cu, lens_SB=lens_SB, T=T:
-                    V._launch_pack([x], lens_SB, cu, None, T))
+            def pack(x=x, cu=cu, lens_SB=lens_SB, T=T):
+                return V._launch_pack([x], lens_SB, cu, None, T)
             yield f"pack S=1 H={H} B={B} {str(dtype)[6:]}", pack
             if B > V.ALL_STARTS_MAX_B:  # the compare-every-start search, where not the default
                 yield (f"pack S=1 H={H} B={B} {str(dtype)[6:]} all-starts",
