@@ -8,30 +8,38 @@ import json
 import os
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from scheduler import launch
-    from scheduler.tiny_models import get_trainable_model
-    from scheduler.trainer import TrainConfig, check_config, train
-    from scheduler.user_code import load_callable
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig that ``args`` ask for (the plan file read, not yet checked)."""
+    from scheduler.trainer import TrainConfig
 
     plan = None
     if args.plan_file:
         with open(args.plan_file) as f:
             plan = json.load(f)
-    cfg = TrainConfig(
+    return TrainConfig(
         model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan,
         memory_gb=args.memory_gb,
         cost=args.cost, seed=args.seed, precision=args.precision, init_loss_scale=args.init_loss_scale,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        min_lr=args.min_lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+        min_lr=args.min_lr, weight_decay=args.weight_decay, decay_all=args.decay_all,
+        clip=None if args.clip == 0 else args.clip, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         shard_optimizer=args.shard_optimizer, profile_dir=args.profile, profile_steps=args.profile_steps,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from scheduler import launch
+    from scheduler.tiny_models import get_trainable_model
+    from scheduler.trainer import check_config, train
+    from scheduler.user_code import load_callable
+
+    cfg = config_from_args(args)
     try:  # before any process starts
         check_config(cfg)
         get_trainable_model(cfg.model, **cfg.model_options)  # a user's factory imports here
@@ -116,6 +124,12 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW's, on matrices and embeddings (not biases or norm scales)")
+    p.add_argument("--decay-all", action="store_true",
+                   help="weight decay on biases, norm scales and scalars too (default: matrices "
+                        "and embeddings only)")
+    p.add_argument("--clip", type=float, default=1.0, metavar="MAX_NORM",
+                   help="clip the global gradient norm (every parameter counted once) to "
+                        "MAX_NORM (default 1.0); 0 turns clipping off")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="decay from --lr to --min-lr at the last step, after the warmup")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")

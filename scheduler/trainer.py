@@ -61,7 +61,7 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.0  # AdamW's, on matrices and embeddings (see decays)
     decay_all: bool = False  # weight decay on biases, norm scales and scalars too
-    clip: float | None = 1.0
+    clip: float | None = 1.0  # the global gradient norm's bound; None: no clipping
     seed: int = 0
     # "fp32", "bf16" (autocast), "fp16" (autocast, with loss scaling), "fp64" (float64
     # parameters and inputs: numerics checks; mtmm's grouped GEMM runs its torch loop there) or
@@ -371,14 +371,15 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    if cfg.shard_optimizer not in (True, False):
-        raise ValueError(f"shard_optimizer: expected True or False, got {cfg.shard_optimizer!r}")
+    for name in ("shard_optimizer", "decay_all"):  # 0 and 1 would pass `in (True, False)`
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name}: expected True or False, got {getattr(cfg, name)!r}")
     for name in ("loss_scaling", "overlap_grad_reduce"):
-        if getattr(cfg, name) not in (None, True, False):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name}: expected True, False or None, got {getattr(cfg, name)!r}")
-    for name in ("init_loss_scale", "memory_gb"):
+    for name in ("init_loss_scale", "memory_gb", "clip"):
         value = getattr(cfg, name)
-        if value is None and name == "memory_gb":
+        if value is None and name in ("memory_gb", "clip"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{name}: expected a positive finite number, got {value!r}")

@@ -15,7 +15,7 @@ import torch
 from scheduler.data import SyntheticStream
 from scheduler.executor import Executor, make_plan
 from scheduler.tiny_models import get_trainable_model
-from scheduler.trainer import TrainConfig, clip_global, train
+from scheduler.trainer import TrainConfig, check_config, clip_global, train
 from test_executor import _has_val_kernels
 
 
@@ -111,6 +111,25 @@ def test_mtmm_train_refuses_a_bad_grad_accum(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--grad-accum", "0"])
     assert "--grad-accum: expected a positive int, got 0" in capsys.readouterr().err
+
+
+def test_mtmm_train_takes_clip_and_decay_all(capsys):
+    """--clip MAX_NORM bounds the global gradient norm (0: no clipping) and --decay-all decays
+    every parameter; a negative bound is refused before any process starts."""
+    from scheduler.cli import build_parser, main
+    from scheduler.cmd_train import config_from_args
+
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args(["train"]))
+    assert cfg.clip == 1.0 and cfg.decay_all is False  # TrainConfig's defaults
+    cfg = config_from_args(parser.parse_args(["train", "--clip", "0.25", "--decay-all"]))
+    assert cfg.clip == 0.25 and cfg.decay_all is True
+    assert config_from_args(parser.parse_args(["train", "--clip", "0"])).clip is None
+    assert main(["train", "--clip", "-1", "--steps", "1"]) == 2
+    assert "clip: expected a positive finite number, got -1.0" in capsys.readouterr().out
+    for name in ("decay_all", "shard_optimizer", "loss_scaling", "overlap_grad_reduce"):
+        with pytest.raises(ValueError, match=f"{name}: expected True.* got 1"):
+            check_config(TrainConfig(**{name: 1}))
 
 
 def test_mtmm_train_reports_a_bad_plan_file(tmp_path, capsys):
