@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Mapping
 
 from .count_caps import plan_under_count_caps
-from .plan import PlanMemoryError, Problem, lower_bound, validate
+from .plan import PlanMemoryError, Problem, lower_bound, memory_per_device, validate
 from .reference import CoreInput, core_input, plan_core
 
 __all__ = ["METHODS", "BACKENDS", "DEFAULT_OPTIONS", "plan_problem", "check_memory"]
@@ -188,6 +188,19 @@ def _plan_with_fallback(p: Problem, method: str, backend: str, opts: dict) -> di
     return plan
 
 
+def _check_baseline_memory(p: Problem, plan: dict, method: str) -> None:
+    """The baselines place without looking at memory: PlanMemoryError when their plan puts
+    more than ``device_memory_gb`` on a device (``plan.memory_per_device``, as validate
+    counts it)."""
+    used = memory_per_device(p, plan)
+    worst = max(range(len(used)), key=used.__getitem__)
+    if used[worst] > p.device_memory_gb * (1 + 1e-9):
+        raise PlanMemoryError(
+            f"cannot fit in memory: the {method} plan (placed without looking at memory) puts "
+            f"{used[worst]:.6g} GB on device {worst}, more than device_memory_gb = "
+            f"{p.device_memory_gb}")
+
+
 def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: str = "cpp",
                  *, check: bool = True, **options) -> dict:
     """Plan one training iteration of ``problem`` (a problem dict or ``Problem``).
@@ -210,7 +223,8 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         or {component: the most devices its slices were allowed} from the memory fallback.
 
     Raises:
-        PlanMemoryError (a ValueError): no plan fits ``device_memory_gb`` (naming the MetaOp).
+        PlanMemoryError (a ValueError): no plan fits ``device_memory_gb`` (naming the MetaOp), or
+            a baseline's plan, placed without looking at memory, does not.
         ValueError: bad problem (naming the MetaOp and why), an unknown method or backend.
         TypeError: an unknown option.
     """
@@ -249,6 +263,8 @@ def plan_problem(problem: Mapping | Problem, method: str = "spindle", backend: s
         if "makespan_ms" not in plan:
             plan["makespan_ms"] = max((w["start_ms"] + w["duration_ms"] for w in plan["waves"]),
                                       default=0.0)
+        if p.device_memory_gb is not None:
+            _check_baseline_memory(p, plan, method)
     if check:
         validate(p, plan)
     return plan

@@ -153,3 +153,22 @@ def test_random_problems_validate():
             plan = _plan(method, prob)
             validate(prob, plan)
             assert plan["makespan_ms"] >= lb * (1 - 1e-9), (trial, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_baseline_plan_over_device_memory_is_a_plan_memory_error(method):
+    """The baselines place without looking at memory. Under a limit their plan is returned
+    when it fits, as without one, and refused with PlanMemoryError (the planner's class for
+    running out of memory, with the device and its GB) when it does not."""
+    from scheduler.plan import PlanMemoryError, memory_per_device
+    from scheduler.planner import plan_problem
+
+    d = zoo.build_problem("qwen-val", 3, 64, activation_checkpointing=True,
+                          optimizer_sharding=True)
+    free = plan_problem(d, method)
+    peak = max(memory_per_device(d, free))
+    roomy = plan_problem(dict(d, device_memory_gb=peak), method)
+    assert roomy["waves"] == free["waves"]
+    with pytest.raises(PlanMemoryError, match=rf"cannot fit in memory: the {method} plan .* puts "
+                                              rf"{peak:.6g} GB on device \d+, more than"):
+        plan_problem(dict(d, device_memory_gb=peak * 0.99), method)
