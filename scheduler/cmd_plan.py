@@ -74,6 +74,16 @@ def _model_problem(args: argparse.Namespace):
     return problem, model
 
 
+def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
+    """Where a method without mtmm's memory fallback refused for memory, how to try it."""
+    from scheduler.plan import PlanMemoryError
+
+    if not isinstance(error, PlanMemoryError) or "capped at each smaller count" in str(error):
+        return ""
+    how = "--method mtmm" if args.method != "mtmm" else "mtmm without --no-memory-fallback"
+    return f"; {how} caps components' device counts until a plan fits, where one does"
+
+
 def run(args: argparse.Namespace) -> int:
     from scheduler.planner import plan_problem
 
@@ -107,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             plan = make_plan(trainable, args.gpus, args.method, problem=problem,
                              backend=args.backend, options=options)
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-        print(f"mtmm plan: {e}", file=sys.stderr)
+        print(f"mtmm plan: {e}{_memory_hint(e, args)}", file=sys.stderr)
         return 1
     print(_summary(plan, problem))
     if args.output:

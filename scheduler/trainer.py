@@ -197,6 +197,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             plan = make_plan(model, world, cfg.method, cost=cost, **memory)
         except ValueError as e:  # e.g. out of memory: every rank must hear of it, not wait
             error = e
+            if isinstance(e, PlanMemoryError) and cfg.method != "mtmm":
+                error = PlanMemoryError(f"{e}; --plan mtmm caps components' device counts "
+                                        "until a plan fits, where one does")
     if world > 1:
         # Rank 0's plan for everyone: profiled times differ between processes.
         box = [plan, None if error is None else str(error), isinstance(error, PlanMemoryError)]

@@ -125,6 +125,8 @@ def test_a_plan_that_cannot_fit_stops_every_rank_with_the_planners_error():
     errors = run_local(_train_or_error, 3, cfg, timeout_s=90)  # spindle refuses
     assert all(e.startswith("PlanMemoryError: ") and "cannot fit in memory" in e for e in errors)
     assert not errors[0].startswith("PlanMemoryError: planning on rank 0 failed")
+    assert all(e.endswith("; --plan mtmm caps components' device counts until a plan fits, "
+                          "where one does") for e in errors)
     assert all(e.startswith("PlanMemoryError: planning on rank 0 failed: cannot fit")
                for e in errors[1:])
 

@@ -197,8 +197,9 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     from scheduler.plan import memory_per_device, validate
 
     args = ["plan", "--model", "ofasys", "--tasks", "7", "--gpus", "16", "--memory-gb", "24"]
-    assert main(args) == 1
-    assert "cannot fit in memory" in capsys.readouterr().err
+    assert main(args) == 1  # spindle, the default
+    err = capsys.readouterr().err
+    assert "cannot fit in memory" in err and "; --method mtmm caps components' device" in err
     out = tmp_path / "plan.json"
     assert main([*args, "--activation-checkpointing", "-o", str(out)]) == 0
     problem = zoo.build_problem("ofasys", 7, 16, device_memory_gb=24, activation_checkpointing=True)
@@ -220,7 +221,12 @@ def test_mtmm_plan_takes_memory_and_checkpointing(tmp_path, capsys):
     assert "count cap" not in capsys.readouterr().out
     small = [*qwen[:-2], "40", "--activation-checkpointing", "--shard-optimizer"]
     assert main([*small, "--method", "mtmm", "--no-memory-fallback"]) == 1
-    assert "cannot fit in memory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot fit in memory" in err and "; mtmm without --no-memory-fallback caps" in err
+    assert main([*qwen[:-2], "16", "--activation-checkpointing", "--shard-optimizer",
+                 "--method", "mtmm"]) == 1  # refused with every cap: nothing to suggest
+    err = capsys.readouterr().err
+    assert "capped at each smaller count" in err and "caps components'" not in err
     saved = tmp_path / "problem.json"
     assert main([*small, "--method", "mtmm", "-o", str(out), "--save-problem", str(saved)]) == 0
     assert json.loads(saved.read_text()) == zoo.build_problem(
