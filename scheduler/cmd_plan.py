@@ -78,9 +78,14 @@ def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
     """Where a method without mtmm's memory fallback refused for memory, how to try it."""
     from scheduler.plan import PlanMemoryError
 
-    if not isinstance(error, PlanMemoryError) or "capped at each smaller count" in str(error):
+    if not isinstance(error, PlanMemoryError):
         return ""
-    how = "--method mtmm" if args.method != "mtmm" else "mtmm without --no-memory-fallback"
+    if args.method != "mtmm":
+        how = "--method mtmm"
+    elif args.memory_fallback is False:
+        how = "mtmm without --no-memory-fallback"
+    else:  # the fallback itself refused
+        return ""
     return f"; {how} caps components' device counts until a plan fits, where one does"
 
 

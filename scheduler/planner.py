@@ -23,7 +23,8 @@ import weakref
 from typing import Any, Mapping
 
 from .count_caps import plan_under_count_caps
-from .plan import PlanMemoryError, Problem, lower_bound, memory_per_device, validate
+from .plan import (_REL_TOL, PlanMemoryError, Problem, lower_bound, memory_per_device,
+                   validate)
 from .reference import CoreInput, core_input, plan_core
 
 __all__ = ["METHODS", "BACKENDS", "DEFAULT_OPTIONS", "plan_problem", "check_memory"]
@@ -194,7 +195,7 @@ def _check_baseline_memory(p: Problem, plan: dict, method: str) -> None:
     counts it)."""
     used = memory_per_device(p, plan)
     worst = max(range(len(used)), key=used.__getitem__)
-    if used[worst] > p.device_memory_gb * (1 + 1e-9):
+    if used[worst] > p.device_memory_gb * (1 + _REL_TOL):  # validate's slack
         raise PlanMemoryError(
             f"cannot fit in memory: the {method} plan (placed without looking at memory) puts "
             f"{used[worst]:.6g} GB on device {worst}, more than device_memory_gb = "
