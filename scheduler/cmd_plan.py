@@ -76,6 +76,7 @@ def _model_problem(args: argparse.Namespace):
 
 def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
     """Where a method without mtmm's memory fallback refused for memory, how to try it."""
+    from scheduler.count_caps import WHAT_IT_DOES
     from scheduler.plan import PlanMemoryError
 
     if not isinstance(error, PlanMemoryError):
@@ -86,7 +87,7 @@ def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
         how = "mtmm without --no-memory-fallback"
     else:  # the fallback itself refused
         return ""
-    return f"; {how} caps components' device counts until a plan fits, where one does"
+    return f"; {how} {WHAT_IT_DOES}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,10 @@ from typing import Callable, Mapping
 
 from .plan import PlanMemoryError, Problem
 
-__all__ = ["MAX_REFINE_PLANS", "count_capped", "plan_under_count_caps"]
+__all__ = ["MAX_REFINE_PLANS", "WHAT_IT_DOES", "count_capped", "plan_under_count_caps"]
+
+# What the fallback does, for messages that suggest it where a plan was refused for memory.
+WHAT_IT_DOES = "caps components' device counts until a plan fits, where one does"
 
 # The per-component sweeps stop after this many plans (a problem of thousands of components
 # would otherwise plan for minutes); the zoo models need about 200.

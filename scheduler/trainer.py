@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from scheduler import checkpoint as ckpt
+from scheduler import count_caps
 from scheduler.data import SyntheticStream, batch_tokens
 from scheduler.executor import Executor, make_plan
 from scheduler.launch import local_device
@@ -198,8 +199,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         except ValueError as e:  # e.g. out of memory: every rank must hear of it, not wait
             error = e
             if isinstance(e, PlanMemoryError) and cfg.method != "mtmm":
-                error = PlanMemoryError(f"{e}; --plan mtmm caps components' device counts "
-                                        "until a plan fits, where one does")
+                error = PlanMemoryError(f"{e}; --plan mtmm {count_caps.WHAT_IT_DOES}")
     if world > 1:
         # Rank 0's plan for everyone: profiled times differ between processes.
         box = [plan, None if error is None else str(error), isinstance(error, PlanMemoryError)]
