@@ -35,11 +35,9 @@ def _summary(plan: dict, problem: dict | None = None) -> str:
         lines.append(f"count caps   {caps} devices per slice (uncapped, the plan did not fit "
                      "memory)")
     if problem is not None and problem.get("device_memory_gb") is not None:
-        from scheduler.plan import memory_per_device
+        from scheduler.plan import memory_summary
 
-        used = memory_per_device(problem, plan)
-        lines.append(f"memory       peak {max(used):.1f} GB per device (mean {sum(used) / len(used):.1f}), "
-                     f"of {problem['device_memory_gb']:g} GB")
+        lines.append(f"memory       {memory_summary(problem, plan)}")
     return "\n".join(lines)
 
 

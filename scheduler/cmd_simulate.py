@@ -55,11 +55,9 @@ def _run_one(args) -> int:
               f"{b['transfer_ms']:.3f} ({100 * sim.transfer_fraction:.1f}%), gradient sync "
               f"{b['sync_ms']:.3f}; {len(sim.waves)} waves, {sim.transfer_mb:.1f} MB moved")
         if problem.get("device_memory_gb") is not None:
-            from scheduler.plan import memory_per_device
+            from scheduler.plan import memory_summary
 
-            used = memory_per_device(problem, plan)
-            print(f"memory peak {max(used):.1f} GB per device (mean {sum(used) / len(used):.1f}), "
-                  f"of {problem['device_memory_gb']:g} GB")
+            print(f"memory {memory_summary(problem, plan)}")
     if args.gantt:
         viz.save_gantt(problem, plan, args.gantt, sim=sim, cluster=cluster)
     if args.trace:

@@ -28,6 +28,7 @@ __all__ = [
     "validate",
     "lower_bound",
     "memory_per_device",
+    "memory_summary",
 ]
 
 # Relative slack for float comparisons in validate (the planner itself never relies on it).
@@ -356,6 +357,15 @@ def memory_per_device(problem: Problem | Mapping, plan: Mapping) -> list[float]:
     for d, c, j in held:
         used[d] += param[c] * ((1.0 - f) + f / holders[c, j])
     return used
+
+
+def memory_summary(problem: Problem | Mapping, plan: Mapping) -> str:
+    """"peak P GB per device (mean M), of L GB": ``memory_per_device`` against the problem's
+    ``device_memory_gb`` (which must be set), as ``mtmm plan`` and ``mtmm simulate`` print it."""
+    p = _as_problem(problem)
+    used = memory_per_device(p, plan)
+    return (f"peak {max(used):.1f} GB per device (mean {sum(used) / len(used):.1f}), "
+            f"of {p.device_memory_gb:g} GB")
 
 
 def validate(problem: Problem | Mapping, plan: Mapping) -> None:
