@@ -25,7 +25,8 @@ def config_from_args(args: argparse.Namespace):
         clip=None if args.clip == 0 else args.clip, grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
-        shard_optimizer=args.shard_optimizer, profile_dir=args.profile, profile_steps=args.profile_steps,
+        shard_optimizer=args.shard_optimizer, replan_every=args.replan_every,
+        replan_min_gain=args.replan_min_gain, profile_dir=args.profile, profile_steps=args.profile_steps,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
@@ -153,6 +154,14 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-optimizer", action="store_true",
                    help="ZeRO-1: the optimizer state of a parameter held by several ranks on one "
                         "of them, which broadcasts its update")
+    p.add_argument("--replan-every", type=int, default=0, metavar="N",
+                   help="every N steps, re-plan on the tokens each MetaOp received and switch "
+                        "plans (parameters and optimizer state move between ranks) when the "
+                        "simulator predicts the new plan faster by more than --replan-min-gain "
+                        "(default 0: never; needs --cost model)")
+    p.add_argument("--replan-min-gain", type=float, default=0.05, metavar="F",
+                   help="the predicted gain, a fraction of the running plan's iteration, that a "
+                        "re-plan must beat to switch (default 0.05)")
     p.add_argument("--profile", metavar="DIR",
                    help="write each rank's Chrome trace (torch.profiler) to DIR/rank<r>.json")
     p.add_argument("--profile-steps", type=_positive_int, default=3, metavar="K",

@@ -230,7 +230,8 @@ class Executor:
     def __init__(self, model: MultiTaskModel, plan: Mapping, *, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                  activation_checkpointing: bool = False, compile: str | None = None,
-                 shard_optimizer: bool = False, overlap_grad_reduce: bool | None = None):
+                 shard_optimizer: bool = False, overlap_grad_reduce: bool | None = None,
+                 group_cache: dict | None = None):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.schedule = Schedule(model, plan, self.world)
@@ -245,11 +246,16 @@ class Executor:
                 for layer in comp.layers.values():
                     layer.compile(backend=compile)
         # Groups: every rank creates every group, in the same order (torch requires it).
+        # ``group_cache`` ({ranks: group}, shared by the executors of one run on every rank)
+        # keeps a plan switch from making a new communicator for a holder set it already has;
+        # every rank holds the same cache, so each makes the same new groups.
+        cache = {} if group_cache is None else group_cache
         self._groups = {}
         for ranks in self.schedule.groups:
-            g = dist.new_group(list(ranks))
+            if ranks not in cache:
+                cache[ranks] = dist.new_group(list(ranks))
             if self.rank in ranks:
-                self._groups[ranks] = g
+                self._groups[ranks] = cache[ranks]
         self._buckets = self._make_buckets()
         # backward wave after which each bucket's all-reduce starts ({}: all after the
         # backward). By default only on GPUs: on CPUs gloo's threads take the cores the
@@ -261,6 +267,10 @@ class Executor:
         # labelled spans (torch.profiler.record_function) around every phase of a step, for a
         # trace; off: no span is made
         self.trace = False
+        # {metaop: [rows, samples]} its first layer received on this rank in training steps
+        # since the last take_token_counts (the workload a re-plan measures)
+        self._tokens_seen: dict[str, list[int]] = {}
+        self._counting = False
         self._owner = self._assign_owners() if shard_optimizer else {}
         # per bucket, (owner, the owner's parameters in bucket order) for each owner with any
         self._shards = [[(r, [p for n, p in zip(names, params) if self._owner[n] == r])
@@ -380,6 +390,20 @@ class Executor:
                     p.copy_(flat[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
 
+    def take_token_counts(self) -> dict[str, float]:
+        """Each MetaOp's mean rows per sample (tokens; 1 for a pooled [batch, hidden] input)
+        at its first layer over the training steps since the last call, summed over all ranks,
+        then reset. Collective: every rank calls it and gets the same counts. MetaOps that ran
+        no sample are left out."""
+        names = self.model.metaops()
+        counts = torch.tensor([self._tokens_seen.get(m, [0, 0]) for m in names], dtype=torch.float64)
+        if self.world > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        self._tokens_seen = {}
+        return {m: rows / samples for m, (rows, samples) in zip(names, counts.tolist()) if samples > 0}
+
     # --- one step ----------------------------------------------------------------------------
     def step(self, data: Mapping[str, Mapping[str, torch.Tensor]], *,
              units: Mapping[str, int] | None = None, reduce: bool = True,
@@ -407,6 +431,7 @@ class Executor:
             raise ValueError(f"loss_scale: expected a positive finite number or a 0-d tensor, "
                              f"got {loss_scale!r}")
         self._loss_scale = loss_scale
+        self._counting = True
         stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
         waves = range(self.schedule.num_waves)
         self._run_waves(waves, self._forward, self._exchange_forward, stats)
@@ -455,6 +480,7 @@ class Executor:
                                      f"got {n!r}")
         self._units = units
         self._loss_scale = None
+        self._counting = False  # step() turns it on; an evaluation is not the training workload
         self._data = data
         self._rec: dict[int, _Record] = {}
         self._inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
@@ -495,6 +521,7 @@ class Executor:
             dist.all_reduce(losses)
         self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}
         self._data = self._units = self._loss_scale = None
+        self._counting = False
         return dict(zip(names, losses.tolist()))
 
     def _shard(self, sl: Slice) -> tuple[int, int]:
@@ -523,6 +550,10 @@ class Executor:
                 x = comp.run_pre({k: v for k, v in rec.leaves.items()}, batch, ctx)
             else:
                 x = rec.leaves[""]
+            if sl.begin == 0 and self._counting and torch.is_tensor(x):
+                seen = self._tokens_seen.setdefault(sl.metaop, [0, 0])
+                seen[0] += x.shape[:-1].numel()  # rows, the hidden dimension last
+                seen[1] += s1 - s0
             x = comp.run_layers(x, sl.begin, sl.end, ctx,
                                 checkpoint=self.activation_checkpointing)
             if sl.end == comp.num_layers:

@@ -342,7 +342,8 @@ class MultiTaskModel(nn.Module):
 
     def to_problem(self, num_devices: int, *, island_size: int = 8, cost=None, device_memory_gb=None,
                    activation_checkpointing: bool = False, shard_optimizer: bool = False,
-                   param_dtype: torch.dtype = torch.float32, activation_dtype: torch.dtype | None = None) -> dict:
+                   param_dtype: torch.dtype = torch.float32, activation_dtype: torch.dtype | None = None,
+                   seq_lens: Mapping[str, float] | None = None) -> dict:
         """The planner problem (issue-5 format) for ``num_devices`` devices.
 
         ``cost`` is ``(component, task, tokens_per_device, n) -> ms`` for one layer forward and
@@ -356,7 +357,12 @@ class MultiTaskModel(nn.Module):
         ``costmodel.activation_gb`` (per-token bytes of a transformer layer) scaled from bf16 to
         ``activation_dtype`` (default ``param_dtype``: no autocast); ``activation_checkpointing``
         keeps each layer's input only and charges recompute time (``costmodel.RECOMPUTE_FACTOR``
-        on the whole layer time, an upper bound)."""
+        on the whole layer time, an upper bound).
+
+        ``seq_lens`` ({"task/component": tokens per sample}, e.g. measured by
+        ``Executor.take_token_counts``) replaces the tasks' declared ``seq_lens`` for the
+        MetaOps it names; tokens may be fractional (a mean), each device's token count is
+        rounded."""
         from scheduler import costmodel
 
         if not isinstance(num_devices, int) or num_devices < 1:
@@ -368,6 +374,7 @@ class MultiTaskModel(nn.Module):
         for name, dt in (("param_dtype", param_dtype), ("activation_dtype", activation_dtype)):
             if dt is not None and (not isinstance(dt, torch.dtype) or not dt.is_floating_point):
                 raise ValueError(f"{name}: expected a floating torch.dtype, got {dt!r}")
+        measured = self._check_seq_lens(seq_lens)
         cost = cost or default_cost()
         params = self.param_counts()
         state_bytes = 4 * param_dtype.itemsize  # weight, gradient, exp_avg, exp_avg_sq
@@ -377,11 +384,12 @@ class MultiTaskModel(nn.Module):
             for cname in self.task_order(t.name):
                 c = self.components[cname]
                 gc = _graph_component(c)
-                tokens = int(t.seq_lens.get(cname, 1))
+                tokens = measured.get(f"{t.name}/{cname}", int(t.seq_lens.get(cname, 1)))
                 slower = costmodel.RECOMPUTE_FACTOR if (activation_checkpointing and costmodel.recomputed(gc)) else 1.0
                 times: dict[str, float] = {}
                 for n in self.valid_counts(t.name, cname, num_devices):
-                    ms = float(cost(c, t, math.ceil(t.batch / n) * tokens, n)) * slower
+                    on_device = max(1, round(math.ceil(t.batch / n) * tokens))
+                    ms = float(cost(c, t, on_device, n)) * slower
                     # A count slower than a smaller one is never worth it (and the planner
                     # requires monotonic tables): leave it out.
                     if not times or ms <= min(times.values()):
@@ -413,6 +421,22 @@ class MultiTaskModel(nn.Module):
         if shard_optimizer:
             problem["optimizer_shard_fraction"] = 0.5  # the two moments of weight+grad+moments
         return problem
+
+    def _check_seq_lens(self, seq_lens: Mapping[str, float] | None) -> dict[str, float]:
+        """``to_problem``'s ``seq_lens`` checked: MetaOp names, positive finite numbers."""
+        if seq_lens is None:
+            return {}
+        if not isinstance(seq_lens, Mapping):
+            raise ValueError(f"seq_lens: expected a mapping of MetaOp to tokens per sample, got "
+                             f"{type(seq_lens).__name__}")
+        known = set(self.metaops())
+        for name, tokens in seq_lens.items():
+            if name not in known:
+                raise ValueError(f"seq_lens: {name!r} is not a MetaOp of {self.name!r} "
+                                 f"(expected 'task/component': {sorted(known)})")
+            if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not 0 < tokens < math.inf:
+                raise ValueError(f"seq_lens: expected a positive finite number for {name!r}, got {tokens!r}")
+        return dict(seq_lens)
 
     # --- materialisation and the reference run ---------------------------------------------
     def build(self, holdings: Mapping[str, Iterable[int]] | None = None) -> "MultiTaskModel":

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from scheduler import checkpoint as ckpt
-from scheduler import count_caps
+from scheduler import count_caps, replan
 from scheduler.data import SyntheticStream, batch_tokens
 from scheduler.executor import Executor, make_plan
 from scheduler.launch import local_device
 from scheduler.lr_schedule import check_schedule, lr_at
 from scheduler.modelapi import profiled_cost
 from scheduler.plan import PlanMemoryError, memory_per_device
+from scheduler.plan_switch import migrate_state
 from scheduler.tiny_models import DEFAULT_MODEL, get_trainable_model
 from scheduler.user_code import load_callable
 
@@ -86,6 +87,12 @@ class TrainConfig:
     # batches of a held-out stream, forward only; 0: never
     eval_every: int = 0
     eval_batches: int = 1
+    # every replan_every steps (0: never), re-plan on the tokens each MetaOp received in
+    # those steps and switch plans, moving parameters and optimizer state between ranks, when
+    # the simulator predicts the new plan faster by more than replan_min_gain (a fraction) on
+    # that workload (scheduler/replan.py); with cost "model" only: a profile is of step 0's data
+    replan_every: int = 0
+    replan_min_gain: float = 0.05
     # ZeRO stage 1: each parameter held by several ranks has its optimizer state on one of
     # them, which updates it and broadcasts the new value (Executor(shard_optimizer=))
     shard_optimizer: bool = False
@@ -181,8 +188,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = local_device(0)
     if device.type == "cuda":  # peak_memory_gb is this run's (train_many runs several)
         torch.cuda.reset_peak_memory_stats(device)
-    model = get_trainable_model(cfg.model, **cfg.model_options)
-    model.seed = cfg.seed
+
+    def fresh_model():
+        model = get_trainable_model(cfg.model, **cfg.model_options)
+        model.seed = cfg.seed
+        return model
+
+    model = fresh_model()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if cfg.precision == "fp16" else None
     dtype = torch.float64 if cfg.precision == "fp64" else None
@@ -191,7 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     memory = dict(device_memory_gb=cfg.memory_gb, activation_checkpointing=cfg.activation_checkpointing,
                   shard_optimizer=cfg.shard_optimizer, param_dtype=param_dtype,
                   activation_dtype=autocast_dtype or param_dtype)
-    plan, error = cfg.plan, None
+    plan, error, cost = cfg.plan, None, None
     if plan is None and rank == 0:
         cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
         try:
@@ -209,16 +221,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise (PlanMemoryError if box[2] else ValueError)(f"planning on rank 0 failed: {box[1]}")
     if error is not None:
         raise error
-    ex = Executor(model, plan, device=device, autocast_dtype=autocast_dtype,
-                  dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
-                  compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
-                  overlap_grad_reduce=cfg.overlap_grad_reduce)
+    groups: dict = {}  # the holder groups' communicators, shared by every plan of the run
+
+    def executor(model, plan):
+        return Executor(model, plan, device=device, autocast_dtype=autocast_dtype, dtype=dtype,
+                        activation_checkpointing=cfg.activation_checkpointing,
+                        compile=cfg.compile, shard_optimizer=cfg.shard_optimizer,
+                        overlap_grad_reduce=cfg.overlap_grad_reduce, group_cache=groups)
+
+    def optimizer(ex):
+        return make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
+
+    ex = executor(model, plan)
     # the planner's memory estimate of every rank under this plan (reported with the results)
     estimates = memory_estimates(model, plan, world,
                                  **{k: v for k, v in memory.items() if k != "device_memory_gb"})
     if cfg.plan is not None and cfg.memory_gb is not None:  # the same verdict on every rank
         check_plan_memory(estimates, cfg.memory_gb)
-    opt = make_optimizer([(n, p) for n, p in sorted(ex.named_parameters()) if ex.updates(n)], cfg)
+    opt = optimizer(ex)
     scaler = make_grad_scaler(cfg, device)
     start = 0
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
@@ -226,9 +246,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start = ckpt.restore(ex, opt, state, model_name=cfg.model)
         if scaler is not None and "grad_scaler" in state["extra"]:
             scaler.load_state_dict(state["extra"]["grad_scaler"])
-    stream = make_stream(cfg, model, "train")
+    # The streams get a model of their own: one that an executor built would keep the plan's
+    # share of parameters alive after a re-plan has moved them.
+    stream = make_stream(cfg, fresh_model(), "train")
     # the same held-out batches at every evaluation
-    eval_set = _batches(make_stream(cfg, model, "eval"), range(cfg.eval_batches), device,
+    eval_set = _batches(make_stream(cfg, fresh_model(), "eval"), range(cfg.eval_batches), device,
                         dtype) if cfg.eval_every else []
     bar = _progress(cfg, rank, start)
     prof = _profiler(cfg, rank, start, device)
@@ -274,6 +296,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm, "lr": lr,
                **scale_info, "seconds": dt, "executor_seconds": t_exec, **stats,
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
+        if cfg.replan_every and (step + 1) % cfg.replan_every == 0 and step + 1 < cfg.steps:
+            with ex.span("mtmm re-plan"):
+                verdict = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None, memory)
+            rec["replan"] = verdict.record()
+            if verdict.plan is not None:
+                new_ex = executor(fresh_model(), verdict.plan)
+                new_ex.trace = ex.trace
+                new_opt = optimizer(new_ex)
+                rec["replan"].update(migrate_state(ex, opt, new_ex, new_opt))
+                ex, opt, plan, model = new_ex, new_opt, verdict.plan, new_ex.model
+                estimates = memory_estimates(model, plan, world, **{k: v for k, v in memory.items()
+                                                                    if k != "device_memory_gb"})
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             rec["eval_losses"] = evaluate(ex, eval_set, model)
             rec["eval_loss"] = sum(rec["eval_losses"].values())
@@ -302,6 +336,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.return_state:
         out["state"] = ckpt.gather_state(ex, opt, step=cfg.steps, model_name=cfg.model)
     return out
+
+
+def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, memory: dict) -> replan.Verdict:
+    """Rank 0's verdict on re-planning for the tokens measured since the last one, the same on
+    every rank (collective)."""
+    tokens = ex.take_token_counts()
+    verdict = None
+    if ex.rank == 0:
+        verdict = replan.reconsider(ex.model, plan, world, tokens, method=cfg.method,
+                                    min_gain=cfg.replan_min_gain, cost=cost, **memory)
+    if world > 1:
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    return verdict
 
 
 def memory_estimates(model, plan: dict, world: int, **options) -> list[float]:
@@ -380,6 +429,14 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("loss_scaling", "overlap_grad_reduce"):
         if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name}: expected True, False or None, got {getattr(cfg, name)!r}")
+    if isinstance(cfg.replan_every, bool) or not isinstance(cfg.replan_every, int) or cfg.replan_every < 0:
+        raise ValueError(f"replan_every: expected an int >= 0, got {cfg.replan_every!r}")
+    if isinstance(cfg.replan_min_gain, bool) or not isinstance(cfg.replan_min_gain, (int, float)) \
+            or not 0 <= cfg.replan_min_gain < 1:
+        raise ValueError(f"replan_min_gain: expected a number in [0, 1), got {cfg.replan_min_gain!r}")
+    if cfg.replan_every and cfg.cost != "model":
+        raise ValueError(f"replan_every: re-planning measures tokens, which cost {cfg.cost!r} does not "
+                         "take (it times step 0's data); use cost 'model'")
     for name in ("init_loss_scale", "memory_gb", "clip"):
         value = getattr(cfg, name)
         if value is None and name in ("memory_gb", "clip"):
@@ -466,6 +523,12 @@ def _log(cfg: TrainConfig, bar, rec: dict) -> None:
         if rec.get("skipped"):
             msg += f"  skipped: inf/NaN gradients at loss scale {rec['loss_scale']:g}"
         (bar.write if bar is not None else print)(msg)
+    moved = rec.get("replan")
+    if cfg.log_every and moved and moved["switched"]:
+        (bar.write if bar is not None else print)(
+            f"step {step:4d}  re-planned on the measured tokens: {moved['current_ms']:.4g} -> "
+            f"{moved['new_ms']:.4g} ms an iteration (simulated), {moved['moved_mb']:.3g} MB of "
+            f"state moved in {moved['seconds']:.3g} s")
 
 
 def train_many(cfgs: list[TrainConfig]) -> list[dict[str, Any]]:

@@ -1,0 +1,61 @@
+"""Re-planning a running job on the workload it measured.
+
+The first plan is made before any data is seen, from each task's declared ``seq_lens``. The
+executor counts the tokens each MetaOp's first layer actually receives
+(``Executor.take_token_counts``: padded lengths where the model pads, packed rows where it
+packs). Every ``replan_every`` steps the trainer asks :func:`reconsider` whether a plan made
+for the measured tokens beats the running one, and switches to it (``scheduler.plan_switch``)
+when the planner's simulator predicts it faster, on that same measured workload, by more than
+``min_gain`` of the running plan's time. The threshold keeps a job from paying a state move
+for a gain inside the model's error, and from swinging between two plans of about equal time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scheduler.plan import PlanMemoryError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :func:`reconsider` found: ``plan`` to switch to, or None to keep the running one."""
+
+    plan: dict | None
+    current_ms: float  # the running plan's simulated iteration on the measured workload
+    new_ms: float | None  # the new plan's (None: no plan could be made)
+    reason: str
+
+    def record(self) -> dict:
+        """For a step's history (JSON-ready)."""
+        return {"switched": self.plan is not None, "current_ms": self.current_ms,
+                "new_ms": self.new_ms, "reason": self.reason}
+
+
+def check_min_gain(min_gain: float) -> None:
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain: expected a number in [0, 1), got {min_gain!r}")
+
+
+def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, method: str,
+               min_gain: float = 0.05, cost=None, **problem_options) -> Verdict:
+    """Plans ``model`` on ``world`` devices for the measured ``tokens`` ({metaop: tokens per
+    sample}) with ``method`` and compares it with the running ``plan`` on that workload
+    (``scheduler.simulate``). ``cost`` and ``problem_options`` (memory, checkpointing,
+    sharding) go to ``model.to_problem`` as for the first plan."""
+    from scheduler.executor import make_plan
+    from scheduler.simulate import simulate
+
+    check_min_gain(min_gain)
+    problem = model.to_problem(world, cost=cost, seq_lens=tokens, **problem_options)
+    current = simulate(problem, plan).iteration_ms
+    try:
+        new = make_plan(model, world, method, problem=problem)
+    except PlanMemoryError as e:
+        return Verdict(None, current, None, f"no {method} plan fits memory: {e}")
+    new_ms = simulate(problem, new).iteration_ms
+    if not math.isfinite(new_ms) or new_ms >= (1.0 - min_gain) * current:
+        return Verdict(None, current, new_ms,
+                       f"the new {method} plan is not more than {min_gain:.0%} faster")
+    return Verdict(new, current, new_ms, f"the new {method} plan is {1 - new_ms / current:.1%} faster")

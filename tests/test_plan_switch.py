@@ -1,0 +1,247 @@
+"""Switching plans mid-run (scheduler/plan_switch.py) and re-planning on measured tokens
+(scheduler/replan.py, ``TrainConfig.replan_every``).
+
+A run that changes plans between steps must train exactly like the single-process reference
+of test_executor.py (float64, < 1e-10): every parameter and every AdamW moment reaches its
+new holders intact, sharded or not, through plans where a rank holds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from scheduler import plan_switch, replan
+from scheduler.data import SyntheticStream
+from scheduler.executor import Executor, make_plan
+from scheduler.launch import run_local
+from scheduler.plan import PlanMemoryError
+from scheduler.simulate import simulate
+from scheduler.tiny_models import get_trainable_model
+from scheduler.trainer import TrainConfig, check_config, make_optimizer, train, train_many
+from test_executor import CLIP, CLIP_PLAN_3, _s, assert_matches_reference, cfg_for
+
+# tiny-clip on ranks 0 and 1 only: rank 2 holds nothing
+CLIP_PLAN_01 = {"waves": [
+    {"slices": [_s("vision-text/vision", 0, 2, [0]), _s("vision-text/text", 0, 2, [1])]},
+    {"slices": [_s("vision-text/contrast", 0, 1, [0]), _s("audio-text/audio", 0, 2, [1])]},
+    {"slices": [_s("audio-text/text", 0, 2, [0, 1])]},
+    {"slices": [_s("audio-text/contrast", 0, 1, [1]), _s("vision-audio/vision", 0, 2, [0])]},
+    {"slices": [_s("vision-audio/audio", 0, 2, [0, 1])]},
+    {"slices": [_s("vision-audio/contrast", 0, 1, [0])]},
+]}
+
+
+def _train_switching(cfgs: list[TrainConfig], plans: list[list[dict]]) -> list[dict]:
+    """In each rank: ``train(cfg)`` with every re-plan answered by the next of its ``plans``
+    (a forced switch at each ``replan_every`` step)."""
+    results = []
+    for cfg, queue in zip(cfgs, plans):
+        queue = list(queue)
+
+        def forced(model, plan, world, tokens, **kw):
+            return replan.Verdict(queue.pop(0), 1.0, 0.5, "forced by the test")
+
+        real, replan.reconsider = replan.reconsider, forced
+        try:
+            results.append(train(cfg))
+        finally:
+            replan.reconsider = real
+        assert dist.get_rank() != 0 or not queue, "a forced plan was not used"  # rank 0 decides
+    return results
+
+
+def test_switching_plans_every_step_on_3_ranks_matches_the_reference():
+    """CLIP_PLAN_3 -> rank 2 holding nothing -> spindle, with the optimizer unsharded and
+    sharded (owners move, a parameter's moments go to its new owner only)."""
+    model = get_trainable_model(CLIP)
+    spindle = make_plan(model, 3, "spindle")
+    cfgs = [dataclasses.replace(cfg_for(CLIP, CLIP_PLAN_3), replan_every=1, shard_optimizer=s)
+            for s in (False, True)]
+    results = run_local(_train_switching, 3, cfgs, [[CLIP_PLAN_01, spindle]] * 2, timeout_s=240)
+    for i in range(2):
+        r = results[0][i]
+        assert_matches_reference(CLIP, r)
+        assert [h["replan"]["switched"] for h in r["history"][:2]] == [True, True]
+        assert r["history"][0]["replan"]["moved_mb"] > 0
+        # every rank's moments add up to each parameter's once (sharded) or per holder
+        assert sum(x[i]["optimizer_state_bytes"] for x in results) > 0
+    whole = get_trainable_model(CLIP).build().double()
+    moments = 2 * sum(p.numel() * p.element_size() for p in whole.parameters())
+    assert sum(x[1]["optimizer_state_bytes"] for x in results) == moments
+
+
+def test_one_process_switch_copies_every_value_and_moment_bit_for_bit():
+    model = get_trainable_model(CLIP)
+    plan_a, plan_b = make_plan(model, 1, "sequential"), make_plan(model, 1, "spindle")
+    cfg = TrainConfig(model=CLIP, lr=1e-2)
+    old = Executor(model, plan_a)
+    old_opt = make_optimizer(sorted(old.named_parameters()), cfg)
+    old.step(SyntheticStream(model).step(0))
+    old_opt.step()
+    new = Executor(get_trainable_model(CLIP), plan_b)
+    new_opt = make_optimizer(sorted(new.named_parameters()), cfg)
+    info = plan_switch.migrate_state(old, old_opt, new, new_opt)
+    assert info["moved_mb"] == 0  # nothing leaves the process
+    olds, news = dict(old.named_parameters()), dict(new.named_parameters())
+    assert olds.keys() == news.keys()
+    for name, p in olds.items():
+        q = news[name]
+        assert q is not p and torch.equal(q, p), name
+        want, got = old_opt.state[p], new_opt.state[q]
+        assert want.keys() == got.keys(), name
+        for key in want:
+            assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key])), (name, key)
+            if torch.is_tensor(want[key]) and want[key].dim():
+                assert got[key].data_ptr() != want[key].data_ptr()  # a copy, not the old memory
+
+
+def test_a_switch_before_any_step_moves_values_and_no_state():
+    model = get_trainable_model(CLIP)
+    cfg = TrainConfig(model=CLIP)
+    old = Executor(model, make_plan(model, 1, "sequential"))
+    new = Executor(get_trainable_model(CLIP, seed=5), make_plan(model, 1, "spindle"))
+    new_opt = make_optimizer(sorted(new.named_parameters()), cfg)
+    plan_switch.migrate_state(old, make_optimizer(sorted(old.named_parameters()), cfg), new, new_opt)
+    assert all(torch.equal(p, dict(new.named_parameters())[n]) for n, p in old.named_parameters())
+    assert not new_opt.state
+
+
+def test_plans_of_different_models_are_refused():
+    offers = [{"a": ((2,), torch.float32, {}), "b": ((2,), torch.float32, {})}]
+    with pytest.raises(ValueError, match=r"none of the new plan's ranks holds \['b'\]"):
+        plan_switch._transfers(offers, [{"a": True}])
+    with pytest.raises(ValueError, match=r"no old rank has \['c'\]"):
+        plan_switch._transfers(offers, [{"a": True, "b": True, "c": True}])
+    with pytest.raises(ValueError, match="owned by ranks 0 and 1"):
+        plan_switch._transfers([{"a": offers[0]["a"]}, {"a": offers[0]["a"]}], [{"a": True}])
+
+
+# --- measured tokens --------------------------------------------------------------------------
+def _counts_on_ranks(plan: dict, steps: int) -> dict:
+    model = get_trainable_model(CLIP)
+    ex = Executor(model, plan)
+    stream = SyntheticStream(model)
+    for s in range(steps):
+        ex.step(stream.step(s))
+    ex.evaluate(stream.step(99))  # an evaluation is not counted
+    return ex.take_token_counts()
+
+
+def _expected_counts(steps: int) -> dict:
+    """From the batches alone: text padded to the step's longest sample, the other encoders'
+    fixed token counts, two rows per sample at the contrastive head (its [B, 2, D] pair)."""
+    model = get_trainable_model(CLIP)
+    stream = SyntheticStream(model)
+    out = {}
+    for task, t in model.tasks.items():
+        for comp in model.task_order(task):
+            if comp == "text":
+                out[f"{task}/text"] = sum(stream.step(s)[task]["text"].shape[1] for s in range(steps)) / steps
+            elif comp == "contrast":
+                out[f"{task}/contrast"] = 2.0
+            else:
+                out[f"{task}/{comp}"] = float(stream.step(0)[task][comp].shape[1])
+    return out
+
+
+def test_token_counts_are_the_rows_each_metaop_received_on_any_plan():
+    want = _expected_counts(3)
+    assert len({v for k, v in want.items() if k.endswith("/text")}) > 1  # lengths differ by task
+    alone = _counts_on_ranks(make_plan(get_trainable_model(CLIP), 1, "sequential"), 3)
+    assert alone == pytest.approx(want, rel=1e-12)
+    spread = run_local(_counts_on_ranks, 3, CLIP_PLAN_3, 3, timeout_s=120)
+    assert all(c == spread[0] for c in spread)  # the same on every rank
+    assert spread[0] == pytest.approx(want, rel=1e-12)
+
+
+def test_token_counts_reset_after_each_take():
+    model = get_trainable_model(CLIP)
+    ex = Executor(model, make_plan(model, 1, "sequential"))
+    ex.step(SyntheticStream(model).step(0))
+    assert ex.take_token_counts()
+    assert ex.take_token_counts() == {}
+
+
+def test_to_problem_takes_measured_tokens_for_the_metaops_named():
+    model = get_trainable_model(CLIP)
+    declared = model.to_problem(3)
+    same = model.to_problem(3, seq_lens={"vision-text/text": 7})  # the declared length
+    assert same == declared
+    longer = model.to_problem(3, seq_lens={"vision-text/text": 40.5})
+    for a, b in zip(declared["metaops"], longer["metaops"]):
+        if a["name"] == "vision-text/text":
+            assert all(b["time_ms"][n] > a["time_ms"][n] for n in a["time_ms"])
+            assert b["activation_gb"] == pytest.approx(a["activation_gb"] * 40.5 / 7)
+        else:
+            assert a == b
+    with pytest.raises(ValueError, match="seq_lens: 'vision-text/lm' is not a MetaOp"):
+        model.to_problem(3, seq_lens={"vision-text/lm": 3})
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="seq_lens: expected a positive finite number"):
+            model.to_problem(3, seq_lens={"vision-text/text": bad})
+
+
+# --- the decision -------------------------------------------------------------------------------
+def test_reconsider_keeps_a_plan_made_for_the_same_tokens():
+    model = get_trainable_model(CLIP)
+    plan = make_plan(model, 3, "spindle")
+    v = replan.reconsider(model, plan, 3, {}, method="spindle")
+    assert v.plan is None and v.new_ms == pytest.approx(v.current_ms, rel=1e-12)
+    assert "not more than 5% faster" in v.reason
+
+
+def test_reconsider_switches_to_the_plan_for_the_measured_tokens():
+    """The text encoder of one task turns out 30x longer than declared: the plan for the
+    measured tokens is the planner's plan for that problem, and simulated faster on it."""
+    model = get_trainable_model(CLIP)
+    plan = make_plan(model, 4, "spindle")
+    tokens = {"audio-text/text": 210.0}
+    v = replan.reconsider(model, plan, 4, tokens, method="spindle", min_gain=0.0)
+    problem = model.to_problem(4, seq_lens=tokens)
+    assert v.plan["waves"] == make_plan(model, 4, "spindle", problem=problem)["waves"]
+    assert v.plan["waves"] != plan["waves"]
+    assert v.current_ms == pytest.approx(simulate(problem, plan).iteration_ms, rel=1e-12)
+    assert v.new_ms < v.current_ms
+    assert v.record()["switched"] is True
+    gain = 1 - v.new_ms / v.current_ms
+    held = replan.reconsider(model, plan, 4, tokens, method="spindle", min_gain=gain + 0.01)
+    assert held.plan is None and held.new_ms == pytest.approx(v.new_ms)
+
+
+def test_reconsider_keeps_the_plan_when_none_fits_memory():
+    model = get_trainable_model(CLIP)
+    plan = make_plan(model, 3, "spindle")
+    v = replan.reconsider(model, plan, 3, {}, method="spindle", device_memory_gb=1e-9)
+    assert v.plan is None and v.new_ms is None and "fits memory" in v.reason
+    with pytest.raises(PlanMemoryError):
+        make_plan(model, 3, "spindle", device_memory_gb=1e-9)
+
+
+def test_replan_settings_are_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="replan_every: expected an int >= 0"):
+            check_config(TrainConfig(replan_every=bad))
+    for bad in (-0.1, 1.0, True, float("nan")):
+        with pytest.raises(ValueError, match="replan_min_gain: expected a number in"):
+            check_config(TrainConfig(replan_min_gain=bad))
+    with pytest.raises(ValueError, match="replan_every: re-planning measures tokens"):
+        check_config(TrainConfig(replan_every=2, cost="profile"))
+    with pytest.raises(ValueError, match="min_gain"):
+        replan.check_min_gain(1.0)
+
+
+def test_the_trainer_re_plans_on_its_own_and_still_matches_the_reference():
+    """No forcing: tiny-clip's text runs longer than its declared 7 tokens, and with no
+    threshold the re-plan after some step switches; the run equals the reference."""
+    cfg = dataclasses.replace(cfg_for(CLIP, None), method="spindle", replan_every=1,
+                              replan_min_gain=0.0)
+    (r,) = run_local(train_many, 3, [cfg], timeout_s=240)[0]
+    assert_matches_reference(CLIP, r)
+    records = [h["replan"] for h in r["history"] if "replan" in h]
+    assert len(records) == 2 and any(x["switched"] for x in records)
+    for x in records:
+        assert x["new_ms"] <= x["current_ms"] or not x["switched"]
