@@ -73,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         skipped = sum(bool(h.get("skipped")) for h in hist)
         caps = results[0].get("count_cap")
         caps = f" (count caps {', '.join(f'{c} {n}' for c, n in caps.items())})" if caps else ""
+        switched = sum(bool(h.get("replan", {}).get("switched")) for h in hist)
         print(f"trained {cfg.model} with plan {results[0]['plan_method']}{caps}: loss {first['loss']:.4f} -> "
               f"{last['loss']:.4f} in {len(hist)} steps, {tok_s:.0f} tokens/s"
+              + (f", switched plans {switched} time{'s' if switched > 1 else ''}" if switched else "")
               + (f", {skipped} skipped (inf/NaN gradients)" if skipped else ""))
         peak = results[0].get("peak_memory_gb")
         print(f"memory on rank 0: {results[0]['memory_estimate_gb']:.4g} GB estimated by the planner"

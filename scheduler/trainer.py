@@ -298,7 +298,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
         if cfg.replan_every and (step + 1) % cfg.replan_every == 0 and step + 1 < cfg.steps:
             with ex.span("mtmm re-plan"):
-                verdict = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None, memory)
+                verdict = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None, memory,
+                                      horizon_steps=min(cfg.replan_every, cfg.steps - step - 1))
             rec["replan"] = verdict.record()
             if verdict.plan is not None:
                 new_ex = executor(fresh_model(), verdict.plan)
@@ -338,14 +339,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, memory: dict) -> replan.Verdict:
+def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, memory: dict,
+                horizon_steps: int) -> replan.Verdict:
     """Rank 0's verdict on re-planning for the tokens measured since the last one, the same on
-    every rank (collective)."""
+    every rank (collective). A switch must pay for its state move within ``horizon_steps``."""
     tokens = ex.take_token_counts()
     verdict = None
     if ex.rank == 0:
         verdict = replan.reconsider(ex.model, plan, world, tokens, method=cfg.method,
-                                    min_gain=cfg.replan_min_gain, cost=cost, **memory)
+                                    min_gain=cfg.replan_min_gain, horizon_steps=horizon_steps,
+                                    cost=cost, **memory)
     if world > 1:
         box = [verdict]
         dist.broadcast_object_list(box, src=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -130,6 +131,26 @@ def test_mtmm_train_takes_clip_and_decay_all(capsys):
     for name in ("decay_all", "shard_optimizer", "loss_scaling", "overlap_grad_reduce"):
         with pytest.raises(ValueError, match=f"{name}: expected True.* got 1"):
             check_config(TrainConfig(**{name: 1}))
+
+
+def test_mtmm_train_re_plans_on_measured_tokens(capfd):
+    """--replan-every N: the command re-plans, logs the switch and counts it in its summary;
+    bad settings are refused before any process starts."""
+    from scheduler.cli import build_parser, main
+    from scheduler.cmd_train import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg.replan_every == 0 and cfg.replan_min_gain == 0.05  # off by default
+    argv = ["train", "--steps", "3", "--nproc", "3", "--no-progress", "--log-every", "1",
+            "--replan-every", "1", "--replan-min-gain", "0"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert "re-planned on the measured tokens" in out and "MB of state moved" in out
+    assert re.search(r"in 3 steps, \d+ tokens/s, switched plans [12] times?", out), out
+    assert main(["train", "--replan-every", "-1"]) == 2
+    assert "replan_every: expected an int >= 0, got -1" in capfd.readouterr().out
+    assert main(["train", "--replan-every", "2", "--cost", "profile"]) == 2
+    assert "re-planning measures tokens" in capfd.readouterr().out
 
 
 def test_mtmm_train_reports_a_bad_plan_file(tmp_path, capsys):
