@@ -207,9 +207,10 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     The fixed plan is made for the nominal problem (every task, nominal lengths) and replayed
     on each iteration's data (slices of absent tasks leave their devices idle). Both
     re-planning runs plan every iteration and pay its measured planning wall time on top of
-    the simulated time, and pay the state move of every switch (``replan.move_between``: new
+    the simulated time, and pay the state move of every switch (``state_moves.move_between``: new
     holders receive a layer's weights and optimizer state; an absent task's layers stay where
-    they were until a plan needs them elsewhere):
+    they were until a plan needs them elsewhere), each new plan's devices renamed to move the
+    least (``state_moves.relabel_for_state``):
 
     - ``replan``: runs each iteration's own plan (switches every time the holders change);
     - ``paying``: keeps its plan unless the new one saves more than its move on this
@@ -219,7 +220,7 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     Throughput is iterations per second of the total; all runs see identical data.
     """
     from scheduler.plan import Problem
-    from scheduler.replan import holders, move_between
+    from scheduler.state_moves import layer_holders, move_between, relabel_for_state
     from scheduler.simulate import simulate
     from scheduler.workload import Workload, WorkloadConfig
 
@@ -230,7 +231,7 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     fixed_plan = _plan(nominal_dict, method)
     fixed_ms = replan_ms = planning_ms = move_ms = paying_ms = paying_move_ms = 0.0
     switches = 0
-    held = holders(nominal, fixed_plan)  # where each layer's state is, re-planning every time
+    held = layer_holders(nominal, fixed_plan)  # where each layer's state is, re-planning every time
     kept, kept_held = fixed_plan, dict(held)  # the paying run's plan and state
     active = []
     for _ in _progress(range(iterations), iterations, "dynamic", progress):
@@ -241,20 +242,28 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
         t0 = time.perf_counter()
         plan = _plan(problem, method)
         planned = (time.perf_counter() - t0) * 1e3
-        planning_ms += planned
         new_ms = simulate(problem, plan, cluster).iteration_ms
-        now = holders(nominal, plan)
+        # renamed to keep the most state in place (the same plan and times); the renaming's
+        # wall time counts as planning
+        t0 = time.perf_counter()
+        now = layer_holders(nominal, relabel_for_state(nominal, plan, held, cluster))
+        renaming = (time.perf_counter() - t0) * 1e3
+        planning_ms += planned + renaming
         moved = move_between(nominal, held, now, cluster)
         held.update(now)
         move_ms += moved
-        replan_ms += new_ms + planned + moved
+        replan_ms += new_ms + planned + renaming + moved
         # the paying run
         present = {m["name"] for m in problem["metaops"]}
         covers = present <= {s["metaop"] for w in kept["waves"] for s in w["slices"]}
         kept_ms = simulate(problem, kept, cluster, strict=False).iteration_ms if covers else math.inf
+        t0 = time.perf_counter()
+        renamed = relabel_for_state(nominal, plan, kept_held, cluster)
+        planned += (time.perf_counter() - t0) * 1e3
+        now = layer_holders(nominal, renamed)
         moving = move_between(nominal, kept_held, now, cluster)
         if kept_ms - new_ms > moving:
-            kept, switches = plan, switches + 1
+            kept, switches = renamed, switches + 1
             kept_held.update(now)
             paying_move_ms += moving
             paying_ms += new_ms + planned + moving

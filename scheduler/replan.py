@@ -7,8 +7,9 @@ packs). Every ``replan_every`` steps the trainer asks :func:`reconsider` whether
 for the measured tokens beats the running one, and switches to it (``scheduler.plan_switch``)
 when the planner's simulator predicts it faster, on that same measured workload, by more than
 ``min_gain`` of the running plan's time, and when the time saved over the next
-``horizon_steps`` steps pays for moving the state (:func:`move_ms`). The threshold keeps a job
-from paying a state move for a gain inside the model's error, and from swinging between two
+``horizon_steps`` steps pays for moving the state (``state_moves.move_ms``). The new plan's
+devices are renamed first so that it moves little state (``state_moves.relabel_for_state``).
+The threshold keeps a job from paying a state move for a gain inside the model's error, and from swinging between two
 plans of about equal time.
 """
 
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
 
 from scheduler.plan import PlanMemoryError, Problem
-from scheduler.simulate import Cluster
+from scheduler.state_moves import layer_holders, move_ms, relabel_for_state
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Verdict:
     current_ms: float  # the running plan's simulated iteration on the measured workload
     new_ms: float | None  # the new plan's (None: no plan could be made)
     reason: str
-    move_ms: float | None = None  # the switch's state move, estimated (move_ms)
+    move_ms: float | None = None  # the switch's state move, estimated (state_moves.move_ms)
 
     def record(self) -> dict:
         """For a step's history (JSON-ready)."""
@@ -43,64 +43,17 @@ def check_min_gain(min_gain: float) -> None:
         raise ValueError(f"min_gain: expected a number in [0, 1), got {min_gain!r}")
 
 
-def holders(problem: Problem, plan: Mapping) -> dict[tuple[str, int], set[int]]:
-    """{(component, layer): devices that run it} under ``plan`` (MetaOps of ``problem``)."""
-    out: dict[tuple[str, int], set[int]] = {}
-    for wave in plan["waves"]:
-        for s in wave["slices"]:
-            c = problem.metaops[problem.index(s["metaop"])].component
-            for j in range(s["layer_begin"], s["layer_end"]):
-                out.setdefault((c, j), set()).update(s["devices"])
-    return out
-
-
-def move_ms(problem: Problem | Mapping, old_plan: Mapping, new_plan: Mapping,
-            cluster: Cluster | None = None) -> float:
-    """The simulator's estimate of switching from ``old_plan`` to ``new_plan``, ms
-    (:func:`move_between` of the two plans' holders)."""
-    p = problem if isinstance(problem, Problem) else Problem.from_dict(problem)
-    return move_between(p, holders(p, old_plan), holders(p, new_plan), cluster)
-
-
-def move_between(problem: Problem, before: Mapping[tuple[str, int], set[int]],
-                 after: Mapping[tuple[str, int], set[int]], cluster: Cluster | None = None) -> float:
-    """ms to give every device in ``after`` the layers ``before`` did not put on it: each
-    receives a layer's ``param_gb`` but its gradient (the cluster's ``grad_fraction``), with
-    the ``optimizer_shard_fraction`` part going to one holder only (counted 1/H on each of
-    the H). Over NVLink where a holder in ``before`` shares its node, else over its node's
-    network link; devices and nodes receive at once, so the slowest decides. Layers absent
-    from ``after`` stay where they are; owners changing among the same holders (sharded
-    moments) are not counted."""
-    cluster = cluster or Cluster(devices_per_node=problem.island_size)
-    param = problem.component_param_gb()
-    f = problem.optimizer_shard_fraction
-    node = cluster.devices_per_node
-    intra = [0.0] * problem.num_devices
-    inter: dict[int, float] = {}
-    for (c, j), now in after.items():
-        old = before.get((c, j), set())
-        gb = param[c] * (1.0 - cluster.grad_fraction - f + f / len(now))
-        for d in now - old:
-            if any(o // node == d // node for o in old):
-                intra[d] += gb
-            else:
-                inter[d // node] = inter.get(d // node, 0.0) + gb
-    worst = max([g / cluster.intra_gbps for g in intra] + [g / cluster.inter_gbps for g in inter.values()])
-    return worst * 1e3
-
-
 def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, method: str,
                min_gain: float = 0.05, horizon_steps: int = 1, cost=None,
                **problem_options) -> Verdict:
     """Plans ``model`` on ``world`` devices for the measured ``tokens`` ({metaop: tokens per
     sample}) with ``method`` and compares it with the running ``plan`` on that workload
     (``scheduler.simulate``): a switch must save more than ``min_gain`` of an iteration and,
-    over ``horizon_steps`` iterations, more than its state move (:func:`move_ms`). ``cost``
+    over ``horizon_steps`` iterations, more than its state move (``state_moves.move_ms``). ``cost``
     and ``problem_options`` (memory, checkpointing, sharding) go to ``model.to_problem`` as
     for the first plan."""
     from scheduler.executor import make_plan
     from scheduler.simulate import simulate
-
 
     check_min_gain(min_gain)
     if isinstance(horizon_steps, bool) or not isinstance(horizon_steps, int) or horizon_steps < 1:
@@ -111,6 +64,8 @@ def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, metho
         new = make_plan(model, world, method, problem=problem)
     except PlanMemoryError as e:
         return Verdict(None, current, None, f"no {method} plan fits memory: {e}")
+    p = Problem.from_dict(problem)
+    new = relabel_for_state(p, new, layer_holders(p, plan))  # the same plan, less to move
     new_ms = simulate(problem, new).iteration_ms
     if not math.isfinite(new_ms) or new_ms >= (1.0 - min_gain) * current:
         return Verdict(None, current, new_ms,

@@ -135,6 +135,12 @@ def test_dynamic_study_small():
     assert r["iterations"] == 3 and r["planning_total_ms"] > 0
     assert r["replan_total_ms"] > r["planning_total_ms"] and r["fixed_total_ms"] > 0
     assert r["throughput_gain"] == pytest.approx(r["fixed_total_ms"] / r["replan_total_ms"] - 1)
+    # tasks leave and lengths change: the re-planned run moves state, and pays for it
+    assert r["move_total_ms"] > 0
+    assert r["gain_without_moves"] == pytest.approx(
+        r["fixed_total_ms"] / (r["replan_total_ms"] - r["move_total_ms"]) - 1)
+    assert r["paying_gain"] == pytest.approx(r["fixed_total_ms"] / r["paying_total_ms"] - 1)
+    assert 0 <= r["paying_switches"] <= 3
     for bad in (0, True):
         with pytest.raises(ValueError, match=f"iterations must be a positive int, got {bad!r}"):
             paper.dynamic_study(bad, cfg)
@@ -175,3 +181,4 @@ def test_dynamic_study_without_change_costs_only_the_planning():
     assert r["mean_active_tasks"] == 4
     assert r["fixed_total_ms"] == pytest.approx(r["replan_total_ms"] - r["planning_total_ms"])
     assert r["throughput_gain"] < 0
+    assert r["move_total_ms"] == 0 and r["paying_switches"] == 0  # the same plan: nothing moves
