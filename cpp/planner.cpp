@@ -7,6 +7,7 @@
 #include <limits>
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "allocation.hpp"
@@ -436,10 +437,13 @@ void Run::step() {
     const std::vector<Placed>& placed = placer_.place_wave(wave_index, sized_, done_, rem_layers_, D);
     if (placed.empty()) {
         const int m = sized_[0].metaop;
-        throw PlanMemoryError("cannot fit in memory: MetaOp '" + in_.names[m] + "' (layers from " +
-                              std::to_string(done_[m]) + ") does not fit the free memory of any " +
-                              std::to_string(in_.counts[m][0]) + " devices (device_memory_gb = " +
-                              std::to_string(in_.device_memory_gb) + ")");
+        const int n = in_.counts[m][0];
+        std::ostringstream msg;  // a stream prints 16 as "16" and 24.5 as "24.5", like %g
+        msg << "cannot fit in memory: MetaOp '" << in_.names[m] << "' (layers from " << done_[m]
+            << ") does not fit the free memory of "
+            << (n == 1 ? std::string("any device") : "any " + std::to_string(n) + " devices")
+            << " (device_memory_gb = " << in_.device_memory_gb << ")";
+        throw PlanMemoryError(msg.str());
     }
     Wave wave{t_now_, 0.0, static_cast<int>(out_.slices.size()), static_cast<int>(placed.size())};
     const int dev_base = static_cast<int>(out_.devices.size());

@@ -389,10 +389,11 @@ def _plan_once(inp: CoreInput, overlap_levels: bool, least_idle: bool, single_tu
         placed = placer.place_wave(len(waves), sized, done, lambda m: tuples[m][cur[m]][1], D)
         if not placed:
             m = sized[0][0]
+            n = inp.counts[m][0]
             raise PlanMemoryError(
-                f"cannot fit in memory: MetaOp {inp.names[m]!r} (layers from {done[m]}) does not "
-                f"fit the free memory of any {inp.counts[m][0]} devices "
-                f"(device_memory_gb = {inp.device_memory_gb})")
+                f"cannot fit in memory: MetaOp '{inp.names[m]}' (layers from {done[m]}) does not "
+                f"fit the free memory of {'any device' if n == 1 else f'any {n} devices'} "
+                f"(device_memory_gb = {inp.device_memory_gb:g})")
         duration = 0.0
         slices = []
         for m, ci, k, devs in placed:

@@ -312,6 +312,32 @@ def test_running_out_of_memory_is_a_plan_memory_error_and_only_it_is_retried():
     assert len(calls) > 1 and calls[0] is p
 
 
+def test_both_back_ends_word_a_placement_refusal_alike():
+    """The wave that fits no devices' free memory: the same message from the C++ core and the
+    twin, in words ("any device", not "any 1 devices") and numbers as written (24, not
+    24.000000)."""
+    rng = random.Random(3)
+    seen = singles = 0
+    for _ in range(60):
+        d = random_problem(rng, rng.randint(2, 16), rng.choice([8, 16]), memory=True)
+        d["device_memory_gb"] = round(d["device_memory_gb"] * rng.choice([0.1, 0.5]), 3)
+        words = []
+        for backend in ("cpp", "python"):
+            try:
+                plan_problem(d, "mtmm", backend, memory_fallback=False, portfolio=False)
+                words.append(None)
+            except PlanMemoryError as e:
+                words.append(str(e))
+        assert (words[0] is None) == (words[1] is None)
+        if words[0] is not None and "MetaOp" in words[0] and "free memory" in words[0]:
+            seen += 1
+            assert words[0] == words[1]
+            assert "any 1 devices" not in words[0] and "000000" not in words[0]
+            assert f"device_memory_gb = {d['device_memory_gb']:g})" in words[0]
+            singles += "any device " in words[0]
+    assert seen > 0 and singles > 0
+
+
 def _own_counts(p):
     own = {}
     for i, m in enumerate(p.metaops):
