@@ -271,6 +271,14 @@ class Executor:
         # since the last take_token_counts (the workload a re-plan measures)
         self._tokens_seen: dict[str, list[int]] = {}
         self._counting = False
+        # (component, layer)s that a task of the steps since the last reduction ran (None: all
+        # of them; every rank sees the same data, so the same set). While a task is absent, the
+        # reduction skips holder groups none of whose layers ran and carries has-gradient flags,
+        # so that a parameter no holder has a gradient for keeps none, as in one process, and
+        # AdamW skips it (_start_reduce).
+        self._used: set[tuple[str, int]] | None = set()
+        self._present: set[str] | None = None
+        self._param_layer = {id(p): self._layer_of(n) for n, p in self.model.named_parameters()}
         self._owner = self._assign_owners() if shard_optimizer else {}
         # per bucket, (owner, the owner's parameters in bucket order) for each owner with any
         self._shards = [[(r, [p for n, p in zip(names, params) if self._owner[n] == r])
@@ -355,6 +363,7 @@ class Executor:
         the others too, which its next reduction would otherwise add in again)."""
         for p in self.model.parameters():
             p.grad = None
+        self._used = set()
 
     def owned(self, name: str) -> bool:
         """True on exactly one holder of each parameter: its owner with ``shard_optimizer``,
@@ -432,6 +441,10 @@ class Executor:
                              f"got {loss_scale!r}")
         self._loss_scale = loss_scale
         self._counting = True
+        if self._used is not None:  # the layers some task of this call runs
+            self._used = None if self._present is None else self._used | {
+                (sl.component, i) for sl in self.schedule.slices if sl.task in self._present
+                for i in range(sl.begin, sl.end)}
         stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
         waves = range(self.schedule.num_waves)
         self._run_waves(waves, self._forward, self._exchange_forward, stats)
@@ -446,6 +459,7 @@ class Executor:
             t0 = time.perf_counter()
             self._finish_reduce(pending)
             stats["reduce_s"] += time.perf_counter() - t0
+            self._used = set()
         # Wall time per phase on this rank (CPU: exact; GPU: launch time unless synchronised).
         # Waiting for a slower peer counts as transfer time.
         self.last_stats = stats
@@ -465,15 +479,25 @@ class Executor:
 
     def _begin(self, data, units) -> None:
         model = self.model
-        for task in model.tasks:
-            if task not in data:
-                raise ValueError(f"data: no batch for task {task!r}")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"data: expected a mapping of task to batch, got {type(data).__name__}")
+        unknown = [t for t in data if t not in model.tasks]
+        if unknown:
+            raise ValueError(f"data: {unknown} are not tasks of {model.name!r} "
+                             f"(its tasks: {list(model.tasks)})")
+        present = [t for t in model.tasks if t in data]
+        if not present:
+            raise ValueError(f"data: no batch for any task of {model.name!r}")
+        for task in present:
             model.check_batch(task, data[task])
+        # the tasks of this call where some are absent (their slices and messages skipped);
+        # None: every task, every slice runs
+        self._present = set(present) if len(present) < len(model.tasks) else None
         if units is not None:
             if not isinstance(units, Mapping):
                 raise ValueError(f"units: expected a mapping of task to count, got "
                                  f"{type(units).__name__}")
-            for task in model.tasks:
+            for task in present:
                 n = units.get(task)
                 if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                     raise ValueError(f"units: expected a positive int for task {task!r}, "
@@ -497,7 +521,7 @@ class Executor:
         wave's transfers, then ``after(wave)`` if given; wall times added to ``stats``."""
         clock = time.perf_counter
         for w in waves:
-            sl = self.schedule.slice_of(self.rank, w)
+            sl = self._runs(self.schedule.slice_of(self.rank, w))
             t0 = clock()
             if sl is not None:
                 with self.span(f"mtmm {phase} wave {w} {sl.metaop}[{sl.begin}:{sl.end}]"):
@@ -510,9 +534,15 @@ class Executor:
             if after is not None:
                 after(w)
 
+    def _runs(self, sl: Slice | None) -> Slice | None:
+        """``sl`` if its task is in this call's data, else None (the slice sits it out)."""
+        if sl is None or self._present is None or sl.task in self._present:
+            return sl
+        return None
+
     def _end(self) -> dict[str, float]:
         """Each task's loss summed over the ranks' shards; the step's state dropped."""
-        names = list(self.model.tasks)
+        names = [t for t in self.model.tasks if self._present is None or t in self._present]
         losses = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         for sid, rec in self._rec.items():
             if rec.loss is not None:
@@ -520,7 +550,7 @@ class Executor:
         if self.world > 1:
             dist.all_reduce(losses)
         self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}
-        self._data = self._units = self._loss_scale = None
+        self._data = self._units = self._loss_scale = self._present = None
         self._counting = False
         return dict(zip(names, losses.tolist()))
 
@@ -593,7 +623,7 @@ class Executor:
         return prefix[msg.s0] - prefix[shard[0]], prefix[msg.s1] - prefix[shard[0]]
 
     def _exchange_forward(self, wave: int) -> None:
-        msgs = self.schedule.fwd[wave]
+        msgs = self._live(self.schedule.fwd[wave])
         sends, recvs = [], []
         for m in msgs:
             if m.src == self.rank:
@@ -624,6 +654,12 @@ class Executor:
         for m, buf in zip(recvs, bufs):
             self._inbox.setdefault((m.consumer, m.key), []).append((m.s0, buf))
 
+    def _live(self, msgs: list[Message]) -> list[Message]:
+        """The messages of tasks in this call's data (a message stays inside its task)."""
+        if self._present is None:
+            return msgs
+        return [m for m in msgs if self.schedule.slices[m.producer].task in self._present]
+
     def _p2p(self, sends, recvs) -> None:
         """Posts ``sends`` and ``recvs`` ([(message, tensor)], in message order, which is the
         same on both ends of every pair) and waits for all of them."""
@@ -633,7 +669,7 @@ class Executor:
             req.wait()
 
     def _exchange_backward(self, wave: int) -> None:
-        msgs = self.schedule.bwd[wave]
+        msgs = self._live(self.schedule.bwd[wave])
         sends, recvs = [], []
         for m in msgs:
             if m.dst == self.rank:
@@ -655,7 +691,7 @@ class Executor:
             for fm, buf in recvs:
                 self._add_grad(fm.msg, buf)
         # Inputs of this wave's slice are no longer needed.
-        sl = self.schedule.slice_of(self.rank, wave)
+        sl = self._runs(self.schedule.slice_of(self.rank, wave))
         if sl is not None:
             self._rec[sl.id].leaves.clear()
 
@@ -674,31 +710,40 @@ class Executor:
         t0 = time.perf_counter()
         for b in buckets:
             ranks, params = self._buckets[b]
+            # With a task absent, some holders may have no gradient for a parameter that
+            # others have; each flat buffer then also sums a has-gradient flag per parameter.
+            flags = self._used is not None
+            if flags and not any(self._param_layer[id(p)] in self._used for p in params):
+                continue  # no holder ran any of them: no gradient anywhere, nothing to reduce
             group = self._groups[ranks]
             with self.span(f"mtmm reduce start {ranks}"):
                 if not self._owner:
-                    flat = _flat_grads(params)
-                    pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, params, None))
+                    flat = _flat_grads(params, flags)
+                    pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, params,
+                                    None, flags))
                     continue
                 for dst, mine in self._shards[b]:
-                    flat = _flat_grads(mine)
+                    flat = _flat_grads(mine, flags)
                     work = dist.reduce(flat, dst=dst, group=group, async_op=True)
-                    pending.append((work, flat, mine, dst))
+                    pending.append((work, flat, mine, dst, flags))
         stats["reduce_s"] += time.perf_counter() - t0
 
     def _finish_reduce(self, pending: list) -> None:
         """Waits for the reductions and gives every parameter this rank steps its summed
         gradient; a reduce's other ranks drop theirs (partial sums nobody reads)."""
-        for work, flat, params, dst in pending:
+        for work, flat, params, dst, flags in pending:
             with self.span("mtmm reduce wait"):
                 work.wait()
             if dst is not None and dst != self.rank:
                 for p in params:
                     p.grad = None
                 continue
+            # a parameter no holder had a gradient for keeps none (AdamW skips it, as in one
+            # process); reading the flags syncs, so only steps with a task absent carry them
+            had = flat[-len(params):].tolist() if flags else [1.0] * len(params)
             offset = 0
-            for p in params:
-                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            for p, h in zip(params, had):
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if h > 0 else None
                 offset += p.numel()
 
 
@@ -712,10 +757,14 @@ def _part_entry(table: Mapping[str, object], name: str):
     raise KeyError(name)
 
 
-def _flat_grads(params) -> torch.Tensor:
-    """The parameters' gradients (zeros where there is none) in one flat tensor."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
+def _flat_grads(params, flags: bool = False) -> torch.Tensor:
+    """The parameters' gradients (zeros where there is none) in one flat tensor; with
+    ``flags``, followed by one element per parameter: 1 where it has a gradient, else 0."""
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    if flags:
+        parts.append(torch.tensor([float(p.grad is not None) for p in params],
+                                  dtype=params[0].dtype, device=params[0].device))
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)

@@ -470,10 +470,16 @@ class MultiTaskModel(nn.Module):
                 raise TypeError(f"batch of task {task!r}, modality {key!r}: expected {kind} data, got {x.dtype}")
 
     def reference_losses(self, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
-        """Every task on its whole batch in one process, components in topological order:
-        the oracle the distributed executor is tested against. Needs a fully built model."""
+        """Every task of ``batches`` on its whole batch in one process, components in
+        topological order: the oracle the distributed executor is tested against. Needs a fully
+        built model."""
+        unknown = [t for t in batches if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"batches: {unknown} are not tasks of {self.name!r}")
         losses = {}
         for tname, t in self.tasks.items():
+            if tname not in batches:
+                continue
             batch = batches[tname]
             self.check_batch(tname, batch)
             outs: dict[str, torch.Tensor] = {}

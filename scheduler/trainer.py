@@ -453,10 +453,16 @@ def _batches(stream, indices, device: torch.device, dtype: torch.dtype | None) -
              for t, b in stream.step(i).items()} for i in indices]
 
 
+def _tasks_in(model, batches: list[dict]) -> list[str]:
+    """The model's tasks that have a batch in any of ``batches``, in the model's order."""
+    return [t for t in model.tasks if any(t in b for b in batches)]
+
+
 def _units_over(model, batches: list[dict]) -> dict[str, int]:
-    """Each task's loss units (samples or tokens) over all ``batches``: the divisor that weighs
-    every unit of them alike."""
-    return {t: sum(model.tasks[t].count_units(b[t]) for b in batches) for t in model.tasks}
+    """Each task's loss units (samples or tokens) over all ``batches`` that hold it: the
+    divisor that weighs every unit of them alike."""
+    return {t: sum(model.tasks[t].count_units(b[t]) for b in batches if t in b)
+            for t in _tasks_in(model, batches)}
 
 
 def _forward_backward(ex: Executor, model, micro: list[dict],
@@ -466,7 +472,7 @@ def _forward_backward(ex: Executor, model, micro: list[dict],
     where there is one) and multiplied by ``loss_scale`` for the backward. Returns the step's
     (unscaled) losses and its phase times on this rank."""
     units = None if len(micro) == 1 else _units_over(model, micro)
-    losses = dict.fromkeys(model.tasks, 0.0)
+    losses = dict.fromkeys(_tasks_in(model, micro), 0.0)
     stats = dict.fromkeys(("compute_s", "transfer_s", "reduce_s"), 0.0)
     for j, data in enumerate(micro):
         for t, loss in ex.step(data, units=units, reduce=j == len(micro) - 1,
@@ -492,7 +498,7 @@ def evaluate(ex: Executor, batches: list, model) -> dict[str, float]:
     """Each task's loss over ``batches``, forward only: its summed loss over all of them divided
     by its units over all of them (as gradient accumulation weighs them)."""
     units = _units_over(model, batches)
-    losses = dict.fromkeys(model.tasks, 0.0)
+    losses = dict.fromkeys(_tasks_in(model, batches), 0.0)
     for batch in batches:
         for t, loss in ex.evaluate(batch, units=units).items():
             losses[t] += loss

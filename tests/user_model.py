@@ -46,3 +46,15 @@ class PoisonedStream(SyntheticStream):
             batch["audio-text"] = dict(batch["audio-text"], audio=torch.full_like(
                 batch["audio-text"]["audio"], float("inf")))
         return batch
+
+
+class PartialStream(SyntheticStream):
+    """The synthetic batches with tasks left out, in a cycle of three steps: every task; all
+    but audio-text; vision-audio alone (its text encoder then runs for no task)
+    (tests/test_absent_tasks.py)."""
+
+    LEFT_OUT = ((), ("audio-text",), ("vision-text", "audio-text"))
+
+    def step(self, index: int):
+        batch = super().step(index)
+        return {t: b for t, b in batch.items() if t not in self.LEFT_OUT[index % 3]}
