@@ -77,21 +77,56 @@ class MultiTaskLoader:
         datasets: task -> map-style dataset (sampled in a seeded permutation per epoch) or
             iterable dataset (read in order, restarted when exhausted).
         batch_sizes: task -> samples per step (the model's ``Task.batch``).
-        seed: shuffling seed; the same on every rank.
+        seed: shuffling and task-sampling seed; the same on every rank.
+        tasks_per_step: None: every task in every step; k: k distinct tasks per step, drawn
+            without replacement with probabilities proportional to ``task_weights`` (the
+            others are left out of that step; the executor skips them).
+        task_weights: task -> positive weight for ``tasks_per_step`` (default: all equal).
 
     ``step(i)`` gives the i-th step (a ``mtmm train --data`` stream): map-style datasets are
-    read at the positions that step covers, so a resumed run reads what an uninterrupted one
-    would; iterable ones can only go on in order.
+    read at the positions that step covers (the batches their task had in steps 0..i-1), so a
+    resumed run reads what an uninterrupted one would; iterable ones can only go on in order.
+    The tasks of step i depend on (seed, i) alone.
     """
 
-    def __init__(self, datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], seed: int = 0):
+    def __init__(self, datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], seed: int = 0,
+                 *, tasks_per_step: int | None = None, task_weights: Mapping[str, float] | None = None):
         missing = set(batch_sizes) - set(datasets)
         if missing:
             raise ValueError(f"datasets: no dataset for tasks {sorted(missing)}")
         self.datasets, self.batch_sizes, self.seed = dict(datasets), dict(batch_sizes), seed
+        n = len(self.batch_sizes)
+        if tasks_per_step is not None and (isinstance(tasks_per_step, bool) or not isinstance(tasks_per_step, int)
+                                           or not 1 <= tasks_per_step <= n):
+            raise ValueError(f"tasks_per_step: expected None or an int in [1, {n}], got {tasks_per_step!r}")
+        if task_weights is not None and tasks_per_step is None:
+            raise ValueError("task_weights: only with tasks_per_step")
+        weights = dict.fromkeys(self.batch_sizes, 1.0) if task_weights is None else dict(task_weights)
+        if set(weights) != set(self.batch_sizes):
+            raise ValueError(f"task_weights: expected a weight for each of {sorted(self.batch_sizes)}, "
+                             f"got {sorted(weights)}")
+        for t, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+                raise ValueError(f"task_weights: expected a positive finite weight for {t!r}, got {w!r}")
+        self.tasks_per_step = tasks_per_step
+        self._weights = torch.tensor([float(weights[t]) for t in self.batch_sizes], dtype=torch.float64)
+        self._drawn: list[tuple[str, ...]] = []  # the tasks of steps 0, 1, ... computed so far
         self._iters: dict[str, Iterator] = {}
         self._pos: dict[str, int] = {t: 0 for t in batch_sizes}  # samples drawn so far
         self._perms: dict[str, tuple[int, torch.Tensor]] = {}  # task -> (epoch, permutation)
+        self._next = 0  # the step step() without an index gives
+
+    def tasks_of(self, index: int) -> tuple[str, ...]:
+        """The tasks of step ``index``, in ``batch_sizes`` order."""
+        names = list(self.batch_sizes)
+        if self.tasks_per_step is None:
+            return tuple(names)
+        while len(self._drawn) <= index:
+            i = len(self._drawn)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/tasks/{i}".encode()))
+            picked = torch.multinomial(self._weights, self.tasks_per_step, replacement=False, generator=gen)
+            self._drawn.append(tuple(names[k] for k in sorted(picked.tolist())))
+        return self._drawn[index]
 
     def _is_map(self, task: str) -> bool:
         ds = self.datasets[task]
@@ -123,13 +158,20 @@ class MultiTaskLoader:
     def step(self, index: int | None = None) -> Step:
         """The next step, or the ``index``-th (0-based)."""
         if index is not None:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(f"index: expected an int >= 0, got {index!r}")
             for t, b in self.batch_sizes.items():
+                before = sum(t in self.tasks_of(i) for i in range(index)) if self.tasks_per_step else index
                 if self._is_map(t):
-                    self._pos[t] = index * b
-                elif self._pos[t] != index * b:
+                    self._pos[t] = before * b
+                elif self._pos[t] != before * b:
                     raise ValueError(f"index: datasets[{t!r}] is iterable, read in order, and "
-                                     f"is at step {self._pos[t] // b}, not {index}")
-        return {t: collate([self._draw(t) for _ in range(b)]) for t, b in self.batch_sizes.items()}
+                                     f"is at its batch {self._pos[t] // b}, not {before} (step {index})")
+            self._next = index
+        tasks = self.tasks_of(self._next)
+        self._next += 1
+        return {t: collate([self._draw(t) for _ in range(b)]) for t, b in self.batch_sizes.items()
+                if t in tasks}
 
     def __iter__(self) -> Iterator[Step]:
         while True:

@@ -246,8 +246,79 @@ def test_loader_steps_by_index_resume_where_they_would_have_been():
     mixed = MultiTaskLoader({"a": MapDS(), "it": IterDS()}, {"a": 3, "it": 2})
     mixed.step(0)
     mixed.step(1)
-    with pytest.raises(ValueError, match=r"^index: datasets\['it'\] is iterable.*at step 2, not 5"):
+    with pytest.raises(ValueError, match=r"^index: datasets\['it'\] is iterable.*at its batch 2, not 5"):
         mixed.step(5)
+
+
+class _Labels(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"label": torch.tensor(i)}
+
+
+def test_loader_samples_tasks_per_step_by_weight_and_resumes():
+    """tasks_per_step=k: k distinct tasks a step, drawn by weight from (seed, step) alone;
+    step(i) reads what the i-th sequential step read, each map-style dataset at the batches
+    its task had before; an iterable one advances only in the steps that draw its task."""
+    sizes = {"a": 2, "b": 3, "c": 1, "d": 2}
+    datasets = {t: _Labels(5 + i) for i, t in enumerate(sizes)}
+    weights = {"a": 1.0, "b": 2.0, "c": 4.0, "d": 1e-6}
+    loader = MultiTaskLoader(datasets, sizes, 3, tasks_per_step=2, task_weights=weights)
+    steps = [loader.step() for _ in range(600)]
+    assert all(len(s) == 2 for s in steps)
+    assert all(list(s) == [t for t in sizes if t in s] for s in steps)  # the loader's order
+    seen = {t: sum(t in s for s in steps) for t in sizes}
+    assert seen["d"] <= 3 and seen["c"] > seen["b"] > seen["a"] > 100
+    # the same tasks from the same seed, other ones from another
+    again = MultiTaskLoader(datasets, sizes, 3, tasks_per_step=2, task_weights=weights)
+    assert [again.tasks_of(i) for i in range(600)] == [tuple(s) for s in steps]
+    other = MultiTaskLoader(datasets, sizes, 4, tasks_per_step=2, task_weights=weights)
+    assert [other.tasks_of(i) for i in range(50)] != [tuple(s) for s in steps[:50]]
+    # resumed by index: the labels the sequential run read
+    resumed = MultiTaskLoader(datasets, sizes, 3, tasks_per_step=2, task_weights=weights)
+    for i in (17, 3, 599, 0):
+        got = resumed.step(i)
+        assert {t: b["label"].tolist() for t, b in got.items()} == \
+            {t: b["label"].tolist() for t, b in steps[i].items()}, i
+    # a map-style task's epoch: every sample once in its first len/size batches
+    firsts = [s["c"]["label"].item() for s in steps if "c" in s][:7]
+    assert sorted(firsts) == list(range(7))
+
+
+def test_loader_sampling_reads_an_iterable_dataset_only_when_its_task_is_drawn():
+    class IterDS(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([{"v": torch.tensor([float(i)])} for i in range(100)])
+
+    loader = MultiTaskLoader({"m": _Labels(4), "it": IterDS()}, {"m": 1, "it": 1}, 0,
+                             tasks_per_step=1)
+    steps = [loader.step() for _ in range(20)]
+    read = [s["it"]["v"].item() for s in steps if "it" in s]
+    assert 0 < len(read) < 20 and read == list(range(len(read)))
+    assert loader.step(20) is not None  # in order
+    with pytest.raises(ValueError, match=r"datasets\['it'\] is iterable"):
+        loader.step(5)
+
+
+def test_loader_sampling_settings_are_checked():
+    sets, sizes = {"a": _Labels(3), "b": _Labels(3)}, {"a": 1, "b": 1}
+    for bad in (0, 3, True, 1.0):
+        with pytest.raises(ValueError, match=r"tasks_per_step: expected None or an int in \[1, 2\]"):
+            MultiTaskLoader(sets, sizes, tasks_per_step=bad)
+    with pytest.raises(ValueError, match="task_weights: only with tasks_per_step"):
+        MultiTaskLoader(sets, sizes, task_weights={"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=r"task_weights: expected a weight for each of \['a', 'b'\]"):
+        MultiTaskLoader(sets, sizes, tasks_per_step=1, task_weights={"a": 1})
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="task_weights: expected a positive finite weight for 'b'"):
+            MultiTaskLoader(sets, sizes, tasks_per_step=1, task_weights={"a": 1, "b": bad})
+    with pytest.raises(ValueError, match="index: expected an int >= 0"):
+        MultiTaskLoader(sets, sizes).step(-1)
 
 
 def test_collate_and_shard():
