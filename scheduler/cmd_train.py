@@ -26,7 +26,8 @@ def config_from_args(args: argparse.Namespace):
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         shard_optimizer=args.shard_optimizer, replan_every=args.replan_every,
-        replan_min_gain=args.replan_min_gain, profile_dir=args.profile, profile_steps=args.profile_steps,
+        replan_min_gain=args.replan_min_gain, replan_calibrate=not args.replan_model_times,
+        profile_dir=args.profile, profile_steps=args.profile_steps,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, metrics_file=args.metrics_file,
     )
@@ -164,6 +165,9 @@ def add_parser(sub) -> None:
     p.add_argument("--replan-min-gain", type=float, default=0.05, metavar="F",
                    help="the predicted gain, a fraction of the running plan's iteration, that a "
                         "re-plan must beat to switch (default 0.05)")
+    p.add_argument("--replan-model-times", action="store_true",
+                   help="re-plan with the cost model's times for the measured tokens (default: "
+                        "each MetaOp's times scaled to the compute its slices measured)")
     p.add_argument("--profile", metavar="DIR",
                    help="write each rank's Chrome trace (torch.profiler) to DIR/rank<r>.json")
     p.add_argument("--profile-steps", type=_positive_int, default=3, metavar="K",

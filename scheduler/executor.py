@@ -271,6 +271,11 @@ class Executor:
         # since the last take_token_counts (the workload a re-plan measures)
         self._tokens_seen: dict[str, list[int]] = {}
         self._counting = False
+        # per slice: compute ms (forward and backward) and the step() calls that ran it on
+        # this rank since the last take_slice_times; CUDA events wait in _events until _end
+        self._slice_ms = [0.0] * len(self.schedule.slices)
+        self._slice_runs = [0] * len(self.schedule.slices)
+        self._events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         # (component, layer)s that a task of the steps since the last reduction ran (None: all
         # of them; every rank sees the same data, so the same set). While a task is absent, the
         # reduction skips holder groups none of whose layers ran and carries has-gradient flags,
@@ -524,8 +529,11 @@ class Executor:
             sl = self._runs(self.schedule.slice_of(self.rank, w))
             t0 = clock()
             if sl is not None:
+                mark = self._clock_start() if self._counting else None
                 with self.span(f"mtmm {phase} wave {w} {sl.metaop}[{sl.begin}:{sl.end}]"):
                     compute(sl)
+                if mark is not None:
+                    self._clock_stop(sl, mark, first=phase == "forward")
             t1 = clock()
             with self.span(f"mtmm {phase} exchange wave {w}"):
                 exchange(w)
@@ -533,6 +541,41 @@ class Executor:
             stats["transfer_s"] += clock() - t1
             if after is not None:
                 after(w)
+
+    def _clock_start(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _clock_stop(self, sl: Slice, mark, first: bool) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((sl.id, mark, end))
+        else:
+            self._slice_ms[sl.id] += (time.perf_counter() - mark) * 1e3
+        self._slice_runs[sl.id] += first  # once per call: the forward
+
+    def take_slice_times(self) -> dict[str, list[tuple[int, int, float]]]:
+        """Each MetaOp's measured compute since the last call, as [(devices, layers, ms)], one
+        entry per slice that ran: its forward and backward in training steps (the slowest of
+        its ranks), per step() call that ran it. Collective: every rank calls it and gets the
+        same times; then reset. A MetaOp none of whose slices ran is left out."""
+        ms = torch.tensor(self._slice_ms, dtype=torch.float64)
+        runs = torch.tensor(self._slice_runs, dtype=torch.float64)
+        if self.world > 1:
+            both = torch.stack([ms, runs]).to(self.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            ms, runs = both.cpu()
+        self._slice_ms = [0.0] * len(self.schedule.slices)
+        self._slice_runs = [0] * len(self.schedule.slices)
+        out: dict[str, list[tuple[int, int, float]]] = {}
+        for sl, t, n in zip(self.schedule.slices, ms.tolist(), runs.tolist()):
+            if n > 0:
+                out.setdefault(sl.metaop, []).append((len(sl.devices), sl.end - sl.begin, t / n))
+        return out
 
     def _runs(self, sl: Slice | None) -> Slice | None:
         """``sl`` if its task is in this call's data, else None (the slice sits it out)."""
@@ -549,10 +592,15 @@ class Executor:
                 losses[names.index(self.schedule.slices[sid].task)] += rec.loss.detach().double()
         if self.world > 1:
             dist.all_reduce(losses)
+        values = losses.tolist()  # waits for the step's work: its timing events are done
+        for sid, start, end in self._events:
+            end.synchronize()
+            self._slice_ms[sid] += start.elapsed_time(end)
+        self._events = []
         self._rec, self._inbox, self._grad_out, self._prefix = {}, {}, {}, {}
         self._data = self._units = self._loss_scale = self._present = None
         self._counting = False
-        return dict(zip(names, losses.tolist()))
+        return dict(zip(names, values))
 
     def _shard(self, sl: Slice) -> tuple[int, int]:
         k = sl.devices.index(self.rank)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 from scheduler.plan import PlanMemoryError, Problem
 from scheduler.state_moves import layer_holders, move_ms, relabel_for_state
@@ -31,11 +32,13 @@ class Verdict:
     new_ms: float | None  # the new plan's (None: no plan could be made)
     reason: str
     move_ms: float | None = None  # the switch's state move, estimated (state_moves.move_ms)
+    factors: Mapping[str, float] | None = None  # measured / modelled time per MetaOp (calibrate)
 
     def record(self) -> dict:
         """For a step's history (JSON-ready)."""
         return {"switched": self.plan is not None, "current_ms": self.current_ms,
-                "new_ms": self.new_ms, "move_ms": self.move_ms, "reason": self.reason}
+                "new_ms": self.new_ms, "move_ms": self.move_ms, "reason": self.reason,
+                "time_factors": dict(self.factors or {})}
 
 
 def check_min_gain(min_gain: float) -> None:
@@ -43,12 +46,33 @@ def check_min_gain(min_gain: float) -> None:
         raise ValueError(f"min_gain: expected a number in [0, 1), got {min_gain!r}")
 
 
+def calibrate(problem: dict, times: Mapping[str, list[tuple[int, int, float]]]) -> dict[str, float]:
+    """Scales, in place, each MetaOp's ``time_ms`` of ``problem`` (a problem dict) by its
+    measured compute over the modelled: ``times`` ({metaop: [(devices, layers, ms)]}, one
+    entry per slice, e.g. ``Executor.take_slice_times``) against ``time_ms[devices] *
+    layers`` summed over the same slices (those on counts the table has). One factor per
+    MetaOp keeps the model's shape across device counts and its monotonicity. Returns the
+    factors."""
+    factors = {}
+    for m in problem["metaops"]:
+        slices = [(str(n), layers, ms) for n, layers, ms in times.get(m["name"], ())
+                  if str(n) in m["time_ms"]]
+        modelled = sum(m["time_ms"][n] * layers for n, layers, _ in slices)
+        measured = sum(ms for _, _, ms in slices)
+        if modelled > 0 and measured > 0:
+            factors[m["name"]] = f = measured / modelled
+            m["time_ms"] = {n: t * f for n, t in m["time_ms"].items()}
+    return factors
+
+
 def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, method: str,
+               times: Mapping[str, list[tuple[int, int, float]]] | None = None,
                min_gain: float = 0.05, horizon_steps: int = 1, cost=None,
                **problem_options) -> Verdict:
     """Plans ``model`` on ``world`` devices for the measured ``tokens`` ({metaop: tokens per
     sample}) with ``method`` and compares it with the running ``plan`` on that workload
-    (``scheduler.simulate``): a switch must save more than ``min_gain`` of an iteration and,
+    (``scheduler.simulate``), each MetaOp's times scaled to its measured ``times`` where given
+    (:func:`calibrate`): a switch must save more than ``min_gain`` of an iteration and,
     over ``horizon_steps`` iterations, more than its state move (``state_moves.move_ms``). ``cost``
     and ``problem_options`` (memory, checkpointing, sharding) go to ``model.to_problem`` as
     for the first plan."""
@@ -59,21 +83,23 @@ def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, metho
     if isinstance(horizon_steps, bool) or not isinstance(horizon_steps, int) or horizon_steps < 1:
         raise ValueError(f"horizon_steps: expected an int >= 1, got {horizon_steps!r}")
     problem = model.to_problem(world, cost=cost, seq_lens=tokens, **problem_options)
+    factors = calibrate(problem, times) if times else {}
     current = simulate(problem, plan).iteration_ms
     try:
         new = make_plan(model, world, method, problem=problem)
     except PlanMemoryError as e:
-        return Verdict(None, current, None, f"no {method} plan fits memory: {e}")
+        return Verdict(None, current, None, f"no {method} plan fits memory: {e}", factors=factors)
     p = Problem.from_dict(problem)
     new = relabel_for_state(p, new, layer_holders(p, plan))  # the same plan, less to move
     new_ms = simulate(problem, new).iteration_ms
     if not math.isfinite(new_ms) or new_ms >= (1.0 - min_gain) * current:
         return Verdict(None, current, new_ms,
-                       f"the new {method} plan is not more than {min_gain:.0%} faster")
+                       f"the new {method} plan is not more than {min_gain:.0%} faster", factors=factors)
     moving = move_ms(problem, plan, new)
     saved = (current - new_ms) * horizon_steps
     if saved < moving:
         return Verdict(None, current, new_ms, f"the new {method} plan saves {saved:.4g} ms over "
-                       f"{horizon_steps} steps, less than its state move ({moving:.4g} ms)", moving)
+                       f"{horizon_steps} steps, less than its state move ({moving:.4g} ms)", moving,
+                       factors)
     return Verdict(new, current, new_ms, f"the new {method} plan is {1 - new_ms / current:.1%} faster",
-                   moving)
+                   moving, factors)

@@ -93,6 +93,9 @@ class TrainConfig:
     # that workload (scheduler/replan.py); with cost "model" only: a profile is of step 0's data
     replan_every: int = 0
     replan_min_gain: float = 0.05
+    # re-plan with each MetaOp's modelled times scaled to the compute its slices took in
+    # those steps (replan.calibrate); False: the model's times for the measured tokens
+    replan_calibrate: bool = True
     # ZeRO stage 1: each parameter held by several ranks has its optimizer state on one of
     # them, which updates it and broadcasts the new value (Executor(shard_optimizer=))
     shard_optimizer: bool = False
@@ -296,6 +299,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rec = {"step": step, "losses": losses, "loss": sum(losses.values()), "grad_norm": norm, "lr": lr,
                **scale_info, "seconds": dt, "executor_seconds": t_exec, **stats,
                "tokens_per_s": sum(batch_tokens(m, model) for m in micro) / dt}
+        if cfg.replan_every and cfg.replan_calibrate and step == start:
+            ex.take_slice_times()  # the run's first step warms up (allocations, compilation)
         if cfg.replan_every and (step + 1) % cfg.replan_every == 0 and step + 1 < cfg.steps:
             with ex.span("mtmm re-plan"):
                 verdict = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None, memory,
@@ -344,9 +349,10 @@ def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, me
     """Rank 0's verdict on re-planning for the tokens measured since the last one, the same on
     every rank (collective). A switch must pay for its state move within ``horizon_steps``."""
     tokens = ex.take_token_counts()
+    times = ex.take_slice_times() if cfg.replan_calibrate else None
     verdict = None
     if ex.rank == 0:
-        verdict = replan.reconsider(ex.model, plan, world, tokens, method=cfg.method,
+        verdict = replan.reconsider(ex.model, plan, world, tokens, times=times, method=cfg.method,
                                     min_gain=cfg.replan_min_gain, horizon_steps=horizon_steps,
                                     cost=cost, **memory)
     if world > 1:
@@ -426,7 +432,7 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    for name in ("shard_optimizer", "decay_all"):  # 0 and 1 would pass `in (True, False)`
+    for name in ("shard_optimizer", "decay_all", "replan_calibrate"):  # 0 and 1 pass `in (True, False)`
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name}: expected True or False, got {getattr(cfg, name)!r}")
     for name in ("loss_scaling", "overlap_grad_reduce"):

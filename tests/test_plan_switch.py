@@ -235,15 +235,18 @@ def test_replan_settings_are_checked():
             check_config(TrainConfig(replan_min_gain=bad))
     with pytest.raises(ValueError, match="replan_every: re-planning measures tokens"):
         check_config(TrainConfig(replan_every=2, cost="profile"))
+    with pytest.raises(ValueError, match="replan_calibrate: expected True or False"):
+        check_config(TrainConfig(replan_calibrate=1))
     with pytest.raises(ValueError, match="min_gain"):
         replan.check_min_gain(1.0)
 
 
 def test_the_trainer_re_plans_on_its_own_and_still_matches_the_reference():
     """No forcing: tiny-clip's text runs longer than its declared 7 tokens, and with no
-    threshold the re-plan after some step switches; the run equals the reference."""
+    threshold the re-plan after some step switches; the run equals the reference. (The
+    model's times for the measured tokens: measured times would make the verdict timing's.)"""
     cfg = dataclasses.replace(cfg_for(CLIP, None), method="spindle", replan_every=1,
-                              replan_min_gain=0.0)
+                              replan_min_gain=0.0, replan_calibrate=False)
     (r,) = run_local(train_many, 3, [cfg], timeout_s=240)[0]
     assert_matches_reference(CLIP, r)
     records = [h["replan"] for h in r["history"] if "replan" in h]
@@ -266,3 +269,78 @@ def test_reconsider_keeps_a_plan_whose_move_outweighs_the_steps_it_saves(monkeyp
     assert took.plan is not None and took.move_ms == pytest.approx(10.5 * saved)
     with pytest.raises(ValueError, match="horizon_steps"):
         replan.reconsider(model, plan, 4, tokens, method="spindle", horizon_steps=0)
+
+
+def test_calibrated_re_planning_records_every_metaops_factor_and_matches_the_reference():
+    """With measured times (the default) the verdict depends on this machine's timing; the
+    run still equals the reference, and the re-plan after step 1 (step 0 warms up, untimed)
+    scaled every MetaOp by a positive factor."""
+    cfg = dataclasses.replace(cfg_for(CLIP, None), method="spindle", replan_every=1)
+    (r,) = run_local(train_many, 3, [cfg], timeout_s=240)[0]
+    assert_matches_reference(CLIP, r)
+    names = set(get_trainable_model(CLIP).metaops())
+    assert r["history"][0]["replan"]["time_factors"] == {}  # the first step is not timed
+    factors = r["history"][1]["replan"]["time_factors"]
+    assert set(factors) == names and all(f > 0 for f in factors.values())
+
+
+# --- measured times -------------------------------------------------------------------------------
+def _times_on_ranks(plan: dict, data_indices: list[int]) -> dict:
+    from user_model import PartialStream
+
+    model = get_trainable_model(CLIP)
+    ex = Executor(model, plan)
+    stream = PartialStream(model)
+    for i in data_indices:
+        ex.step(stream.step(i))
+    ex.evaluate(stream.step(0))  # not counted
+    return ex.take_slice_times()
+
+
+def test_slice_times_cover_each_slice_that_ran_per_call_on_any_plan():
+    """Every slice of the plan that ran appears once with its device count and layers, the
+    same on every rank; PartialStream's step 2 runs vision-audio alone, so over steps 0 and 2
+    vision-text ran once and vision-audio twice, and each is timed per call that ran it."""
+    want = sorted((sl["metaop"], len(sl["devices"]), sl["layer_end"] - sl["layer_begin"])
+                  for w in CLIP_PLAN_3["waves"] for sl in w["slices"])
+    got = run_local(_times_on_ranks, 3, CLIP_PLAN_3, [0, 2], timeout_s=120)
+    assert all(g == got[0] for g in got)
+    flat = sorted((m, n, layers) for m, entries in got[0].items() for n, layers, _ in entries)
+    assert flat == want
+    assert all(ms > 0 for entries in got[0].values() for _, _, ms in entries)
+    only_vt = _times_on_ranks(make_plan(get_trainable_model(CLIP), 1, "sequential"), [1])
+    assert "audio-text/audio" not in only_vt and "vision-text/vision" in only_vt
+
+
+def test_calibrate_scales_each_metaop_by_measured_over_modelled():
+    problem = {"metaops": [
+        {"name": "t/a", "time_ms": {"1": 4.0, "2": 2.5, "4": 2.0}},
+        {"name": "t/b", "time_ms": {"1": 1.0}},
+        {"name": "t/c", "time_ms": {"1": 3.0}},
+    ]}
+    # t/a: 3 layers on 2 devices (modelled 7.5 ms) and 1 on 4 (2.0 ms) took 19 ms in all;
+    # t/b ran on 3 devices, a count its table lacks; t/c was not measured
+    factors = replan.calibrate(problem, {"t/a": [(2, 3, 15.0), (4, 1, 4.0)], "t/b": [(3, 1, 9.0)]})
+    assert factors == {"t/a": pytest.approx(2.0)}
+    assert problem["metaops"][0]["time_ms"] == pytest.approx({"1": 8.0, "2": 5.0, "4": 4.0})
+    assert problem["metaops"][1]["time_ms"] == {"1": 1.0}
+    assert problem["metaops"][2]["time_ms"] == {"1": 3.0}
+
+
+def test_reconsider_on_measured_times_plans_for_them():
+    """Measured times ten times the model's for one MetaOp: the verdict simulates both plans
+    on the scaled problem, and its new plan is the planner's for that problem."""
+    model = get_trainable_model(CLIP)
+    plan = make_plan(model, 4, "spindle")
+    times = {"vision-text/vision": [(n, layers, 10 * model.to_problem(4)["metaops"][0]["time_ms"][str(n)] * layers)
+                                    for n, layers in ((len(sl["devices"]), sl["layer_end"] - sl["layer_begin"])
+                                                      for w in plan["waves"] for sl in w["slices"]
+                                                      if sl["metaop"] == "vision-text/vision")]}
+    v = replan.reconsider(model, plan, 4, {}, times=times, method="spindle", min_gain=0.0)
+    assert v.factors == {"vision-text/vision": pytest.approx(10.0)}
+    problem = model.to_problem(4)
+    replan.calibrate(problem, times)
+    assert v.current_ms == pytest.approx(simulate(problem, plan).iteration_ms, rel=1e-12)
+    fresh = make_plan(model, 4, "spindle", problem=problem)
+    assert v.new_ms == pytest.approx(simulate(problem, fresh).iteration_ms, rel=1e-12)
+    assert v.record()["time_factors"] == {"vision-text/vision": pytest.approx(10.0)}

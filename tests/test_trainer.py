@@ -141,6 +141,9 @@ def test_mtmm_train_re_plans_on_measured_tokens(capfd):
 
     cfg = config_from_args(build_parser().parse_args(["train"]))
     assert cfg.replan_every == 0 and cfg.replan_min_gain == 0.05  # off by default
+    assert cfg.replan_calibrate is True  # measured times, unless --replan-model-times
+    assert config_from_args(build_parser().parse_args(
+        ["train", "--replan-model-times"])).replan_calibrate is False
     argv = ["train", "--steps", "3", "--nproc", "3", "--no-progress", "--log-every", "1",
             "--replan-every", "1", "--replan-min-gain", "0"]
     assert main(argv) == 0
