@@ -206,11 +206,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     memory = dict(device_memory_gb=cfg.memory_gb, activation_checkpointing=cfg.activation_checkpointing,
                   shard_optimizer=cfg.shard_optimizer, param_dtype=param_dtype,
                   activation_dtype=autocast_dtype or param_dtype)
+    state = None
+    if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        state = ckpt.load(cfg.checkpoint)
+    # a re-planning run resumes planning for the tokens it had measured last
+    measured = state["extra"].get("measured_tokens") if state is not None and cfg.replan_every else None
     plan, error, cost = cfg.plan, None, None
     if plan is None and rank == 0:
         cost = profiled_cost(get_trainable_model(cfg.model, **cfg.model_options)) if cfg.cost == "profile" else None
         try:
-            plan = make_plan(model, world, cfg.method, cost=cost, **memory)
+            plan = make_plan(model, world, cfg.method, cost=cost, seq_lens=measured, **memory)
         except ValueError as e:  # e.g. out of memory: every rank must hear of it, not wait
             error = e
             if isinstance(e, PlanMemoryError) and cfg.method != "mtmm":
@@ -244,8 +249,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     opt = optimizer(ex)
     scaler = make_grad_scaler(cfg, device)
     start = 0
-    if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
-        state = ckpt.load(cfg.checkpoint)
+    if state is not None:
         start = ckpt.restore(ex, opt, state, model_name=cfg.model)
         if scaler is not None and "grad_scaler" in state["extra"]:
             scaler.load_state_dict(state["extra"]["grad_scaler"])
@@ -303,9 +307,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ex.take_slice_times()  # the run's first step warms up (allocations, compilation)
         if cfg.replan_every and (step + 1) % cfg.replan_every == 0 and step + 1 < cfg.steps:
             with ex.span("mtmm re-plan"):
-                verdict = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None, memory,
-                                      horizon_steps=min(cfg.replan_every, cfg.steps - step - 1))
-            rec["replan"] = verdict.record()
+                verdict, measured = _reconsider(cfg, ex, plan, world, cost if rank == 0 else None,
+                                                memory, horizon_steps=min(cfg.replan_every, cfg.steps - step - 1))
+            rec["replan"] = {**verdict.record(), "tokens": dict(measured)}
             if verdict.plan is not None:
                 new_ex = executor(fresh_model(), verdict.plan)
                 new_ex.trace = ex.trace
@@ -324,14 +328,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             _log(cfg, bar, rec)
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             ckpt.save(ex, opt, cfg.checkpoint, step=step + 1, model_name=cfg.model,
-                      extra=_scaler_state(scaler))
+                      extra=_extra_state(scaler, measured))
     if bar is not None:
         bar.close()
     if prof is not None:
         prof.stop()  # writes the trace if the run ended inside the recorded steps
     if cfg.checkpoint and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every) and cfg.steps > start:
         ckpt.save(ex, opt, cfg.checkpoint, step=cfg.steps, model_name=cfg.model,
-                  extra=_scaler_state(scaler))
+                  extra=_extra_state(scaler, measured))
     out: dict[str, Any] = {"rank": rank, "history": history, "plan_method": plan.get("method"),
                            "count_cap": plan.get("count_cap"),
                            "optimizer_state_bytes": optimizer_state_bytes(opt),
@@ -345,9 +349,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, memory: dict,
-                horizon_steps: int) -> replan.Verdict:
+                horizon_steps: int) -> tuple[replan.Verdict, dict[str, float]]:
     """Rank 0's verdict on re-planning for the tokens measured since the last one, the same on
-    every rank (collective). A switch must pay for its state move within ``horizon_steps``."""
+    every rank (collective), and those tokens. A switch must pay for its state move within
+    ``horizon_steps``."""
     tokens = ex.take_token_counts()
     times = ex.take_slice_times() if cfg.replan_calibrate else None
     verdict = None
@@ -359,7 +364,7 @@ def _reconsider(cfg: TrainConfig, ex: Executor, plan: dict, world: int, cost, me
         box = [verdict]
         dist.broadcast_object_list(box, src=0)
         verdict = box[0]
-    return verdict
+    return verdict, tokens
 
 
 def memory_estimates(model, plan: dict, world: int, **options) -> list[float]:
@@ -386,8 +391,17 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
                for k, v in st.items() if torch.is_tensor(v) and k != "step")
 
 
+def _extra_state(scaler, measured: dict | None) -> dict:
+    """The checkpoint's extra entries, the same on every rank: the loss scaler's state and the
+    tokens per sample a re-planning run measured last (its plan on resuming is for them)."""
+    out = _scaler_state(scaler)
+    if measured:
+        out["measured_tokens"] = dict(measured)
+    return out
+
+
 def _scaler_state(scaler) -> dict:
-    """The checkpoint's extra entries: the loss scaler's state (the same on every rank)."""
+    """The loss scaler's state for the checkpoint (the same on every rank)."""
     return {} if scaler is None else {"grad_scaler": scaler.state_dict()}
 
 

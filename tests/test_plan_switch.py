@@ -344,3 +344,30 @@ def test_reconsider_on_measured_times_plans_for_them():
     fresh = make_plan(model, 4, "spindle", problem=problem)
     assert v.new_ms == pytest.approx(simulate(problem, fresh).iteration_ms, rel=1e-12)
     assert v.record()["time_factors"] == {"vision-text/vision": pytest.approx(10.0)}
+
+
+def test_a_resumed_re_planning_run_plans_for_the_tokens_it_measured(tmp_path, monkeypatch):
+    """The checkpoint keeps the tokens of the last re-plan; resuming with re-planning on makes
+    the first plan for them (without it, for the declared lengths)."""
+    import scheduler.trainer as trainer
+
+    path = str(tmp_path / "run.pt")
+    base = dict(model=CLIP, precision="fp64", progress=False, log_every=0, checkpoint=path,
+                replan_every=1, replan_calibrate=False)
+    first = train(TrainConfig(steps=2, **base))
+    tokens = first["history"][0]["replan"]["tokens"]
+    assert tokens == pytest.approx(_expected_counts(1), rel=1e-12)  # step 0's rows
+    from scheduler import checkpoint as ckpt
+
+    assert ckpt.load(path)["extra"]["measured_tokens"] == tokens
+    seen = []
+    real = trainer.make_plan
+
+    def spy(model, world, method, **kw):
+        seen.append(kw.get("seq_lens"))
+        return real(model, world, method, **kw)
+
+    monkeypatch.setattr(trainer, "make_plan", spy)
+    train(TrainConfig(steps=3, resume=True, **base))
+    train(TrainConfig(steps=4, resume=True, **{**base, "replan_every": 0}))
+    assert seen == [tokens, None]
