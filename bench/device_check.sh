@@ -78,7 +78,8 @@ if wants tests; then
         >"$W/tests_kernels.txt" 2>&1
     rc_kernels=$?
     python bench/gpu_tests.py "$W/tests_gpu_marked" -m gpu --shards 2 --limit "${TEST_LIMIT:-150}" \
-        tests/test_costmodel.py tests/test_trainer.py >"$W/tests_gpu_marked.txt" 2>&1
+        tests/test_costmodel.py tests/test_trainer.py tests/test_plan_switch.py \
+        >"$W/tests_gpu_marked.txt" 2>&1
     rc_marked=$?
     { echo "## GPU tests"; cat "$W/tests_kernels.txt" "$W/tests_gpu_marked.txt"; } >"$W/tests_summary.txt"
     cat "$W/tests_summary.txt"

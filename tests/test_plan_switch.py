@@ -371,3 +371,27 @@ def test_a_resumed_re_planning_run_plans_for_the_tokens_it_measured(tmp_path, mo
     train(TrainConfig(steps=3, resume=True, **base))
     train(TrainConfig(steps=4, resume=True, **{**base, "replan_every": 0}))
     assert seen == [tokens, None]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_slices_are_timed_by_cuda_events_and_a_switch_copies_exactly():
+    model = get_trainable_model(CLIP)
+    cfg = TrainConfig(model=CLIP)
+    old = Executor(model, make_plan(model, 1, "sequential"), device="cuda")
+    opt = make_optimizer(sorted(old.named_parameters()), cfg)
+    stream = SyntheticStream(model)
+    for i in range(2):
+        old.zero_grad()
+        old.step({t: {k: v.cuda() for k, v in b.items()} for t, b in stream.step(i).items()})
+        opt.step()
+    times = old.take_slice_times()
+    assert set(times) == set(model.metaops())
+    assert all(ms > 0 for entries in times.values() for _, _, ms in entries)
+    new = Executor(get_trainable_model(CLIP), make_plan(model, 1, "spindle"), device="cuda")
+    new_opt = make_optimizer(sorted(new.named_parameters()), cfg)
+    plan_switch.migrate_state(old, opt, new, new_opt)
+    news = dict(new.named_parameters())
+    for name, p in old.named_parameters():
+        assert news[name].is_cuda and torch.equal(news[name], p), name
+        for key, v in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(new_opt.state[news[name]][key]), torch.as_tensor(v))
