@@ -23,7 +23,7 @@ from scheduler.simulate import simulate
 from scheduler.state_moves import layer_holders, relabel_for_state
 from scheduler.tiny_models import get_trainable_model
 from scheduler.trainer import TrainConfig, check_config, make_optimizer, train, train_many
-from test_executor import CLIP, CLIP_PLAN_3, _s, assert_matches_reference, cfg_for
+from test_executor import CLIP, CLIP_PLAN_3, VAL_PLAN_3, _s, assert_matches_reference, cfg_for, needs_val
 
 # tiny-clip on ranks 0 and 1 only: rank 2 holds nothing
 CLIP_PLAN_01 = {"waves": [
@@ -73,6 +73,18 @@ def test_switching_plans_every_step_on_3_ranks_matches_the_reference():
     whole = get_trainable_model(CLIP).build().double()
     moments = 2 * sum(p.numel() * p.element_size() for p in whole.parameters())
     assert sum(x[1]["optimizer_state_bytes"] for x in results) == moments
+
+
+@pytest.mark.slow
+@needs_val
+def test_switching_tiny_val_plans_keeps_its_packed_run_on_the_reference():
+    """tiny-val (packed activations, grouped heads: fp32, its ranks run mtmm's Triton kernels)
+    from VAL_PLAN_3 to the mtmm plan after the first step, the optimizer sharded."""
+    model = get_trainable_model("tiny-val")
+    cfg = dataclasses.replace(cfg_for("tiny-val", VAL_PLAN_3), replan_every=2, shard_optimizer=True)
+    (r,) = run_local(_train_switching, 3, [cfg], [[make_plan(model, 3, "mtmm")]], timeout_s=300)[0]
+    assert r["history"][1]["replan"]["switched"]
+    assert_matches_reference("tiny-val", r)
 
 
 def test_one_process_switch_copies_every_value_and_moment_bit_for_bit():
