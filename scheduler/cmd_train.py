@@ -17,7 +17,7 @@ def config_from_args(args: argparse.Namespace):
         with open(args.plan_file) as f:
             plan = json.load(f)
     return TrainConfig(
-        model=args.model, data=args.data, steps=args.steps, method=args.plan, plan=plan,
+        model=args.model, data=args.data, tasks_per_step=args.tasks_per_step, steps=args.steps, method=args.plan, plan=plan,
         memory_gb=args.memory_gb,
         cost=args.cost, seed=args.seed, precision=args.precision, init_loss_scale=args.init_loss_scale,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
@@ -113,6 +113,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", metavar="MODULE:FACTORY",
                    help="batches: factory(model, seed=, split=) with a step(index) method "
                         "(default: the model's synthetic data)")
+    p.add_argument("--tasks-per-step", type=_positive_int, default=None, metavar="K",
+                   help="K tasks a training step, drawn anew each step, the others left out "
+                        "(synthetic data; default: every task)")
     p.add_argument("--nproc", type=int, default=0,
                    help="processes (default: one per GPU, else one gloo rank per CPU core, at most 4)")
     p.add_argument("--steps", type=int, default=40)

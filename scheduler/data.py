@@ -21,22 +21,47 @@ import torch
 Step = dict[str, dict[str, torch.Tensor]]
 
 
+def check_tasks_per_step(tasks_per_step: int | None, num_tasks: int) -> None:
+    if tasks_per_step is not None and (isinstance(tasks_per_step, bool) or not isinstance(tasks_per_step, int)
+                                       or not 1 <= tasks_per_step <= num_tasks):
+        raise ValueError(f"tasks_per_step: expected None or an int in [1, {num_tasks}], got {tasks_per_step!r}")
+
+
+def draw_tasks(names: list[str], k: int, weights: torch.Tensor, seed: int, index: int) -> tuple[str, ...]:
+    """k distinct tasks of ``names`` for step ``index``, drawn without replacement with
+    probabilities proportional to ``weights`` from (seed, index) alone, in ``names`` order."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/tasks/{index}".encode()))
+    picked = torch.multinomial(weights, k, replacement=False, generator=gen)
+    return tuple(names[i] for i in sorted(picked.tolist()))
+
+
 class SyntheticStream:
     """Deterministic synthetic multi-task batches for a built-in model (heterogeneous lengths
     across tasks and, for text, across samples). ``split`` names disjoint streams of the same
-    distribution: "train", and any other name (an evaluation set: "eval")."""
+    distribution: "train", and any other name (an evaluation set: "eval"). With
+    ``tasks_per_step`` k, each step holds k tasks drawn uniformly from (seed, step), each
+    with the batch the full stream would give it."""
 
-    def __init__(self, model, seed: int = 0, split: str = "train"):
+    def __init__(self, model, seed: int = 0, split: str = "train", tasks_per_step: int | None = None):
         if not callable(getattr(model, "synthetic", None)):
             raise ValueError(f"model: {model.name!r} has no synthetic data; pass datasets to MultiTaskLoader")
         if not isinstance(split, str) or not split:
             raise ValueError(f"split: expected a non-empty name, got {split!r}")
-        self.model, self.seed = model, seed
+        check_tasks_per_step(tasks_per_step, len(model.tasks))
+        self.model, self.seed, self.tasks_per_step = model, seed, tasks_per_step
         self._prefix = "" if split == "train" else f"{split}/"  # train keeps its original seeds
+
+    def tasks_of(self, index: int) -> tuple[str, ...]:
+        """The tasks of step ``index``, in the model's order."""
+        names = list(self.model.tasks)
+        if self.tasks_per_step is None:
+            return tuple(names)
+        return draw_tasks(names, self.tasks_per_step, torch.ones(len(names), dtype=torch.float64),
+                          self.seed, index)
 
     def step(self, index: int) -> Step:
         out = {}
-        for task in self.model.tasks:
+        for task in self.tasks_of(index):
             key = f"{self._prefix}{self.seed}/{index}/{task}"
             gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             out[task] = self.model.synthetic(task, gen)
@@ -95,10 +120,7 @@ class MultiTaskLoader:
         if missing:
             raise ValueError(f"datasets: no dataset for tasks {sorted(missing)}")
         self.datasets, self.batch_sizes, self.seed = dict(datasets), dict(batch_sizes), seed
-        n = len(self.batch_sizes)
-        if tasks_per_step is not None and (isinstance(tasks_per_step, bool) or not isinstance(tasks_per_step, int)
-                                           or not 1 <= tasks_per_step <= n):
-            raise ValueError(f"tasks_per_step: expected None or an int in [1, {n}], got {tasks_per_step!r}")
+        check_tasks_per_step(tasks_per_step, len(self.batch_sizes))
         if task_weights is not None and tasks_per_step is None:
             raise ValueError("task_weights: only with tasks_per_step")
         weights = dict.fromkeys(self.batch_sizes, 1.0) if task_weights is None else dict(task_weights)
@@ -122,10 +144,8 @@ class MultiTaskLoader:
         if self.tasks_per_step is None:
             return tuple(names)
         while len(self._drawn) <= index:
-            i = len(self._drawn)
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/tasks/{i}".encode()))
-            picked = torch.multinomial(self._weights, self.tasks_per_step, replacement=False, generator=gen)
-            self._drawn.append(tuple(names[k] for k in sorted(picked.tolist())))
+            self._drawn.append(draw_tasks(names, self.tasks_per_step, self._weights, self.seed,
+                                          len(self._drawn)))
         return self._drawn[index]
 
     def _is_map(self, task: str) -> bool:

@@ -47,6 +47,9 @@ class TrainConfig:
     # "package.module:factory" called as factory(model, seed=, split=) ("train", "eval"), giving
     # an object whose step(i) is the i-th batch of every task; None: the model's synthetic data
     data: str | None = None
+    # the synthetic data's tasks per training step (None: all): k drawn uniformly each step,
+    # the others left out of it (evaluation keeps every task); a --data stream decides itself
+    tasks_per_step: int | None = None
     steps: int = 40
     method: str = "spindle"
     plan: dict | None = None  # an explicit plan wins over ``method``
@@ -457,6 +460,12 @@ def check_config(cfg: TrainConfig) -> None:
     if isinstance(cfg.replan_min_gain, bool) or not isinstance(cfg.replan_min_gain, (int, float)) \
             or not 0 <= cfg.replan_min_gain < 1:
         raise ValueError(f"replan_min_gain: expected a number in [0, 1), got {cfg.replan_min_gain!r}")
+    if cfg.tasks_per_step is not None and cfg.data is not None:
+        raise ValueError(f"tasks_per_step: for the synthetic data only; the stream {cfg.data!r} "
+                         "decides its own tasks (MultiTaskLoader(tasks_per_step=))")
+    if cfg.tasks_per_step is not None and (isinstance(cfg.tasks_per_step, bool)
+                                           or not isinstance(cfg.tasks_per_step, int) or cfg.tasks_per_step < 1):
+        raise ValueError(f"tasks_per_step: expected None or an int >= 1, got {cfg.tasks_per_step!r}")
     if cfg.replan_every and cfg.cost != "model":
         raise ValueError(f"replan_every: re-planning measures tokens, which cost {cfg.cost!r} does not "
                          "take (it times step 0's data); use cost 'model'")
@@ -506,7 +515,8 @@ def _forward_backward(ex: Executor, model, micro: list[dict],
 def make_stream(cfg: TrainConfig, model, split: str):
     """The batches of ``split``: the user's ``cfg.data`` factory, else synthetic ones."""
     if cfg.data is None:
-        return SyntheticStream(model, seed=cfg.seed, split=split)
+        return SyntheticStream(model, seed=cfg.seed, split=split,
+                               tasks_per_step=cfg.tasks_per_step if split == "train" else None)
     stream = load_callable(cfg.data, "data")(model, seed=cfg.seed, split=split)
     if not callable(getattr(stream, "step", None)):
         raise TypeError(f"data: {cfg.data!r} returned a {type(stream).__name__} without a "

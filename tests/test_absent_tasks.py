@@ -11,18 +11,20 @@ import dataclasses
 import pytest
 import torch
 
+from scheduler.data import SyntheticStream
 from scheduler.executor import Executor, make_plan
 from scheduler.launch import run_local
 from scheduler.tiny_models import get_trainable_model
-from scheduler.trainer import _to, train_many
+from scheduler.trainer import TrainConfig, _to, check_config, train_many
 from test_executor import CLIP, CLIP_NORM, CLIP_PLAN_3, LR, STEPS, TOL, cfg_for
 from user_model import PartialStream
 
 DATA = "user_model:PartialStream"
 
 
-def _reference(steps: int, accum: int = 1):
-    """(per-step task losses, final parameters) of one process on PartialStream's batches:
+def _reference(steps: int, accum: int = 1, stream=PartialStream):
+    """(per-step task losses, final parameters) of one process on ``stream``'s batches
+    (PartialStream's, or a stream class taking the model and a seed):
     each task's loss over the micro-batches that hold it, divided by its units there; a
     parameter no task of the step ran has no gradient (AdamW skips it)."""
     model = get_trainable_model(CLIP).build().double()
@@ -31,7 +33,7 @@ def _reference(steps: int, accum: int = 1):
     decay = [p for _, p in named if not any(p is q for q in no_decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR, foreach=False)
-    stream = PartialStream(model, seed=0)
+    stream = stream(model, seed=0)
     hist = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -50,8 +52,8 @@ def _reference(steps: int, accum: int = 1):
     return hist, {n: p.detach().clone() for n, p in named}
 
 
-def _assert_matches(result: dict, steps: int = STEPS, accum: int = 1) -> None:
-    ref_hist, ref_params = _reference(steps, accum)
+def _assert_matches(result: dict, steps: int = STEPS, accum: int = 1, stream=PartialStream) -> None:
+    ref_hist, ref_params = _reference(steps, accum, stream)
     assert len(result["history"]) == steps
     for step, (got, want) in enumerate(zip(result["history"], ref_hist)):
         assert list(got["losses"]) == list(want), f"step {step}: tasks {list(got['losses'])}"
@@ -112,3 +114,45 @@ def test_data_naming_no_task_or_an_unknown_one_is_refused():
         ex.step({})
     with pytest.raises(ValueError, match=r"batches: \['speech-text'\] are not tasks"):
         get_trainable_model(CLIP).build().reference_losses({"speech-text": step["vision-text"]})
+
+
+class _TwoTasksAStep(SyntheticStream):
+    def __init__(self, model, seed: int = 0):
+        super().__init__(model, seed=seed, tasks_per_step=2)
+
+
+def test_synthetic_stream_draws_its_tasks_and_keeps_their_batches():
+    model = get_trainable_model(CLIP)
+    full, two = SyntheticStream(model), _TwoTasksAStep(model)
+    kinds = set()
+    for i in range(30):
+        step = two.step(i)
+        assert tuple(step) == two.tasks_of(i) and len(step) == 2
+        kinds.add(tuple(step))
+        for t, batch in step.items():
+            assert all(torch.equal(v, full.step(i)[t][k]) for k, v in batch.items())
+    assert len(kinds) == 3  # every pair of tiny-clip's three tasks comes up
+    assert [two.tasks_of(i) for i in range(12)] == [_TwoTasksAStep(model).tasks_of(i) for i in range(12)]
+    with pytest.raises(ValueError, match=r"tasks_per_step: expected None or an int in \[1, 3\], got 4"):
+        SyntheticStream(model, tasks_per_step=4)
+
+
+def test_training_on_two_of_three_tasks_a_step_matches_one_process():
+    """TrainConfig(tasks_per_step=2) on 3 ranks, CLIP_PLAN_3: the same batches, losses and
+    parameters as one process; evaluation keeps every task."""
+    cfg = dataclasses.replace(cfg_for(CLIP, CLIP_PLAN_3), tasks_per_step=2, eval_every=STEPS)
+    (r,) = run_local(train_many, 3, [cfg], timeout_s=240)[0]
+    _assert_matches(r, stream=_TwoTasksAStep)
+    assert list(r["history"][-1]["eval_losses"]) == list(get_trainable_model(CLIP).tasks)
+
+
+def test_tasks_per_step_is_checked():
+    from scheduler.cli import build_parser
+    from scheduler.cmd_train import config_from_args
+
+    assert config_from_args(build_parser().parse_args(["train", "--tasks-per-step", "2"])).tasks_per_step == 2
+    with pytest.raises(ValueError, match="tasks_per_step: for the synthetic data only"):
+        check_config(TrainConfig(tasks_per_step=2, data="user_model:PartialStream"))
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="tasks_per_step: expected None or an int >= 1"):
+            check_config(TrainConfig(tasks_per_step=bad))
