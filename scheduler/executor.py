@@ -20,7 +20,11 @@ Rank r plays device r of the plan. Each rank:
 - with ``shard_optimizer`` (ZeRO stage 1 inside each holder group), gives each parameter held
   by several ranks one owner among them, balanced by size: its gradient is reduced to the
   owner only, the owner's optimizer alone keeps its state and updates it, and
-  ``sync_parameters`` broadcasts the updated values to the other holders.
+  ``sync_parameters`` broadcasts the updated values to the other holders;
+- skips the slices and messages of tasks a step's data leaves out, and leaves no gradient on
+  a parameter no task of the step ran (as one process would, so AdamW skips it);
+- counts the tokens each MetaOp's first layer receives and times each slice, the measured
+  workload a re-plan uses (``take_token_counts``, ``take_slice_times``; scheduler/replan.py).
 
 Transfers: every rank derives the same ordered list of messages from the plan, so each pair of
 ranks posts its sends and receives in the same order (no tags, no deadlock). A forward message
