@@ -3,11 +3,13 @@
     mtmm plan PROBLEM.json [--method M] [--backend cpp|python] [-o PLAN.json]
     mtmm plan --model NAME [--tasks K] [--gpus N] [--device A800|H100|H200] [--memory-gb GB]
               [--activation-checkpointing] [--shard-optimizer] [--method M] [-o PLAN.json]
-              [--save-problem PROBLEM.json]
+              [--save-problem PROBLEM.json] [--tokens TOKENS.json]
 
 NAME: a zoo model (multitask-clip, ofasys, qwen-val), or a model `mtmm train` runs (a built-in
 one such as tiny-clip, or your 'package.module:factory'): its plan, stamped with the model and
-device count, runs with `mtmm train --model NAME --plan-file PLAN.json`.
+device count, runs with `mtmm train --model NAME --plan-file PLAN.json`. --tokens plans such a
+model for measured tokens per sample ({"task/component": tokens}, e.g. the `tokens` of a
+re-plan's record in `mtmm train --metrics-file` output) instead of its declared lengths.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _model_problem(args: argparse.Namespace):
 
     preset = costmodel.PRESETS[args.device or "A800"].with_(island_size=min(8, args.gpus))
     if args.model in zoo.MODELS:
+        if args.tokens is not None:
+            raise ValueError("--tokens applies to a model `mtmm train` runs; a zoo model's lengths "
+                             "are its tasks'")
         return zoo.build_problem(args.model, args.tasks, args.gpus, cost=preset,
                                  device_memory_gb=args.memory_gb,
                                  activation_checkpointing=args.activation_checkpointing,
@@ -63,12 +68,16 @@ def _model_problem(args: argparse.Namespace):
                          f"{sorted(MODELS)} or 'package.module:factory', got {args.model!r}")
     if args.tasks is not None:
         raise ValueError("--tasks applies to the zoo models; a trainable model plans every task")
+    tokens = None
+    if args.tokens is not None:
+        with open(args.tokens) as f:
+            tokens = json.load(f)
     model = get_trainable_model(args.model)
     problem = model.to_problem(args.gpus, island_size=min(8, args.gpus),
                                cost=analytic_cost(preset), device_memory_gb=args.memory_gb,
                                activation_checkpointing=args.activation_checkpointing,
                                shard_optimizer=args.shard_optimizer,
-                               activation_dtype=torch.bfloat16)
+                               activation_dtype=torch.bfloat16, seq_lens=tokens)
     return problem, model
 
 
@@ -103,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--gpus: expected a positive int, got {args.gpus}")
             problem, trainable = _model_problem(args)
         elif (args.memory_gb is not None or args.activation_checkpointing or args.shard_optimizer
-              or args.device is not None):
-            raise ValueError("--device, --memory-gb, --activation-checkpointing and "
-                             "--shard-optimizer apply to --model; a problem file sets its "
+              or args.device is not None or args.tokens is not None):
+            raise ValueError("--device, --memory-gb, --activation-checkpointing, --shard-optimizer "
+                             "and --tokens apply to --model; a problem file sets its "
                              "times, device_memory_gb, activation_gb and "
                              "optimizer_shard_fraction itself")
         else:
@@ -181,6 +190,10 @@ def add_parser(sub) -> None:
                    help="mtmm: when the plan does not fit memory, plan again with components' "
                         "device counts capped and keep the fastest plan that fits (default on; "
                         "docs/planner.md, section 7)")
+    p.add_argument("--tokens", metavar="TOKENS.json",
+                   help="--model (one `mtmm train` runs): plan for these tokens per sample "
+                        "({\"task/component\": tokens}, as a re-plan records them) instead of "
+                        "the declared lengths")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--save-problem", metavar="PATH",
                    help="write the problem JSON here (with --model: what was planned; "

@@ -407,3 +407,39 @@ def test_on_a_gpu_slices_are_timed_by_cuda_events_and_a_switch_copies_exactly():
         assert news[name].is_cuda and torch.equal(news[name], p), name
         for key, v in opt.state[p].items():
             assert torch.equal(torch.as_tensor(new_opt.state[news[name]][key]), torch.as_tensor(v))
+
+
+def test_mtmm_plan_takes_measured_tokens_for_a_trainable_model(tmp_path, capsys):
+    """mtmm plan --model tiny-clip --tokens T.json plans for those tokens (the problem it saves
+    is to_problem's with seq_lens=T); a zoo model or a problem file refuses --tokens."""
+    import json
+
+    from scheduler.cli import main
+
+    tokens = {"audio-text/text": 210.0}
+    (tmp_path / "t.json").write_text(json.dumps(tokens))
+    argv = ["plan", "--model", CLIP, "--gpus", "4", "--tokens", str(tmp_path / "t.json"),
+            "--save-problem", str(tmp_path / "p.json"), "-o", str(tmp_path / "plan.json")]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    declared = {m["name"]: m for m in json.loads(json.dumps(
+        _problem_as_planned(CLIP, 4)))["metaops"]}
+    for m in saved["metaops"]:
+        if m["name"] == "audio-text/text":
+            assert m["activation_gb"] == pytest.approx(declared[m["name"]]["activation_gb"] * 210 / 7)
+        else:
+            assert m == declared[m["name"]]
+    assert main(["plan", "--model", "multitask-clip", "--tasks", "4", "--tokens", str(tmp_path / "t.json")]) == 1
+    assert "--tokens applies to a model `mtmm train` runs" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path / "p.json"), "--tokens", str(tmp_path / "t.json")]) == 1
+    assert "--tokens apply to --model" in capsys.readouterr().err
+
+
+def _problem_as_planned(name: str, gpus: int) -> dict:
+    """The problem mtmm plan --model makes for a trainable model (A800 times, bf16 autocast)."""
+    from scheduler import costmodel
+    from scheduler.modelapi import analytic_cost
+
+    return get_trainable_model(name).to_problem(
+        gpus, island_size=min(8, gpus), cost=analytic_cost(costmodel.PRESETS["A800"].with_(island_size=min(8, gpus))),
+        activation_dtype=torch.bfloat16)
