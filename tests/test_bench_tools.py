@@ -234,3 +234,30 @@ def test_planner_memory_bench_runs(tmp_path):
     qwen = {(r["memory_gb"], r["method"]): r for r in data["qwen_val"]}
     assert qwen[40.0, "spindle"]["makespan_ms"] is None
     assert qwen[40.0, "mtmm"]["count_cap"]["llm"] < 64 and qwen[40.0, "mtmm"]["simulated_ms"] > 0
+
+
+def test_replan_bench_prices_both_plans_on_the_real_lengths(tmp_path):
+    """bench/bench_replan.py: the declared plan and the re-planned one are simulated on the
+    same real lengths, the move is priced between them, and the rows reach the JSON."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_replan
+    finally:
+        sys.path.pop(0)
+    from scheduler import zoo
+    from scheduler.graph import to_problem
+    from scheduler.planner import plan_problem
+    from scheduler.simulate import simulate
+
+    row = bench_replan.one("multitask-clip", 4, 8, 0.5, 1, "mtmm")
+    spec = zoo.model_spec("multitask-clip", 4)
+    real = to_problem(bench_replan.misdeclared(spec, 0.5, 1), 8, island_size=8)
+    assert real != to_problem(spec, 8, island_size=8)
+    running = plan_problem(to_problem(spec, 8, island_size=8), "mtmm")
+    assert row["declared_ms"] == pytest.approx(simulate(real, running).iteration_ms, rel=1e-12)
+    assert row["replanned_ms"] == pytest.approx(simulate(real, plan_problem(real, "mtmm")).iteration_ms,
+                                                rel=1e-12)  # renaming keeps the plan's time
+    assert 0 <= row["move_ms"] <= row["move_unrenamed_ms"] + 1e-9
+    out = tmp_path / "r.json"
+    assert bench_replan.main(["--seeds", "1", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == len(zoo.paper_grid())
