@@ -1,6 +1,7 @@
 """Checkpoints: whole-model state gathered by parameter name, written atomically.
 
-A checkpoint holds every parameter and its optimizer state once, keyed by its global name
+A checkpoint holds every parameter and its optimizer state once, and every persistent buffer
+(a BatchNorm's running statistics) once, keyed by its global name
 (``components.<c>.layers.<i>...``), not by rank, so it can be resumed on any number of
 processes with any plan: each rank takes the entries of the parameters it builds.
 
@@ -46,7 +47,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def local_state(executor, optimizer) -> dict:
-    """This rank's share: the parameters it owns (lowest holder) and their optimizer state."""
+    """This rank's share: the parameters it owns (lowest holder) and their optimizer state, and
+    the persistent buffers it owns (lowest holder)."""
     by_param = {p: n for n, p in executor.named_parameters()}
     params, optim = {}, {}
     for name, p in executor.named_parameters():
@@ -56,7 +58,8 @@ def local_state(executor, optimizer) -> dict:
         name = by_param[p]
         if executor.owned(name):
             optim[name] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-    return {"params": params, "optim": optim}
+    buffers = {n: t.detach().cpu().clone() for n, t in executor.named_buffers().items() if executor.owned(n)}
+    return {"params": params, "optim": optim, "buffers": buffers}
 
 
 def gather_state(executor, optimizer, *, step: int, model_name: str, extra: dict | None = None) -> dict | None:
@@ -69,10 +72,12 @@ def gather_state(executor, optimizer, *, step: int, model_name: str, extra: dict
             return None
     else:
         parts = [mine]
-    state = {"format": FORMAT, "model": model_name, "step": step, "params": {}, "optim": {}, "extra": extra or {}}
+    state = {"format": FORMAT, "model": model_name, "step": step, "params": {}, "optim": {},
+             "buffers": {}, "extra": extra or {}}
     for part in parts:
         state["params"].update(part["params"])
         state["optim"].update(part["optim"])
+        state["buffers"].update(part["buffers"])
     return state
 
 
@@ -113,6 +118,18 @@ def restore(executor, optimizer, state: dict, *, model_name: str) -> int:
                 raise ValueError(
                     f"checkpoint: parameter {name!r} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
             p.copy_(src)
+    buffers = executor.named_buffers()
+    if "buffers" in state:  # checkpoints written before buffers were kept have none
+        missing = [n for n in buffers if n not in state["buffers"]]
+        if missing:
+            raise ValueError(f"checkpoint: no values for buffers {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for name, t in buffers.items():
+                src = state["buffers"][name]
+                if src.shape != t.shape:
+                    raise ValueError(f"checkpoint: buffer {name!r} has shape {tuple(src.shape)}, "
+                                     f"expected {tuple(t.shape)}")
+                t.copy_(src)
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, p in params.items():
         st = state["optim"].get(name)

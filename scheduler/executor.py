@@ -363,6 +363,34 @@ class Executor:
     def named_parameters(self):
         return self.model.named_parameters()
 
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's persistent buffers (a BatchNorm's running statistics: the state a
+        ``state_dict`` keeps besides parameters), by global name."""
+        params = dict(self.model.named_parameters())
+        return {n: t for n, t in self.model.state_dict(keep_vars=True).items() if n not in params}
+
+    def sync_buffers(self) -> None:
+        """Every persistent buffer held by several ranks takes its lowest holder's value (one
+        broadcast per holder group and dtype, as DDP broadcasts rank 0's buffers), so holders
+        that ran different shards keep one model. Without such buffers, a no-op."""
+        buffers = self.named_buffers()
+        if not buffers or self.world == 1:
+            return
+        by_group: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        for name, t in sorted(buffers.items()):
+            holders = self.holders_of(name)
+            if len(holders) > 1:
+                by_group.setdefault((holders, t.dtype), []).append(t)
+        order = {g: i for i, g in enumerate(self.schedule.groups)}
+        with torch.no_grad():
+            for (ranks, dtype), ts in sorted(by_group.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]))):
+                flat = torch.cat([t.reshape(-1) for t in ts])
+                dist.broadcast(flat, src=ranks[0], group=self._groups[ranks])
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
     def parameters(self):
         return self.model.parameters()
 

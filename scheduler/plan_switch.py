@@ -11,7 +11,9 @@ executor and optimizer beside the old ones and calls :func:`migrate_state`:
   parameter (AdamW's moments) by point-to-point transfers, one buffer per pair of ranks and
   dtype, all in flight at once; the small entries (AdamW's ``step``) with the layouts, which
   every rank exchanges first in one ``all_gather_object``;
-- a rank that keeps a parameter copies it locally.
+- a rank that keeps a parameter copies it locally;
+- persistent buffers (a BatchNorm's running statistics) go from their old lowest holder to
+  their new holders, as values.
 
 Every rank derives the same list of transfers from the exchanged layouts, so each pair posts
 its sends and receives in the same order. The values arrive bit for bit: training goes on as
@@ -78,8 +80,9 @@ def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch
     "seconds": this rank's wall time}."""
     t0 = time.perf_counter()
     world = new_ex.world
-    old_params = dict(old_ex.named_parameters())
-    new_params = dict(new_ex.named_parameters())
+    # persistent buffers (running statistics) travel like parameters without optimizer state
+    old_params = {**dict(old_ex.named_parameters()), **old_ex.named_buffers()}
+    new_params = {**dict(new_ex.named_parameters()), **new_ex.named_buffers()}
     offer = {n: _layout(p, old_opt.state.get(p, {})) for n, p in old_params.items() if old_ex.owned(n)}
     need = {n: new_ex.updates(n) for n in new_params}
     if world > 1:

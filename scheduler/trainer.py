@@ -300,6 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 scale_info = {"loss_scale": scale, "skipped": scaler.get_scale() < scale}
         with ex.span("mtmm parameter sync"):
             ex.sync_parameters()  # sharded optimizer state: owners' new values to other holders
+            ex.sync_buffers()  # running statistics: the lowest holder's to the others
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -58,3 +58,26 @@ class PartialStream(SyntheticStream):
     def step(self, index: int):
         batch = super().step(index)
         return {t: b for t, b in batch.items() if t not in self.LEFT_OUT[index % 3]}
+
+
+class _NormedBlock(torch.nn.Module):
+    """tiny-clip's vision layer followed by a BatchNorm over the hidden size: running
+    statistics, persistent buffers that change in every training forward."""
+
+    def __init__(self, block: torch.nn.Module, hidden: int):
+        super().__init__()
+        self.block, self.bn = block, torch.nn.BatchNorm1d(hidden)
+
+    def forward(self, x_BTH, ctx):
+        y = self.block(x_BTH, ctx)
+        return self.bn(y.transpose(1, 2)).transpose(1, 2)
+
+
+def clip_with_batchnorm(**options):
+    """tiny-clip whose vision layers carry a BatchNorm (tests/test_buffers.py)."""
+    model = tiny_clip(**options)
+    vision = model.components["vision"]
+    make = vision._factories["layer"]
+    vision._factories["layer"] = lambda i: _NormedBlock(make(i), vision.hidden)
+    model.name = "clip-bn"
+    return model
