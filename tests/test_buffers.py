@@ -4,7 +4,6 @@ restore them, and a plan switch moves them (tests/user_model.py's ``clip_with_ba
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
