@@ -287,6 +287,7 @@ class Executor:
         # AdamW skips it (_start_reduce).
         self._used: set[tuple[str, int]] | None = set()
         self._present: set[str] | None = None
+        self._persistent: dict[str, torch.Tensor] | None = None  # named_buffers, once built
         self._param_layer = {id(p): self._layer_of(n) for n, p in self.model.named_parameters()}
         self._owner = self._assign_owners() if shard_optimizer else {}
         # per bucket, (owner, the owner's parameters in bucket order) for each owner with any
@@ -366,8 +367,11 @@ class Executor:
     def named_buffers(self) -> dict[str, torch.Tensor]:
         """This rank's persistent buffers (a BatchNorm's running statistics: the state a
         ``state_dict`` keeps besides parameters), by global name."""
-        params = dict(self.model.named_parameters())
-        return {n: t for n, t in self.model.state_dict(keep_vars=True).items() if n not in params}
+        if self._persistent is None:  # once: a state_dict walk every step adds up on big models
+            params = dict(self.model.named_parameters())
+            self._persistent = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
+                                if n not in params}
+        return self._persistent
 
     def sync_buffers(self) -> None:
         """Every persistent buffer held by several ranks takes its lowest holder's value (one
