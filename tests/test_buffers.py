@@ -87,6 +87,7 @@ def _switch_moves_buffers() -> dict:
     return {n: (t.clone(), olds[n]) for n, t in new.named_buffers().items()}
 
 
+@pytest.mark.slow  # 3 gloo ranks, about 6-9 s
 def test_a_plan_switch_moves_buffers():
     """From CLIP_PLAN_3 to spindle's plan: every new holder of a vision layer has the running
     statistics the old holders agreed on (not a fresh BatchNorm's)."""

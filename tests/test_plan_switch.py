@@ -283,6 +283,7 @@ def test_reconsider_keeps_a_plan_whose_move_outweighs_the_steps_it_saves(monkeyp
         replan.reconsider(model, plan, 4, tokens, method="spindle", horizon_steps=0)
 
 
+@pytest.mark.slow  # 3 gloo ranks, about 6-9 s
 def test_calibrated_re_planning_records_every_metaops_factor_and_matches_the_reference():
     """With measured times (the default) the verdict depends on this machine's timing; the
     run still equals the reference, and the re-plan after step 1 (step 0 warms up, untimed)
@@ -309,6 +310,7 @@ def _times_on_ranks(plan: dict, data_indices: list[int]) -> dict:
     return ex.take_slice_times()
 
 
+@pytest.mark.slow  # 3 gloo ranks, about 6-9 s
 def test_slice_times_cover_each_slice_that_ran_per_call_on_any_plan():
     """Every slice of the plan that ran appears once with its device count and layers, the
     same on every rank; PartialStream's step 2 runs vision-audio alone, so over steps 0 and 2

@@ -133,6 +133,7 @@ def test_mtmm_train_takes_clip_and_decay_all(capsys):
             check_config(TrainConfig(**{name: 1}))
 
 
+@pytest.mark.slow  # 3 gloo ranks, about 6-9 s
 def test_mtmm_train_re_plans_on_measured_tokens(capfd):
     """--replan-every N: the command re-plans, logs the switch and counts it in its summary;
     bad settings are refused before any process starts."""
