@@ -104,35 +104,32 @@ def load(path) -> dict:
 
 
 def restore(executor, optimizer, state: dict, *, model_name: str) -> int:
-    """Loads this rank's parameters and optimizer state; returns the step to continue from."""
+    """Loads this rank's parameters, buffers and optimizer state; returns the step to continue
+    from."""
     if state["model"] != model_name:
         raise ValueError(f"checkpoint: made for model {state['model']!r}, not {model_name!r}")
     params = dict(executor.named_parameters())
-    missing = [n for n in params if n not in state["params"]]
-    if missing:
-        raise ValueError(f"checkpoint: no values for parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    with torch.no_grad():
-        for name, p in params.items():
-            src = state["params"][name]
-            if src.shape != p.shape:
-                raise ValueError(
-                    f"checkpoint: parameter {name!r} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
-            p.copy_(src)
-    buffers = executor.named_buffers()
+    _copy_values("parameter", params, state["params"])
     if "buffers" in state:  # checkpoints written before buffers were kept have none
-        missing = [n for n in buffers if n not in state["buffers"]]
-        if missing:
-            raise ValueError(f"checkpoint: no values for buffers {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        with torch.no_grad():
-            for name, t in buffers.items():
-                src = state["buffers"][name]
-                if src.shape != t.shape:
-                    raise ValueError(f"checkpoint: buffer {name!r} has shape {tuple(src.shape)}, "
-                                     f"expected {tuple(t.shape)}")
-                t.copy_(src)
+        _copy_values("buffer", executor.named_buffers(), state["buffers"])
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, p in params.items():
         st = state["optim"].get(name)
         if st is not None and id(p) in updated:  # a sharded optimizer: its owner's only
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()}
     return int(state["step"])
+
+
+def _copy_values(kind: str, targets: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Each target tensor takes its value from ``values`` (a checkpoint's parameters or
+    buffers); ValueError naming what is missing or misshapen."""
+    missing = [n for n in targets if n not in values]
+    if missing:
+        raise ValueError(f"checkpoint: no values for {kind}s {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for name, t in targets.items():
+            src = values[name]
+            if src.shape != t.shape:
+                raise ValueError(f"checkpoint: {kind} {name!r} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(t.shape)}")
+            t.copy_(src)
