@@ -47,9 +47,8 @@ def _layout(p: torch.Tensor, state: dict) -> tuple:
     return tuple(p.shape), p.dtype, entries
 
 
-def _transfers(offers: list[dict], needs: list[dict]) -> tuple[dict, list]:
-    """(source rank of each parameter, [(name, src, dst, entry keys)]) in name order, the
-    same on every rank. ``offers[r]``: rank r's layouts of the parameters it owns now;
+def _transfers(offers: list[dict], needs: list[dict]) -> list[tuple[str, int, int, list[str]]]:
+    """[(name, src, dst, entry keys)] in name order, the same on every rank. ``offers[r]``: rank r's layouts of the parameters it owns now;
     ``needs[r]``: {name: whether rank r's new optimizer updates it} of its new parameters."""
     source: dict[str, int] = {}
     for r, offer in enumerate(offers):
@@ -70,7 +69,7 @@ def _transfers(offers: list[dict], needs: list[dict]) -> tuple[dict, list]:
         for dst, need in enumerate(needs):
             if name in need:
                 out.append((name, src, dst, [_PARAM] + (tensors if need[name] else [])))
-    return source, out
+    return out
 
 
 def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -91,7 +90,7 @@ def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch
         offers, needs = [b[0] for b in box], [b[1] for b in box]
     else:
         offers, needs = [offer], [need]
-    _, transfers = _transfers(offers, needs)
+    transfers = _transfers(offers, needs)
     rank, device = new_ex.rank, new_ex.device
 
     def entry_tensor(name: str, key: str) -> torch.Tensor:

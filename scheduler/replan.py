@@ -1,16 +1,17 @@
 """Re-planning a running job on the workload it measured.
 
-The first plan is made before any data is seen, from each task's declared ``seq_lens``. The
-executor counts the tokens each MetaOp's first layer actually receives
+The first plan is made before any data is seen, from each task's declared ``seq_lens`` and the
+cost model's times. The executor counts the tokens each MetaOp's first layer actually receives
 (``Executor.take_token_counts``: padded lengths where the model pads, packed rows where it
-packs). Every ``replan_every`` steps the trainer asks :func:`reconsider` whether a plan made
-for the measured tokens beats the running one, and switches to it (``scheduler.plan_switch``)
-when the planner's simulator predicts it faster, on that same measured workload, by more than
-``min_gain`` of the running plan's time, and when the time saved over the next
-``horizon_steps`` steps pays for moving the state (``state_moves.move_ms``). The new plan's
-devices are renamed first so that it moves little state (``state_moves.relabel_for_state``).
-The threshold keeps a job from paying a state move for a gain inside the model's error, and from swinging between two
-plans of about equal time.
+packs) and times its slices (``Executor.take_slice_times``). Every ``replan_every`` steps the
+trainer asks :func:`reconsider` whether a plan made for the measured tokens, each MetaOp's
+times scaled to its measured compute (:func:`calibrate`), beats the running one, and switches
+to it (``scheduler.plan_switch``) when the planner's simulator predicts it faster, on that same
+measured workload, by more than ``min_gain`` of the running plan's time, and when the time
+saved over the next ``horizon_steps`` steps pays for moving the state
+(``state_moves.move_ms``). The new plan's devices are renamed first so that it moves little
+state (``state_moves.relabel_for_state``). The threshold keeps a job from paying a state move
+for a gain inside the model's error, and from swinging between two plans of about equal time.
 """
 
 from __future__ import annotations
