@@ -52,33 +52,60 @@ class Placer:
         self.holders: list[list[list[int]]] = (
             [[[] for _ in range(n)] for n in self.max_layers] if self.sharded else [])
 
-    def _cost(self, d: int, m: int, b: int, k: int, n: int) -> tuple[float, float]:
-        """Activation and parameter GB that slice [b, b + k) of m adds to device d."""
+    def _slice_cost(self, m: int, b: int, k: int, n: int):
+        """d -> (activation GB, parameter GB) that slice [b, b + k) of m adds to device d.
+
+        What does not depend on d is computed once: placement asks this of every free device,
+        and most of them hold none of the slice's layers. The sums run in the same order as
+        the C++ core's, so the floats are the same."""
         inp = self.inp
         c = inp.component[m]
         act = k * inp.activation_gb[m] / n
-        if inp.param_gb[c] == 0.0:
-            return act, 0.0
-        held = self.held.get((d, c))
-        if not self.sharded:
-            new = k if held is None else sum(1 for j in range(b, b + k) if not held[j])
-            return act, inp.param_gb[c] * new
+        p = inp.param_gb[c]
+        if p == 0.0:
+            return lambda d: (act, 0.0)
+        f = inp.shard_fraction
+        sharded = self.sharded
         # A layer d takes will have at least max(n, holders + 1) holders once this slice
         # commits (d and the slice's n devices among them), so d's share is at most 1 / that.
-        new, share = 0, 0.0
-        for j in range(b, b + k):
-            if held is not None and held[j]:
-                continue
-            new += 1
-            share += 1.0 / max(n, len(self.holders[c][j]) + 1)
-        f = inp.shard_fraction
-        return act, inp.param_gb[c] * ((1.0 - f) * new + f * share)
+        shares = ([1.0 / max(n, len(self.holders[c][j]) + 1) for j in range(b, b + k)]
+                  if sharded else [])
 
-    def _fits(self, d: int, m: int, b: int, k: int, n: int) -> bool:
+        def param_gb(new: int, share: float) -> float:
+            return p * ((1.0 - f) * new + f * share) if sharded else p * new
+
+        share_all = 0.0
+        for s in shares:  # not sum(): Python 3.12's float sum() compensates, C++ does not
+            share_all += s
+        fresh = param_gb(k, share_all)
+
+        def cost(d: int) -> tuple[float, float]:
+            held = self.held.get((d, c))
+            if held is None or not any(held[b:b + k]):
+                return act, fresh
+            new, share = 0, 0.0
+            for i in range(k):
+                if held[b + i]:
+                    continue
+                new += 1
+                if sharded:
+                    share += shares[i]
+            return act, param_gb(new, share)
+
+        return cost
+
+    def _fitting(self, devices, m: int, b: int, k: int, n: int) -> list[int]:
+        """The devices among ``devices`` with room for slice [b, b + k) of m on n devices."""
         if self.inp.device_memory_gb < 0:
-            return True
-        act, par = self._cost(d, m, b, k, n)
-        return self.used[d] + act + par <= self.inp.device_memory_gb
+            return list(devices)
+        cost = self._slice_cost(m, b, k, n)
+        limit, used = self.inp.device_memory_gb, self.used
+        fitting = []
+        for d in devices:
+            act, par = cost(d)
+            if used[d] + act + par <= limit:
+                fitting.append(d)
+        return fitting
 
     def _commit(self, w: int, m: int, b: int, k: int, devices: list[int]) -> None:
         inp = self.inp
@@ -86,8 +113,9 @@ class Placer:
         if self.sharded and inp.param_gb[c] > 0.0:
             self._commit_sharded(m, b, k, devices)
         elif inp.device_memory_gb >= 0:
+            cost = self._slice_cost(m, b, k, len(devices))
             for d in devices:
-                act, par = self._cost(d, m, b, k, len(devices))
+                act, par = cost(d)
                 self.used[d] = self.used[d] + act + par
                 self._held_layers(d, c)[b:b + k] = bytes([1]) * k
         self.last_dev[m] = devices
@@ -105,16 +133,26 @@ class Placer:
         c = inp.component[m]
         p, f, n = inp.param_gb[c], inp.shard_fraction, len(devices)
         helds = [self._held_layers(d, c) for d in devices]
-        fresh_count = [sum(1 for h in helds if not h[b + j]) for j in range(k)]
+        # Most slices land on devices holding none of their layers: their sums are computed once.
+        untouched = [not any(h[b:b + k]) for h in helds]
+        all_untouched = all(untouched)
+        fresh_count = ([n] * k if all_untouched
+                       else [sum(1 for h in helds if not h[b + j]) for j in range(k)])
         act = k * inp.activation_gb[m] / n
         holders = self.holders[c]
-        for d, held in zip(devices, helds):
-            fresh, share = 0, 0.0
-            for j in range(k):
-                if held[b + j]:
-                    continue
-                fresh += 1
-                share += 1.0 / (len(holders[b + j]) + fresh_count[j])
+        share_untouched = 0.0
+        for j in range(k):
+            share_untouched += 1.0 / (len(holders[b + j]) + fresh_count[j])
+        for d, held, u in zip(devices, helds, untouched):
+            if u:
+                fresh, share = k, share_untouched
+            else:
+                fresh, share = 0, 0.0
+                for j in range(k):
+                    if held[b + j]:
+                        continue
+                    fresh += 1
+                    share += 1.0 / (len(holders[b + j]) + fresh_count[j])
             self.used[d] = self.used[d] + act + p * ((1.0 - f) * fresh + f * share)
         for j in range(k):
             before = len(holders[b + j])
@@ -122,7 +160,8 @@ class Placer:
                 credit = f * p * (1.0 / before - 1.0 / (before + fresh_count[j]))
                 for h in holders[b + j]:
                     self.used[h] = self.used[h] - credit
-            holders[b + j].extend(d for d, held in zip(devices, helds) if not held[b + j])
+            holders[b + j].extend(devices if all_untouched else
+                                  [d for d, held in zip(devices, helds) if not held[b + j]])
         for held in helds:
             held[b:b + k] = bytes([1]) * k
 
@@ -174,7 +213,7 @@ class Placer:
         for m, ci, k in cont:
             n = inp.counts[m][ci]
             devs = self.last_dev[m]
-            if all(free[d] and self._fits(d, m, done[m], k, n) for d in devs):
+            if all(free[d] for d in devs) and len(self._fitting(devs, m, done[m], k, n)) == n:
                 for d in devs:
                     free[d] = False
                 self._commit(w, m, done[m], k, devs)
@@ -205,7 +244,7 @@ class Placer:
                 kj = k if cj == ci else layers_fitting(D, inp.times[m][cj], rem_layers(m))
                 if kj == 0:
                     break
-                room = [d for d in range(N) if free[d] and self._fits(d, m, done[m], kj, n)]
+                room = self._fitting([d for d in range(N) if free[d]], m, done[m], kj, n)
                 if len(room) < n:
                     continue
                 devs = self._choose(room, n, aff)

@@ -1,6 +1,11 @@
 """Property tests of the planner on hypothesis-generated DAGs (1-200 MetaOps, 1-1024 devices):
 every plan validates, its makespan is at least the lower bound, and on the smaller problems the
-C++ core and the Python twin give the same plan."""
+C++ core and the Python twin give the same plan (or both refuse it for memory).
+
+The twin is the slow side: under a memory limit the fallback may plan a few hundred times, and
+one such problem of 42 MetaOps on 205 devices took the twin a minute (the core 3 s). Comparing
+only problems of at most _TWIN_MAX_CELLS MetaOp-devices under a memory limit keeps the test's
+time steady from one draw to the next."""
 
 from __future__ import annotations
 
@@ -15,6 +20,13 @@ from scheduler.plan import PlanMemoryError, Problem, lower_bound, validate  # no
 from scheduler.planner import plan_problem  # noqa: E402
 
 _TIMING_KEYS = ("planner_ms", "core_ms", "backend")
+_TWIN_MAX_CELLS = 60 * 64
+
+
+def _twin_is_cheap(p: Problem) -> bool:
+    if len(p.metaops) > 60 or p.num_devices > 256:
+        return False
+    return p.device_memory_gb is None or len(p.metaops) * p.num_devices <= _TWIN_MAX_CELLS
 
 
 @st.composite
@@ -67,13 +79,14 @@ def test_every_plan_is_valid_and_above_the_lower_bound(d, method):
         plan = plan_problem(p, method, "cpp", **opts)
     except PlanMemoryError:
         # Only memory may make a well-formed problem unplannable, and the twin must agree.
-        with pytest.raises(PlanMemoryError):
-            plan_problem(p, method, "python", **opts)
+        if _twin_is_cheap(p):
+            with pytest.raises(PlanMemoryError):
+                plan_problem(p, method, "python", **opts)
         return
     validate(p, plan)
     assert plan["makespan_ms"] >= plan["lower_bound_ms"] * (1 - 1e-12)
     assert plan["lower_bound_ms"] == lower_bound(p)
-    if len(p.metaops) <= 60 and p.num_devices <= 256:
+    if _twin_is_cheap(p):
         twin = plan_problem(p, method, "python", **opts)
         assert ({k: v for k, v in plan.items() if k not in _TIMING_KEYS}
                 == {k: v for k, v in twin.items() if k not in _TIMING_KEYS})
