@@ -60,7 +60,8 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
                                          std::vector<double> output_mb,
                                          std::vector<double> hidden_mb,
                                          std::vector<mtmm::Edge> flows, double device_memory_gb,
-                                         double shard_fraction) {
+                                         double shard_fraction,
+                                         std::vector<std::vector<std::vector<int>>> held) {
     auto pin = std::make_shared<PlannerInput>();
     mtmm::CoreInput& in = pin->in;
     in.num_devices = num_devices;
@@ -77,6 +78,7 @@ std::shared_ptr<PlannerInput> make_input(int num_devices, int island_size,
     in.flows = std::move(flows);
     in.device_memory_gb = device_memory_gb;
     in.shard_fraction = shard_fraction;
+    in.held = std::move(held);
     pin->names_py.reserve(in.names.size());
     for (const auto& n : in.names) pin->names_py.emplace_back(n);
     pin->device_ids.reserve(std::max(num_devices, 0));
@@ -224,7 +226,8 @@ PYBIND11_MODULE(_core, m) {
              py::arg("names"), py::arg("layers"), py::arg("counts"), py::arg("times"),
              py::arg("component"), py::arg("param_gb"), py::arg("activation_gb"),
              py::arg("output_mb"), py::arg("hidden_mb"), py::arg("flows"),
-             py::arg("device_memory_gb"), py::arg("shard_fraction") = 0.0);
+             py::arg("device_memory_gb"), py::arg("shard_fraction") = 0.0,
+             py::arg("held") = std::vector<std::vector<std::vector<int>>>{});
     m.def("plan", &plan_dict, py::arg("input"), py::arg("method"), py::arg("backend"),
           py::arg("options"), py::arg("overlap_levels"), py::arg("least_idle"),
           py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short"),
@@ -250,14 +253,15 @@ PYBIND11_MODULE(_core, m) {
              std::vector<double> output_mb, std::vector<double> hidden_mb,
              std::vector<mtmm::Edge> flows,
              double device_memory_gb, bool overlap_levels, bool least_idle,
-             bool single_tuple, bool portfolio, bool defer_short, double shard_fraction) {
+             bool single_tuple, bool portfolio, bool defer_short, double shard_fraction,
+             std::vector<std::vector<std::vector<int>>> held) {
               const auto pin = make_input(num_devices, island_size, std::move(names),
                                           std::move(layers), std::move(counts),
                                           std::move(times), std::move(component),
                                           std::move(param_gb), std::move(activation_gb),
                                           std::move(output_mb), std::move(hidden_mb),
                                           std::move(flows),
-                                          device_memory_gb, shard_fraction);
+                                          device_memory_gb, shard_fraction, std::move(held));
               return plan_to_dict(*pin, overlap_levels, least_idle, single_tuple, portfolio,
                                   defer_short);
           },
@@ -267,5 +271,6 @@ PYBIND11_MODULE(_core, m) {
           py::arg("device_memory_gb"), py::arg("overlap_levels"), py::arg("least_idle"),
           py::arg("single_tuple"), py::arg("portfolio"), py::arg("defer_short") = false,
           py::arg("shard_fraction") = 0.0,
+          py::arg("held") = std::vector<std::vector<std::vector<int>>>{},
           "The same on the arrays themselves (converted for this call only).");
 }

@@ -37,6 +37,9 @@ inline int lowest_bit(uint64_t x) {
 // MB of gradient per GB of param_gb (16 bytes per parameter, of which the bf16 gradient is 2):
 // what a layer's all-reduce moves. reference_placement.GRAD_MB_PER_PARAM_GB.
 constexpr double kGradMbPerParamGb = 1e3 * 2 / 16;
+// MB of a layer's state but its gradient per GB of param_gb: what a device that does not hold
+// the layer yet would receive when the job switches to the plan (CoreInput::held).
+constexpr double kStateMbPerParamGb = 1e3 * 14 / 16;
 
 // The most devices a MetaOp's slice can use, per MetaOp or (by_component) per component.
 std::vector<int> list_capacity(const CoreInput& in, bool by_component) {
@@ -452,8 +455,9 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
     for (const Group& g : rest) {
         const int m = g.metaop, c = in_.component[m];
         // Affinity in MB that stay where they are: the MetaOp's own hidden state (or its
-        // predecessors' outputs) and the gradient of the k layers it would otherwise
-        // synchronise with its component's last group.
+        // predecessors' outputs), the gradient of the k layers it would otherwise
+        // synchronise with its component's last group, and, in a re-plan, the k layers'
+        // state where the running job keeps it.
         auto add = [&](Range devs, double weight) {
             for (int d : devs) {
                 if (aff_[d] == 0.0) {
@@ -468,8 +472,16 @@ const std::vector<Placed>& Placer::place_wave(int wave, const std::vector<Group>
         } else {
             for (int p : preds_[m]) add(last_dev_[p], 1.0 + in_.output_mb[p]);
         }
-        if (in_.param_gb[c] > 0.0)
+        if (in_.param_gb[c] > 0.0) {
             add(comp_last_[c], kGradMbPerParamGb * in_.param_gb[c] * static_cast<double>(g.layers));
+            if (!in_.held.empty()) {
+                const auto& held = in_.held[c];
+                const int end = std::min(done[m] + g.layers, static_cast<int>(held.size()));
+                for (int j = done[m]; j < end; ++j)
+                    add(Range{held[j].data(), held[j].data() + held[j].size()},
+                        kStateMbPerParamGb * in_.param_gb[c]);
+            }
+        }
         for (int cj = g.count_index; cj >= 0; --cj) {
             const int n = in_.counts[m][cj];
             const int kj = cj == g.count_index ? g.layers

@@ -50,6 +50,14 @@ void CoreInput::check() const {
         if (!(p >= 0.0)) throw PlanningError("param_gb must be >= 0");
     if (!(shard_fraction >= 0.0 && shard_fraction < 1.0))
         throw PlanningError("shard_fraction must be in [0, 1)");
+    if (!held.empty() && held.size() != param_gb.size())
+        throw PlanningError("held must be empty or hold one entry per component");
+    for (const auto& layers : held)
+        for (const auto& devices : layers)
+            for (size_t i = 0; i < devices.size(); ++i)
+                if (devices[i] < 0 || devices[i] >= num_devices ||
+                    (i > 0 && devices[i] <= devices[i - 1]))
+                    throw PlanningError("held: device ids must ascend inside [0, num_devices)");
 }
 
 namespace {

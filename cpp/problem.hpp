@@ -36,6 +36,9 @@ struct CoreInput {
     // a slice on n devices is charged (1 - f + f / n) of it per fresh layer (its devices are
     // holders, so that much at most)
     double shard_fraction = 0.0;
+    // held[c][j]: the devices holding layer j of component c now, ascending (a re-plan's
+    // Problem.held_state; placement prefers them). Empty: none given.
+    std::vector<std::vector<std::vector<int>>> held;
 
     // Throws PlanningError when the arrays disagree in length or break the format's rules.
     void check() const;

@@ -22,7 +22,7 @@ class PlannerInput:
         counts: list[list[int]], times: list[list[float]], component: list[int],
         param_gb: list[float], activation_gb: list[float], output_mb: list[float],
         hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
-        shard_fraction: float = 0.0,
+        shard_fraction: float = 0.0, held: list[list[list[int]]] = ...,
     ) -> None: ...
 
 def plan(
@@ -42,5 +42,5 @@ def plan_core(
     hidden_mb: list[float], flows: list[tuple[int, int]], device_memory_gb: float,
     overlap_levels: bool,
     least_idle: bool, single_tuple: bool, portfolio: bool, defer_short: bool = False,
-    shard_fraction: float = 0.0,
+    shard_fraction: float = 0.0, held: list[list[list[int]]] = ...,
 ) -> dict: ...

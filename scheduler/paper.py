@@ -201,7 +201,7 @@ def wave_rule_study(grid=None, cluster=None, progress: bool = False) -> list[dic
 # --- dynamic data -------------------------------------------------------------------------------
 
 def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", cluster=None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, held_aware: bool = True) -> dict:
     """A plan made once (the paper) vs re-planning every iteration, over a changing workload.
 
     The fixed plan is made for the nominal problem (every task, nominal lengths) and replayed
@@ -209,8 +209,10 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     re-planning runs plan every iteration and pay its measured planning wall time on top of
     the simulated time, and pay the state move of every switch (``state_moves.move_between``: new
     holders receive a layer's weights and optimizer state; an absent task's layers stay where
-    they were until a plan needs them elsewhere), each new plan's devices renamed to move the
-    least (``state_moves.relabel_for_state``):
+    they were until a plan needs them elsewhere). With ``held_aware`` each run plans with
+    its own held state (the problem's ``held_state``: placement prefers the devices that hold
+    a layer), and each new plan's devices are renamed to move the least
+    (``state_moves.relabel_for_state``):
 
     - ``replan``: runs each iteration's own plan (switches every time the holders change);
     - ``paying``: keeps its plan unless the new one saves more than its move on this
@@ -220,7 +222,7 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     Throughput is iterations per second of the total; all runs see identical data.
     """
     from scheduler.plan import Problem
-    from scheduler.state_moves import layer_holders, move_between, relabel_for_state
+    from scheduler.state_moves import held_state, layer_holders, move_between, relabel_for_state
     from scheduler.simulate import simulate
     from scheduler.workload import Workload, WorkloadConfig
 
@@ -234,14 +236,21 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
     held = layer_holders(nominal, fixed_plan)  # where each layer's state is, re-planning every time
     kept, kept_held = fixed_plan, dict(held)  # the paying run's plan and state
     active = []
+
+    def plan_for(problem: dict, holders) -> tuple[dict, float]:
+        """A plan for this iteration, placed near ``holders`` when held-aware; its wall ms."""
+        t0 = time.perf_counter()
+        if held_aware:
+            problem = dict(problem, held_state=held_state(holders, problem))
+        plan = _plan(problem, method)
+        return plan, (time.perf_counter() - t0) * 1e3
+
     for _ in _progress(range(iterations), iterations, "dynamic", progress):
         spec = workload.next_spec()
         active.append(len(spec.tasks))
         problem = workload._problem(spec)
         fixed_ms += simulate(problem, fixed_plan, cluster, strict=False).iteration_ms
-        t0 = time.perf_counter()
-        plan = _plan(problem, method)
-        planned = (time.perf_counter() - t0) * 1e3
+        plan, planned = plan_for(problem, held)
         new_ms = simulate(problem, plan, cluster).iteration_ms
         # renamed to keep the most state in place (the same plan and times); the renaming's
         # wall time counts as planning
@@ -257,6 +266,9 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
         present = {m["name"] for m in problem["metaops"]}
         covers = present <= {s["metaop"] for w in kept["waves"] for s in w["slices"]}
         kept_ms = simulate(problem, kept, cluster, strict=False).iteration_ms if covers else math.inf
+        if held_aware:  # its own plan, placed near its own state
+            plan, planned = plan_for(problem, kept_held)
+            new_ms = simulate(problem, plan, cluster).iteration_ms
         t0 = time.perf_counter()
         renamed = relabel_for_state(nominal, plan, kept_held, cluster)
         planned += (time.perf_counter() - t0) * 1e3
@@ -271,7 +283,7 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
             paying_ms += kept_ms + planned
     c = workload.config
     return {"model": c.model, "tasks": len(workload.spec.tasks), "gpus": c.gpus, "method": method,
-            "iterations": iterations, "fixed_total_ms": fixed_ms, "replan_total_ms": replan_ms,
+            "iterations": iterations, "held_aware": held_aware, "fixed_total_ms": fixed_ms, "replan_total_ms": replan_ms,
             "planning_total_ms": planning_ms, "planning_mean_ms": planning_ms / iterations,
             "move_total_ms": move_ms, "move_mean_ms": move_ms / iterations,
             "fixed_mean_ms": fixed_ms / iterations, "replan_mean_ms": replan_ms / iterations,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "MetaOpSpec",
@@ -169,6 +169,11 @@ class Problem:
     # the share of every param_gb that is optimizer state sharded among the devices holding
     # the layer (ZeRO-1: 12 of mixed-precision Adam's 16 bytes per parameter); 0: replicated
     optimizer_shard_fraction: float = 0.0
+    # Where a running job keeps each component's layers: {component: [devices holding layer 0,
+    # layer 1, ...]}, layers past the list held nowhere. A re-plan's input: placement prefers
+    # those devices, so that switching to the plan moves less state. Stored as sorted
+    # (component, ((device, ...), ...)) pairs; see held_devices.
+    held_state: Mapping[str, Sequence[Sequence[int]]] = ()
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     _levels: list[int] = field(init=False, repr=False, compare=False)
 
@@ -207,6 +212,7 @@ class Problem:
             flows.append((f[0], f[1]))
         object.__setattr__(self, "metaops", metaops)
         object.__setattr__(self, "flows", tuple(flows))
+        object.__setattr__(self, "held_state", _check_held_state(self.held_state, metaops, n))
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_levels", _longest_path_levels(metaops, flows))
 
@@ -222,7 +228,7 @@ class Problem:
             if key not in d:
                 raise ValueError(f"problem: missing {key!r}")
         unknown = set(d) - {"num_devices", "island_size", "metaops", "flows", "device_memory_gb",
-                            "optimizer_shard_fraction"}
+                            "optimizer_shard_fraction", "held_state"}
         if unknown:
             raise ValueError(f"problem: unknown keys {sorted(unknown)}")
         if not isinstance(d["metaops"], (list, tuple)):
@@ -246,6 +252,7 @@ class Problem:
             num_devices=n, island_size=d.get("island_size", min(8, n) if _is_int(n) else 8),
             metaops=metaops, flows=tuple(flows), device_memory_gb=d.get("device_memory_gb"),
             optimizer_shard_fraction=d.get("optimizer_shard_fraction", 0.0),
+            held_state=d.get("held_state") or (),
         )
 
     def to_dict(self) -> dict:
@@ -258,6 +265,8 @@ class Problem:
         }
         if self.optimizer_shard_fraction:
             out["optimizer_shard_fraction"] = self.optimizer_shard_fraction
+        if self.held_state:
+            out["held_state"] = {c: [list(d) for d in layers] for c, layers in self.held_state}
         return out
 
     # --- queries
@@ -276,12 +285,50 @@ class Problem:
         """Valid device counts of MetaOp i that fit the cluster (<= num_devices), ascending."""
         return tuple(c for c in self.metaops[i].counts if c <= self.num_devices)
 
+    def held_devices(self, component: str) -> tuple[tuple[int, ...], ...]:
+        """The devices holding each of ``component``'s layers now (``held_state``), ascending;
+        () when none is given."""
+        for c, layers in self.held_state:
+            if c == component:
+                return layers
+        return ()
+
     def component_param_gb(self) -> dict[str, float]:
         """Per-layer parameter memory of every component: the largest over its MetaOps."""
         out: dict[str, float] = {}
         for m in self.metaops:
             out[m.component] = max(out.get(m.component, 0.0), m.param_gb)
         return out
+
+
+def _check_held_state(held, metaops, num_devices: int) -> tuple:
+    """``held_state`` as sorted (component, ((device, ...), ...)) pairs, checked."""
+    if isinstance(held, tuple) and all(isinstance(e, tuple) and len(e) == 2 for e in held):
+        held = dict(held)  # already normalised (dataclasses.replace passes it back)
+    if not isinstance(held, Mapping):
+        raise ValueError(f"held_state must map components to per-layer device lists, got "
+                         f"{type(held).__name__}")
+    max_layers: dict[str, int] = {}
+    for m in metaops:
+        max_layers[m.component] = max(max_layers.get(m.component, 0), m.layers)
+    out = []
+    for c, layers in held.items():
+        if c not in max_layers:
+            raise ValueError(f"held_state: unknown component {c!r}")
+        if not isinstance(layers, (list, tuple)) or len(layers) > max_layers[c]:
+            raise ValueError(f"held_state[{c!r}]: expected a list of at most {max_layers[c]} "
+                             f"layers' device lists, got {layers!r}")
+        norm = []
+        for j, devices in enumerate(layers):
+            if not isinstance(devices, (list, tuple, set, frozenset)) or not all(
+                    _is_int(d) and 0 <= d < num_devices for d in devices):
+                raise ValueError(f"held_state[{c!r}][{j}]: expected device ids in "
+                                 f"[0, {num_devices}), got {devices!r}")
+            if len(set(devices)) != len(devices):
+                raise ValueError(f"held_state[{c!r}][{j}]: a device appears twice in {devices!r}")
+            norm.append(tuple(sorted(devices)))
+        out.append((c, tuple(norm)))
+    return tuple(sorted(out))
 
 
 def _longest_path_levels(metaops, flows) -> list[int]:

@@ -117,7 +117,7 @@ def _cached_input(p: Problem, backend: str):
             inp = _core.PlannerInput(
                 inp.num_devices, inp.island_size, inp.names, inp.layers, inp.counts, inp.times,
                 inp.component, inp.param_gb, inp.activation_gb, inp.output_mb, inp.hidden_mb,
-                inp.flows, inp.device_memory_gb, inp.shard_fraction)
+                inp.flows, inp.device_memory_gb, inp.shard_fraction, inp.held)
             cache["cpp"] = inp
     return inp
 

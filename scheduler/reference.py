@@ -43,6 +43,9 @@ class CoreInput:
     flows: list[tuple[int, int]]
     device_memory_gb: float        # < 0: unlimited
     shard_fraction: float = 0.0    # of param_gb: optimizer state sharded among a layer's holders
+    # held[c][j]: the devices holding layer j of component c now, ascending (Problem.held_state);
+    # [] when the problem gives none
+    held: list[list[list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +84,8 @@ def core_input(problem: Problem) -> CoreInput:
         device_memory_gb=-1.0 if problem.device_memory_gb is None
         else float(problem.device_memory_gb),
         shard_fraction=float(problem.optimizer_shard_fraction),
+        held=[[list(d) for d in problem.held_devices(c)] for c in comp_ids]
+        if problem.held_state else [],
     )
 
 

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .reference import CoreInput
 
-__all__ = ["Placer", "layers_fitting", "GRAD_MB_PER_PARAM_GB"]
+__all__ = ["Placer", "layers_fitting", "GRAD_MB_PER_PARAM_GB", "STATE_MB_PER_PARAM_GB"]
 
 # MB of gradient per GB of ``param_gb`` (weights, gradients and Adam state at 16 bytes per
 # parameter, of which the bf16 gradient is 2): what a layer's all-reduce moves.
 GRAD_MB_PER_PARAM_GB = 1e3 * 2 / 16
+# MB of a layer's state but its gradient per GB of ``param_gb``: what a device that does not
+# hold the layer yet would receive when the job switches to the plan (Problem.held_state).
+STATE_MB_PER_PARAM_GB = 1e3 * 14 / 16
 
 
 def layers_fitting(D: float, T: float, cap: int) -> int:
@@ -222,8 +225,9 @@ class Placer:
                 rest.append((m, ci, k))  # retried below, after the others, on any devices
         for m, ci, k in rest:
             # Affinity in MB that would not move: the MetaOp's own hidden state (or its
-            # predecessors' outputs) and the gradient of the k layers it would otherwise
-            # synchronise with its component's last group.
+            # predecessors' outputs), the gradient of the k layers it would otherwise
+            # synchronise with its component's last group, and, in a re-plan, the k layers'
+            # state where the running job keeps it.
             aff: dict[int, float] = {}
             sources = []
             if done[m] > 0:
@@ -234,6 +238,10 @@ class Placer:
             c = inp.component[m]
             if inp.param_gb[c] > 0.0:
                 sources.append((self.comp_last[c], GRAD_MB_PER_PARAM_GB * inp.param_gb[c] * k))
+                if inp.held:  # and the state of each of its layers the job holds already
+                    held = inp.held[c]
+                    for j in range(done[m], min(done[m] + k, len(held))):
+                        sources.append((held[j], STATE_MB_PER_PARAM_GB * inp.param_gb[c]))
             for devs, weight in sources:
                 for d in devs:
                     aff[d] = aff.get(d, 0.0) + weight

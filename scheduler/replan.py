@@ -9,8 +9,9 @@ times scaled to its measured compute (:func:`calibrate`), beats the running one,
 to it (``scheduler.plan_switch``) when the planner's simulator predicts it faster, on that same
 measured workload, by more than ``min_gain`` of the running plan's time, and when the time
 saved over the next ``horizon_steps`` steps pays for moving the state
-(``state_moves.move_ms``). The new plan's devices are renamed first so that it moves little
-state (``state_moves.relabel_for_state``). The threshold keeps a job from paying a state move
+(``state_moves.move_ms``). The new plan is placed where the running one keeps each layer
+where it can (the problem's ``held_state``), and its devices are then renamed so that it
+moves little state (``state_moves.relabel_for_state``). The threshold keeps a job from paying a state move
 for a gain inside the model's error, and from swinging between two plans of about equal time.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from scheduler.plan import PlanMemoryError, Problem
-from scheduler.state_moves import layer_holders, move_ms, relabel_for_state
+from scheduler.state_moves import held_state, layer_holders, move_ms, relabel_for_state
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, metho
     problem = model.to_problem(world, cost=cost, seq_lens=tokens, **problem_options)
     factors = calibrate(problem, times) if times else {}
     current = simulate(problem, plan).iteration_ms
+    # placement prefers the devices that hold each layer now
+    problem["held_state"] = held_state(layer_holders(Problem.from_dict(problem), plan), problem)
     try:
         new = make_plan(model, world, method, problem=problem)
     except PlanMemoryError as e:

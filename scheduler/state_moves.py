@@ -42,6 +42,29 @@ def layer_holders(problem: Problem, plan: Mapping) -> dict[tuple[str, int], set[
     return out
 
 
+def held_state(holders: Mapping[tuple[str, int], set[int]],
+               problem: Problem | Mapping | None = None) -> dict[str, list[list[int]]]:
+    """``holders`` ({(component, layer): devices}, e.g. :func:`layer_holders`) as a problem's
+    ``held_state`` ({component: [devices of layer 0, layer 1, ...]}), which the planner's
+    placement prefers: a plan made with it moves less when the job switches to it. Given
+    ``problem``, only its components, up to their layer count (a step's problem may leave
+    out tasks whose layers the job still holds)."""
+    limit = None
+    if problem is not None:
+        p = problem if isinstance(problem, Problem) else Problem.from_dict(problem)
+        limit = {}
+        for m in p.metaops:
+            limit[m.component] = max(limit.get(m.component, 0), m.layers)
+    out: dict[str, list[list[int]]] = {}
+    for (c, j), devices in sorted(holders.items()):
+        if limit is not None and j >= limit.get(c, 0):
+            continue
+        layers = out.setdefault(c, [])
+        layers.extend([] for _ in range(j + 1 - len(layers)))
+        layers[j] = sorted(devices)
+    return out
+
+
 def move_ms(problem: Problem | Mapping, old_plan: Mapping, new_plan: Mapping,
             cluster: Cluster | None = None) -> float:
     """The simulator's estimate of switching from ``old_plan`` to ``new_plan``, ms

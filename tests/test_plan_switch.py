@@ -20,7 +20,7 @@ from scheduler.executor import Executor, make_plan
 from scheduler.launch import run_local
 from scheduler.plan import PlanMemoryError, Problem
 from scheduler.simulate import simulate
-from scheduler.state_moves import layer_holders, relabel_for_state
+from scheduler.state_moves import held_state, layer_holders, move_ms, relabel_for_state
 from scheduler.tiny_models import get_trainable_model
 from scheduler.trainer import TrainConfig, check_config, make_optimizer, train, train_many
 from test_executor import CLIP, CLIP_PLAN_3, VAL_PLAN_3, _s, assert_matches_reference, cfg_for, needs_val
@@ -216,9 +216,13 @@ def test_reconsider_switches_to_the_plan_for_the_measured_tokens():
     v = replan.reconsider(model, plan, 4, tokens, method="spindle", min_gain=0.0)
     problem = model.to_problem(4, seq_lens=tokens)
     p = Problem.from_dict(problem)
-    fresh = make_plan(model, 4, "spindle", problem=problem)
-    # the planner's plan for that problem, its devices renamed to move the least state
-    assert v.plan["waves"] == relabel_for_state(p, fresh, layer_holders(p, plan))["waves"]
+    holders = layer_holders(p, plan)
+    # the planner's plan for that problem placed near the running plan's state, its devices
+    # renamed to move the least
+    fresh = make_plan(model, 4, "spindle", problem=dict(problem, held_state=held_state(holders)))
+    assert v.plan["waves"] == relabel_for_state(p, fresh, holders)["waves"]
+    unaware = make_plan(model, 4, "spindle", problem=problem)
+    assert move_ms(p, plan, v.plan) < move_ms(p, plan, relabel_for_state(p, unaware, holders))
     assert v.plan["waves"] != plan["waves"]
     assert v.new_ms == pytest.approx(simulate(problem, fresh).iteration_ms, rel=1e-12)
     assert v.current_ms == pytest.approx(simulate(problem, plan).iteration_ms, rel=1e-12)
@@ -355,6 +359,7 @@ def test_reconsider_on_measured_times_plans_for_them():
     problem = model.to_problem(4)
     replan.calibrate(problem, times)
     assert v.current_ms == pytest.approx(simulate(problem, plan).iteration_ms, rel=1e-12)
+    problem["held_state"] = held_state(layer_holders(Problem.from_dict(problem), plan))
     fresh = make_plan(model, 4, "spindle", problem=problem)
     assert v.new_ms == pytest.approx(simulate(problem, fresh).iteration_ms, rel=1e-12)
     assert v.record()["time_factors"] == {"vision-text/vision": pytest.approx(10.0)}
