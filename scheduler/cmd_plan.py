@@ -4,12 +4,16 @@
     mtmm plan --model NAME [--tasks K] [--gpus N] [--device A800|H100|H200] [--memory-gb GB]
               [--activation-checkpointing] [--shard-optimizer] [--method M] [-o PLAN.json]
               [--save-problem PROBLEM.json] [--tokens TOKENS.json]
+    either form: [--near RUNNING_PLAN.json]
 
 NAME: a zoo model (multitask-clip, ofasys, qwen-val), or a model `mtmm train` runs (a built-in
 one such as tiny-clip, or your 'package.module:factory'): its plan, stamped with the model and
 device count, runs with `mtmm train --model NAME --plan-file PLAN.json`. --tokens plans such a
 model for measured tokens per sample ({"task/component": tokens}, e.g. the `tokens` of a
 re-plan's record in `mtmm train --metrics-file` output) instead of its declared lengths.
+--near makes the plan a job running RUNNING_PLAN.json would switch to: placed near the devices
+that hold each layer's state (the problem's held_state), its devices renamed to move the least,
+and the move's estimate printed (scheduler/state_moves.py).
 """
 
 from __future__ import annotations
@@ -97,6 +101,22 @@ def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
     return f"; {how} {WHAT_IT_DOES}"
 
 
+def _near(problem: dict, running_path: str) -> tuple[dict, dict]:
+    """(the problem with held_state from the plan at ``running_path``, that plan)."""
+    from scheduler.plan import Problem
+    from scheduler.state_moves import held_state, layer_holders
+
+    with open(running_path) as f:
+        running = json.load(f)
+    if not isinstance(running, dict) or not isinstance(running.get("waves"), list):
+        raise ValueError(f"--near: {running_path} is not a plan (no waves)")
+    try:
+        holders = layer_holders(Problem.from_dict(problem), running)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--near: {running_path} is not a plan of this problem: {e}") from e
+    return dict(problem, held_state=held_state(holders, problem)), running
+
+
 def run(args: argparse.Namespace) -> int:
     from scheduler.planner import plan_problem
 
@@ -120,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
+        running = None
+        if args.near is not None:
+            problem, running = _near(problem, args.near)
         options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio", "memory_fallback")
                    if getattr(args, k) is not None}
         if trainable is None:
@@ -129,10 +152,19 @@ def run(args: argparse.Namespace) -> int:
 
             plan = make_plan(trainable, args.gpus, args.method, problem=problem,
                              backend=args.backend, options=options)
+        if running is not None:
+            from scheduler.plan import Problem
+            from scheduler.state_moves import layer_holders, move_ms, relabel_for_state
+
+            p = Problem.from_dict(problem)
+            plan = relabel_for_state(p, plan, layer_holders(p, running))
+            moving = move_ms(p, running, plan)
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         print(f"mtmm plan: {e}{_memory_hint(e, args)}", file=sys.stderr)
         return 1
     print(_summary(plan, problem))
+    if running is not None:
+        print(f"state move   {moving:.3f} ms from {args.near} (simulated cluster)")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(plan, f, indent=1)
@@ -194,6 +226,9 @@ def add_parser(sub) -> None:
                    help="--model (one `mtmm train` runs): plan for these tokens per sample "
                         "({\"task/component\": tokens}, as a re-plan records them) instead of "
                         "the declared lengths")
+    p.add_argument("--near", metavar="RUNNING_PLAN.json",
+                   help="plan for a job running this plan: placed near the devices holding "
+                        "each layer, renamed to move the least; prints the state move's estimate")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--save-problem", metavar="PATH",
                    help="write the problem JSON here (with --model: what was planned; "

@@ -166,3 +166,41 @@ def test_held_state_changes_device_ids_only_and_moves_less():
     # Greedy placement does not promise less on every problem (its largest groups choose
     # first), but on the whole it moves less, and less more often than more.
     assert aware_moves < plain_moves and fewer > more, (aware_moves, plain_moves, fewer, more)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def test_plan_command_near_a_running_plan(tmp_path, capsys):
+    from scheduler import cli, zoo
+
+    problem = zoo.build_problem("multitask-clip", 4, 8)
+    (tmp_path / "p.json").write_text(json.dumps(problem))
+    assert cli.main(["plan", str(tmp_path / "p.json"), "--method", "mtmm",
+                     "-o", str(tmp_path / "running.json")]) == 0
+    # The running job's own problem: its plan again, nothing to move.
+    assert cli.main(["plan", str(tmp_path / "p.json"), "--method", "mtmm", "--near",
+                     str(tmp_path / "running.json"), "-o", str(tmp_path / "new.json")]) == 0
+    assert f"state move   0.000 ms from {tmp_path / 'running.json'}" in capsys.readouterr().out
+    # Another mix of lengths: the move printed is the one to the plan written.
+    longer = json.loads(json.dumps(problem))
+    for m in longer["metaops"][:2]:
+        m["time_ms"] = {n: 3 * t for n, t in m["time_ms"].items()}
+    (tmp_path / "q.json").write_text(json.dumps(longer))
+    assert cli.main(["plan", str(tmp_path / "q.json"), "--method", "mtmm", "--near",
+                     str(tmp_path / "running.json"), "-o", str(tmp_path / "new.json"),
+                     "--save-problem", str(tmp_path / "saved.json")]) == 0
+    out = capsys.readouterr().out
+    p = Problem.from_dict(longer)
+    running = json.loads((tmp_path / "running.json").read_text())
+    new = json.loads((tmp_path / "new.json").read_text())
+    validate(p, new)
+    from scheduler.state_moves import move_ms
+    assert f"state move   {move_ms(p, running, new):.3f} ms" in out
+    assert json.loads((tmp_path / "saved.json").read_text())["held_state"] == \
+        held_state(layer_holders(p, running), longer)
+    # Not a plan, or a plan of another problem: refused, naming --near.
+    (tmp_path / "bad.json").write_text(json.dumps({"waves": [{"slices": [
+        {"metaop": "nope", "layer_begin": 0, "layer_end": 1, "devices": [0]}]}]}))
+    for bad in ("p.json", "bad.json"):
+        assert cli.main(["plan", str(tmp_path / "p.json"), "--near", str(tmp_path / bad)]) == 1
+        assert "--near" in capsys.readouterr().err
