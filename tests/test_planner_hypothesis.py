@@ -1,6 +1,7 @@
 """Property tests of the planner on hypothesis-generated DAGs (1-200 MetaOps, 1-1024 devices):
 every plan validates, its makespan is at least the lower bound, and on the smaller problems the
-C++ core and the Python twin give the same plan (or both refuse it for memory).
+C++ core and the Python twin give the same plan (or both refuse it for memory). Half the
+problems carry a ``held_state`` (a re-plan's: where a running job keeps layers).
 
 The twin is the slow side: under a memory limit the fallback may plan a few hundred times, and
 one such problem of 42 MetaOps on 205 devices took the twin a minute (the core 3 s). Comparing
@@ -64,6 +65,15 @@ def problems(draw):
     if draw(st.booleans()):
         d["device_memory_gb"] = draw(st.sampled_from([8.0, 40.0, 80.0, 1000.0]))
         d["optimizer_shard_fraction"] = draw(st.sampled_from([0.0, 0.5, 0.75]))
+    if draw(st.booleans()):  # a re-plan: where a running job keeps some components' layers
+        layers: dict[str, int] = {}
+        for m in metaops:
+            layers[m["component"]] = max(layers.get(m["component"], 0), m["layers"])
+        held = {}
+        for c in draw(st.sets(st.sampled_from(sorted(layers)), max_size=4)):
+            held[c] = [sorted(draw(st.sets(st.integers(0, n_dev - 1), max_size=4)))
+                       for _ in range(draw(st.integers(0, layers[c])))]
+        d["held_state"] = held
     return d
 
 
