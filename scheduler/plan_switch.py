@@ -8,9 +8,10 @@ executor and optimizer beside the old ones and calls :func:`migrate_state`:
   optimizer state whether the optimizer is sharded or not);
 - every new holder gets the value, and every rank that will update it (each holder, or its
   owner with ``shard_optimizer``) also gets its optimizer state: the tensors shaped like the
-  parameter (AdamW's moments) by point-to-point transfers, one buffer per pair of ranks and
-  dtype, all in flight at once; the small entries (AdamW's ``step``) with the layouts, which
-  every rank exchanges first in one ``all_gather_object``;
+  parameter (AdamW's moments) by point-to-point transfers, in rounds of one bucket of at
+  most ``BUCKET_MB`` per pair of ranks and dtype, all of a round in flight at once; the
+  small entries (AdamW's ``step``) with the layouts, which every rank exchanges first in one
+  ``all_gather_object``;
 - a rank that keeps a parameter copies it locally;
 - persistent buffers (a BatchNorm's running statistics) go from their old lowest holder to
   their new holders, as values.
@@ -18,7 +19,8 @@ executor and optimizer beside the old ones and calls :func:`migrate_state`:
 Every rank derives the same list of transfers from the exchanged layouts, so each pair posts
 its sends and receives in the same order. The values arrive bit for bit: training goes on as
 if the plan had not changed (up to the new plan's order of floating-point reductions).
-While it runs, a rank holds its old and new share of the model at once.
+While it runs, a rank holds its old and new share of the model at once, and a round's
+buckets (a copy of what it sends, a buffer for what it receives).
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ import torch
 import torch.distributed as dist
 
 _PARAM = ""  # the key of the parameter's own value among a transfer's entries
+# MB a pair of ranks sends per dtype in one round of a switch: what a rank holds beyond its
+# old and new share of the model (a copy of what it sends, a buffer for what it receives).
+BUCKET_MB = 256.0
+
+
+def _pair_order(item) -> tuple[int, str]:
+    """Sorts {(peer, dtype): ...} items by peer, then dtype: the order both sides post in."""
+    (peer, dtype), _ = item
+    return peer, str(dtype)
+
+
+def _buckets(parts: list[tuple[str, str, int]], itemsize: int, limit: float) -> list[list]:
+    """``parts`` ((name, key, numel), in order) cut into runs of at most ``limit`` bytes; an
+    entry larger than that alone."""
+    out: list[list] = []
+    size = 0.0
+    for part in parts:
+        nbytes = part[2] * itemsize
+        if not out or (size + nbytes > limit and out[-1]):
+            out.append([])
+            size = 0.0
+        out[-1].append(part)
+        size += nbytes
+    return out
 
 
 def _layout(p: torch.Tensor, state: dict) -> tuple:
@@ -72,11 +98,16 @@ def _transfers(offers: list[dict], needs: list[dict]) -> list[tuple[str, int, in
     return out
 
 
-def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch.optim.Optimizer) -> dict[str, Any]:
+def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch.optim.Optimizer,
+                  bucket_mb: float | None = None) -> dict[str, Any]:
     """Fills ``new_ex``'s parameters and ``new_opt``'s state from ``old_ex``/``old_opt``.
-    Collective: every rank calls it, between steps (gradients are not moved). Returns
-    {"moved_mb": MB sent between ranks, summed over all of them (the same on every rank),
-    "seconds": this rank's wall time}."""
+    Collective: every rank calls it, between steps (gradients are not moved). Transfers go
+    in rounds of at most ``bucket_mb`` (default ``BUCKET_MB``) per pair of ranks and dtype.
+    Returns {"moved_mb": MB sent between ranks, summed over all of them (the same on every
+    rank), "seconds": this rank's wall time, "rounds": this rank's rounds of transfers}."""
+    if bucket_mb is not None and (isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float))
+                                  or not bucket_mb > 0):
+        raise ValueError(f"bucket_mb: expected a positive number, got {bucket_mb!r}")
     t0 = time.perf_counter()
     world = new_ex.world
     # persistent buffers (running statistics) travel like parameters without optimizer state
@@ -101,8 +132,8 @@ def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch
         shape, dtype, entries = offers[src][name]
         return dtype if key == _PARAM else entries[key][1]
 
-    # --- pack: per peer, per dtype, one flat buffer in transfer order --------------------
-    sends: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+    # --- what goes where: per peer and dtype, the entries in transfer order ----------------
+    sends: dict[tuple[int, torch.dtype], list[tuple[str, str, int]]] = {}
     recvs: dict[tuple[int, torch.dtype], list[tuple[str, str, int]]] = {}
     moved = 0
     for name, src, dst, keys in transfers:
@@ -113,46 +144,63 @@ def migrate_state(old_ex, old_opt: torch.optim.Optimizer, new_ex, new_opt: torch
             if src != dst:
                 moved += numel * dtype.itemsize
             if src == rank and dst != rank:
-                sends.setdefault((dst, dtype), []).append(entry_tensor(name, key).reshape(-1))
+                sends.setdefault((dst, dtype), []).append((name, key, numel))
             elif dst == rank and src != rank:
                 recvs.setdefault((src, dtype), []).append((name, key, numel))
-    ops, inbox = [], {}
-    for (peer, dtype), parts in sorted(sends.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        ops.append(dist.P2POp(dist.isend, torch.cat(parts).to(device), peer))
-    for (peer, dtype), parts in sorted(recvs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        buf = torch.empty(sum(n for _, _, n in parts), dtype=dtype, device=device)
-        inbox[peer, dtype] = buf
-        ops.append(dist.P2POp(dist.irecv, buf, peer))
-    if ops:
+    # --- rounds: each pair's entries in buckets of at most bucket_mb (an entry larger than
+    # that alone); round r carries every pair's r-th bucket, so a rank holds at most one
+    # bucket per pair and dtype beyond the two models. Both sides of a pair cut the same
+    # sequence the same way, so their rounds match.
+    limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 1e6
+    send_rounds = {k: _buckets(parts, k[1].itemsize, limit) for k, parts in sends.items()}
+    recv_rounds = {k: _buckets(parts, k[1].itemsize, limit) for k, parts in recvs.items()}
+    n_rounds = max([len(b) for b in (*send_rounds.values(), *recv_rounds.values())], default=0)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # optimizer state that arrived
+    for r in range(n_rounds):
+        ops, inbox = [], []
+        for (peer, dtype), buckets in sorted(send_rounds.items(), key=_pair_order):
+            if r < len(buckets):
+                flat = torch.cat([entry_tensor(name, key).reshape(-1) for name, key, _ in buckets[r]])
+                ops.append(dist.P2POp(dist.isend, flat.to(device), peer))
+        for (peer, dtype), buckets in sorted(recv_rounds.items(), key=_pair_order):
+            if r < len(buckets):
+                buf = torch.empty(sum(n for _, _, n in buckets[r]), dtype=dtype, device=device)
+                inbox.append((buf, buckets[r]))
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    # --- unpack: values into the new parameters, state into the new optimizer -----------
-    arrived: dict[str, dict[str, torch.Tensor]] = {}
-    for (peer, dtype), parts in recvs.items():
-        offset = 0
-        for name, key, numel in parts:
-            arrived.setdefault(name, {})[key] = inbox[peer, dtype][offset:offset + numel]
-            offset += numel
+        # values into the new parameters now, state aside, so the bucket can go
+        for buf, parts in inbox:
+            offset = 0
+            for name, key, numel in parts:
+                got, p = buf[offset:offset + numel], new_params[name]
+                offset += numel
+                if key == _PARAM:
+                    with torch.no_grad():
+                        p.copy_(got.view_as(p))
+                else:
+                    pending.setdefault(name, {})[key] = got.view_as(p).clone()
+    # --- what stays on this rank, and the new optimizer's state ------------------------------
     for name, src, dst, keys in transfers:
         if dst != rank:
             continue
-        if src == rank:
-            got = {key: entry_tensor(name, key) for key in keys}
-        else:
-            got = arrived[name]
         p = new_params[name]
-        with torch.no_grad():
-            p.copy_(got[_PARAM].view_as(p))
+        if src == rank:
+            with torch.no_grad():
+                p.copy_(entry_tensor(name, _PARAM).view_as(p))
+            got = {key: entry_tensor(name, key).view_as(p).clone() for key in keys if key != _PARAM}
+        else:
+            got = pending.get(name, {})
         entries = offers[src][name][2]
         if not entries or not new_ex.updates(name):  # no state yet (no step), or not its to keep
             continue
         state = {}
         for key, e in entries.items():
             if e[0] == "tensor":
-                state[key] = got[key].view_as(p).clone()
+                state[key] = got[key]
             elif torch.is_tensor(e[1]):
                 state[key] = e[1].to(p.device) if e[2] else e[1].clone()
             else:
                 state[key] = e[1]
         new_opt.state[p] = state
-    return {"moved_mb": moved / 1e6, "seconds": time.perf_counter() - t0}
+    return {"moved_mb": moved / 1e6, "seconds": time.perf_counter() - t0, "rounds": n_rounds}

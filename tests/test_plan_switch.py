@@ -36,12 +36,16 @@ CLIP_PLAN_01 = {"waves": [
 ]}
 
 
-def _train_switching(cfgs: list[TrainConfig], plans: list[list[dict]]) -> list[dict]:
+def _train_switching(cfgs: list[TrainConfig], plans: list[list[dict]],
+                     bucket_mbs: list[float] | None = None) -> list[dict]:
     """In each rank: ``train(cfg)`` with every re-plan answered by the next of its ``plans``
-    (a forced switch at each ``replan_every`` step)."""
+    (a forced switch at each ``replan_every`` step), switches sending in buckets of
+    ``bucket_mbs`` MB (default ``plan_switch.BUCKET_MB``)."""
     results = []
-    for cfg, queue in zip(cfgs, plans):
+    default_bucket = plan_switch.BUCKET_MB
+    for cfg, queue, bucket in zip(cfgs, plans, bucket_mbs or [default_bucket] * len(cfgs)):
         queue = list(queue)
+        plan_switch.BUCKET_MB = bucket
 
         def forced(model, plan, world, tokens, **kw):
             return replan.Verdict(queue.pop(0), 1.0, 0.5, "forced by the test")
@@ -50,24 +54,30 @@ def _train_switching(cfgs: list[TrainConfig], plans: list[list[dict]]) -> list[d
         try:
             results.append(train(cfg))
         finally:
-            replan.reconsider = real
+            replan.reconsider, plan_switch.BUCKET_MB = real, default_bucket
         assert dist.get_rank() != 0 or not queue, "a forced plan was not used"  # rank 0 decides
     return results
 
 
 def test_switching_plans_every_step_on_3_ranks_matches_the_reference():
     """CLIP_PLAN_3 -> rank 2 holding nothing -> spindle, with the optimizer unsharded and
-    sharded (owners move, a parameter's moments go to its new owner only)."""
+    sharded (owners move, a parameter's moments go to its new owner only); the sharded run's
+    switches send one entry per round (100-byte buckets)."""
     model = get_trainable_model(CLIP)
     spindle = make_plan(model, 3, "spindle")
     cfgs = [dataclasses.replace(cfg_for(CLIP, CLIP_PLAN_3), replan_every=1, shard_optimizer=s)
             for s in (False, True)]
-    results = run_local(_train_switching, 3, cfgs, [[CLIP_PLAN_01, spindle]] * 2, timeout_s=240)
+    results = run_local(_train_switching, 3, cfgs, [[CLIP_PLAN_01, spindle]] * 2,
+                        [plan_switch.BUCKET_MB, 1e-4], timeout_s=240)
     for i in range(2):
         r = results[0][i]
         assert_matches_reference(CLIP, r)
         assert [h["replan"]["switched"] for h in r["history"][:2]] == [True, True]
         assert r["history"][0]["replan"]["moved_mb"] > 0
+        rounds = [x[i]["history"][0]["replan"]["rounds"] for x in results]
+        # a tiny-clip moves well under a bucket: one round on ranks that send or receive;
+        # one entry at a time, many
+        assert max(rounds) == 1 if i == 0 else max(rounds) > 10, rounds
         # every rank's moments add up to each parameter's once (sharded) or per holder
         assert sum(x[i]["optimizer_state_bytes"] for x in results) > 0
     whole = get_trainable_model(CLIP).build().double()
@@ -450,3 +460,18 @@ def _problem_as_planned(name: str, gpus: int) -> dict:
     return get_trainable_model(name).to_problem(
         gpus, island_size=min(8, gpus), cost=analytic_cost(costmodel.PRESETS["A800"].with_(island_size=min(8, gpus))),
         activation_dtype=torch.bfloat16)
+
+
+def test_buckets_cut_each_pairs_entries_in_order_within_the_limit():
+    parts = [("a", "", 10), ("a", "exp_avg", 10), ("b", "", 30), ("c", "", 5), ("d", "", 1)]
+    # 4-byte entries, 80-byte buckets: 40 + 40 fit one, b (120) alone, then c and d together
+    assert plan_switch._buckets(parts, 4, 80.0) == [parts[:2], parts[2:3], parts[3:]]
+    assert plan_switch._buckets(parts, 4, 1e9) == [parts]
+    assert plan_switch._buckets(parts, 4, 1.0) == [[p] for p in parts]
+    assert plan_switch._buckets([], 4, 80.0) == []
+    model = get_trainable_model(CLIP)
+    ex = Executor(model, make_plan(model, 1, "sequential"))
+    opt = make_optimizer(sorted(ex.named_parameters()), TrainConfig(model=CLIP))
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="bucket_mb: expected a positive number"):
+            plan_switch.migrate_state(ex, opt, ex, opt, bucket_mb=bad)
