@@ -2,7 +2,7 @@
 
     mtmm simulate PROBLEM.json PLAN.json [--gantt PLAN.png] [--trace TRACE.json] [--json]
     mtmm simulate --paper [--json OUT.json] [--markdown OUT.md]
-    mtmm simulate --dynamic [--iterations 1000] [--model M --tasks K --gpus N]
+    mtmm simulate --dynamic [--iterations 1000] [--model M --tasks K --gpus N] [--no-held-state]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _run_paper(args) -> int:
     dynamic = None
     if iterations > 0:
         dynamic = paper.dynamic_study(iterations, method=args.method, cluster=cluster,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, held_aware=args.held_state)
     targets = paper.check_targets(rows, placement, dynamic)
     text = paper.format_markdown(rows, placement, dynamic, targets, wave_rule)
     print(text, end="")
@@ -105,7 +105,8 @@ def _run_dynamic(args) -> int:
     kw = {k: getattr(args, k) for k in ("model", "tasks", "gpus", "seed")
           if getattr(args, k) is not None}
     result = paper.dynamic_study(args.iterations or 1000, WorkloadConfig(**kw), method=args.method,
-                                 cluster=_cluster(args), progress=not args.quiet)
+                                 cluster=_cluster(args), progress=not args.quiet,
+                                 held_aware=args.held_state)
     _write_json(args.json, result)
     text = paper.format_markdown([], dynamic=result, targets=paper.check_targets([], dynamic=result))
     print(text.split("\n", 2)[2].lstrip("\n"), end="")  # drop the empty grid table's header
@@ -139,6 +140,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", type=int, default=None, help="task count of the dynamic study")
     p.add_argument("--gpus", type=int, default=None, help="GPUs of the dynamic study")
     p.add_argument("--seed", type=int, default=None, help="workload seed of the dynamic study")
+    p.add_argument("--held-state", dest="held_state", action=argparse.BooleanOptionalAction,
+                   default=True, help="dynamic study: place each re-plan near the state the job "
+                                      "holds (default); --no-held-state plans without it")
     p.add_argument("--json", nargs="?", const=True, default=None,
                    help="with PROBLEM PLAN: print JSON; with --paper/--dynamic: write JSON "
                         "to this file (after the positional arguments)")

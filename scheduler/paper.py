@@ -400,7 +400,8 @@ def format_markdown(rows: list[dict], placement=None, dynamic=None, targets=None
     if dynamic:
         d = dynamic
         lines += ["", f"Dynamic workload ({d['model']}, {d['tasks']} tasks, {d['gpus']} GPUs, "
-                      f"{d['iterations']} iterations, method {d['method']}, mean "
+                      f"{d['iterations']} iterations, method {d['method']}, "
+                      f"{'placed near the held state' if d.get('held_aware', True) else 'placed without the held state'}, mean "
                       f"{d['mean_active_tasks']:.1f} active tasks): fixed plan "
                       f"{d['fixed_mean_ms']:.1f} "
                       f"ms/iteration, re-planned {d['replan_mean_ms']:.1f} ms/iteration including "

@@ -169,7 +169,13 @@ def test_command_dynamic_runs(tmp_path, capsys):
                    "--tasks", "4", "--gpus", "8", "--quiet", "--json", str(tmp_path / "d.json")])
     assert rc == 0
     assert json.loads((tmp_path / "d.json").read_text())["iterations"] == 2
-    assert "re-planning" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "re-planning" in out and "placed near the held state" in out
+    rc = cli.main(["simulate", "--dynamic", "--iterations", "2", "--model", "multitask-clip",
+                   "--tasks", "4", "--gpus", "8", "--quiet", "--no-held-state",
+                   "--json", str(tmp_path / "d.json")])
+    assert rc == 0 and json.loads((tmp_path / "d.json").read_text())["held_aware"] is False
+    assert "placed without the held state" in capsys.readouterr().out
 
 
 def test_dynamic_study_without_change_costs_only_the_planning():
