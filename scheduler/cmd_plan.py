@@ -11,9 +11,10 @@ one such as tiny-clip, or your 'package.module:factory'): its plan, stamped with
 device count, runs with `mtmm train --model NAME --plan-file PLAN.json`. --tokens plans such a
 model for measured tokens per sample ({"task/component": tokens}, e.g. the `tokens` of a
 re-plan's record in `mtmm train --metrics-file` output) instead of its declared lengths.
---near makes the plan a job running RUNNING_PLAN.json would switch to: placed near the devices
-that hold each layer's state (the problem's held_state), its devices renamed to move the least,
-and the move's estimate printed (scheduler/state_moves.py).
+--near makes the plan a job running RUNNING_PLAN.json would switch to, as a re-plan picks it
+(state_moves.plan_near): placed near the devices that hold each layer's state (the problem's
+held_state) or not, renamed to move the least, whichever runs and moves less; the move's
+estimate is printed.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ def _memory_hint(error: Exception, args: argparse.Namespace) -> str:
     return f"; {how} {WHAT_IT_DOES}"
 
 
-def _near(problem: dict, running_path: str) -> tuple[dict, dict]:
-    """(the problem with held_state from the plan at ``running_path``, that plan)."""
+def _near(problem: dict, running_path: str) -> dict:
+    """Where a job running the plan at ``running_path`` keeps each layer of ``problem``."""
     from scheduler.plan import Problem
-    from scheduler.state_moves import held_state, layer_holders
+    from scheduler.state_moves import layer_holders
 
     with open(running_path) as f:
         running = json.load(f)
@@ -114,7 +115,7 @@ def _near(problem: dict, running_path: str) -> tuple[dict, dict]:
         holders = layer_holders(Problem.from_dict(problem), running)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"--near: {running_path} is not a plan of this problem: {e}") from e
-    return dict(problem, held_state=held_state(holders, problem)), running
+    return holders
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,30 +141,30 @@ def run(args: argparse.Namespace) -> int:
         else:
             with open(args.problem) as f:
                 problem = json.load(f)
-        running = None
-        if args.near is not None:
-            problem, running = _near(problem, args.near)
+        holders = None if args.near is None else _near(problem, args.near)
         options = {k: getattr(args, k) for k in ("overlap_levels", "portfolio", "memory_fallback")
                    if getattr(args, k) is not None}
         if trainable is None:
-            plan = plan_problem(problem, method=args.method, backend=args.backend, **options)
+            def plan_for(pr):
+                return plan_problem(pr, method=args.method, backend=args.backend, **options)
         else:  # stamped with the model and device count, which the executor checks
             from scheduler.executor import make_plan
 
-            plan = make_plan(trainable, args.gpus, args.method, problem=problem,
-                             backend=args.backend, options=options)
-        if running is not None:
-            from scheduler.plan import Problem
-            from scheduler.state_moves import layer_holders, move_ms, relabel_for_state
+            def plan_for(pr):
+                return make_plan(trainable, args.gpus, args.method, problem=pr,
+                                 backend=args.backend, options=options)
+        if holders is None:
+            plan = plan_for(problem)
+        else:
+            from scheduler.state_moves import held_state, plan_near
 
-            p = Problem.from_dict(problem)
-            plan = relabel_for_state(p, plan, layer_holders(p, running))
-            moving = move_ms(p, running, plan)
+            plan, _, moving = plan_near(problem, holders, plan_for)
+            problem = dict(problem, held_state=held_state(holders, problem))  # as saved
     except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         print(f"mtmm plan: {e}{_memory_hint(e, args)}", file=sys.stderr)
         return 1
     print(_summary(plan, problem))
-    if running is not None:
+    if holders is not None:
         print(f"state move   {moving:.3f} ms from {args.near} (simulated cluster)")
     if args.output:
         with open(args.output, "w") as f:
@@ -227,8 +228,9 @@ def add_parser(sub) -> None:
                         "({\"task/component\": tokens}, as a re-plan records them) instead of "
                         "the declared lengths")
     p.add_argument("--near", metavar="RUNNING_PLAN.json",
-                   help="plan for a job running this plan: placed near the devices holding "
-                        "each layer, renamed to move the least; prints the state move's estimate")
+                   help="plan for a job running this plan, as a re-plan picks it (placed near "
+                        "the devices holding each layer or not, renamed to move the least); "
+                        "prints the state move's estimate")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--save-problem", metavar="PATH",
                    help="write the problem JSON here (with --model: what was planned; "

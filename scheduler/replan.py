@@ -9,9 +9,10 @@ times scaled to its measured compute (:func:`calibrate`), beats the running one,
 to it (``scheduler.plan_switch``) when the planner's simulator predicts it faster, on that same
 measured workload, by more than ``min_gain`` of the running plan's time, and when the time
 saved over the next ``horizon_steps`` steps pays for moving the state
-(``state_moves.move_ms``). The new plan is placed where the running one keeps each layer
-where it can (the problem's ``held_state``), and its devices are then renamed so that it
-moves little state (``state_moves.relabel_for_state``). The threshold keeps a job from paying a state move
+(``state_moves.move_ms``). The new plan is made twice, placed near the running plan's state
+(the problem's ``held_state``) and without it, each renamed to move little
+(``state_moves.relabel_for_state``); the one that runs and moves least over the horizon is
+the candidate (``state_moves.plan_near``). The threshold keeps a job from paying a state move
 for a gain inside the model's error, and from swinging between two plans of about equal time.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from scheduler.plan import PlanMemoryError, Problem
-from scheduler.state_moves import held_state, layer_holders, move_ms, relabel_for_state
+from scheduler.state_moves import layer_holders, plan_near
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,16 @@ def reconsider(model, plan: dict, world: int, tokens: dict[str, float], *, metho
     problem = model.to_problem(world, cost=cost, seq_lens=tokens, **problem_options)
     factors = calibrate(problem, times) if times else {}
     current = simulate(problem, plan).iteration_ms
-    # placement prefers the devices that hold each layer now
-    problem["held_state"] = held_state(layer_holders(Problem.from_dict(problem), plan), problem)
-    try:
-        new = make_plan(model, world, method, problem=problem)
+    holders = layer_holders(Problem.from_dict(problem), plan)
+    try:  # placed near the running plan's state or not, renamed: what moves and runs least
+        new, new_ms, moving = plan_near(
+            problem, holders, lambda pr: make_plan(model, world, method, problem=pr),
+            horizon_steps=horizon_steps)
     except PlanMemoryError as e:
         return Verdict(None, current, None, f"no {method} plan fits memory: {e}", factors=factors)
-    p = Problem.from_dict(problem)
-    new = relabel_for_state(p, new, layer_holders(p, plan))  # the same plan, less to move
-    new_ms = simulate(problem, new).iteration_ms
     if not math.isfinite(new_ms) or new_ms >= (1.0 - min_gain) * current:
         return Verdict(None, current, new_ms,
-                       f"the new {method} plan is not more than {min_gain:.0%} faster", factors=factors)
-    moving = move_ms(problem, plan, new)
+                       f"the new {method} plan is not more than {min_gain:.0%} faster", moving, factors)
     saved = (current - new_ms) * horizon_steps
     if saved < moving:
         return Verdict(None, current, new_ms, f"the new {method} plan saves {saved:.4g} ms over "

@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from scheduler.plan import Problem
-from scheduler.simulate import Cluster
+from scheduler.plan import PlanMemoryError, Problem
+from scheduler.simulate import Cluster, simulate
 
 
 def layer_holders(problem: Problem, plan: Mapping) -> dict[tuple[str, int], set[int]]:
@@ -205,3 +205,32 @@ def relabel_for_state(problem: Problem, plan: Mapping, held: Mapping[tuple[str, 
     if move_between(problem, held, renamed, cluster) > move_between(problem, held, needs, cluster):
         return dict(plan)
     return out
+
+
+def plan_near(problem: Mapping, holders: Mapping[tuple[str, int], set[int]], plan_fn,
+              cluster: Cluster | None = None, horizon_steps: int = 1) -> tuple[dict, float, float]:
+    """The plan a job whose layers are at ``holders`` should switch to for ``problem`` (a
+    problem dict): of ``plan_fn(problem with held_state)`` and ``plan_fn(problem)``, each
+    renamed (:func:`relabel_for_state`), the one with the least simulated iteration times
+    ``horizon_steps`` plus its move. Placing near the held state usually moves less, but not
+    always: the move's slowest receiver decides, and greedy placement only adds up MB.
+    Returns (plan, its simulated iteration ms, its move ms)."""
+    problem = {k: v for k, v in problem.items() if k != "held_state"}  # the plain candidate's
+    p = Problem.from_dict(problem)
+    components = p.component_param_gb()
+    # layers of components the problem leaves out stay where they are: nothing to weigh
+    holders = {k: v for k, v in holders.items() if k[0] in components}
+    best, error = None, None
+    for candidate in (dict(problem, held_state=held_state(holders, p)), problem):
+        try:
+            plan = relabel_for_state(p, plan_fn(candidate), holders, cluster)
+        except PlanMemoryError as e:  # the other may fit
+            error = error or e
+            continue
+        ms = simulate(problem, plan, cluster).iteration_ms
+        moving = move_between(p, holders, layer_holders(p, plan), cluster)
+        if best is None or ms * horizon_steps + moving < best[1] * horizon_steps + best[2]:
+            best = (plan, ms, moving)
+    if best is None:
+        raise error
+    return best

@@ -204,3 +204,31 @@ def test_plan_command_near_a_running_plan(tmp_path, capsys):
     for bad in ("p.json", "bad.json"):
         assert cli.main(["plan", str(tmp_path / "p.json"), "--near", str(tmp_path / bad)]) == 1
         assert "--near" in capsys.readouterr().err
+
+
+def test_plan_near_keeps_the_candidate_that_runs_and_moves_least():
+    """Of the plans placed near the held state and not (both renamed), plan_near keeps the one
+    with the least time x horizon + move; a held_state already in the problem is replaced."""
+    from scheduler.simulate import simulate
+    from scheduler.state_moves import plan_near, relabel_for_state
+
+    rng = random.Random(3)
+    picked_near = picked_plain = 0
+    for _ in range(30):
+        d = random_problem(rng, rng.randint(2, 16), rng.choice([8, 16]))
+        for m in d["metaops"]:
+            m["param_gb"] = rng.choice([0.1, 1.0])
+        holders = _running_state(rng, d)
+        p = Problem.from_dict(d)
+        candidates = [relabel_for_state(p, plan_problem(pr, "mtmm"), holders)
+                      for pr in (dict(d, held_state=held_state(holders)), d)]
+        costs = [(simulate(d, c).iteration_ms, move_between(p, holders, layer_holders(p, c)))
+                 for c in candidates]
+        for horizon in (1, 1000):
+            stale = dict(d, held_state={})  # replaced by the holders' state
+            plan, ms, moving = plan_near(stale, holders, lambda pr: plan_problem(pr, "mtmm"),
+                                         horizon_steps=horizon)
+            best = min(range(2), key=lambda i: costs[i][0] * horizon + costs[i][1])
+            assert plan["waves"] == candidates[best]["waves"] and (ms, moving) == costs[best]
+            picked_near, picked_plain = picked_near + (best == 0), picked_plain + (best == 1)
+    assert picked_near > picked_plain > 0, (picked_near, picked_plain)
