@@ -283,7 +283,8 @@ def dynamic_study(iterations: int = 1000, config=None, method: str = "mtmm", clu
             paying_ms += kept_ms + planned
     c = workload.config
     return {"model": c.model, "tasks": len(workload.spec.tasks), "gpus": c.gpus, "method": method,
-            "iterations": iterations, "held_aware": held_aware, "fixed_total_ms": fixed_ms, "replan_total_ms": replan_ms,
+            "iterations": iterations, "held_aware": held_aware, "fixed_total_ms": fixed_ms,
+            "replan_total_ms": replan_ms,
             "planning_total_ms": planning_ms, "planning_mean_ms": planning_ms / iterations,
             "move_total_ms": move_ms, "move_mean_ms": move_ms / iterations,
             "fixed_mean_ms": fixed_ms / iterations, "replan_mean_ms": replan_ms / iterations,
@@ -400,8 +401,8 @@ def format_markdown(rows: list[dict], placement=None, dynamic=None, targets=None
     if dynamic:
         d = dynamic
         lines += ["", f"Dynamic workload ({d['model']}, {d['tasks']} tasks, {d['gpus']} GPUs, "
-                      f"{d['iterations']} iterations, method {d['method']}, "
-                      f"{'placed near the held state' if d.get('held_aware', True) else 'placed without the held state'}, mean "
+                      f"{d['iterations']} iterations, method {d['method']}, placed "
+                      f"{'near' if d.get('held_aware', True) else 'without'} the held state, mean "
                       f"{d['mean_active_tasks']:.1f} active tasks): fixed plan "
                       f"{d['fixed_mean_ms']:.1f} "
                       f"ms/iteration, re-planned {d['replan_mean_ms']:.1f} ms/iteration including "
