@@ -94,9 +94,7 @@ def plan_under_count_caps(p: Problem, plan_once: Callable[[Problem], dict]) -> d
                               "smaller count)")
 
     param = p.component_param_gb()
-    layers: dict[str, int] = {}
-    for m in p.metaops:
-        layers[m.component] = max(layers.get(m.component, 0), m.layers)
+    layers = p.component_layers()
     order = sorted(own, key=lambda c: (param[c] * layers[c], c))
     budget, improved = MAX_REFINE_PLANS, True
     while improved and budget > 0:

@@ -293,12 +293,23 @@ class Problem:
                 return layers
         return ()
 
+    def component_layers(self) -> dict[str, int]:
+        """Layers of every component: the most among its MetaOps (in first-appearance order)."""
+        return _component_layers(self.metaops)
+
     def component_param_gb(self) -> dict[str, float]:
         """Per-layer parameter memory of every component: the largest over its MetaOps."""
         out: dict[str, float] = {}
         for m in self.metaops:
             out[m.component] = max(out.get(m.component, 0.0), m.param_gb)
         return out
+
+
+def _component_layers(metaops) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in metaops:
+        out[m.component] = max(out.get(m.component, 0), m.layers)
+    return out
 
 
 def _check_held_state(held, metaops, num_devices: int) -> tuple:
@@ -308,9 +319,7 @@ def _check_held_state(held, metaops, num_devices: int) -> tuple:
     if not isinstance(held, Mapping):
         raise ValueError(f"held_state must map components to per-layer device lists, got "
                          f"{type(held).__name__}")
-    max_layers: dict[str, int] = {}
-    for m in metaops:
-        max_layers[m.component] = max(max_layers.get(m.component, 0), m.layers)
+    max_layers = _component_layers(metaops)
     out = []
     for c, layers in held.items():
         if c not in max_layers:

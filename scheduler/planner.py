@@ -52,7 +52,6 @@ def check_memory(p: Problem) -> None:
         return
     param = p.component_param_gb()
     f = p.optimizer_shard_fraction
-    max_layers: dict[str, int] = {}
     total = 0.0
     worst, worst_gb = None, -1.0
     for i, m in enumerate(p.metaops):
@@ -65,11 +64,10 @@ def check_memory(p: Problem) -> None:
                 f"MetaOp {m.name!r} cannot fit in memory: one layer needs {need:.6g} GB per "
                 f"device even on {n_max} devices (param_gb {own:.6g} + "
                 f"activation_gb {m.activation_gb:.6g} / {n_max}), device_memory_gb = {cap}")
-        max_layers[m.component] = max(max_layers.get(m.component, 0), m.layers)
         total += m.layers * m.activation_gb
         if m.layers * (m.activation_gb + param[m.component]) > worst_gb:
             worst, worst_gb = m.name, m.layers * (m.activation_gb + param[m.component])
-    for c, layers in max_layers.items():
+    for c, layers in p.component_layers().items():
         total += layers * param[c]
     if total > cap * p.num_devices:
         raise PlanMemoryError(

@@ -51,10 +51,7 @@ def held_state(holders: Mapping[tuple[str, int], set[int]],
     out tasks whose layers the job still holds)."""
     limit = None
     if problem is not None:
-        p = problem if isinstance(problem, Problem) else Problem.from_dict(problem)
-        limit = {}
-        for m in p.metaops:
-            limit[m.component] = max(limit.get(m.component, 0), m.layers)
+        limit = (problem if isinstance(problem, Problem) else Problem.from_dict(problem)).component_layers()
     out: dict[str, list[list[int]]] = {}
     for (c, j), devices in sorted(holders.items()):
         if limit is not None and j >= limit.get(c, 0):
